@@ -1,0 +1,101 @@
+"""The client SDK: produce commands to Conclave's topics.
+
+    async with Client(settings) as client:
+        task_id = await client.submit("summarise the minutes", priority=Priority.HIGH)
+        deliberation_id = await client.deliberate("Shall we adjourn?", agent_ids=[...])
+
+Every call returns once the broker has acknowledged the command.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from opentelemetry import trace
+
+from conclave.bus import EventProducer, topics_for
+from conclave.domain.events import DeliberationRequested, Halt, Priority, Resume, TaskSubmitted
+from conclave.settings import Settings
+from conclave.tracing import headers_for, tracer
+
+__all__ = ["Client"]
+
+
+class Client:
+    def __init__(self, settings: Settings, *, producer_name: str = "client") -> None:
+        self.settings = settings
+        self.topics = topics_for(settings)
+        self._producer = EventProducer(settings, producer=producer_name)
+
+    async def __aenter__(self) -> Client:
+        await self._producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._producer.stop()
+
+    async def submit(
+        self,
+        input: str,
+        *,
+        task_id: str | None = None,
+        pool: str = "default",
+        priority: Priority = Priority.NORMAL,
+        agent_id: str | None = None,
+        max_attempts: int = 1,
+    ) -> str:
+        """Submit one task; returns its id. Submitting the same id twice runs it once."""
+        task_id = task_id or str(uuid.uuid4())
+        event = TaskSubmitted(
+            task_id=task_id, pool=pool, priority=priority, input=input,
+            agent_id=agent_id, max_attempts=max_attempts,
+        )
+        with tracer().start_as_current_span("submit", kind=trace.SpanKind.PRODUCER) as span:
+            span.set_attribute("conclave.task_id", task_id)
+            _, ack = await self._producer.send(
+                self.topics.command(priority), task_id, event,
+                correlation_id=task_id, headers=headers_for(),
+            )
+            await ack
+        return task_id
+
+    async def deliberate(
+        self,
+        motion: str,
+        *,
+        agent_ids: Sequence[str] = (),
+        deliberation_id: str | None = None,
+        pool: str = "default",
+        priority: Priority = Priority.HIGH,
+    ) -> str:
+        """Put one motion to many agents; each answers in its own task and context."""
+        deliberation_id = deliberation_id or f"delib-{uuid.uuid4().hex[:12]}"
+        event = DeliberationRequested(
+            deliberation_id=deliberation_id, pool=pool, priority=priority,
+            motion=motion, agent_ids=list(agent_ids),
+        )
+        with tracer().start_as_current_span("deliberate", kind=trace.SpanKind.PRODUCER):
+            _, ack = await self._producer.send(
+                self.topics.command(priority), deliberation_id, event,
+                correlation_id=deliberation_id, headers=headers_for(),
+            )
+            await ack
+        return deliberation_id
+
+    async def halt(self, reason: str, *, operator: str = "operator") -> None:
+        _, ack = await self._producer.send(
+            self.topics.control, "system", Halt(reason=reason, operator=operator)
+        )
+        await ack
+
+    async def resume(self, reason: str, *, operator: str = "operator") -> None:
+        _, ack = await self._producer.send(
+            self.topics.control, "system", Resume(reason=reason, operator=operator)
+        )
+        await ack
+
+    async def send_raw(self, topic: str, key: str, value: bytes) -> None:
+        """Produce arbitrary bytes (tests and tooling: garbage must be dead-lettered)."""
+        ack = await self._producer.send_raw(topic, key, value)
+        await ack

@@ -1,0 +1,311 @@
+"""Conclave's events: immutable facts, one dataclass per Avro schema.
+
+Every event travels inside an :class:`Envelope` (who, when, why). Field names
+match the Avro schemas in ``schemas/`` one to one, so the codec converts by
+name and nothing else.
+
+Times are integers, microseconds since the Unix epoch (UTC): cheap to encode
+and exact to compare, which replay needs.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = [
+    "AgentOutput",
+    "AgentRegistered",
+    "DeadLetterRecord",
+    "DeliberationRequested",
+    "Envelope",
+    "Event",
+    "Halt",
+    "Heartbeat",
+    "Priority",
+    "Resume",
+    "TaskCompleted",
+    "TaskDeadLettered",
+    "TaskDispatched",
+    "TaskFailed",
+    "TaskQueued",
+    "TaskSubmitted",
+    "WitnessEntry",
+    "new_envelope",
+    "now_us",
+]
+
+
+def now_us() -> int:
+    """Wall-clock time in microseconds since the epoch."""
+    return time.time_ns() // 1000
+
+
+class Priority(enum.IntEnum):
+    """Command priority; lower value is served first. Each has its own topic."""
+
+    CRITICAL = 0
+    HIGH = 1
+    NORMAL = 2
+    LOW = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> Priority:
+        try:
+            return cls[text.upper()]
+        except KeyError:
+            names = ", ".join(p.label for p in cls)
+            raise ValueError(f"unknown priority {text!r} (expected one of {names})") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Envelope:
+    """Metadata shared by every event."""
+
+    event_id: str
+    event_type: str
+    occurred_at: int
+    """Microseconds since the epoch at which the producer created the event."""
+    tenant: str
+    correlation_id: str
+    """Ties together everything that happened for one request (a task, a deliberation)."""
+    causation_id: str | None
+    """The event id of the event that caused this one; ``None`` for user commands."""
+    producer: str
+    """Which process wrote the event, e.g. ``client``, ``scheduler``, ``runtime:host-1``."""
+
+
+def new_envelope(
+    event_type: str,
+    *,
+    tenant: str,
+    producer: str,
+    correlation_id: str | None = None,
+    causation: Envelope | None = None,
+    occurred_at: int | None = None,
+) -> Envelope:
+    """A fresh envelope; correlation is inherited from the cause when not given."""
+    event_id = str(uuid.uuid4())
+    if correlation_id is None:
+        correlation_id = causation.correlation_id if causation is not None else event_id
+    return Envelope(
+        event_id=event_id,
+        event_type=event_type,
+        occurred_at=now_us() if occurred_at is None else occurred_at,
+        tenant=tenant,
+        correlation_id=correlation_id,
+        causation_id=causation.event_id if causation is not None else None,
+        producer=producer,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskSubmitted:
+    """A user asks for one task to be run by an agent of a pool."""
+
+    TYPE: ClassVar[str] = "task.submitted"
+    task_id: str
+    pool: str
+    priority: Priority
+    input: str
+    """The task's input, opaque to Conclave (usually JSON or plain text)."""
+    agent_id: str | None = None
+    """Run on this agent only; ``None`` lets the scheduler choose an idle agent of the pool."""
+    max_attempts: int = 1
+    """How many times the task may be dispatched before it is dead-lettered (schema v2)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliberationRequested:
+    """The same motion put to many agents at once; each answers in its own context."""
+
+    TYPE: ClassVar[str] = "deliberation.requested"
+    deliberation_id: str
+    pool: str
+    priority: Priority
+    motion: str
+    agent_ids: list[str]
+    """The agents that must answer; empty means every agent registered in the pool."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskQueued:
+    """The scheduler accepted a task; it waits for capacity and an agent."""
+
+    TYPE: ClassVar[str] = "task.queued"
+    task_id: str
+    pool: str
+    priority: Priority
+    input: str
+    agent_id: str | None
+    max_attempts: int
+    deliberation_id: str | None
+    sequence: int
+    """The scheduler's arrival order; ties within one priority go to the lower sequence."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskDispatched:
+    """The scheduler handed a task to one agent on one runtime host."""
+
+    TYPE: ClassVar[str] = "task.dispatched"
+    task_id: str
+    pool: str
+    agent_id: str
+    host_id: str
+    attempt: int
+    input: str
+    deliberation_id: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentRegistered:
+    """A runtime host announces an agent it runs."""
+
+    TYPE: ClassVar[str] = "agent.registered"
+    agent_id: str
+    pool: str
+    host_id: str
+    agent_ref: str
+    """The callable that implements the agent, ``module:function``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    """An agent is alive; ``task_id`` names what it is working on, if anything."""
+
+    TYPE: ClassVar[str] = "agent.heartbeat"
+    agent_id: str
+    host_id: str
+    task_id: str | None
+    rss_bytes: int
+    """Resident memory of the agent's host process at the time of the beat."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentOutput:
+    """What an agent answered. Visible to readers only once witnessed."""
+
+    TYPE: ClassVar[str] = "agent.output"
+    task_id: str
+    agent_id: str
+    attempt: int
+    content: str
+    latency_us: int
+    """Time the agent callable took, measured by the runtime."""
+    deliberation_id: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskFailed:
+    """An agent raised (or timed out) while running a task: attribution for the failure."""
+
+    TYPE: ClassVar[str] = "task.failed"
+    task_id: str
+    agent_id: str
+    attempt: int
+    error_type: str
+    error_message: str
+    deliberation_id: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskCompleted:
+    """Terminal: the task's output has been witnessed."""
+
+    TYPE: ClassVar[str] = "task.completed"
+    task_id: str
+    agent_id: str
+    output_event_id: str
+    witness_sequence: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskDeadLettered:
+    """Terminal: the task failed on its last attempt."""
+
+    TYPE: ClassVar[str] = "task.dead_lettered"
+    task_id: str
+    agent_id: str
+    attempts: int
+    reason: str
+    witness_sequence: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WitnessEntry:
+    """One link of the append-only, hash-chained witness log (see docs/witness.md)."""
+
+    TYPE: ClassVar[str] = "witness.entry"
+    sequence: int
+    """1, 2, 3, ... with no gaps."""
+    previous_hash: bytes
+    """``entry_hash`` of entry ``sequence - 1``; 32 zero bytes for entry 1."""
+    entry_hash: bytes
+    subject_type: str
+    """The witnessed event's type, e.g. ``agent.output``, ``system.halt``."""
+    subject_event_id: str
+    subject_digest: bytes
+    """SHA-256 of the witnessed event's exact record bytes on its topic."""
+    recorded_at: int
+    task_id: str | None
+    agent_id: str | None
+    detail: str
+    """Short attribution: the error type of a failure, the reason of a halt."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetterRecord:
+    """Bytes a processor could not use, kept with the reason and where they came from."""
+
+    TYPE: ClassVar[str] = "dead_letter.recorded"
+    reason: str
+    error_type: str
+    original: bytes
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    processor: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Halt:
+    """Stop dispatching everywhere, now. Witnessed."""
+
+    TYPE: ClassVar[str] = "system.halt"
+    reason: str
+    operator: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resume:
+    """Lift a halt. Witnessed."""
+
+    TYPE: ClassVar[str] = "system.resume"
+    reason: str
+    operator: str
+
+
+Event = (
+    TaskSubmitted
+    | DeliberationRequested
+    | TaskQueued
+    | TaskDispatched
+    | AgentRegistered
+    | Heartbeat
+    | AgentOutput
+    | TaskFailed
+    | TaskCompleted
+    | TaskDeadLettered
+    | WitnessEntry
+    | DeadLetterRecord
+    | Halt
+    | Resume
+)

@@ -1,0 +1,78 @@
+"""Conclave's error family.
+
+One root, one family per layer; behaviour lives on the class so that callers
+decide on ``retriable`` / ``permanent`` rather than on message text::
+
+    ConclaveError
+    ├── ConfigError            settings missing or malformed (permanent)
+    ├── StackError             embedded broker / PostgreSQL not running or failed to start
+    ├── SchemaError            bytes that do not decode, unknown fingerprint (permanent)
+    ├── BrokerUnavailable      Kafka not reachable (retriable)
+    ├── DatabaseUnavailable    PostgreSQL not reachable (retriable)
+    ├── NotFound               a queried entity does not exist (permanent)
+    ├── AgentLoadError         an agent reference ``module:function`` cannot be loaded
+    └── WitnessChainError      the witness chain does not verify; names the first bad sequence
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentLoadError",
+    "BrokerUnavailable",
+    "ConclaveError",
+    "ConfigError",
+    "DatabaseUnavailable",
+    "NotFound",
+    "SchemaError",
+    "StackError",
+    "WitnessChainError",
+]
+
+
+class ConclaveError(Exception):
+    """Root of every error Conclave raises on purpose."""
+
+    retriable: bool = False
+    permanent: bool = True
+
+
+class ConfigError(ConclaveError):
+    """A setting is missing or malformed."""
+
+
+class StackError(ConclaveError):
+    """The embedded development stack is not running or could not start."""
+
+
+class SchemaError(ConclaveError):
+    """Bytes that are not a valid Conclave event: bad magic, unknown schema, bad body."""
+
+
+class BrokerUnavailable(ConclaveError):
+    """The Kafka bootstrap servers did not answer."""
+
+    retriable = True
+    permanent = False
+
+
+class DatabaseUnavailable(ConclaveError):
+    """PostgreSQL did not answer."""
+
+    retriable = True
+    permanent = False
+
+
+class NotFound(ConclaveError):
+    """A queried entity (task, agent, witness entry) does not exist."""
+
+
+class AgentLoadError(ConclaveError):
+    """An agent reference ``module:function`` does not name an async callable."""
+
+
+class WitnessChainError(ConclaveError):
+    """The witness chain does not verify."""
+
+    def __init__(self, message: str, *, sequence: int) -> None:
+        super().__init__(message)
+        self.sequence = sequence

@@ -1,0 +1,87 @@
+"""Agents: any async callable ``(AgentContext) -> str``, named ``module:function``.
+
+Each agent owns an :class:`AgentContext` per task and a private ``memory``
+that lives as long as the agent; no other agent can reach either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import inspect
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from conclave.errors import AgentLoadError
+
+__all__ = ["AgentContext", "AgentFn", "SimulatedAgent", "SimulatedFailure", "load_agent"]
+
+
+@dataclass(slots=True)
+class AgentContext:
+    """Everything one agent sees while working on one task."""
+
+    agent_id: str
+    task_id: str
+    attempt: int
+    input: str
+    deliberation_id: str | None
+    memory: dict[str, Any] = field(default_factory=dict)
+    """The agent's own memory, kept across its tasks, never shared with another agent."""
+
+
+AgentFn = Callable[[AgentContext], Awaitable[str]]
+
+
+class SimulatedFailure(RuntimeError):
+    """The simulated agent's configured failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedAgent:
+    """A stand-in for an LLM agent: latency, failures and output all derive from a seed.
+
+    Output is deterministic in (seed, agent, input); latency is log-normal around
+    ``latency_ms`` with spread ``jitter``; each attempt fails with ``failure_rate``.
+    """
+
+    latency_ms: float = 100.0
+    jitter: float = 0.1
+    failure_rate: float = 0.0
+    seed: int = 0
+
+    async def __call__(self, ctx: AgentContext) -> str:
+        rng = random.Random(f"{self.seed}/{ctx.agent_id}/{ctx.task_id}/{ctx.attempt}")
+        delay = self.latency_ms * rng.lognormvariate(0.0, self.jitter) if self.latency_ms else 0.0
+        await asyncio.sleep(delay / 1000.0)
+        if rng.random() < self.failure_rate:
+            raise SimulatedFailure(f"simulated failure of {ctx.agent_id} (seed {self.seed})")
+        seen = ctx.memory.setdefault("answered", 0)
+        ctx.memory["answered"] = seen + 1
+        verdict = hashlib.sha256(f"{self.seed}/{ctx.agent_id}/{ctx.input}".encode()).digest()
+        stance = ("aye", "nay", "abstain")[verdict[0] % 3]
+        return f"{ctx.agent_id} votes {stance} on {ctx.input!r} [{verdict[:4].hex()}]"
+
+
+def load_agent(ref: str, **options: Any) -> AgentFn:
+    """Resolve ``simulated`` or ``module:function`` to an async agent callable."""
+    if ref == "simulated":
+        return SimulatedAgent(**options)
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise AgentLoadError(f"agent reference {ref!r} must look like module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AgentLoadError(f"cannot import {module_name!r}: {exc}") from exc
+    target = getattr(module, attr, None)
+    if target is None:
+        raise AgentLoadError(f"{module_name!r} has no attribute {attr!r}")
+    call = getattr(target, "__call__", None)  # noqa: B004 - instances with async __call__ count
+    if not (inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call)):
+        raise AgentLoadError(f"{ref!r} is not an async callable")
+    fn: AgentFn = target
+    return fn

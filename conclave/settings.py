@@ -1,0 +1,112 @@
+"""Settings: the environment is read here and nowhere else.
+
+Every process reads one frozen :class:`Settings`. Explicit environment
+variables win; otherwise the connection settings written by ``conclave dev up``
+into ``.conclave/stack.json`` (in the working directory, or ``CONCLAVE_HOME``)
+are used, so that a laptop needs no configuration at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from conclave.errors import ConfigError, StackError
+
+__all__ = ["Settings", "stack_file"]
+
+_STACK_FILE = "stack.json"
+
+
+def stack_file(home: Path) -> Path:
+    """Where ``conclave dev up`` records the embedded stack's connection settings."""
+    return home / _STACK_FILE
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Connection and tuning settings for every Conclave process."""
+
+    kafka_bootstrap: str
+    database_url: str = field(repr=False)  # may carry a password: never logged
+    home: Path = Path(".conclave")
+    topic_prefix: str = "conclave"
+    partitions: int = 1
+    replication_factor: int = 1
+    tenant: str = "default"
+    pool_capacity: int = 72
+    heartbeat_interval_s: float = 1.0
+    trace_sample_ratio: float = 0.1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``CONCLAVE_*`` variables, falling back to the embedded stack.
+
+        Raises :class:`StackError` when neither the variables nor a running
+        embedded stack give a broker and a database.
+        """
+        env = os.environ if env is None else env
+        home = Path(env.get("CONCLAVE_HOME", ".conclave"))
+        kafka = env.get("CONCLAVE_KAFKA_BOOTSTRAP", "")
+        database = env.get("CONCLAVE_DATABASE_URL", "")
+        if not kafka or not database:
+            recorded = _read_stack_file(home)
+            kafka = kafka or recorded.get("kafka_bootstrap", "")
+            database = database or recorded.get("database_url", "")
+        if not kafka or not database:
+            raise StackError(
+                "no broker or database configured: run `conclave dev up` "
+                "or set CONCLAVE_KAFKA_BOOTSTRAP and CONCLAVE_DATABASE_URL"
+            )
+        return cls(
+            kafka_bootstrap=kafka,
+            database_url=database,
+            home=home,
+            topic_prefix=env.get("CONCLAVE_TOPIC_PREFIX", "conclave"),
+            partitions=_int(env, "CONCLAVE_PARTITIONS", 1),
+            replication_factor=_int(env, "CONCLAVE_REPLICATION_FACTOR", 1),
+            tenant=env.get("CONCLAVE_TENANT", "default"),
+            pool_capacity=_int(env, "CONCLAVE_POOL_CAPACITY", 72),
+            heartbeat_interval_s=_float(env, "CONCLAVE_HEARTBEAT_INTERVAL_S", 1.0),
+            trace_sample_ratio=_float(env, "CONCLAVE_TRACE_SAMPLE_RATIO", 0.1),
+        )
+
+    def with_(self, **changes: object) -> Settings:
+        """A copy with some fields changed (tests use their own topic prefix)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _read_stack_file(home: Path) -> dict[str, str]:
+    path = stack_file(home)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None

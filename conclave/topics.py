@@ -1,0 +1,92 @@
+"""Every Kafka topic Conclave uses, declared once.
+
+Names carry a prefix (``conclave`` by default; tests use their own) so that
+several installations or test sessions share one broker without meeting.
+History topics keep everything (``retention.ms=-1``): they are the source of
+truth that read models are folded from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conclave.domain.events import Priority
+
+__all__ = ["TopicSpec", "Topics"]
+
+KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+    purpose: str
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names for one prefix, plus their specs for creation."""
+
+    prefix: str = "conclave"
+    partitions: int = 1
+
+    def command(self, priority: Priority) -> str:
+        """Where user commands of ``priority`` go (key: task or deliberation id)."""
+        return f"{self.prefix}.commands.{priority.label}"
+
+    @property
+    def commands(self) -> list[str]:
+        return [self.command(p) for p in Priority]
+
+    @property
+    def control(self) -> str:
+        """HALT and RESUME (key: ``system``)."""
+        return f"{self.prefix}.control"
+
+    @property
+    def agents(self) -> str:
+        """Agent registrations and heartbeats (key: agent id)."""
+        return f"{self.prefix}.agents"
+
+    @property
+    def tasks(self) -> str:
+        """The scheduler's output: queued, dispatched, completed, ... (key: task id)."""
+        return f"{self.prefix}.tasks"
+
+    @property
+    def outputs(self) -> str:
+        """Agent outputs and failures, not yet visible to readers (key: task id)."""
+        return f"{self.prefix}.outputs"
+
+    @property
+    def witness(self) -> str:
+        """The hash-chained witness log: one partition, so one total order."""
+        return f"{self.prefix}.witness"
+
+    @property
+    def deadletter(self) -> str:
+        """Records a processor could not use, with reason and original bytes."""
+        return f"{self.prefix}.deadletter"
+
+    @property
+    def history(self) -> list[str]:
+        """Every topic a read model is folded from."""
+        return [self.agents, self.tasks, self.outputs, self.witness, self.deadletter, self.control]
+
+    def specs(self) -> list[TopicSpec]:
+        n = self.partitions
+        specs = [
+            TopicSpec(self.command(p), n, KEEP_FOREVER, f"{p.label}-priority commands")
+            for p in Priority
+        ]
+        specs += [
+            TopicSpec(self.control, 1, KEEP_FOREVER, "halt and resume"),
+            TopicSpec(self.agents, n, KEEP_FOREVER, "agent registrations and heartbeats"),
+            TopicSpec(self.tasks, n, KEEP_FOREVER, "task schedule events"),
+            TopicSpec(self.outputs, n, KEEP_FOREVER, "agent outputs and failures"),
+            TopicSpec(self.witness, 1, KEEP_FOREVER, "witness log (hash chain)"),
+            TopicSpec(self.deadletter, 1, KEEP_FOREVER, "dead-letter records"),
+        ]
+        return specs

@@ -1,0 +1,274 @@
+"""The projector: folds the history topics into the PostgreSQL read models.
+
+Each batch of records is applied in one transaction together with the next
+offsets to read, so the read models and the position never disagree: after a
+crash the projector resumes exactly where its last transaction ended. The
+consumer uses manual assignment and positions from PostgreSQL, not a group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from conclave.bus import CONSUMER_OPTIONS, topics_for
+from conclave.domain.events import (
+    AgentOutput,
+    AgentRegistered,
+    DeadLetterRecord,
+    Envelope,
+    Halt,
+    Heartbeat,
+    Resume,
+    TaskCompleted,
+    TaskDeadLettered,
+    TaskDispatched,
+    TaskFailed,
+    TaskQueued,
+    WitnessEntry,
+)
+from conclave.errors import BrokerUnavailable, SchemaError
+from conclave.records import Record
+from conclave.settings import Settings
+from schemas.codec import Codec, default_codec
+
+__all__ = ["Projector"]
+
+Progress = Callable[[int, int], None]
+
+
+class Projector:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, codec: Codec | None = None) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.codec = codec or default_codec()
+        self.topics = topics_for(settings)
+        self.consumer: AIOKafkaConsumer | None = None
+        self.partitions: list[TopicPartition] = []
+        self.applied = 0
+
+    async def start(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            **CONSUMER_OPTIONS,
+        )
+        try:
+            await consumer.start()
+            await consumer.topics()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise BrokerUnavailable(f"Kafka at {self.settings.kafka_bootstrap} is not reachable") from exc
+        self.partitions = [
+            TopicPartition(topic, p)
+            for topic in self.topics.history
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        consumer.assign(self.partitions)
+        stored = await self._stored_offsets()
+        for tp in self.partitions:
+            if tp in stored:
+                consumer.seek(tp, stored[tp])
+            else:
+                await consumer.seek_to_beginning(tp)
+        self.consumer = consumer
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None
+
+    async def _stored_offsets(self) -> dict[TopicPartition, int]:
+        rows = await self.pool.fetch("SELECT topic, partition, next_offset FROM projection_offsets")
+        return {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+    async def step(self, timeout_ms: int = 200) -> int:
+        """Fetch and apply one batch; returns the number of records applied."""
+        assert self.consumer is not None, "start() first"
+        batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=1000)
+        records = [Record.of(m) for msgs in batch.values() for m in msgs]
+        if not records:
+            return 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            for record in records:
+                await self._apply(conn, record)
+            await conn.executemany(
+                """INSERT INTO projection_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
+                   ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset""",
+                [(tp.topic, tp.partition, msgs[-1].offset + 1) for tp, msgs in batch.items() if msgs],
+            )
+        self.applied += len(records)
+        return len(records)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.step()
+
+    async def lag(self) -> int:
+        """Records on the history topics not yet folded."""
+        assert self.consumer is not None
+        ends = await self.consumer.end_offsets(self.partitions)
+        total = 0
+        for tp in self.partitions:
+            total += max(0, ends[tp] - await self.consumer.position(tp))
+        return total
+
+    async def catch_up(self, progress: Progress | None = None) -> int:
+        """Apply everything up to the current end of the history topics."""
+        assert self.consumer is not None
+        ends = await self.consumer.end_offsets(self.partitions)
+        total = sum(ends.values())
+        applied = 0
+        while True:
+            behind = [tp for tp in self.partitions if await self.consumer.position(tp) < ends[tp]]
+            if not behind:
+                return applied
+            applied += await self.step()
+            if progress is not None:
+                done = sum([await self.consumer.position(tp) for tp in self.partitions])
+                progress(min(done, total), total)
+
+    async def _apply(self, conn: asyncpg.Connection, record: Record) -> None:
+        try:
+            envelope, event = self.codec.decode(record.value)
+        except SchemaError as exc:
+            if record.topic == self.topics.deadletter:
+                return  # never dead-letter a dead letter; it is already kept in Kafka
+            await _undecodable(conn, record, str(exc))
+            return
+        handler = _HANDLERS.get(type(event))
+        if handler is not None:
+            await handler(conn, envelope, event)
+
+
+async def _undecodable(conn: asyncpg.Connection, record: Record, reason: str) -> None:
+    await conn.execute(
+        """INSERT INTO dead_letters (source_topic, source_partition, source_offset, processor,
+               reason, error_type, original, recorded_at)
+           VALUES ($1, $2, $3, 'projector', $4, 'SchemaError', $5, 0) ON CONFLICT DO NOTHING""",
+        record.topic, record.partition, record.offset, reason, record.value,
+    )
+
+
+async def _task_queued(conn: asyncpg.Connection, env: Envelope, e: TaskQueued) -> None:
+    await conn.execute(
+        """INSERT INTO tasks (task_id, tenant, correlation_id, pool, priority, status, input,
+               agent_id, attempt, max_attempts, deliberation_id, queued_at)
+           VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, 0, $8, $9, $10)
+           ON CONFLICT (task_id) DO UPDATE SET status = 'queued', queued_at = EXCLUDED.queued_at""",
+        e.task_id, env.tenant, env.correlation_id, e.pool, e.priority.label, e.input,
+        e.agent_id, e.max_attempts, e.deliberation_id, env.occurred_at,
+    )
+
+
+async def _task_dispatched(conn: asyncpg.Connection, env: Envelope, e: TaskDispatched) -> None:
+    await conn.execute(
+        """UPDATE tasks SET status = 'dispatched', agent_id = $2, attempt = $3, dispatched_at = $4
+           WHERE task_id = $1 AND status NOT IN ('completed', 'dead_lettered')""",
+        e.task_id, e.agent_id, e.attempt, env.occurred_at,
+    )
+
+
+async def _task_completed(conn: asyncpg.Connection, env: Envelope, e: TaskCompleted) -> None:
+    await conn.execute(
+        """UPDATE tasks SET status = 'completed', output_event_id = $2, witness_sequence = $3,
+               finished_at = $4 WHERE task_id = $1""",
+        e.task_id, e.output_event_id, e.witness_sequence, env.occurred_at,
+    )
+
+
+async def _task_dead_lettered(conn: asyncpg.Connection, env: Envelope, e: TaskDeadLettered) -> None:
+    await conn.execute(
+        """UPDATE tasks SET status = 'dead_lettered', error = $2, witness_sequence = $3,
+               finished_at = $4 WHERE task_id = $1""",
+        e.task_id, e.reason, e.witness_sequence, env.occurred_at,
+    )
+
+
+async def _agent_output(conn: asyncpg.Connection, env: Envelope, e: AgentOutput) -> None:
+    await conn.execute(
+        """INSERT INTO outputs (event_id, task_id, agent_id, attempt, content, latency_us,
+               deliberation_id, produced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+           ON CONFLICT DO NOTHING""",
+        env.event_id, e.task_id, e.agent_id, e.attempt, e.content, e.latency_us,
+        e.deliberation_id, env.occurred_at,
+    )
+
+
+async def _task_failed(conn: asyncpg.Connection, env: Envelope, e: TaskFailed) -> None:
+    await conn.execute(
+        """INSERT INTO task_failures (event_id, task_id, agent_id, attempt, error_type,
+               error_message, failed_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
+           ON CONFLICT DO NOTHING""",
+        env.event_id, e.task_id, e.agent_id, e.attempt, e.error_type, e.error_message,
+        env.occurred_at,
+    )
+
+
+async def _witness_entry(conn: asyncpg.Connection, env: Envelope, e: WitnessEntry) -> None:
+    await conn.execute(
+        """INSERT INTO witness_entries (sequence, previous_hash, entry_hash, subject_type,
+               subject_event_id, subject_digest, recorded_at, task_id, agent_id, detail)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING""",
+        e.sequence, e.previous_hash, e.entry_hash, e.subject_type, e.subject_event_id,
+        e.subject_digest, e.recorded_at, e.task_id, e.agent_id, e.detail,
+    )
+
+
+async def _agent_registered(conn: asyncpg.Connection, env: Envelope, e: AgentRegistered) -> None:
+    await conn.execute(
+        """INSERT INTO agents (agent_id, pool, host_id, agent_ref, registered_at)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (agent_id) DO UPDATE SET pool = EXCLUDED.pool, host_id = EXCLUDED.host_id,
+               agent_ref = EXCLUDED.agent_ref, registered_at = EXCLUDED.registered_at""",
+        e.agent_id, e.pool, e.host_id, e.agent_ref, env.occurred_at,
+    )
+
+
+async def _heartbeat(conn: asyncpg.Connection, env: Envelope, e: Heartbeat) -> None:
+    await conn.execute(
+        """UPDATE agents SET last_heartbeat_at = $2, current_task_id = $3, rss_bytes = $4
+           WHERE agent_id = $1 AND coalesce(last_heartbeat_at, 0) <= $2""",
+        e.agent_id, env.occurred_at, e.task_id, e.rss_bytes,
+    )
+
+
+async def _system(conn: asyncpg.Connection, env: Envelope, e: Halt | Resume) -> None:
+    await conn.execute(
+        """INSERT INTO system_events (event_id, kind, reason, operator, occurred_at)
+           VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
+        env.event_id, e.TYPE, e.reason, e.operator, env.occurred_at,
+    )
+
+
+async def _dead_letter(conn: asyncpg.Connection, env: Envelope, e: DeadLetterRecord) -> None:
+    await conn.execute(
+        """INSERT INTO dead_letters (source_topic, source_partition, source_offset, processor,
+               reason, error_type, original, recorded_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING""",
+        e.source_topic, e.source_partition, e.source_offset, e.processor, e.reason,
+        e.error_type, e.original, env.occurred_at,
+    )
+
+
+_HANDLERS: Mapping[type[Any], Callable[[asyncpg.Connection, Envelope, Any], Any]] = {
+    TaskQueued: _task_queued,
+    TaskDispatched: _task_dispatched,
+    TaskCompleted: _task_completed,
+    TaskDeadLettered: _task_dead_lettered,
+    AgentOutput: _agent_output,
+    TaskFailed: _task_failed,
+    WitnessEntry: _witness_entry,
+    AgentRegistered: _agent_registered,
+    Heartbeat: _heartbeat,
+    Halt: _system,
+    Resume: _system,
+    DeadLetterRecord: _dead_letter,
+}

@@ -1,0 +1,97 @@
+"""Wiring: the faust app that runs the stream processors, and nothing else.
+
+The app stays thin: each processor is an object with ``inputs`` and
+``handle(record)``; faust only delivers records to it, one at a time, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol
+
+import faust
+
+from conclave.bus import EventProducer, ensure_topics, topics_for
+from conclave.records import Record
+from conclave.settings import Settings
+from streams.scheduler import SchedulerProcessor
+from streams.witness import WitnessProcessor
+
+__all__ = ["Processor", "ProcessorsHandle", "build_app", "start_processors"]
+
+log = logging.getLogger(__name__)
+
+
+class Processor(Protocol):
+    name: str
+
+    @property
+    def inputs(self) -> list[str]: ...
+
+    async def recover(self) -> int: ...
+
+    async def handle(self, record: Record) -> None: ...
+
+
+def build_app(settings: Settings, processors: Sequence[Processor]) -> faust.App:
+    app = faust.App(
+        f"{settings.topic_prefix}-processors",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        web_enabled=False,
+        store="memory://",
+        topic_replication_factor=settings.replication_factor,
+        topic_partitions=settings.partitions,
+        producer_linger=0.0,
+        stream_wait_empty=False,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=100,
+        broker_commit_interval=1.0,
+    )
+    for processor in processors:
+        channel = app.topic(
+            *processor.inputs, key_serializer="raw", value_serializer="raw", value_type=bytes
+        )
+        app.agent(channel, name=processor.name)(_shell(processor))
+    return app
+
+
+def _shell(processor: Processor) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    async def run(stream: Any) -> None:
+        async for event in stream.events():
+            await processor.handle(Record.of(event.message))
+
+    run.__name__ = processor.name
+    return run
+
+
+class ProcessorsHandle:
+    """A running set of processors in this process; ``stop()`` ends them gracefully."""
+
+    def __init__(self, app: faust.App, producer: EventProducer,
+                 scheduler: SchedulerProcessor, witness: WitnessProcessor) -> None:
+        self.app = app
+        self.producer = producer
+        self.scheduler = scheduler
+        self.witness = witness
+
+    async def stop(self) -> None:
+        await self.app.stop()
+        await self.producer.stop()
+
+
+async def start_processors(settings: Settings) -> ProcessorsHandle:
+    """Create topics, recover every processor from history, then start consuming."""
+    await ensure_topics(settings)
+    topics = topics_for(settings)
+    producer = EventProducer(settings, producer="processors")
+    await producer.start()
+    scheduler = SchedulerProcessor(producer, topics, settings.pool_capacity)
+    witness = WitnessProcessor(producer, topics)
+    await asyncio.gather(scheduler.recover(), witness.recover())
+    app = build_app(settings, [scheduler, witness])
+    await app.start()
+    return ProcessorsHandle(app, producer, scheduler, witness)
+
+

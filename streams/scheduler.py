@@ -1,0 +1,107 @@
+"""The scheduler processor: a thin shell around :mod:`conclave.domain.scheduling`.
+
+Consumes commands (four priorities), control (halt/resume), agent facts and
+witness entries; appends queued/dispatched/completed/dead-lettered events to
+the tasks topic. Its state is a fold of its own output (plus agents and
+control), rebuilt by :meth:`SchedulerProcessor.recover` before consuming.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import trace
+
+from conclave.bus import EventProducer, read_history
+from conclave.domain import scheduling
+from conclave.domain.events import (
+    AgentRegistered,
+    DeliberationRequested,
+    Envelope,
+    Event,
+    Halt,
+    Heartbeat,
+    Resume,
+    TaskCompleted,
+    TaskDeadLettered,
+    TaskDispatched,
+    TaskQueued,
+    TaskSubmitted,
+    WitnessEntry,
+)
+from conclave.domain.validation import invalid_command
+from conclave.records import DeadLetters, Record, decode_or_dead_letter
+from conclave.topics import Topics
+from conclave.tracing import context_from, headers_for, tracer
+
+__all__ = ["SchedulerProcessor"]
+
+log = logging.getLogger(__name__)
+
+_FOLDED = (TaskQueued, TaskDispatched, TaskCompleted, TaskDeadLettered, AgentRegistered, Halt, Resume)
+
+
+class SchedulerProcessor:
+    name = "scheduler"
+
+    def __init__(self, producer: EventProducer, topics: Topics, capacity: int) -> None:
+        self.producer = producer
+        self.topics = topics
+        self.state = scheduling.SchedulerState(capacity=capacity)
+        self.dead_letters = DeadLetters(producer, topics, self.name)
+
+    @property
+    def inputs(self) -> list[str]:
+        return [*self.topics.commands, self.topics.control, self.topics.agents, self.topics.witness]
+
+    async def recover(self) -> int:
+        """Fold the scheduler's own history into its state; returns events folded."""
+        codec = self.producer.codec
+        folded = 0
+        source = [self.topics.tasks, self.topics.agents, self.topics.control]
+        async for message in read_history(self.producer.settings, source):
+            try:
+                _, event = codec.decode(message.value)
+            except Exception:
+                continue  # dead-lettered when it was first consumed
+            if isinstance(event, _FOLDED):
+                scheduling.evolve(self.state, event)
+                folded += 1
+        return folded
+
+    async def handle(self, record: Record) -> None:
+        decoded = await decode_or_dead_letter(self.producer.codec, record, self.dead_letters)
+        if decoded is None:
+            return
+        envelope, event = decoded
+        is_command_topic = record.topic in self.topics.commands
+        if is_command_topic and (reason := invalid_command(event)) is not None:
+            await self.dead_letters.put(record, reason=reason, error_type="InvalidCommand")
+            return
+        with tracer().start_as_current_span(
+            f"schedule {event.TYPE}", context=context_from(record.headers),
+            kind=trace.SpanKind.CONSUMER,
+        ):
+            await self._apply(envelope, event)
+
+    async def _apply(self, cause: Envelope, event: Event) -> None:
+        decided: list[TaskQueued | TaskCompleted | TaskDeadLettered] = []
+        match event:
+            case TaskSubmitted() | DeliberationRequested() | WitnessEntry():
+                decided = scheduling.decide(self.state, event)
+            case AgentRegistered() | Halt() | Resume():
+                scheduling.evolve(self.state, event)
+            case Heartbeat():
+                return
+            case _:
+                return
+        for new in decided:
+            scheduling.evolve(self.state, new)
+        dispatched = scheduling.schedule(self.state)
+        for new in dispatched:
+            scheduling.evolve(self.state, new)
+        headers = headers_for()
+        for new in [*decided, *dispatched]:
+            await self.producer.send(
+                self.topics.tasks, new.task_id, new, causation=cause, headers=headers
+            )
