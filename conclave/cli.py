@@ -1,0 +1,359 @@
+"""The ``conclave`` command line.
+
+Every command reads :class:`~conclave.settings.Settings` once; a
+:class:`~conclave.errors.ConclaveError` becomes one red line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from conclave.cli_dev import dev_app
+from conclave.domain.events import Priority
+from conclave.errors import ConclaveError
+from conclave.settings import Settings
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="Conclave: an event-sourced orchestrator for fleets of AI agents, on Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+db_app = typer.Typer(help="PostgreSQL read models.", no_args_is_help=True)
+task_app = typer.Typer(help="Tasks: submit and inspect.", no_args_is_help=True)
+witness_app = typer.Typer(help="The witness log.", no_args_is_help=True)
+app.add_typer(dev_app, name="dev")
+app.add_typer(topics_app, name="topics")
+app.add_typer(db_app, name="db")
+app.add_typer(task_app, name="task")
+app.add_typer(witness_app, name="witness")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class Fail(ConclaveError):
+    """A user-facing failure with its own exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+async def _until_signalled(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run a long-lived service until SIGINT/SIGTERM, then let it stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await start(stop)
+
+
+# --- topics and database ----------------------------------------------------------------------
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every Conclave topic that is missing (idempotent)."""
+    from conclave.bus import ensure_topics
+
+    created = _run(ensure_topics(_settings()))
+    out.print(f"created {len(created)} topic(s)" + (": " + ", ".join(created) if created else ""))
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """Show the topics Conclave declares."""
+    from conclave.bus import topics_for
+
+    table = Table("topic", "partitions", "retention.ms", "purpose")
+    for spec in topics_for(_settings()).specs():
+        table.add_row(spec.name, str(spec.partitions), spec.config["retention.ms"], spec.purpose)
+    out.print(table)
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Create or update the read-model tables (idempotent)."""
+    from projections.database import connect, migrate
+
+    async def go() -> list[str]:
+        pool = await connect(_settings())
+        try:
+            return await migrate(pool)
+        finally:
+            await pool.close()
+
+    applied = _run(go())
+    out.print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+
+
+# --- long-running processes -------------------------------------------------------------------
+
+@app.command()
+def worker() -> None:
+    """Run the stream processors (scheduler, witness) until interrupted."""
+    from streams.app import start_processors
+
+    async def serve(stop: asyncio.Event) -> None:
+        handle = await start_processors(_settings())
+        err.print("[green]processors running[/] (scheduler, witness); Ctrl-C stops")
+        try:
+            await stop.wait()
+        finally:
+            await handle.stop()
+
+    _run(_until_signalled(serve))
+
+
+@app.command()
+def runtime(
+    agents: int = typer.Option(72, help="How many agents this host runs."),
+    pool: str = typer.Option("default", help="The pool the agents serve."),
+    agent: str = typer.Option("simulated", help="'simulated' or module:function of an async callable."),
+    prefix: str = typer.Option("agent", help="Agent ids are PREFIX-000, PREFIX-001, ..."),
+    host_id: str | None = typer.Option(None, help="Stable host id (default: random)."),
+    latency_ms: float = typer.Option(100.0, help="Simulated agent: median latency."),
+    failure_rate: float = typer.Option(0.0, help="Simulated agent: failure probability."),
+    seed: int = typer.Option(0, help="Simulated agent: seed."),
+) -> None:
+    """Run an agent runtime host until interrupted."""
+    from conclave.runtime.agents import load_agent
+    from conclave.runtime.host import HostConfig, RuntimeHost
+
+    options: dict[str, Any] = (
+        {"latency_ms": latency_ms, "failure_rate": failure_rate, "seed": seed}
+        if agent == "simulated" else {}
+    )
+    fn = load_agent(agent, **options)
+    config = HostConfig(
+        pool=pool, agent_ids=[f"{prefix}-{i:03d}" for i in range(agents)], agent_ref=agent,
+        **({"host_id": host_id} if host_id else {}),
+    )
+
+    async def serve(stop: asyncio.Event) -> None:
+        host = RuntimeHost(_settings(), config, fn)
+        await host.start()
+        err.print(f"[green]runtime {config.host_id}[/] running {agents} agent(s) in pool {pool!r}")
+        try:
+            await stop.wait()
+        finally:
+            await host.stop()
+
+    _run(_until_signalled(serve))
+
+
+@app.command()
+def projector() -> None:
+    """Fold the history topics into the PostgreSQL read models until interrupted."""
+    from projections.database import connect, migrate
+    from projections.projector import Projector
+
+    async def serve(stop: asyncio.Event) -> None:
+        settings = _settings()
+        pool = await connect(settings)
+        await migrate(pool)
+        proj = Projector(settings, pool)
+        await proj.start()
+        err.print("[green]projector running[/]")
+        try:
+            await proj.run(stop)
+        finally:
+            await proj.stop()
+            await pool.close()
+
+    _run(_until_signalled(serve))
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def _priority(value: str) -> Priority:
+    try:
+        return Priority.parse(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def submit(
+    input: str = typer.Argument(..., help="The task's input."),
+    priority: str = typer.Option("normal", help="critical, high, normal or low."),
+    pool: str = typer.Option("default"),
+    task_id: str | None = typer.Option(None, "--id", help="Idempotency: the same id runs once."),
+    agent_id: str | None = typer.Option(None, "--agent", help="Run on this agent only."),
+    max_attempts: int = typer.Option(1, min=1),
+) -> None:
+    """Submit a task; prints its id."""
+    from conclave.client import Client
+
+    prio = _priority(priority)
+
+    async def go() -> str:
+        async with Client(_settings()) as client:
+            return await client.submit(
+                input, task_id=task_id, pool=pool, priority=prio, agent_id=agent_id,
+                max_attempts=max_attempts,
+            )
+
+    out.print(_run(go()))
+
+
+@app.command()
+def halt(reason: str = typer.Argument(...), operator: str = typer.Option("operator")) -> None:
+    """Stop all dispatching until `conclave resume` (witnessed)."""
+    from conclave.client import Client
+
+    async def go() -> None:
+        async with Client(_settings()) as client:
+            await client.halt(reason, operator=operator)
+
+    _run(go())
+    out.print("halt sent")
+
+
+@app.command()
+def resume(reason: str = typer.Argument(...), operator: str = typer.Option("operator")) -> None:
+    """Lift a halt (witnessed)."""
+    from conclave.client import Client
+
+    async def go() -> None:
+        async with Client(_settings()) as client:
+            await client.resume(reason, operator=operator)
+
+    _run(go())
+    out.print("resume sent")
+
+
+@task_app.command("show")
+def task_show(
+    task_id: str = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Status, output (only once witnessed) and witness sequence of one task."""
+    from projections.database import connect
+    from projections.queries import get_task
+
+    async def go() -> Any:
+        pool = await connect(_settings())
+        try:
+            return await get_task(pool, task_id)
+        finally:
+            await pool.close()
+
+    view = _run(go())
+    if as_json:
+        import dataclasses
+
+        out.print_json(json.dumps(dataclasses.asdict(view)))
+        return
+    table = Table(show_header=False, box=None)
+    table.add_row("task", view.task_id)
+    table.add_row("status", view.status)
+    table.add_row("pool / priority", f"{view.pool} / {view.priority}")
+    table.add_row("agent", view.agent_id or "-")
+    table.add_row("attempt", str(view.attempt))
+    if view.output is not None:
+        table.add_row("output", view.output.content)
+        table.add_row("witness sequence", str(view.output.witness_sequence))
+    for attempt, agent_id, error_type, message in view.failures:
+        table.add_row(f"failure (attempt {attempt})", f"{agent_id}: {error_type}: {message}")
+    if view.error:
+        table.add_row("error", view.error)
+    out.print(table)
+
+
+@witness_app.command("verify")
+def witness_verify(
+    source: str = typer.Option("both", help="topic, db or both."),
+) -> None:
+    """Recompute the witness chain; exits 1 naming the first bad sequence number."""
+    from conclave.verify import verify_sources
+
+    if source not in ("topic", "db", "both"):
+        raise typer.BadParameter("source must be topic, db or both")
+    results = _run(verify_sources(_settings(), source))
+    bad = False
+    for result in results:
+        if result.violation is None:
+            out.print(f"{result.source}: {result.entries} entries, chain intact, head {result.head_hex}")
+        else:
+            bad = True
+            err.print(f"[red]{result.source}: first bad sequence {result.violation.sequence}: "
+                      f"{result.violation.reason}[/]")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def replay(
+    yes: bool = typer.Option(False, "--yes", help="Do not ask before dropping the read models."),
+) -> None:
+    """Drop the read models and rebuild them by replaying every history topic from offset 0."""
+    from conclave.verify import rebuild
+
+    if not yes and not typer.confirm("Drop and rebuild every read model?"):
+        raise typer.Exit(1)
+    applied = _run(rebuild(_settings(), progress=True))
+    out.print(f"replayed {applied} event(s)")
+
+
+@app.command()
+def demo(
+    agents: int = typer.Option(72, help="How many agents deliberate at once."),
+    latency_ms: float = typer.Option(100.0, help="Simulated agent median latency."),
+    failure_rate: float = typer.Option(0.0, help="Simulated agent failure probability."),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    motion: str = typer.Option("Shall the Conclave adopt the proposal?", help="The motion."),
+) -> None:
+    """72 agents deliberate one motion on the embedded stack; prints a load report."""
+    from conclave.demo import DemoConfig, print_report, run_demo
+
+    config = DemoConfig(
+        agents=agents, latency_ms=latency_ms, failure_rate=failure_rate, seed=seed, motion=motion,
+    )
+    report = _run(run_demo(_settings(), config, progress=not as_json))
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print_report(out, report)
+    if not report.chain_ok or report.completed + report.failed != report.agents:
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(args=argv)
+    except ConclaveError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(getattr(exc, "code", 1))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""``conclave demo``: 72 agents deliberate one motion; a load report comes back.
+
+The demo runs the real system: the stream processors and an agent runtime host
+as their own processes (as in production), the projector in this process, and
+the client submitting one deliberation. It waits until every agent's answer is
+witnessed and visible, verifies the witness chain from Kafka and PostgreSQL,
+and reports latency percentiles, end-to-end time against the slowest agent,
+peak memory and failures with attribution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import asyncpg
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from conclave.bus import ensure_topics
+from conclave.client import Client
+from conclave.errors import ConclaveError, StackError
+from conclave.settings import Settings
+from conclave.verify import verify_sources
+from projections.database import connect, migrate
+from projections.projector import Projector
+
+__all__ = ["DemoConfig", "DemoReport", "print_report", "run_demo"]
+
+_READY_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoConfig:
+    agents: int = 72
+    latency_ms: float = 100.0
+    failure_rate: float = 0.0
+    seed: int = 0
+    motion: str = "Shall the Conclave adopt the proposal?"
+    timeout_s: float = 120.0
+
+
+@dataclass(slots=True, kw_only=True)
+class DemoReport:
+    agents: int
+    completed: int
+    failed: int
+    deliberation_id: str
+    end_to_end_ms: float
+    """From submitting the deliberation to the last answer being visible to readers."""
+    slowest_agent_ms: float
+    """The longest time any agent spent answering: the floor for end to end."""
+    floor_ratio: float
+    agent_latency_ms: dict[str, float]
+    submit_to_dispatch_ms: dict[str, float]
+    output_to_witness_ms: dict[str, float]
+    witness_to_visible_ms: dict[str, float]
+    peak_rss_mb: dict[str, float]
+    failures: list[dict[str, str]] = field(default_factory=list)
+    chain_ok: bool = False
+    chain_entries: int = 0
+    witness_head: str = ""
+    chain_problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        ordered = ordered * 2
+    cuts = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {"p50": round(cuts[49], 2), "p95": round(cuts[94], 2), "p99": round(cuts[98], 2),
+            "max": round(ordered[-1], 2)}
+
+
+class _Processes:
+    """Child processes of the demo, started with the same settings, stopped gracefully."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.env = {
+            **os.environ,
+            "CONCLAVE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "CONCLAVE_DATABASE_URL": settings.database_url,
+            "CONCLAVE_TOPIC_PREFIX": settings.topic_prefix,
+            "CONCLAVE_TENANT": settings.tenant,
+            "CONCLAVE_POOL_CAPACITY": str(settings.pool_capacity),
+        }
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, args: Sequence[str]) -> None:
+        self.children[name] = subprocess.Popen(
+            [sys.executable, "-m", "conclave.cli", *args],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    async def ready(self, name: str, marker: bytes) -> None:
+        """Wait for the child's start-up line; fail with its own words if it dies."""
+        child = self.children[name]
+        assert child.stderr is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _READY_TIMEOUT_S
+        seen = b""
+        while loop.time() < deadline:
+            line = await loop.run_in_executor(None, child.stderr.readline)
+            seen += line
+            if marker in line:
+                return
+            if not line and child.poll() is not None:
+                tail = seen.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise ConclaveError(f"{name} exited with {child.returncode}: {tail[0]}")
+        raise ConclaveError(f"{name} did not start within {_READY_TIMEOUT_S:.0f} s")
+
+    def stop(self) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children.values():
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            if child.stderr is not None:
+                child.stderr.close()
+
+
+class _MemoryWatch:
+    """Samples the resident memory of this process and its children."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak: dict[str, int] = dict.fromkeys(self.processes, 0)
+        self.peak_total = 0
+
+    def sample(self) -> None:
+        total = 0
+        for name, process in self.processes.items():
+            with contextlib.suppress(psutil.Error):
+                rss = process.memory_info().rss
+                self.peak[name] = max(self.peak[name], rss)
+                total += rss
+        self.peak_total = max(self.peak_total, total)
+
+    async def run(self, every_s: float = 0.05) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(every_s)
+
+
+async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = True) -> DemoReport:
+    run = uuid.uuid4().hex[:6]
+    pool_name = f"demo-{run}"
+    agent_ids = [f"agent.{run}-{i:03d}" for i in range(config.agents)]
+    await ensure_topics(settings)
+    db = await connect(settings, max_size=4)
+    await migrate(db)
+    processes = _Processes(settings.with_(pool_capacity=max(settings.pool_capacity, config.agents)))
+    projector = Projector(settings, db)
+    stop_projecting = asyncio.Event()
+    background: list[asyncio.Task[None]] = []
+    try:
+        processes.spawn("worker", ["worker"])
+        processes.spawn("runtime", [
+            "runtime", "--agents", str(config.agents), "--pool", pool_name,
+            "--prefix", f"agent.{run}", "--latency-ms", str(config.latency_ms),
+            "--failure-rate", str(config.failure_rate), "--seed", str(config.seed),
+        ])
+        memory = _MemoryWatch({"demo": os.getpid(),
+                               **{n: c.pid for n, c in processes.children.items()}})
+        background.append(asyncio.create_task(memory.run()))
+        await asyncio.gather(processes.ready("worker", b"processors running"),
+                             processes.ready("runtime", b"running"))
+        await projector.start()
+        background.append(asyncio.create_task(projector.run(stop_projecting)))
+        await _wait_for_agents(db, agent_ids, config.timeout_s)
+
+        async with Client(settings, producer_name="demo") as client:
+            started = time.time()
+            deliberation_id = await client.deliberate(
+                config.motion, agent_ids=agent_ids, pool=pool_name,
+                deliberation_id=f"demo-{run}",
+            )
+            finished = await _wait_until_done(db, deliberation_id, config, progress)
+        end_to_end_ms = (finished - started) * 1000
+        stop_projecting.set()
+        await asyncio.wait_for(background.pop(), timeout=10)
+        report = await _report(db, deliberation_id, config, started, end_to_end_ms)
+    finally:
+        stop_projecting.set()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await projector.stop()
+        processes.stop()
+        await db.close()
+    memory.sample()
+    report.peak_rss_mb = {name: round(rss / 2**20, 1) for name, rss in memory.peak.items()}
+    report.peak_rss_mb["total"] = round(memory.peak_total / 2**20, 1)
+    for result in await verify_sources(settings):
+        report.chain_entries = max(report.chain_entries, result.entries)
+        report.witness_head = result.head_hex
+        if result.violation is not None:
+            report.chain_problems.append(
+                f"{result.source}: sequence {result.violation.sequence}: {result.violation.reason}"
+            )
+    report.chain_ok = not report.chain_problems
+    return report
+
+
+async def _wait_for_agents(db: asyncpg.Pool, agent_ids: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        count = await db.fetchval(
+            "SELECT count(*) FROM agents WHERE agent_id = ANY($1::text[])", agent_ids
+        )
+        if count == len(agent_ids):
+            return
+        await asyncio.sleep(0.02)
+    raise StackError(f"only some of {len(agent_ids)} agents registered within {timeout_s:.0f} s")
+
+
+async def _wait_until_done(
+    db: asyncpg.Pool, deliberation_id: str, config: DemoConfig, progress: bool
+) -> float:
+    query = """SELECT count(*) FILTER (WHERE status IN ('completed', 'dead_lettered'))
+                 FROM tasks WHERE deliberation_id = $1"""
+    deadline = time.monotonic() + config.timeout_s
+    with Progress(
+        TextColumn("[bold]deliberating[/]"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("answers witnessed"), TimeElapsedColumn(), transient=True,
+        disable=not progress,
+    ) as bar:
+        task = bar.add_task("agents", total=config.agents)
+        while time.monotonic() < deadline:
+            done = await db.fetchval(query, deliberation_id)
+            bar.update(task, completed=done)
+            if done >= config.agents:
+                return time.time()
+            await asyncio.sleep(0.005)
+    raise ConclaveError(f"deliberation {deliberation_id} did not finish in {config.timeout_s:.0f} s")
+
+
+async def _report(
+    db: asyncpg.Pool, deliberation_id: str, config: DemoConfig, started: float, e2e_ms: float
+) -> DemoReport:
+    rows = await db.fetch(
+        """SELECT t.task_id, t.agent_id, t.status, t.dispatched_at, t.finished_at, t.error,
+                  o.latency_us, o.produced_at, w.recorded_at
+             FROM tasks t
+             LEFT JOIN outputs o ON o.task_id = t.task_id
+             LEFT JOIN witness_entries w ON w.subject_event_id = o.event_id
+            WHERE t.deliberation_id = $1""",
+        deliberation_id,
+    )
+    failures = await db.fetch(
+        """SELECT f.agent_id, f.error_type, f.error_message FROM task_failures f
+             JOIN tasks t ON t.task_id = f.task_id WHERE t.deliberation_id = $1
+            ORDER BY f.agent_id""",
+        deliberation_id,
+    )
+    done = [r for r in rows if r["status"] == "completed"]
+    latencies = [r["latency_us"] / 1000 for r in done if r["latency_us"] is not None]
+    slowest = max(latencies, default=0.0)
+    started_us = started * 1_000_000
+    return DemoReport(
+        agents=config.agents,
+        completed=len(done),
+        failed=sum(1 for r in rows if r["status"] == "dead_lettered"),
+        deliberation_id=deliberation_id,
+        end_to_end_ms=round(e2e_ms, 1),
+        slowest_agent_ms=round(slowest, 1),
+        floor_ratio=round(e2e_ms / config.latency_ms, 2) if config.latency_ms else 0.0,
+        agent_latency_ms=percentiles(latencies),
+        submit_to_dispatch_ms=percentiles(
+            [(r["dispatched_at"] - started_us) / 1000 for r in rows if r["dispatched_at"]]
+        ),
+        output_to_witness_ms=percentiles(
+            [(r["recorded_at"] - r["produced_at"]) / 1000 for r in done if r["recorded_at"]]
+        ),
+        witness_to_visible_ms=percentiles(
+            [(r["finished_at"] - r["recorded_at"]) / 1000 for r in done if r["recorded_at"]]
+        ),
+        peak_rss_mb={},
+        failures=[
+            {"agent": f["agent_id"], "error": f["error_type"], "message": f["error_message"]}
+            for f in failures
+        ],
+    )
+
+
+def print_report(console: Console, report: DemoReport) -> None:
+    ok = report.completed + report.failed == report.agents and report.chain_ok
+    console.print(
+        f"[bold]{report.completed}/{report.agents}[/] agents answered "
+        f"({report.failed} failed) in [bold]{report.end_to_end_ms:.0f} ms[/] end to end; "
+        f"slowest agent {report.slowest_agent_ms:.0f} ms, "
+        f"{report.floor_ratio:.2f}x the latency floor"
+    )
+    table = Table("latency (ms)", "p50", "p95", "p99", "max", title="Per-agent and per-hop latency")
+    for name, values in (
+        ("agent answering", report.agent_latency_ms),
+        ("submit -> dispatched", report.submit_to_dispatch_ms),
+        ("output -> witnessed", report.output_to_witness_ms),
+        ("witnessed -> completed", report.witness_to_visible_ms),
+    ):
+        table.add_row(name, *(f"{values[k]:.1f}" for k in ("p50", "p95", "p99", "max")))
+    console.print(table)
+    memory = Table("process", "peak RSS (MB)", title="Memory")
+    for name, mb in report.peak_rss_mb.items():
+        memory.add_row(name, f"{mb:.1f}")
+    console.print(memory)
+    if report.failures:
+        failed = Table("agent", "error", "message", title="Failures (attributed)")
+        for f in report.failures:
+            failed.add_row(f["agent"], f["error"], f["message"])
+        console.print(failed)
+    chain = "[green]intact[/]" if report.chain_ok else "[red]BROKEN[/] " + "; ".join(report.chain_problems)
+    console.print(f"witness chain: {chain}, {report.chain_entries} entries, head {report.witness_head}")
+    console.print("[green]demo passed[/]" if ok else "[red]demo failed[/]")

@@ -1,0 +1,87 @@
+"""Verification and rebuild: the witness chain from Kafka and from PostgreSQL,
+and dropping the read models to fold them again from offset 0."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from conclave.bus import read_history, topics_for
+from conclave.domain.events import WitnessEntry
+from conclave.domain.witness import ChainViolation, first_violation
+from conclave.errors import SchemaError
+from conclave.settings import Settings
+from projections.database import connect, drop_read_models, migrate
+from projections.projector import Projector
+from projections.queries import witness_entries
+from schemas.codec import default_codec
+
+__all__ = ["VerifyResult", "rebuild", "verify_entries", "verify_sources"]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    source: str
+    entries: int
+    head_hex: str
+    violation: ChainViolation | None
+
+
+def verify_entries(source: str, entries: Iterable[WitnessEntry]) -> VerifyResult:
+    listed = list(entries)
+    violation = first_violation(listed)
+    head = listed[-1].entry_hash.hex() if listed else "0" * 64
+    return VerifyResult(source, len(listed), head, violation)
+
+
+async def topic_entries(settings: Settings) -> list[WitnessEntry]:
+    codec = default_codec()
+    entries: list[WitnessEntry] = []
+    async for record in read_history(settings, [topics_for(settings).witness]):
+        try:
+            _, event = codec.decode(record.value)
+        except SchemaError as exc:
+            raise SchemaError(f"witness record at offset {record.offset}: {exc}") from exc
+        if isinstance(event, WitnessEntry):
+            entries.append(event)
+    return entries
+
+
+async def verify_sources(settings: Settings, source: str = "both") -> list[VerifyResult]:
+    results = []
+    if source in ("topic", "both"):
+        results.append(verify_entries("topic", await topic_entries(settings)))
+    if source in ("db", "both"):
+        pool = await connect(settings)
+        try:
+            results.append(verify_entries("db", await witness_entries(pool)))
+        finally:
+            await pool.close()
+    return results
+
+
+async def rebuild(settings: Settings, *, progress: bool = False) -> int:
+    """Drop every read model and replay the history topics from offset 0."""
+    pool = await connect(settings)
+    try:
+        await drop_read_models(pool)
+        await migrate(pool)
+        projector = Projector(settings, pool)
+        await projector.start()
+        try:
+            if not progress:
+                return await projector.catch_up()
+            with Progress(
+                TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                transient=True,
+            ) as bar:
+                task = bar.add_task("replay", total=None)
+                return await projector.catch_up(
+                    lambda done, total: bar.update(task, completed=done, total=total)
+                )
+        finally:
+            await projector.stop()
+    finally:
+        await pool.close()
