@@ -238,8 +238,13 @@ async def _wait_for_agents(db: asyncpg.Pool, agent_ids: list[str], timeout_s: fl
 async def _wait_until_done(
     db: asyncpg.Pool, deliberation_id: str, config: DemoConfig, progress: bool
 ) -> float:
-    query = """SELECT count(*) FILTER (WHERE status IN ('completed', 'dead_lettered'))
-                 FROM tasks WHERE deliberation_id = $1"""
+    # Visible means what a reader can see: an output joined to its witness entry,
+    # or a terminal failure; a "completed" status alone is not enough.
+    query = """SELECT (SELECT count(*) FROM outputs o
+                         JOIN witness_entries w ON w.subject_event_id = o.event_id
+                        WHERE o.deliberation_id = $1)
+                    + (SELECT count(*) FROM tasks
+                        WHERE deliberation_id = $1 AND status = 'dead_lettered')"""
     deadline = time.monotonic() + config.timeout_s
     with Progress(
         TextColumn("[bold]deliberating[/]"), BarColumn(), MofNCompleteColumn(),

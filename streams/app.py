@@ -46,7 +46,7 @@ def build_app(settings: Settings, processors: Sequence[Processor]) -> faust.App:
         producer_linger=0.0,
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
-        broker_commit_every=100,
+        broker_commit_every=10_000,
         broker_commit_interval=1.0,
     )
     for processor in processors:
