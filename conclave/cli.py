@@ -302,7 +302,7 @@ def witness_verify(
         else:
             bad = True
             err.print(f"[red]{result.source}: first bad sequence {result.violation.sequence}: "
-                      f"{result.violation.reason}[/]")
+                      f"{result.violation.reason}[/]", soft_wrap=True)
     if bad:
         raise typer.Exit(1)
 
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except ConclaveError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(getattr(exc, "code", 1))
     except KeyboardInterrupt:
         sys.exit(130)

@@ -200,6 +200,7 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
         end_to_end_ms = (finished - started) * 1000
         stop_projecting.set()
         await asyncio.wait_for(background.pop(), timeout=10)
+        await projector.catch_up()  # the report reads statuses too, not only outputs
         report = await _report(db, deliberation_id, config, started, end_to_end_ms)
     finally:
         stop_projecting.set()
@@ -238,13 +239,15 @@ async def _wait_for_agents(db: asyncpg.Pool, agent_ids: list[str], timeout_s: fl
 async def _wait_until_done(
     db: asyncpg.Pool, deliberation_id: str, config: DemoConfig, progress: bool
 ) -> float:
-    # Visible means what a reader can see: an output joined to its witness entry,
-    # or a terminal failure; a "completed" status alone is not enough.
-    query = """SELECT (SELECT count(*) FROM outputs o
-                         JOIN witness_entries w ON w.subject_event_id = o.event_id
-                        WHERE o.deliberation_id = $1)
-                    + (SELECT count(*) FROM tasks
-                        WHERE deliberation_id = $1 AND status = 'dead_lettered')"""
+    # Done means what a reader can see: a terminal status and, for an answer, the
+    # output joined to its witness entry (a "completed" status alone is not enough).
+    query = """SELECT count(*) FROM tasks t
+                WHERE t.deliberation_id = $1
+                  AND (t.status = 'dead_lettered'
+                       OR (t.status = 'completed' AND EXISTS (
+                           SELECT 1 FROM outputs o
+                             JOIN witness_entries w ON w.subject_event_id = o.event_id
+                            WHERE o.task_id = t.task_id)))"""
     deadline = time.monotonic() + config.timeout_s
     with Progress(
         TextColumn("[bold]deliberating[/]"), BarColumn(), MofNCompleteColumn(),

@@ -5,6 +5,7 @@ asyncpg's connection errors are translated to :class:`DatabaseUnavailable` here.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import asyncpg
@@ -12,7 +13,7 @@ import asyncpg
 from conclave.errors import DatabaseUnavailable
 from conclave.settings import Settings
 
-__all__ = ["READ_MODEL_TABLES", "connect", "drop_read_models", "migrate"]
+__all__ = ["READ_MODEL_TABLES", "connect", "drop_read_models", "migrate", "schema_for"]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 READ_MODEL_TABLES = (
@@ -21,10 +22,29 @@ READ_MODEL_TABLES = (
 )
 
 
+def schema_for(settings: Settings) -> str:
+    """The PostgreSQL schema holding the read models of one topic prefix.
+
+    Each prefix is its own history (its own witness chain, its own offsets), so
+    its read models live apart: two installations can share one database.
+    """
+    name = re.sub(r"[^a-z0-9_]", "_", settings.topic_prefix.lower())
+    return name if name[:1].isalpha() else f"p_{name}"
+
+
 async def connect(settings: Settings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    schema = schema_for(settings)
     try:
+        bootstrap = await asyncpg.connect(settings.database_url, timeout=10)
+        try:
+            await bootstrap.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        except asyncpg.UniqueViolationError:
+            pass  # created concurrently by another process
+        finally:
+            await bootstrap.close()
         pool = await asyncpg.create_pool(
-            settings.database_url, min_size=min_size, max_size=max_size, timeout=10
+            settings.database_url, min_size=min_size, max_size=max_size, timeout=10,
+            server_settings={"search_path": schema},
         )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseUnavailable(f"PostgreSQL is not reachable: {exc}") from exc

@@ -1,0 +1,133 @@
+"""The running system for integration tests: processors, projector, hosts.
+
+Everything runs in the test process against the session's real embedded broker
+and PostgreSQL. Each test uses pools and agent ids of its own, so tests share
+the processors without sharing capacity or agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from conclave.bus import ensure_topics
+from conclave.client import Client
+from conclave.runtime.agents import AgentFn, SimulatedAgent
+from conclave.runtime.host import HostConfig, RuntimeHost
+from conclave.settings import Settings
+from projections.database import connect, migrate
+from projections.projector import Projector
+from streams.app import ProcessorsHandle, start_processors
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    await ensure_topics(settings)
+    pool = await connect(settings)
+    await migrate(pool)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def processors(settings: Settings, db: asyncpg.Pool) -> AsyncIterator[ProcessorsHandle]:
+    handle = await start_processors(settings)
+    yield handle
+    await handle.stop()
+
+
+class RunningProjector:
+    """The projector folding in the background; tests can pause it."""
+
+    def __init__(self, settings: Settings, db: asyncpg.Pool) -> None:
+        self.settings = settings
+        self.db = db
+        self.projector: Projector | None = None
+        self.stop_event = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.projector = Projector(self.settings, self.db)
+        await self.projector.start()
+        self.stop_event = asyncio.Event()
+        self.task = asyncio.create_task(self.projector.run(self.stop_event))
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        if self.task is not None:
+            await self.task
+        if self.projector is not None:
+            await self.projector.stop()
+        self.task = self.projector = None
+
+
+@pytest.fixture(scope="session")
+async def projector(
+    settings: Settings, db: asyncpg.Pool, processors: ProcessorsHandle
+) -> AsyncIterator[RunningProjector]:
+    running = RunningProjector(settings, db)
+    await running.start()
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+def pool_name() -> str:
+    return f"pool-{secrets.token_hex(3)}"
+
+
+HostFactory = Callable[..., contextlib.AbstractAsyncContextManager[RuntimeHost]]
+
+
+@pytest.fixture
+def host(settings: Settings, processors: ProcessorsHandle) -> HostFactory:
+    """``async with host(pool, n, agent=...) as h:`` runs a runtime host for the block."""
+
+    @contextlib.asynccontextmanager
+    async def run(
+        pool: str, agents: int, agent: AgentFn | None = None, prefix: str | None = None
+    ) -> AsyncIterator[RuntimeHost]:
+        prefix = prefix or f"{pool}-agent"
+        config = HostConfig(pool=pool, agent_ids=[f"{prefix}-{i:03d}" for i in range(agents)])
+        runtime = RuntimeHost(settings, config, agent or SimulatedAgent(latency_ms=5, jitter=0.2))
+        await runtime.start()
+        try:
+            yield runtime
+        finally:
+            await runtime.stop()
+
+    return run
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    async with Client(settings, producer_name="test") as c:
+        yield c
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[Any]], *, timeout: float = 30.0, every: float = 0.05
+) -> Any:
+    """Poll ``probe`` until it returns something truthy; fail with the last value."""
+    deadline = time.monotonic() + timeout
+    value: Any = None
+    while time.monotonic() < deadline:
+        value = await probe()
+        if value:
+            return value
+        await asyncio.sleep(every)
+    pytest.fail(f"condition not met within {timeout} s (last value: {value!r})")
+
+
+async def task_status(db: asyncpg.Pool, task_id: str) -> str | None:
+    status: str | None = await db.fetchval("SELECT status FROM tasks WHERE task_id = $1", task_id)
+    return status

@@ -1,0 +1,99 @@
+"""Invariant 7: bad input becomes a dead-letter record with reason and original bytes;
+processing goes on."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from conclave.client import Client
+from conclave.domain.events import Priority, TaskCompleted
+from conclave.settings import Settings
+from schemas.codec import MAGIC, default_codec
+from tests.integration.conftest import HostFactory, RunningProjector, eventually
+from tests.integration.test_skeleton import _visible, cli
+
+pytestmark = pytest.mark.integration
+
+
+async def test_garbage_on_command_topic_is_dead_lettered_and_valid_tasks_complete(
+    db: asyncpg.Pool, projector: RunningProjector, host: HostFactory, client: Client,
+    pool_name: str,
+) -> None:
+    topic = client.topics.command(Priority.NORMAL)
+    garbage = b"\x00\xffnot avro at all" + pool_name.encode()
+    unknown = MAGIC + bytes.fromhex("0123456789abcdef") + pool_name.encode()
+    codec = default_codec()
+    not_a_command = codec.encode(
+        client._producer.envelope(TaskCompleted(task_id="x", agent_id="y", output_event_id="z",
+                                                witness_sequence=1)),
+        TaskCompleted(task_id="x", agent_id="y", output_event_id="z", witness_sequence=1),
+    )
+    async with host(pool_name, 2):
+        before = await client.submit("before garbage", pool=pool_name)
+        await client.send_raw(topic, "junk", garbage)
+        await client.send_raw(topic, "junk", unknown)
+        await client.send_raw(topic, "junk", not_a_command)
+        after = await client.submit("after garbage", pool=pool_name)
+        for task_id in (before, after):
+            await eventually(lambda t=task_id: _visible(db, t))  # type: ignore[misc]
+
+    async def letters() -> list[asyncpg.Record]:
+        rows = await db.fetch(
+            "SELECT * FROM dead_letters WHERE source_topic = $1 AND processor = 'scheduler' "
+            "AND original = ANY($2::bytea[]) ORDER BY source_offset",
+            topic, [garbage, unknown, not_a_command],
+        )
+        return rows if len(rows) == 3 else []
+
+    rows = await eventually(letters)
+    assert [bytes(r["original"]) for r in rows] == [garbage, unknown, not_a_command]
+    assert "bad magic" in rows[0]["reason"]
+    assert "unknown schema fingerprint 0123456789abcdef" in rows[1]["reason"]
+    assert rows[2]["error_type"] == "InvalidCommand"
+    assert "task.completed is not a command" in rows[2]["reason"]
+    offsets = [r["source_offset"] for r in rows]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 3
+
+
+def test_cli_mistakes_are_one_line_and_non_zero(settings: Settings) -> None:
+    missing = cli(settings, "task", "show", "no-such-task")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: no task 'no-such-task'"
+
+    bad_priority = cli(settings, "submit", "x", "--priority", "urgent")
+    assert bad_priority.returncode == 2
+    assert "unknown priority 'urgent'" in bad_priority.stderr
+    assert "Traceback" not in bad_priority.stderr
+
+
+def test_cli_without_a_stack_says_so() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCLAVE_")}
+    env["CONCLAVE_HOME"] = "/nonexistent/conclave-home"
+    result = subprocess.run(
+        [sys.executable, "-m", "conclave.cli", "task", "show", "x"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 1
+    assert "run `conclave dev up`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_with_unreachable_broker_says_so(settings: Settings) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CONCLAVE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+           "CONCLAVE_DATABASE_URL": settings.database_url}
+    result = subprocess.run(
+        [sys.executable, "-m", "conclave.cli", "submit", "hello"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 1
+    assert "not reachable" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,198 @@
+"""The walking skeleton end to end: submit -> schedule -> run -> witness -> project -> query."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+from conclave.client import Client
+from conclave.domain.events import Priority
+from conclave.settings import Settings
+from conclave.verify import verify_sources
+from projections import queries
+from tests.integration.conftest import HostFactory, RunningProjector, eventually, task_status
+
+pytestmark = pytest.mark.integration
+
+
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "CONCLAVE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "CONCLAVE_DATABASE_URL": settings.database_url,
+        "CONCLAVE_TOPIC_PREFIX": settings.topic_prefix,
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "conclave.cli", *args],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+async def test_submitted_task_completes_with_witnessed_output(
+    settings: Settings, db: asyncpg.Pool, projector: RunningProjector, host: HostFactory,
+    client: Client, pool_name: str,
+) -> None:
+    async with host(pool_name, 2):
+        task_id = await client.submit("what is 6 x 7?", pool=pool_name, priority=Priority.HIGH)
+        await eventually(lambda: _visible(db, task_id))
+
+    view = await queries.get_task(db, task_id)
+    assert view.status == "completed"
+    assert view.output is not None
+    assert "6 x 7" in view.output.content
+    entry = await db.fetchrow(
+        "SELECT * FROM witness_entries WHERE sequence = $1", view.output.witness_sequence
+    )
+    assert entry["subject_event_id"] == view.output.event_id
+    assert entry["task_id"] == task_id
+
+    shown = await asyncio.to_thread(cli, settings, "task", "show", task_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "completed" in shown.stdout
+    assert str(view.output.witness_sequence) in shown.stdout
+    assert view.output.content[:20] in shown.stdout
+
+
+async def test_output_is_invisible_until_its_witness_entry_is_projected(
+    db: asyncpg.Pool, projector: RunningProjector, host: HostFactory, client: Client,
+    pool_name: str,
+) -> None:
+    async with host(pool_name, 1):
+        task_id = await client.submit("hold on", pool=pool_name)
+        await eventually(lambda: _visible(db, task_id))
+    view = await queries.get_task(db, task_id)
+    assert view.output is not None
+    # Remove the witness row (as if not yet projected): the output must vanish for readers.
+    saved = await db.fetchrow(
+        "DELETE FROM witness_entries WHERE sequence = $1 RETURNING *", view.output.witness_sequence
+    )
+    try:
+        hidden = await queries.get_task(db, task_id)
+        assert hidden.output is None
+        assert await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", task_id) == 1
+    finally:
+        await db.execute(
+            "INSERT INTO witness_entries VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            *saved.values(),
+        )
+
+
+async def test_same_task_id_submitted_twice_runs_once(
+    db: asyncpg.Pool, projector: RunningProjector, host: HostFactory, client: Client,
+    pool_name: str,
+) -> None:
+    async with host(pool_name, 2):
+        first = await client.submit("once", pool=pool_name, task_id=f"{pool_name}-dup")
+        second = await client.submit("once", pool=pool_name, task_id=f"{pool_name}-dup")
+        assert first == second
+        await eventually(lambda: _visible(db, first))
+        await asyncio.sleep(0.5)  # give a duplicate every chance to show up
+    assert await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", first) == 1
+    assert await db.fetchval(
+        "SELECT count(*) FROM witness_entries WHERE task_id = $1", first
+    ) == 1
+
+
+async def test_halt_stops_dispatching_until_resume_and_both_are_witnessed(
+    db: asyncpg.Pool, projector: RunningProjector, host: HostFactory, client: Client,
+    pool_name: str,
+) -> None:
+    async with host(pool_name, 1):
+        await client.halt("maintenance window", operator="test")
+        await eventually(lambda: db.fetchval(
+            "SELECT 1 FROM witness_entries WHERE subject_type = 'system.halt' "
+            "AND detail = 'maintenance window'"))
+        task_id = await client.submit("wait for me", pool=pool_name)
+        await eventually(lambda: task_status(db, task_id))
+        await asyncio.sleep(1.0)
+        assert await task_status(db, task_id) == "queued"
+        await client.resume("window over", operator="test")
+        await eventually(lambda: _visible(db, task_id))
+    kinds = [r["subject_type"] for r in await db.fetch(
+        "SELECT subject_type FROM witness_entries WHERE subject_type LIKE 'system.%' "
+        "ORDER BY sequence")]
+    assert kinds[-2:] == ["system.halt", "system.resume"]
+
+
+async def test_failing_agent_is_dead_lettered_with_attribution_after_retries(
+    db: asyncpg.Pool, projector: RunningProjector, host: HostFactory, client: Client,
+    pool_name: str,
+) -> None:
+    async def broken(ctx: object) -> str:
+        raise RuntimeError("model refused")
+
+    async with host(pool_name, 1, agent=broken):
+        task_id = await client.submit("fail", pool=pool_name, max_attempts=2)
+        await eventually(lambda: _is(db, task_id, "dead_lettered"))
+    view = await queries.get_task(db, task_id)
+    assert view.attempt == 2
+    assert [(a, e) for a, _, e, _ in view.failures] == [(1, "RuntimeError"), (2, "RuntimeError")]
+    assert view.failures[0][3] == "model refused"
+    assert view.output is None
+    assert view.error == "RuntimeError"
+
+
+async def test_witness_chain_verifies_from_topic_and_database(
+    settings: Settings, db: asyncpg.Pool, projector: RunningProjector, host: HostFactory,
+    client: Client, pool_name: str,
+) -> None:
+    async with host(pool_name, 3):
+        ids = [await client.submit(f"q{i}", pool=pool_name) for i in range(5)]
+        for task_id in ids:
+            await eventually(lambda t=task_id: _visible(db, t))  # type: ignore[misc]
+    await eventually(lambda: _projected_witness_matches_topic(settings, db))
+    results = await verify_sources(settings)
+    assert [r.source for r in results] == ["topic", "db"]
+    assert all(r.violation is None for r in results), results
+    assert results[0].head_hex == results[1].head_hex
+    ok = await asyncio.to_thread(cli, settings, "witness", "verify")
+    assert ok.returncode == 0, ok.stderr
+
+
+async def test_witness_verify_names_first_bad_sequence(
+    settings: Settings, db: asyncpg.Pool, projector: RunningProjector, host: HostFactory,
+    client: Client, pool_name: str,
+) -> None:
+    async with host(pool_name, 2):
+        for i in range(3):
+            task_id = await client.submit(f"t{i}", pool=pool_name)
+            await eventually(lambda t=task_id: _visible(db, t))  # type: ignore[misc]
+    sequence = await db.fetchval("SELECT max(sequence) - 1 FROM witness_entries")
+    original = await db.fetchval(
+        "SELECT subject_digest FROM witness_entries WHERE sequence = $1", sequence
+    )
+    await db.execute(
+        "UPDATE witness_entries SET subject_digest = $2 WHERE sequence = $1", sequence, bytes(32)
+    )
+    try:
+        bad = await asyncio.to_thread(cli, settings, "witness", "verify", "--source", "db")
+    finally:
+        await db.execute(
+            "UPDATE witness_entries SET subject_digest = $2 WHERE sequence = $1", sequence, original
+        )
+    assert bad.returncode == 1
+    assert f"first bad sequence {sequence}" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+async def _visible(db: asyncpg.Pool, task_id: str) -> bool:
+    try:
+        view = await queries.get_task(db, task_id)
+    except Exception:
+        return False
+    return view.output is not None
+
+
+async def _is(db: asyncpg.Pool, task_id: str, status: str) -> bool:
+    return await task_status(db, task_id) == status
+
+
+async def _projected_witness_matches_topic(settings: Settings, db: asyncpg.Pool) -> bool:
+    results = await verify_sources(settings)
+    return results[0].entries == results[1].entries
