@@ -66,7 +66,9 @@ class DemoReport:
     agent_latency_ms: dict[str, float]
     submit_to_dispatch_ms: dict[str, float]
     output_to_witness_ms: dict[str, float]
-    witness_to_visible_ms: dict[str, float]
+    witness_to_completed_ms: dict[str, float]
+    output_to_visible_ms: dict[str, float]
+    """From the agent's output to a reader seeing it (polled every 5 ms)."""
     peak_rss_mb: dict[str, float]
     failures: list[dict[str, str]] = field(default_factory=list)
     chain_ok: bool = False
@@ -196,12 +198,13 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
                 config.motion, agent_ids=agent_ids, pool=pool_name,
                 deliberation_id=f"demo-{run}",
             )
-            finished = await _wait_until_done(db, deliberation_id, config, progress)
+            visible_at: dict[str, float] = {}
+            finished = await _wait_until_done(db, deliberation_id, config, progress, visible_at)
         end_to_end_ms = (finished - started) * 1000
         stop_projecting.set()
         await asyncio.wait_for(background.pop(), timeout=10)
         await projector.catch_up()  # the report reads statuses too, not only outputs
-        report = await _report(db, deliberation_id, config, started, end_to_end_ms)
+        report = await _report(db, deliberation_id, config, started, end_to_end_ms, visible_at)
     finally:
         stop_projecting.set()
         for task in background:
@@ -237,11 +240,13 @@ async def _wait_for_agents(db: asyncpg.Pool, agent_ids: list[str], timeout_s: fl
 
 
 async def _wait_until_done(
-    db: asyncpg.Pool, deliberation_id: str, config: DemoConfig, progress: bool
+    db: asyncpg.Pool, deliberation_id: str, config: DemoConfig, progress: bool,
+    seen: dict[str, float],
 ) -> float:
+    """Poll until every task is done; ``seen`` gets the time each was first visible."""
     # Done means what a reader can see: a terminal status and, for an answer, the
     # output joined to its witness entry (a "completed" status alone is not enough).
-    query = """SELECT count(*) FROM tasks t
+    query = """SELECT t.task_id FROM tasks t
                 WHERE t.deliberation_id = $1
                   AND (t.status = 'dead_lettered'
                        OR (t.status = 'completed' AND EXISTS (
@@ -256,16 +261,19 @@ async def _wait_until_done(
     ) as bar:
         task = bar.add_task("agents", total=config.agents)
         while time.monotonic() < deadline:
-            done = await db.fetchval(query, deliberation_id)
-            bar.update(task, completed=done)
-            if done >= config.agents:
-                return time.time()
+            now = time.time()
+            for row in await db.fetch(query, deliberation_id):
+                seen.setdefault(row["task_id"], now)
+            bar.update(task, completed=len(seen))
+            if len(seen) >= config.agents:
+                return now
             await asyncio.sleep(0.005)
     raise ConclaveError(f"deliberation {deliberation_id} did not finish in {config.timeout_s:.0f} s")
 
 
 async def _report(
-    db: asyncpg.Pool, deliberation_id: str, config: DemoConfig, started: float, e2e_ms: float
+    db: asyncpg.Pool, deliberation_id: str, config: DemoConfig, started: float, e2e_ms: float,
+    visible_at: dict[str, float],
 ) -> DemoReport:
     rows = await db.fetch(
         """SELECT t.task_id, t.agent_id, t.status, t.dispatched_at, t.finished_at, t.error,
@@ -301,8 +309,12 @@ async def _report(
         output_to_witness_ms=percentiles(
             [(r["recorded_at"] - r["produced_at"]) / 1000 for r in done if r["recorded_at"]]
         ),
-        witness_to_visible_ms=percentiles(
+        witness_to_completed_ms=percentiles(
             [(r["finished_at"] - r["recorded_at"]) / 1000 for r in done if r["recorded_at"]]
+        ),
+        output_to_visible_ms=percentiles(
+            [visible_at[r["task_id"]] * 1000 - r["produced_at"] / 1000
+             for r in done if r["produced_at"] and r["task_id"] in visible_at]
         ),
         peak_rss_mb={},
         failures=[
@@ -325,7 +337,8 @@ def print_report(console: Console, report: DemoReport) -> None:
         ("agent answering", report.agent_latency_ms),
         ("submit -> dispatched", report.submit_to_dispatch_ms),
         ("output -> witnessed", report.output_to_witness_ms),
-        ("witnessed -> completed", report.witness_to_visible_ms),
+        ("witnessed -> completed", report.witness_to_completed_ms),
+        ("output -> visible to readers", report.output_to_visible_ms),
     ):
         table.add_row(name, *(f"{values[k]:.1f}" for k in ("p50", "p95", "p99", "max")))
     console.print(table)

@@ -215,10 +215,10 @@ async def _task_failed(conn: asyncpg.Connection, env: Envelope, e: TaskFailed) -
 async def _witness_entry(conn: asyncpg.Connection, env: Envelope, e: WitnessEntry) -> None:
     await conn.execute(
         """INSERT INTO witness_entries (sequence, previous_hash, entry_hash, subject_type,
-               subject_event_id, subject_digest, recorded_at, task_id, agent_id, detail)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING""",
+               subject_event_id, subject_digest, recorded_at, task_id, agent_id, detail, attempt)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING""",
         e.sequence, e.previous_hash, e.entry_hash, e.subject_type, e.subject_event_id,
-        e.subject_digest, e.recorded_at, e.task_id, e.agent_id, e.detail,
+        e.subject_digest, e.recorded_at, e.task_id, e.agent_id, e.detail, e.attempt,
     )
 
 

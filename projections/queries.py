@@ -110,6 +110,7 @@ async def witness_entries(pool: asyncpg.Pool) -> list[WitnessEntry]:
             task_id=r["task_id"],
             agent_id=r["agent_id"],
             detail=r["detail"],
+            attempt=r["attempt"],
         )
         for r in rows
     ]

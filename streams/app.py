@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import faust
 
 from conclave.bus import EventProducer, ensure_topics, topics_for
+from conclave.errors import BrokerUnavailable
 from conclave.records import Record
 from conclave.settings import Settings
 from streams.scheduler import SchedulerProcessor
@@ -92,6 +93,23 @@ async def start_processors(settings: Settings) -> ProcessorsHandle:
     await asyncio.gather(scheduler.recover(), witness.recover())
     app = build_app(settings, [scheduler, witness])
     await app.start()
+    await _assigned(app, expected={*scheduler.inputs, *witness.inputs})
     return ProcessorsHandle(app, producer, scheduler, witness)
+
+
+async def _assigned(app: faust.App, expected: set[str], timeout_s: float = 60.0) -> None:
+    """Wait until the consumer group has handed us every input topic.
+
+    ``App.start()`` returns before the group join completes; reporting "running"
+    before then would make the first events wait for a rebalance.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        assigned = {tp.topic for tp in app.consumer.assignment()}
+        if expected <= assigned:
+            return
+        await asyncio.sleep(0.05)
+    raise BrokerUnavailable(f"no partition assignment for {sorted(expected)} in {timeout_s:.0f} s")
 
 

@@ -79,6 +79,7 @@ class WitnessProcessor:
                 task_id=getattr(event, "task_id", None),
                 agent_id=getattr(event, "agent_id", None),
                 detail=_detail(event),
+                attempt=getattr(event, "attempt", None),
             )
             # Advance before awaiting the send: the next record must chain onto this one.
             self.head = self.head.advance(entry)

@@ -259,6 +259,8 @@ class WitnessEntry:
     agent_id: str | None
     detail: str
     """Short attribution: the error type of a failure, the reason of a halt."""
+    attempt: int | None = None
+    """Which attempt of the task the witnessed output or failure belongs to."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -89,7 +89,6 @@ class AgentSlot:
     agent_id: str
     pool: str
     host_id: str
-    task_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -103,6 +102,9 @@ class SchedulerState:
     queues: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)
     """Pool -> heap of (priority, sequence, task id) of queued tasks."""
     next_sequence: int = 1
+    assignments: dict[str, str] = field(default_factory=dict)
+    """Agent id -> the dispatched task it works on. Kept apart from the agent registry
+    so that folding a dispatch before its agent's registration still marks it busy."""
     deliberations: set[str] = field(default_factory=set)
     """Deliberations already expanded into tasks: a redelivered request adds none."""
 
@@ -168,6 +170,8 @@ def _decide_witnessed(
     task = state.tasks.get(entry.task_id or "")
     if task is None or task.status is not TaskStatus.DISPATCHED or entry.agent_id != task.agent_id:
         return []
+    if entry.attempt is not None and entry.attempt != task.attempt:
+        return []  # a late or redelivered entry of an earlier attempt
     if entry.subject_type == "agent.output":
         return [
             TaskCompleted(
@@ -206,33 +210,43 @@ def _decide_witnessed(
 def schedule(state: SchedulerState) -> list[TaskDispatched]:
     """Dispatches that capacity, free agents and priorities allow right now.
 
+    Queued tasks are taken in (priority, arrival) order. A targeted task waits for
+    its own agent; an untargeted one takes an idle agent that no better queued
+    task is waiting for, so it never steals the agent a higher-priority task needs.
     Pure: the returned events still have to be folded with :func:`evolve`.
     """
     if state.halted:
         return []
     dispatched: list[TaskDispatched] = []
-    busy: set[str] = set()
     for pool in sorted(state.queues):
         free = state.capacity - state.in_flight.get(pool, 0)
-        if free <= 0:
+        if free <= 0 or not state.queues[pool]:
             continue
-        idle = [
-            a
-            for a in sorted(state.agents.values(), key=lambda a: a.agent_id)
-            if a.pool == pool and a.task_id is None
-        ]
-        idle_ids = {a.agent_id for a in idle}
-        for _priority, _sequence, task_id in sorted(state.queues[pool]):
-            if free <= 0 or not idle_ids - busy:
+        idle = {
+            a.agent_id: a for a in state.agents.values()
+            if a.pool == pool and a.agent_id not in state.assignments
+        }
+        if not idle:
+            continue
+        queued = sorted(state.queues[pool])
+        # The best queued task waiting for each idle agent, by its (priority, sequence).
+        wanted: dict[str, tuple[int, int]] = {}
+        for priority, sequence, task_id in queued:
+            target = state.tasks[task_id].agent_id if state.tasks[task_id].targeted else None
+            if target in idle and target not in wanted:
+                wanted[target] = (priority, sequence)
+        for priority, sequence, task_id in queued:
+            if free <= 0 or not idle:
                 break
             task = state.tasks[task_id]
             if task.targeted:
-                if task.agent_id not in idle_ids or task.agent_id in busy:
-                    continue
-                agent = state.agents[task.agent_id]
+                agent = idle.get(task.agent_id or "")
             else:
-                agent = next(a for a in idle if a.agent_id not in busy)
-            busy.add(agent.agent_id)
+                agent = _free_agent(idle, wanted, (priority, sequence))
+            if agent is None:
+                continue
+            del idle[agent.agent_id]
+            wanted.pop(agent.agent_id, None)
             free -= 1
             dispatched.append(
                 TaskDispatched(
@@ -246,6 +260,20 @@ def schedule(state: SchedulerState) -> list[TaskDispatched]:
                 )
             )
     return dispatched
+
+
+def _free_agent(
+    idle: dict[str, AgentSlot], wanted: dict[str, tuple[int, int]], rank: tuple[int, int]
+) -> AgentSlot | None:
+    """An idle agent for an untargeted task of ``rank``: one nobody waits for, else one
+    wanted only by a task ranked below this one (the lowest-ranked such claim first)."""
+    unclaimed = sorted(a for a in idle if a not in wanted)
+    if unclaimed:
+        return idle[unclaimed[0]]
+    outranked = [(claim, a) for a, claim in wanted.items() if a in idle and claim > rank]
+    if not outranked:
+        return None
+    return idle[max(outranked)[1]]
 
 
 def evolve(
@@ -271,6 +299,8 @@ def evolve(
                 state.tasks[event.task_id] = task
                 if event.deliberation_id is not None:
                     state.deliberations.add(event.deliberation_id)
+            elif task.status is not TaskStatus.DISPATCHED:
+                return state  # a duplicate (or a stale retry of a finished task)
             else:  # a retry: back in the queue, keeping its attempts
                 _release(state, task)
                 task.status = TaskStatus.QUEUED
@@ -293,9 +323,7 @@ def evolve(
             task.agent_id = event.agent_id
             task.attempt = event.attempt
             state.in_flight[task.pool] = state.in_flight.get(task.pool, 0) + 1
-            slot = state.agents.get(event.agent_id)
-            if slot is not None:
-                slot.task_id = task.task_id
+            state.assignments[event.agent_id] = task.task_id
         case TaskCompleted() | TaskDeadLettered():
             task = state.tasks.get(event.task_id)
             if task is None or task.status.terminal:
@@ -326,6 +354,5 @@ def _release(state: SchedulerState, task: TaskState) -> None:
     if task.status is not TaskStatus.DISPATCHED:
         return
     state.in_flight[task.pool] -= 1
-    slot = state.agents.get(task.agent_id or "")
-    if slot is not None and slot.task_id == task.task_id:
-        slot.task_id = None
+    if state.assignments.get(task.agent_id or "") == task.task_id:
+        del state.assignments[task.agent_id or ""]

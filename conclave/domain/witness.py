@@ -93,6 +93,7 @@ def next_entry(
     task_id: str | None = None,
     agent_id: str | None = None,
     detail: str = "",
+    attempt: int | None = None,
 ) -> WitnessEntry:
     """The entry that extends the chain at ``head`` by one witnessed event."""
     sequence = head.sequence + 1
@@ -114,6 +115,7 @@ def next_entry(
         task_id=task_id,
         agent_id=agent_id,
         detail=detail,
+        attempt=attempt,
     )
 
 
@@ -137,6 +139,8 @@ def first_violation(entries: Iterable[WitnessEntry]) -> ChainViolation | None:
             return ChainViolation(expected, f"expected sequence {expected}, found {entry.sequence}")
         if entry.previous_hash != head.hash:
             return ChainViolation(entry.sequence, "previous_hash does not match the prior entry")
+        if len(entry.previous_hash) != 32 or len(entry.subject_digest) != 32:
+            return ChainViolation(entry.sequence, "a hash field is not 32 bytes")
         recomputed = entry_hash(
             sequence=entry.sequence,
             previous_hash=entry.previous_hash,

@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS witness_entries (
     recorded_at      bigint NOT NULL,
     task_id          text,
     agent_id         text,
-    detail           text   NOT NULL
+    detail           text   NOT NULL,
+    attempt          integer
 );
 
 CREATE TABLE IF NOT EXISTS agents (

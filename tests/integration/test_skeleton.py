@@ -78,7 +78,7 @@ async def test_output_is_invisible_until_its_witness_entry_is_projected(
         assert await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", task_id) == 1
     finally:
         await db.execute(
-            "INSERT INTO witness_entries VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO witness_entries VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             *saved.values(),
         )
 
