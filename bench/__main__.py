@@ -44,8 +44,16 @@ GOALS = {"floor_ratio": 1.5, "overhead_p99_ms": 25.0, "peak_rss_mb": 300.0}
 async def gather_baseline(agents: int, latency_ms: float) -> float:
     """The same simulated agents, awaited together in one process: the achievable floor."""
     agent = SimulatedAgent(latency_ms=latency_ms)
-    contexts = [AgentContext(agent_id=f"agent-{i:03d}", task_id=f"t{i}", attempt=1,
-                             input="motion", deliberation_id=None) for i in range(agents)]
+    contexts = [
+        AgentContext(
+            agent_id=f"agent-{i:03d}",
+            task_id=f"t{i}",
+            attempt=1,
+            input="motion",
+            deliberation_id=None,
+        )
+        for i in range(agents)
+    ]
     started = time.perf_counter()
     await asyncio.gather(*(agent(ctx) for ctx in contexts))
     return (time.perf_counter() - started) * 1000
@@ -54,8 +62,12 @@ async def gather_baseline(agents: int, latency_ms: float) -> float:
 def micro() -> dict[str, float]:
     codec = default_codec()
     envelope = new_envelope("task.submitted", tenant="bench", producer="bench")
-    event = TaskSubmitted(task_id="task-0001", pool="default", priority=Priority.HIGH,
-                          input="summarise the minutes of the last session")
+    event = TaskSubmitted(
+        task_id="task-0001",
+        pool="default",
+        priority=Priority.HIGH,
+        input="summarise the minutes of the last session",
+    )
     data = codec.encode(envelope, event)
     n = 20_000
     encode = timeit.timeit(lambda: codec.encode(envelope, event), number=n) / n * 1e6
@@ -64,16 +76,25 @@ def micro() -> dict[str, float]:
     entries = []
     started = time.perf_counter()
     for i in range(n):
-        entry = witness.next_entry(head, subject_type="agent.output", subject_event_id=f"e{i}",
-                                   subject_digest=witness.digest(data), recorded_at=i)
+        entry = witness.next_entry(
+            head,
+            subject_type="agent.output",
+            subject_event_id=f"e{i}",
+            subject_digest=witness.digest(data),
+            recorded_at=i,
+        )
         head = head.advance(entry)
         entries.append(entry)
     append = (time.perf_counter() - started) / n * 1e6
     started = time.perf_counter()
     assert witness.first_violation(entries) is None
     verify = (time.perf_counter() - started) / n * 1e6
-    return {"encode_us": encode, "decode_us": decode, "chain_append_us": append,
-            "chain_verify_us": verify}
+    return {
+        "encode_us": encode,
+        "decode_us": decode,
+        "chain_append_us": append,
+        "chain_verify_us": verify,
+    }
 
 
 async def run(runs: int, agents: int, latency_ms: float) -> dict[str, Any]:
@@ -83,15 +104,20 @@ async def run(runs: int, agents: int, latency_ms: float) -> dict[str, Any]:
     reports: list[DemoReport] = []
     baselines: list[float] = []
     try:
-        settings = Settings.from_env({**info.env(), "CONCLAVE_TOPIC_PREFIX": f"bench{secrets.token_hex(3)}"})
+        settings = Settings.from_env(
+            {**info.env(), "CONCLAVE_TOPIC_PREFIX": f"bench{secrets.token_hex(3)}"}
+        )
         config = DemoConfig(agents=agents, latency_ms=latency_ms)
         for i in range(runs + 1):  # run 0 warms up topics, schemas and the consumer group
             report = await run_demo(settings, config, progress=False)
             baselines.append(await gather_baseline(agents, latency_ms))
             if i > 0:
                 reports.append(report)
-            print(f"run {i}{' (warm-up)' if i == 0 else ''}: {report.end_to_end_ms:.0f} ms "
-                  f"end to end, {report.completed}/{report.agents}", file=sys.stderr)
+            print(
+                f"run {i}{' (warm-up)' if i == 0 else ''}: {report.end_to_end_ms:.0f} ms "
+                f"end to end, {report.completed}/{report.agents}",
+                file=sys.stderr,
+            )
     finally:
         stack.down()
         shutil.rmtree(home, ignore_errors=True)
@@ -126,30 +152,58 @@ def show(result: dict[str, Any]) -> None:
     console = Console()
     ratio = result["floor_ratio"]
     rows = [
-        ("end to end, 72 agents @ 100 ms (median)", f"{result['end_to_end_ms']['median']:.0f} ms",
-         f"{ratio:.2f}x floor, {result['gather_ratio']:.2f}x gather "
-         f"({result['gather_baseline_ms']:.0f} ms)", f"<= {GOALS['floor_ratio']}x floor",
-         ratio <= GOALS["floor_ratio"]),
+        (
+            "end to end, 72 agents @ 100 ms (median)",
+            f"{result['end_to_end_ms']['median']:.0f} ms",
+            f"{ratio:.2f}x floor, {result['gather_ratio']:.2f}x gather "
+            f"({result['gather_baseline_ms']:.0f} ms)",
+            f"<= {GOALS['floor_ratio']}x floor",
+            ratio <= GOALS["floor_ratio"],
+        ),
     ]
-    for name, key in (("submit -> dispatched", "submit_to_dispatch_ms"),
-                      ("output -> witnessed", "output_to_witness_ms"),
-                      ("witnessed -> completed", "witness_to_completed_ms"),
-                      ("output -> visible", "output_to_visible_ms")):
+    for name, key in (
+        ("submit -> dispatched", "submit_to_dispatch_ms"),
+        ("output -> witnessed", "output_to_witness_ms"),
+        ("witnessed -> completed", "witness_to_completed_ms"),
+        ("output -> visible", "output_to_visible_ms"),
+    ):
         v = result[key]
-        rows.append((f"overhead {name}", f"p50 {v['p50']:.1f} ms", f"p99 {v['p99']:.1f} ms",
-                     f"p99 < {GOALS['overhead_p99_ms']:.0f} ms", v["p99"] < GOALS["overhead_p99_ms"]))
+        rows.append(
+            (
+                f"overhead {name}",
+                f"p50 {v['p50']:.1f} ms",
+                f"p99 {v['p99']:.1f} ms",
+                f"p99 < {GOALS['overhead_p99_ms']:.0f} ms",
+                v["p99"] < GOALS["overhead_p99_ms"],
+            )
+        )
     total = result["peak_rss_mb"]["total"]
     parts = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mb"].items() if k != "total")
-    rows.append(("peak memory, Conclave processes", f"{total:.0f} MB", parts,
-                 f"< {GOALS['peak_rss_mb']:.0f} MB", total < GOALS["peak_rss_mb"]))
-    table = Table("measure", "value", "detail", "goal", "met", title=f"Conclave bench ({result['runs']} runs)")
+    rows.append(
+        (
+            "peak memory, Conclave processes",
+            f"{total:.0f} MB",
+            parts,
+            f"< {GOALS['peak_rss_mb']:.0f} MB",
+            total < GOALS["peak_rss_mb"],
+        )
+    )
+    table = Table(
+        "measure", "value", "detail", "goal", "met", title=f"Conclave bench ({result['runs']} runs)"
+    )
     for name, value, detail, goal, met in rows:
         table.add_row(name, value, detail, goal, "[green]yes[/]" if met else "[red]no[/]")
     console.print(table)
     m = result["micro"]
-    console.print(f"codec: encode {m['encode_us']:.1f} µs, decode {m['decode_us']:.1f} µs per event; "
-                  f"witness chain: append {m['chain_append_us']:.1f} µs, verify {m['chain_verify_us']:.1f} µs per entry")
-    console.print(f"every run answered 72/72: {result['all_answered']}; chains verified: {result['chains_ok']}")
+    console.print(
+        f"codec: encode {m['encode_us']:.1f} µs, decode {m['decode_us']:.1f} µs per event; "
+        f"witness chain: append {m['chain_append_us']:.1f} µs, "
+        f"verify {m['chain_verify_us']:.1f} µs per entry"
+    )
+    console.print(
+        f"every run answered 72/72: {result['all_answered']}; "
+        f"chains verified: {result['chains_ok']}"
+    )
 
 
 def main() -> None:

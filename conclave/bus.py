@@ -129,7 +129,7 @@ class EventProducer:
         self, topic: str, key: str, value: bytes, headers: Headers | None = None
     ) -> asyncio.Future[Any]:
         try:
-            return await self._producer.send(
+            future: asyncio.Future[Any] = await self._producer.send(
                 topic,
                 value=value,
                 key=key.encode(),
@@ -137,6 +137,7 @@ class EventProducer:
             )
         except KafkaError as exc:
             raise BrokerUnavailable(f"cannot send to {topic}: {exc}") from exc
+        return future
 
 
 async def read_history(

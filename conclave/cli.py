@@ -8,6 +8,7 @@ non-zero exit, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -75,6 +76,7 @@ async def _until_signalled(start: Callable[[asyncio.Event], Awaitable[None]]) ->
 
 # --- topics and database ----------------------------------------------------------------------
 
+
 @topics_app.command("create")
 def topics_create() -> None:
     """Create every Conclave topic that is missing (idempotent)."""
@@ -108,10 +110,13 @@ def db_migrate() -> None:
             await pool.close()
 
     applied = _run(go())
-    out.print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    out.print(
+        f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "")
+    )
 
 
 # --- long-running processes -------------------------------------------------------------------
+
 
 @app.command()
 def worker() -> None:
@@ -133,7 +138,9 @@ def worker() -> None:
 def runtime(
     agents: int = typer.Option(72, help="How many agents this host runs."),
     pool: str = typer.Option("default", help="The pool the agents serve."),
-    agent: str = typer.Option("simulated", help="'simulated' or module:function of an async callable."),
+    agent: str = typer.Option(
+        "simulated", help="'simulated' or module:function of an async callable."
+    ),
     prefix: str = typer.Option("agent", help="Agent ids are PREFIX-000, PREFIX-001, ..."),
     host_id: str | None = typer.Option(None, help="Stable host id (default: random)."),
     latency_ms: float = typer.Option(100.0, help="Simulated agent: median latency."),
@@ -146,13 +153,15 @@ def runtime(
 
     options: dict[str, Any] = (
         {"latency_ms": latency_ms, "failure_rate": failure_rate, "seed": seed}
-        if agent == "simulated" else {}
+        if agent == "simulated"
+        else {}
     )
     fn = load_agent(agent, **options)
     config = HostConfig(
-        pool=pool, agent_ids=[f"{prefix}-{i:03d}" for i in range(agents)], agent_ref=agent,
-        **({"host_id": host_id} if host_id else {}),
+        pool=pool, agent_ids=[f"{prefix}-{i:03d}" for i in range(agents)], agent_ref=agent
     )
+    if host_id:
+        config = dataclasses.replace(config, host_id=host_id)
 
     async def serve(stop: asyncio.Event) -> None:
         host = RuntimeHost(_settings(), config, fn)
@@ -190,6 +199,7 @@ def projector() -> None:
 
 # --- commands ---------------------------------------------------------------------------------
 
+
 def _priority(value: str) -> Priority:
     try:
         return Priority.parse(value)
@@ -214,7 +224,11 @@ def submit(
     async def go() -> str:
         async with Client(_settings()) as client:
             return await client.submit(
-                input, task_id=task_id, pool=pool, priority=prio, agent_id=agent_id,
+                input,
+                task_id=task_id,
+                pool=pool,
+                priority=prio,
+                agent_id=agent_id,
                 max_attempts=max_attempts,
             )
 
@@ -265,8 +279,6 @@ def task_show(
 
     view = _run(go())
     if as_json:
-        import dataclasses
-
         out.print_json(json.dumps(dataclasses.asdict(view)))
         return
     table = Table(show_header=False, box=None)
@@ -298,11 +310,16 @@ def witness_verify(
     bad = False
     for result in results:
         if result.violation is None:
-            out.print(f"{result.source}: {result.entries} entries, chain intact, head {result.head_hex}")
+            out.print(
+                f"{result.source}: {result.entries} entries, chain intact, head {result.head_hex}"
+            )
         else:
             bad = True
-            err.print(f"[red]{result.source}: first bad sequence {result.violation.sequence}: "
-                      f"{result.violation.reason}[/]", soft_wrap=True)
+            err.print(
+                f"[red]{result.source}: first bad sequence {result.violation.sequence}: "
+                f"{result.violation.reason}[/]",
+                soft_wrap=True,
+            )
     if bad:
         raise typer.Exit(1)
 
@@ -333,7 +350,11 @@ def demo(
     from conclave.demo import DemoConfig, print_report, run_demo
 
     config = DemoConfig(
-        agents=agents, latency_ms=latency_ms, failure_rate=failure_rate, seed=seed, motion=motion,
+        agents=agents,
+        latency_ms=latency_ms,
+        failure_rate=failure_rate,
+        seed=seed,
+        motion=motion,
     )
     report = _run(run_demo(_settings(), config, progress=not as_json))
     if as_json:

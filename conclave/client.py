@@ -48,14 +48,21 @@ class Client:
         """Submit one task; returns its id. Submitting the same id twice runs it once."""
         task_id = task_id or str(uuid.uuid4())
         event = TaskSubmitted(
-            task_id=task_id, pool=pool, priority=priority, input=input,
-            agent_id=agent_id, max_attempts=max_attempts,
+            task_id=task_id,
+            pool=pool,
+            priority=priority,
+            input=input,
+            agent_id=agent_id,
+            max_attempts=max_attempts,
         )
         with tracer().start_as_current_span("submit", kind=trace.SpanKind.PRODUCER) as span:
             span.set_attribute("conclave.task_id", task_id)
             _, ack = await self._producer.send(
-                self.topics.command(priority), task_id, event,
-                correlation_id=task_id, headers=headers_for(),
+                self.topics.command(priority),
+                task_id,
+                event,
+                correlation_id=task_id,
+                headers=headers_for(),
             )
             await ack
         return task_id
@@ -72,13 +79,19 @@ class Client:
         """Put one motion to many agents; each answers in its own task and context."""
         deliberation_id = deliberation_id or f"delib-{uuid.uuid4().hex[:12]}"
         event = DeliberationRequested(
-            deliberation_id=deliberation_id, pool=pool, priority=priority,
-            motion=motion, agent_ids=list(agent_ids),
+            deliberation_id=deliberation_id,
+            pool=pool,
+            priority=priority,
+            motion=motion,
+            agent_ids=list(agent_ids),
         )
         with tracer().start_as_current_span("deliberate", kind=trace.SpanKind.PRODUCER):
             _, ack = await self._producer.send(
-                self.topics.command(priority), deliberation_id, event,
-                correlation_id=deliberation_id, headers=headers_for(),
+                self.topics.command(priority),
+                deliberation_id,
+                event,
+                correlation_id=deliberation_id,
+                headers=headers_for(),
             )
             await ack
         return deliberation_id

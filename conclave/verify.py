@@ -74,7 +74,10 @@ async def rebuild(settings: Settings, *, progress: bool = False) -> int:
             if not progress:
                 return await projector.catch_up()
             with Progress(
-                TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("replaying"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
                 transient=True,
             ) as bar:
                 task = bar.add_task("replay", total=None)

@@ -17,8 +17,14 @@ __all__ = ["READ_MODEL_TABLES", "connect", "drop_read_models", "migrate", "schem
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 READ_MODEL_TABLES = (
-    "tasks", "outputs", "task_failures", "witness_entries", "agents",
-    "system_events", "dead_letters", "projection_offsets",
+    "tasks",
+    "outputs",
+    "task_failures",
+    "witness_entries",
+    "agents",
+    "system_events",
+    "dead_letters",
+    "projection_offsets",
 )
 
 
@@ -43,7 +49,10 @@ async def connect(settings: Settings, *, min_size: int = 1, max_size: int = 4) -
         finally:
             await bootstrap.close()
         pool = await asyncpg.create_pool(
-            settings.database_url, min_size=min_size, max_size=max_size, timeout=10,
+            settings.database_url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=10,
             server_settings={"search_path": schema},
         )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
@@ -58,9 +67,7 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
     async with pool.acquire() as conn, conn.transaction():
         # One migrator at a time, even with several processes starting together.
         await conn.execute("SELECT pg_advisory_xact_lock(7251)")
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY)"
-        )
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY)")
         done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
         for path in sorted(MIGRATIONS.glob("*.sql")):
             if path.name in done:

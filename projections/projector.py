@@ -65,7 +65,9 @@ class Projector:
             await consumer.topics()
         except KafkaError as exc:
             await consumer.stop()
-            raise BrokerUnavailable(f"Kafka at {self.settings.kafka_bootstrap} is not reachable") from exc
+            raise BrokerUnavailable(
+                f"Kafka at {self.settings.kafka_bootstrap} is not reachable"
+            ) from exc
         self.partitions = [
             TopicPartition(topic, p)
             for topic in self.topics.history
@@ -100,9 +102,14 @@ class Projector:
             for record in records:
                 await self._apply(conn, record)
             await conn.executemany(
-                """INSERT INTO projection_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
-                   ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset""",
-                [(tp.topic, tp.partition, msgs[-1].offset + 1) for tp, msgs in batch.items() if msgs],
+                """INSERT INTO projection_offsets (topic, partition, next_offset)
+                   VALUES ($1, $2, $3) ON CONFLICT (topic, partition)
+                   DO UPDATE SET next_offset = EXCLUDED.next_offset""",
+                [
+                    (tp.topic, tp.partition, msgs[-1].offset + 1)
+                    for tp, msgs in batch.items()
+                    if msgs
+                ],
             )
         self.applied += len(records)
         return len(records)
@@ -153,7 +160,11 @@ async def _undecodable(conn: asyncpg.Connection, record: Record, reason: str) ->
         """INSERT INTO dead_letters (source_topic, source_partition, source_offset, processor,
                reason, error_type, original, recorded_at)
            VALUES ($1, $2, $3, 'projector', $4, 'SchemaError', $5, 0) ON CONFLICT DO NOTHING""",
-        record.topic, record.partition, record.offset, reason, record.value,
+        record.topic,
+        record.partition,
+        record.offset,
+        reason,
+        record.value,
     )
 
 
@@ -163,8 +174,16 @@ async def _task_queued(conn: asyncpg.Connection, env: Envelope, e: TaskQueued) -
                agent_id, attempt, max_attempts, deliberation_id, queued_at)
            VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, 0, $8, $9, $10)
            ON CONFLICT (task_id) DO UPDATE SET status = 'queued', queued_at = EXCLUDED.queued_at""",
-        e.task_id, env.tenant, env.correlation_id, e.pool, e.priority.label, e.input,
-        e.agent_id, e.max_attempts, e.deliberation_id, env.occurred_at,
+        e.task_id,
+        env.tenant,
+        env.correlation_id,
+        e.pool,
+        e.priority.label,
+        e.input,
+        e.agent_id,
+        e.max_attempts,
+        e.deliberation_id,
+        env.occurred_at,
     )
 
 
@@ -172,7 +191,10 @@ async def _task_dispatched(conn: asyncpg.Connection, env: Envelope, e: TaskDispa
     await conn.execute(
         """UPDATE tasks SET status = 'dispatched', agent_id = $2, attempt = $3, dispatched_at = $4
            WHERE task_id = $1 AND status NOT IN ('completed', 'dead_lettered')""",
-        e.task_id, e.agent_id, e.attempt, env.occurred_at,
+        e.task_id,
+        e.agent_id,
+        e.attempt,
+        env.occurred_at,
     )
 
 
@@ -180,7 +202,10 @@ async def _task_completed(conn: asyncpg.Connection, env: Envelope, e: TaskComple
     await conn.execute(
         """UPDATE tasks SET status = 'completed', output_event_id = $2, witness_sequence = $3,
                finished_at = $4 WHERE task_id = $1""",
-        e.task_id, e.output_event_id, e.witness_sequence, env.occurred_at,
+        e.task_id,
+        e.output_event_id,
+        e.witness_sequence,
+        env.occurred_at,
     )
 
 
@@ -188,7 +213,10 @@ async def _task_dead_lettered(conn: asyncpg.Connection, env: Envelope, e: TaskDe
     await conn.execute(
         """UPDATE tasks SET status = 'dead_lettered', error = $2, witness_sequence = $3,
                finished_at = $4 WHERE task_id = $1""",
-        e.task_id, e.reason, e.witness_sequence, env.occurred_at,
+        e.task_id,
+        e.reason,
+        e.witness_sequence,
+        env.occurred_at,
     )
 
 
@@ -197,8 +225,14 @@ async def _agent_output(conn: asyncpg.Connection, env: Envelope, e: AgentOutput)
         """INSERT INTO outputs (event_id, task_id, agent_id, attempt, content, latency_us,
                deliberation_id, produced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
            ON CONFLICT DO NOTHING""",
-        env.event_id, e.task_id, e.agent_id, e.attempt, e.content, e.latency_us,
-        e.deliberation_id, env.occurred_at,
+        env.event_id,
+        e.task_id,
+        e.agent_id,
+        e.attempt,
+        e.content,
+        e.latency_us,
+        e.deliberation_id,
+        env.occurred_at,
     )
 
 
@@ -207,7 +241,12 @@ async def _task_failed(conn: asyncpg.Connection, env: Envelope, e: TaskFailed) -
         """INSERT INTO task_failures (event_id, task_id, agent_id, attempt, error_type,
                error_message, failed_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
            ON CONFLICT DO NOTHING""",
-        env.event_id, e.task_id, e.agent_id, e.attempt, e.error_type, e.error_message,
+        env.event_id,
+        e.task_id,
+        e.agent_id,
+        e.attempt,
+        e.error_type,
+        e.error_message,
         env.occurred_at,
     )
 
@@ -217,8 +256,17 @@ async def _witness_entry(conn: asyncpg.Connection, env: Envelope, e: WitnessEntr
         """INSERT INTO witness_entries (sequence, previous_hash, entry_hash, subject_type,
                subject_event_id, subject_digest, recorded_at, task_id, agent_id, detail, attempt)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING""",
-        e.sequence, e.previous_hash, e.entry_hash, e.subject_type, e.subject_event_id,
-        e.subject_digest, e.recorded_at, e.task_id, e.agent_id, e.detail, e.attempt,
+        e.sequence,
+        e.previous_hash,
+        e.entry_hash,
+        e.subject_type,
+        e.subject_event_id,
+        e.subject_digest,
+        e.recorded_at,
+        e.task_id,
+        e.agent_id,
+        e.detail,
+        e.attempt,
     )
 
 
@@ -228,7 +276,11 @@ async def _agent_registered(conn: asyncpg.Connection, env: Envelope, e: AgentReg
            VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT (agent_id) DO UPDATE SET pool = EXCLUDED.pool, host_id = EXCLUDED.host_id,
                agent_ref = EXCLUDED.agent_ref, registered_at = EXCLUDED.registered_at""",
-        e.agent_id, e.pool, e.host_id, e.agent_ref, env.occurred_at,
+        e.agent_id,
+        e.pool,
+        e.host_id,
+        e.agent_ref,
+        env.occurred_at,
     )
 
 
@@ -236,7 +288,10 @@ async def _heartbeat(conn: asyncpg.Connection, env: Envelope, e: Heartbeat) -> N
     await conn.execute(
         """UPDATE agents SET last_heartbeat_at = $2, current_task_id = $3, rss_bytes = $4
            WHERE agent_id = $1 AND coalesce(last_heartbeat_at, 0) <= $2""",
-        e.agent_id, env.occurred_at, e.task_id, e.rss_bytes,
+        e.agent_id,
+        env.occurred_at,
+        e.task_id,
+        e.rss_bytes,
     )
 
 
@@ -244,7 +299,11 @@ async def _system(conn: asyncpg.Connection, env: Envelope, e: Halt | Resume) -> 
     await conn.execute(
         """INSERT INTO system_events (event_id, kind, reason, operator, occurred_at)
            VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
-        env.event_id, e.TYPE, e.reason, e.operator, env.occurred_at,
+        env.event_id,
+        e.TYPE,
+        e.reason,
+        e.operator,
+        env.occurred_at,
     )
 
 
@@ -253,8 +312,14 @@ async def _dead_letter(conn: asyncpg.Connection, env: Envelope, e: DeadLetterRec
         """INSERT INTO dead_letters (source_topic, source_partition, source_offset, processor,
                reason, error_type, original, recorded_at)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING""",
-        e.source_topic, e.source_partition, e.source_offset, e.processor, e.reason,
-        e.error_type, e.original, env.occurred_at,
+        e.source_topic,
+        e.source_partition,
+        e.source_offset,
+        e.processor,
+        e.reason,
+        e.error_type,
+        e.original,
+        env.occurred_at,
     )
 
 

@@ -15,7 +15,12 @@ from conclave.domain.events import WitnessEntry
 from conclave.errors import NotFound
 
 __all__ = [
-    "OutputView", "TaskView", "deliberation", "get_task", "visible_outputs", "witness_entries",
+    "OutputView",
+    "TaskView",
+    "deliberation",
+    "get_task",
+    "visible_outputs",
+    "witness_entries",
 ]
 
 
@@ -77,7 +82,9 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
         dispatched_at=row["dispatched_at"],
         finished_at=row["finished_at"],
         output=_output(outputs[0]) if outputs else None,
-        failures=[(f["attempt"], f["agent_id"], f["error_type"], f["error_message"]) for f in failures],
+        failures=[
+            (f["attempt"], f["agent_id"], f["error_type"], f["error_message"]) for f in failures
+        ],
     )
 
 

@@ -118,8 +118,9 @@ def _load(document: Mapping[str, Any], named: Mapping[str, dict[str, Any]]) -> _
     except Exception as exc:  # fastavro raises several unrelated types
         raise SchemaError(f"invalid schema {document.get('name')!r}: {exc}") from exc
     name = f"{document['namespace']}.{document['name']}"
-    return _Schema(name=name, version=int(document.get("version", 1)), parsed=parsed,
-                   fingerprint=fingerprint)
+    return _Schema(
+        name=name, version=int(document.get("version", 1)), parsed=parsed, fingerprint=fingerprint
+    )
 
 
 def _inline(node: Any, named: dict[str, dict[str, Any]], seen: set[str]) -> Any:
@@ -134,8 +135,10 @@ def _inline(node: Any, named: dict[str, dict[str, Any]], seen: set[str]) -> Any:
     if isinstance(node, list):
         return [_inline(item, named, seen) for item in node]
     if isinstance(node, dict):
-        return {key: _inline(value, named, seen) if key in ("type", "fields", "items") else value
-                for key, value in node.items()}
+        return {
+            key: _inline(value, named, seen) if key in ("type", "fields", "items") else value
+            for key, value in node.items()
+        }
     return node
 
 

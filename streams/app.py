@@ -70,8 +70,13 @@ def _shell(processor: Processor) -> Callable[[Any], Coroutine[Any, Any, None]]:
 class ProcessorsHandle:
     """A running set of processors in this process; ``stop()`` ends them gracefully."""
 
-    def __init__(self, app: faust.App, producer: EventProducer,
-                 scheduler: SchedulerProcessor, witness: WitnessProcessor) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        producer: EventProducer,
+        scheduler: SchedulerProcessor,
+        witness: WitnessProcessor,
+    ) -> None:
         self.app = app
         self.producer = producer
         self.scheduler = scheduler
@@ -111,5 +116,3 @@ async def _assigned(app: faust.App, expected: set[str], timeout_s: float = 60.0)
             return
         await asyncio.sleep(0.05)
     raise BrokerUnavailable(f"no partition assignment for {sorted(expected)} in {timeout_s:.0f} s")
-
-

@@ -29,6 +29,7 @@ from conclave.domain.events import (
     TaskSubmitted,
     WitnessEntry,
 )
+from conclave.domain.scheduling import SchedulerEvent
 from conclave.domain.validation import invalid_command
 from conclave.records import DeadLetters, Record, decode_or_dead_letter
 from conclave.topics import Topics
@@ -38,7 +39,15 @@ __all__ = ["SchedulerProcessor"]
 
 log = logging.getLogger(__name__)
 
-_FOLDED = (TaskQueued, TaskDispatched, TaskCompleted, TaskDeadLettered, AgentRegistered, Halt, Resume)
+_FOLDED = (
+    TaskQueued,
+    TaskDispatched,
+    TaskCompleted,
+    TaskDeadLettered,
+    AgentRegistered,
+    Halt,
+    Resume,
+)
 
 
 class SchedulerProcessor:
@@ -79,7 +88,8 @@ class SchedulerProcessor:
             await self.dead_letters.put(record, reason=reason, error_type="InvalidCommand")
             return
         with tracer().start_as_current_span(
-            f"schedule {event.TYPE}", context=context_from(record.headers),
+            f"schedule {event.TYPE}",
+            context=context_from(record.headers),
             kind=trace.SpanKind.CONSUMER,
         ):
             await self._apply(envelope, event)
@@ -95,13 +105,14 @@ class SchedulerProcessor:
                 return
             case _:
                 return
-        for new in decided:
-            scheduling.evolve(self.state, new)
+        for outcome in decided:
+            scheduling.evolve(self.state, outcome)
         dispatched = scheduling.schedule(self.state)
-        for new in dispatched:
-            scheduling.evolve(self.state, new)
+        for dispatch in dispatched:
+            scheduling.evolve(self.state, dispatch)
         headers = headers_for()
-        for new in [*decided, *dispatched]:
+        emitted: list[SchedulerEvent] = [*decided, *dispatched]
+        for event_out in emitted:
             await self.producer.send(
-                self.topics.tasks, new.task_id, new, causation=cause, headers=headers
+                self.topics.tasks, event_out.task_id, event_out, causation=cause, headers=headers
             )

@@ -14,7 +14,6 @@ from conclave.bus import EventProducer, read_history
 from conclave.domain import witness
 from conclave.domain.events import (
     AgentOutput,
-    Envelope,
     Event,
     Halt,
     Resume,
@@ -89,7 +88,6 @@ class WitnessProcessor:
             )
 
 
-
 def _detail(event: Event) -> str:
     match event:
         case TaskFailed():
@@ -98,5 +96,3 @@ def _detail(event: Event) -> str:
             return event.reason
         case _:
             return ""
-
-

@@ -43,6 +43,7 @@ from conclave.domain.events import (
 __all__ = [
     "DEFAULT_CAPACITY",
     "AgentSlot",
+    "SchedulerEvent",
     "SchedulerState",
     "TaskState",
     "TaskStatus",
@@ -172,11 +173,13 @@ def _decide_witnessed(
         return []
     if entry.attempt is not None and entry.attempt != task.attempt:
         return []  # a late or redelivered entry of an earlier attempt
+    agent_id = entry.agent_id
+    assert agent_id is not None  # equal to the agent of a dispatched task
     if entry.subject_type == "agent.output":
         return [
             TaskCompleted(
                 task_id=task.task_id,
-                agent_id=entry.agent_id,
+                agent_id=agent_id,
                 output_event_id=entry.subject_event_id,
                 witness_sequence=entry.sequence,
             )
@@ -198,7 +201,7 @@ def _decide_witnessed(
         return [
             TaskDeadLettered(
                 task_id=task.task_id,
-                agent_id=entry.agent_id,
+                agent_id=agent_id,
                 attempts=task.attempt,
                 reason=entry.detail or "agent failed",
                 witness_sequence=entry.sequence,
@@ -223,7 +226,8 @@ def schedule(state: SchedulerState) -> list[TaskDispatched]:
         if free <= 0 or not state.queues[pool]:
             continue
         idle = {
-            a.agent_id: a for a in state.agents.values()
+            a.agent_id: a
+            for a in state.agents.values()
             if a.pool == pool and a.agent_id not in state.assignments
         }
         if not idle:

@@ -82,7 +82,9 @@ class RuntimeHost:
         except KafkaError as exc:
             await consumer.stop()
             await self.producer.stop()
-            raise BrokerUnavailable(f"Kafka at {self.settings.kafka_bootstrap} is not reachable") from exc
+            raise BrokerUnavailable(
+                f"Kafka at {self.settings.kafka_bootstrap} is not reachable"
+            ) from exc
         partitions = [
             TopicPartition(self.topics.tasks, p)
             for p in sorted(consumer.partitions_for_topic(self.topics.tasks) or ())
@@ -208,7 +210,11 @@ class RuntimeHost:
                 await self.producer.send(
                     self.topics.agents,
                     agent_id,
-                    Heartbeat(agent_id=agent_id, host_id=self.config.host_id, task_id=task_id,
-                              rss_bytes=rss),
+                    Heartbeat(
+                        agent_id=agent_id,
+                        host_id=self.config.host_id,
+                        task_id=task_id,
+                        rss_bytes=rss,
+                    ),
                 )
             await asyncio.sleep(self.settings.heartbeat_interval_s)

@@ -115,17 +115,17 @@ async def client(settings: Settings) -> AsyncIterator[Client]:
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[Any]], *, timeout: float = 30.0, every: float = 0.05
+    probe: Callable[[], Awaitable[Any]], *, within: float = 30.0, every: float = 0.05
 ) -> Any:
     """Poll ``probe`` until it returns something truthy; fail with the last value."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     value: Any = None
     while time.monotonic() < deadline:
         value = await probe()
         if value:
             return value
         await asyncio.sleep(every)
-    pytest.fail(f"condition not met within {timeout} s (last value: {value!r})")
+    pytest.fail(f"condition not met within {within} s (last value: {value!r})")
 
 
 async def task_status(db: asyncpg.Pool, task_id: str) -> str | None:

@@ -17,7 +17,10 @@ pytestmark = pytest.mark.integration
 
 
 async def test_garbage_on_command_topic_is_dead_lettered_and_valid_tasks_complete(
-    db: asyncpg.Pool, projector: RunningProjector, host: HostFactory, client: Client,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
     pool_name: str,
 ) -> None:
     topic = client.topics.command(Priority.NORMAL)
@@ -25,8 +28,9 @@ async def test_garbage_on_command_topic_is_dead_lettered_and_valid_tasks_complet
     unknown = MAGIC + bytes.fromhex("0123456789abcdef") + pool_name.encode()
     codec = default_codec()
     not_a_command = codec.encode(
-        client._producer.envelope(TaskCompleted(task_id="x", agent_id="y", output_event_id="z",
-                                                witness_sequence=1)),
+        client._producer.envelope(
+            TaskCompleted(task_id="x", agent_id="y", output_event_id="z", witness_sequence=1)
+        ),
         TaskCompleted(task_id="x", agent_id="y", output_event_id="z", witness_sequence=1),
     )
     async with host(pool_name, 2):
@@ -42,7 +46,8 @@ async def test_garbage_on_command_topic_is_dead_lettered_and_valid_tasks_complet
         rows = await db.fetch(
             "SELECT * FROM dead_letters WHERE source_topic = $1 AND processor = 'scheduler' "
             "AND original = ANY($2::bytea[]) ORDER BY source_offset",
-            topic, [garbage, unknown, not_a_command],
+            topic,
+            [garbage, unknown, not_a_command],
         )
         return rows if len(rows) == 3 else []
 
@@ -53,7 +58,8 @@ async def test_garbage_on_command_topic_is_dead_lettered_and_valid_tasks_complet
     assert rows[2]["error_type"] == "InvalidCommand"
     assert "task.completed is not a command" in rows[2]["reason"]
     offsets = [r["source_offset"] for r in rows]
-    assert offsets == sorted(offsets) and len(set(offsets)) == 3
+    assert offsets == sorted(offsets)
+    assert len(set(offsets)) == 3
 
 
 def test_cli_mistakes_are_one_line_and_non_zero(settings: Settings) -> None:
@@ -76,7 +82,11 @@ def test_cli_without_a_stack_says_so() -> None:
     env["CONCLAVE_HOME"] = "/nonexistent/conclave-home"
     result = subprocess.run(
         [sys.executable, "-m", "conclave.cli", "task", "show", "x"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 1
     assert "run `conclave dev up`" in result.stderr
@@ -88,11 +98,18 @@ def test_cli_with_unreachable_broker_says_so(settings: Settings) -> None:
     import subprocess
     import sys
 
-    env = {**os.environ, "CONCLAVE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
-           "CONCLAVE_DATABASE_URL": settings.database_url}
+    env = {
+        **os.environ,
+        "CONCLAVE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+        "CONCLAVE_DATABASE_URL": settings.database_url,
+    }
     result = subprocess.run(
         [sys.executable, "-m", "conclave.cli", "submit", "hello"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 1
     assert "not reachable" in result.stderr

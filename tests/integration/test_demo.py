@@ -24,9 +24,26 @@ def test_demo_72_agents_all_answer_and_chain_verifies(settings: Settings) -> Non
         "CONCLAVE_TOPIC_PREFIX": f"{settings.topic_prefix}demo",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "conclave.cli", "demo", "--agents", "72", "--latency-ms", "50",
-         "--failure-rate", "0.05", "--seed", "7", "--json"],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "conclave.cli",
+            "demo",
+            "--agents",
+            "72",
+            "--latency-ms",
+            "50",
+            "--failure-rate",
+            "0.05",
+            "--seed",
+            "7",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
@@ -34,8 +51,9 @@ def test_demo_72_agents_all_answer_and_chain_verifies(settings: Settings) -> Non
     assert report["completed"] + report["failed"] == 72
     # seed 7 at 5 %: deterministic failures, each attributed to its agent
     assert report["failed"] == len(report["failures"]) > 0
-    assert all(f["error"] == "SimulatedFailure" and f["agent"] in f["message"]
-               for f in report["failures"])
+    assert all(
+        f["error"] == "SimulatedFailure" and f["agent"] in f["message"] for f in report["failures"]
+    )
     assert report["chain_ok"] is True
     assert report["chain_entries"] == 72
     assert len(report["witness_head"]) == 64
@@ -53,8 +71,14 @@ def test_topics_create_and_db_migrate_are_idempotent(settings: Settings) -> None
     }
 
     def run(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "conclave.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=60, check=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "conclave.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         return done.stdout
 
     declared = len(Topics().specs())

@@ -29,8 +29,12 @@ async def snapshot(db: asyncpg.Pool) -> dict[str, list[tuple[object, ...]]]:
 
 
 async def test_drop_and_replay_gives_identical_rows(
-    settings: Settings, db: asyncpg.Pool, projector: RunningProjector, host: HostFactory,
-    client: Client, pool_name: str,
+    settings: Settings,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
+    pool_name: str,
 ) -> None:
     async with host(pool_name, 4):
         ids = [await client.submit(f"r{i}", pool=pool_name) for i in range(8)]

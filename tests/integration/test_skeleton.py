@@ -30,13 +30,21 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     }
     return subprocess.run(
         [sys.executable, "-m", "conclave.cli", *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
 async def test_submitted_task_completes_with_witnessed_output(
-    settings: Settings, db: asyncpg.Pool, projector: RunningProjector, host: HostFactory,
-    client: Client, pool_name: str,
+    settings: Settings,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
+    pool_name: str,
 ) -> None:
     async with host(pool_name, 2):
         task_id = await client.submit("what is 6 x 7?", pool=pool_name, priority=Priority.HIGH)
@@ -60,7 +68,10 @@ async def test_submitted_task_completes_with_witnessed_output(
 
 
 async def test_output_is_invisible_until_its_witness_entry_is_projected(
-    db: asyncpg.Pool, projector: RunningProjector, host: HostFactory, client: Client,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
     pool_name: str,
 ) -> None:
     async with host(pool_name, 1):
@@ -84,7 +95,10 @@ async def test_output_is_invisible_until_its_witness_entry_is_projected(
 
 
 async def test_same_task_id_submitted_twice_runs_once(
-    db: asyncpg.Pool, projector: RunningProjector, host: HostFactory, client: Client,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
     pool_name: str,
 ) -> None:
     async with host(pool_name, 2):
@@ -94,34 +108,45 @@ async def test_same_task_id_submitted_twice_runs_once(
         await eventually(lambda: _visible(db, first))
         await asyncio.sleep(0.5)  # give a duplicate every chance to show up
     assert await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", first) == 1
-    assert await db.fetchval(
-        "SELECT count(*) FROM witness_entries WHERE task_id = $1", first
-    ) == 1
+    assert await db.fetchval("SELECT count(*) FROM witness_entries WHERE task_id = $1", first) == 1
 
 
 async def test_halt_stops_dispatching_until_resume_and_both_are_witnessed(
-    db: asyncpg.Pool, projector: RunningProjector, host: HostFactory, client: Client,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
     pool_name: str,
 ) -> None:
     async with host(pool_name, 1):
         await client.halt("maintenance window", operator="test")
-        await eventually(lambda: db.fetchval(
-            "SELECT 1 FROM witness_entries WHERE subject_type = 'system.halt' "
-            "AND detail = 'maintenance window'"))
+        await eventually(
+            lambda: db.fetchval(
+                "SELECT 1 FROM witness_entries WHERE subject_type = 'system.halt' "
+                "AND detail = 'maintenance window'"
+            )
+        )
         task_id = await client.submit("wait for me", pool=pool_name)
         await eventually(lambda: task_status(db, task_id))
         await asyncio.sleep(1.0)
         assert await task_status(db, task_id) == "queued"
         await client.resume("window over", operator="test")
         await eventually(lambda: _visible(db, task_id))
-    kinds = [r["subject_type"] for r in await db.fetch(
-        "SELECT subject_type FROM witness_entries WHERE subject_type LIKE 'system.%' "
-        "ORDER BY sequence")]
+    kinds = [
+        r["subject_type"]
+        for r in await db.fetch(
+            "SELECT subject_type FROM witness_entries WHERE subject_type LIKE 'system.%' "
+            "ORDER BY sequence"
+        )
+    ]
     assert kinds[-2:] == ["system.halt", "system.resume"]
 
 
 async def test_failing_agent_is_dead_lettered_with_attribution_after_retries(
-    db: asyncpg.Pool, projector: RunningProjector, host: HostFactory, client: Client,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
     pool_name: str,
 ) -> None:
     async def broken(ctx: object) -> str:
@@ -139,8 +164,12 @@ async def test_failing_agent_is_dead_lettered_with_attribution_after_retries(
 
 
 async def test_witness_chain_verifies_from_topic_and_database(
-    settings: Settings, db: asyncpg.Pool, projector: RunningProjector, host: HostFactory,
-    client: Client, pool_name: str,
+    settings: Settings,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
+    pool_name: str,
 ) -> None:
     async with host(pool_name, 3):
         ids = [await client.submit(f"q{i}", pool=pool_name) for i in range(5)]
@@ -156,8 +185,12 @@ async def test_witness_chain_verifies_from_topic_and_database(
 
 
 async def test_witness_verify_names_first_bad_sequence(
-    settings: Settings, db: asyncpg.Pool, projector: RunningProjector, host: HostFactory,
-    client: Client, pool_name: str,
+    settings: Settings,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
+    pool_name: str,
 ) -> None:
     async with host(pool_name, 2):
         for i in range(3):
