@@ -47,8 +47,14 @@ class Topics:
 
     @property
     def agents(self) -> str:
-        """Agent registrations and heartbeats (key: agent id)."""
+        """Agent registrations (key: agent id)."""
         return f"{self.prefix}.agents"
+
+    @property
+    def heartbeats(self) -> str:
+        """Agent heartbeats: high volume, read by the projector and liveness checks only,
+        so that the scheduler's input carries no heartbeat traffic (key: agent id)."""
+        return f"{self.prefix}.heartbeats"
 
     @property
     def tasks(self) -> str:
@@ -73,7 +79,10 @@ class Topics:
     @property
     def history(self) -> list[str]:
         """Every topic a read model is folded from."""
-        return [self.agents, self.tasks, self.outputs, self.witness, self.deadletter, self.control]
+        return [
+            self.agents, self.heartbeats, self.tasks, self.outputs, self.witness,
+            self.deadletter, self.control,
+        ]
 
     def specs(self) -> list[TopicSpec]:
         n = self.partitions
@@ -83,7 +92,8 @@ class Topics:
         ]
         specs += [
             TopicSpec(self.control, 1, KEEP_FOREVER, "halt and resume"),
-            TopicSpec(self.agents, n, KEEP_FOREVER, "agent registrations and heartbeats"),
+            TopicSpec(self.agents, n, KEEP_FOREVER, "agent registrations"),
+            TopicSpec(self.heartbeats, n, KEEP_FOREVER, "agent heartbeats"),
             TopicSpec(self.tasks, n, KEEP_FOREVER, "task schedule events"),
             TopicSpec(self.outputs, n, KEEP_FOREVER, "agent outputs and failures"),
             TopicSpec(self.witness, 1, KEEP_FOREVER, "witness log (hash chain)"),

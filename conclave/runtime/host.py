@@ -208,7 +208,7 @@ class RuntimeHost:
             rss = self._process.memory_info().rss
             for agent_id, task_id in self.current.items():
                 await self.producer.send(
-                    self.topics.agents,
+                    self.topics.heartbeats,
                     agent_id,
                     Heartbeat(
                         agent_id=agent_id,
