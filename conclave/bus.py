@@ -19,7 +19,7 @@ from conclave.domain.events import Envelope, Event, new_envelope
 from conclave.errors import BrokerUnavailable
 from conclave.settings import Settings
 from conclave.topics import Topics
-from conclave.tracing import Headers, headers_for
+from conclave.tracing import Headers, configure, headers_for
 from schemas.codec import Codec, default_codec
 
 __all__ = ["EventProducer", "ensure_topics", "read_history", "topics_for"]
@@ -73,6 +73,7 @@ class EventProducer:
         self.settings = settings
         self.name = producer
         self.codec = codec or default_codec()
+        configure(settings.trace_sample_ratio)  # once per process; traces need a provider
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap,
             client_id=f"conclave-{producer}-{uuid.uuid4().hex[:6]}",

@@ -10,11 +10,13 @@ import sys
 import asyncpg
 import pytest
 
+from conclave.bus import read_history
 from conclave.client import Client
 from conclave.domain.events import Priority
 from conclave.settings import Settings
 from conclave.verify import verify_sources
 from projections import queries
+from schemas.codec import default_codec
 from tests.integration.conftest import HostFactory, RunningProjector, eventually, task_status
 
 pytestmark = pytest.mark.integration
@@ -229,3 +231,30 @@ async def _is(db: asyncpg.Pool, task_id: str, status: str) -> bool:
 async def _projected_witness_matches_topic(settings: Settings, db: asyncpg.Pool) -> bool:
     results = await verify_sources(settings)
     return results[0].entries == results[1].entries
+
+
+async def test_one_trace_follows_a_task_across_topics(
+    settings: Settings, db: asyncpg.Pool, projector: RunningProjector, host: HostFactory,
+    client: Client, pool_name: str,
+) -> None:
+    async with host(pool_name, 1):
+        task_id = await client.submit("trace me", pool=pool_name)
+        await eventually(lambda: _visible(db, task_id))
+
+    codec = default_codec()
+    trace_ids: dict[str, set[str]] = {}
+    topics = client.topics
+    async for record in read_history(
+        settings, [topics.command(Priority.NORMAL), topics.tasks, topics.outputs, topics.witness]
+    ):
+        _, event = codec.decode(record.value)
+        if getattr(event, "task_id", None) != task_id:
+            continue
+        headers = dict(record.headers)
+        assert "traceparent" in headers, f"{event.TYPE} on {record.topic} has no traceparent"
+        trace_id = headers["traceparent"].decode().split("-")[1]
+        trace_ids.setdefault(trace_id, set()).add(event.TYPE)
+    assert len(trace_ids) == 1, trace_ids
+    (types,) = trace_ids.values()
+    assert types >= {"task.submitted", "task.queued", "task.dispatched", "agent.output",
+                     "witness.entry", "task.completed"}
