@@ -336,7 +336,7 @@ async def _report(
         failed=sum(1 for r in rows if r["status"] == "dead_lettered"),
         deliberation_id=deliberation_id,
         end_to_end_ms=round(e2e_ms, 1),
-        slowest_agent_ms=round(slowest, 1),
+        slowest_agent_ms=round(slowest, 2),
         floor_ratio=round(e2e_ms / config.latency_ms, 2) if config.latency_ms else 0.0,
         agent_latency_ms=percentiles(latencies),
         submit_to_dispatch_ms=percentiles(

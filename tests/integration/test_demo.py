@@ -57,7 +57,8 @@ def test_demo_72_agents_all_answer_and_chain_verifies(settings: Settings) -> Non
     assert report["chain_ok"] is True
     assert report["chain_entries"] == 72
     assert len(report["witness_head"]) == 64
-    assert report["slowest_agent_ms"] >= report["agent_latency_ms"]["p99"] > 0
+    latency = report["agent_latency_ms"]
+    assert report["slowest_agent_ms"] == latency["max"] >= latency["p99"] >= latency["p50"] > 0
     assert report["end_to_end_ms"] >= report["slowest_agent_ms"]
     assert report["peak_rss_mb"]["total"] > 0
 
