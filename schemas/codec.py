@@ -182,15 +182,17 @@ class Codec:
         cls = self._class_by_name.get(writer.name)
         if cls is None:
             raise SchemaError(f"schema {writer.name} is not a Conclave event")
+        body = io.BytesIO(data[_HEADER_LEN:])
         try:
             # Resolution is costly in fastavro: only ask for it when the versions differ.
             record = fastavro.schemaless_reader(
-                io.BytesIO(data[_HEADER_LEN:]),
-                writer.parsed,
-                None if reader is writer else reader.parsed,
+                body, writer.parsed, None if reader is writer else reader.parsed
             )
         except Exception as exc:
             raise SchemaError(f"undecodable {writer.name} body: {exc}") from exc
+        if body.tell() != len(data) - _HEADER_LEN:
+            # Two byte strings must never mean the same event: witness digests cover bytes.
+            raise SchemaError(f"{writer.name} record has trailing bytes")
         if not isinstance(record, dict):
             raise SchemaError(f"{writer.name} body is not a record")
         envelope = ev.Envelope(**record.pop("envelope"))

@@ -75,11 +75,13 @@ def load_agent(ref: str, **options: Any) -> AgentFn:
         raise AgentLoadError(f"agent reference {ref!r} must look like module:function")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # an agent module can fail to import in any way
         raise AgentLoadError(f"cannot import {module_name!r}: {exc}") from exc
     target = getattr(module, attr, None)
     if target is None:
         raise AgentLoadError(f"{module_name!r} has no attribute {attr!r}")
+    if inspect.isclass(target):
+        raise AgentLoadError(f"{ref!r} is a class; name an async function or an instance")
     call = getattr(target, "__call__", None)  # noqa: B004 - instances with async __call__ count
     if not (inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call)):
         raise AgentLoadError(f"{ref!r} is not an async callable")
