@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
+from conclave import fetching
 from conclave.domain.events import Envelope, Event, new_envelope
 from conclave.errors import BrokerUnavailable
 from conclave.settings import Settings
@@ -22,11 +23,21 @@ from conclave.topics import Topics
 from conclave.tracing import Headers, configure, headers_for
 from schemas.codec import Codec, default_codec
 
-__all__ = ["EventProducer", "ensure_topics", "read_history", "topics_for"]
+__all__ = ["EventProducer", "ensure_topics", "new_consumer", "read_history", "topics_for"]
 
 # Tuned for latency: the defaults batch for hundreds of milliseconds per hop.
 PRODUCER_OPTIONS: dict[str, Any] = {"linger_ms": 0, "acks": "all", "request_timeout_ms": 10_000}
 CONSUMER_OPTIONS: dict[str, Any] = {"fetch_max_wait_ms": 100, "fetch_min_bytes": 1}
+
+
+def new_consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
+    """A group-less consumer (manual assignment) tuned for latency."""
+    fetching.install(settings.fetch_idle_ms / 1000)
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        **(CONSUMER_OPTIONS | options),
+    )
 
 
 def topics_for(settings: Settings) -> Topics:
@@ -149,12 +160,7 @@ async def read_history(
     Uses manual assignment and no consumer group, so a reader never disturbs
     (or waits on) anybody else's group.
     """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        **CONSUMER_OPTIONS,
-    )
+    consumer = new_consumer(settings, auto_offset_reset="earliest")
     try:
         await consumer.start()
     except KafkaError as exc:

@@ -222,7 +222,9 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
                 deliberation_id=f"demo-{run}",
             )
             visible_at: dict[str, float] = {}
-            finished = await _wait_until_done(db, deliberation_id, config, progress, visible_at)
+            finished = await _wait_until_done(
+                db, projector, deliberation_id, config, progress, visible_at
+            )
         end_to_end_ms = (finished - started) * 1000
         stop_projecting.set()
         await asyncio.wait_for(background.pop(), timeout=10)
@@ -264,6 +266,7 @@ async def _wait_for_agents(db: asyncpg.Pool, agent_ids: list[str], timeout_s: fl
 
 async def _wait_until_done(
     db: asyncpg.Pool,
+    projector: Projector,
     deliberation_id: str,
     config: DemoConfig,
     progress: bool,
@@ -291,13 +294,16 @@ async def _wait_until_done(
     ) as bar:
         task = bar.add_task("agents", total=config.agents)
         while time.monotonic() < deadline:
+            # Look again only when the projector has committed something new.
+            projector.batches.clear()
             now = time.time()
             for row in await db.fetch(query, deliberation_id):
                 seen.setdefault(row["task_id"], now)
             bar.update(task, completed=len(seen))
             if len(seen) >= config.agents:
                 return now
-            await asyncio.sleep(0.005)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(projector.batches.wait(), timeout=0.5)
     raise ConclaveError(
         f"deliberation {deliberation_id} did not finish in {config.timeout_s:.0f} s"
     )

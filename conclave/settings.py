@@ -40,6 +40,9 @@ class Settings:
     pool_capacity: int = 72
     heartbeat_interval_s: float = 1.0
     trace_sample_ratio: float = 0.1
+    fetch_idle_ms: float = 5.0
+    """After an empty fetch answered early, wait this long before the next one
+    (brokers that do not long-poll; see conclave/fetching.py)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -72,6 +75,7 @@ class Settings:
             pool_capacity=_int(env, "CONCLAVE_POOL_CAPACITY", 72),
             heartbeat_interval_s=_float(env, "CONCLAVE_HEARTBEAT_INTERVAL_S", 1.0),
             trace_sample_ratio=_float(env, "CONCLAVE_TRACE_SAMPLE_RATIO", 0.1),
+            fetch_idle_ms=_float(env, "CONCLAVE_FETCH_IDLE_MS", 5.0),
         )
 
     def with_(self, **changes: object) -> Settings:

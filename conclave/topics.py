@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 from conclave.domain.events import Priority
 
-__all__ = ["TopicSpec", "Topics"]
+__all__ = ["HOST_HEADER", "TopicSpec", "Topics"]
+
+HOST_HEADER = "conclave-host"
+"""Kafka header on a dispatch naming the runtime host it is for: hosts skip the rest of
+the tasks topic without decoding it."""
 
 KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 
@@ -80,8 +84,13 @@ class Topics:
     def history(self) -> list[str]:
         """Every topic a read model is folded from."""
         return [
-            self.agents, self.heartbeats, self.tasks, self.outputs, self.witness,
-            self.deadletter, self.control,
+            self.agents,
+            self.heartbeats,
+            self.tasks,
+            self.outputs,
+            self.witness,
+            self.deadletter,
+            self.control,
         ]
 
     def specs(self) -> list[TopicSpec]:

@@ -48,8 +48,6 @@ def context_from(
 ) -> Context:
     """The trace context a record carried, or an empty one."""
     carrier = {
-        k: v.decode("latin-1")
-        for k, v in (headers or ())
-        if k in {"traceparent", "tracestate"}
+        k: v.decode("latin-1") for k, v in (headers or ()) if k in {"traceparent", "tracestate"}
     }
     return _propagator.extract(carrier)

@@ -9,6 +9,7 @@ consumer uses manual assignment and positions from PostgreSQL, not a group.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from conclave.bus import CONSUMER_OPTIONS, topics_for
+from conclave.bus import new_consumer, topics_for
 from conclave.domain.events import (
     AgentOutput,
     AgentRegistered,
@@ -51,14 +52,12 @@ class Projector:
         self.consumer: AIOKafkaConsumer | None = None
         self.partitions: list[TopicPartition] = []
         self.applied = 0
+        self.batches = asyncio.Event()
+        """Set after every committed batch; readers clear it and wait for the next."""
 
     async def start(self) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            **CONSUMER_OPTIONS,
+        consumer = new_consumer(
+            self.settings, auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 2**20
         )
         try:
             await consumer.start()
@@ -92,15 +91,18 @@ class Projector:
         return {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
 
     async def step(self, timeout_ms: int = 200) -> int:
-        """Fetch and apply one batch; returns the number of records applied."""
+        """Fetch and apply one batch in one transaction; returns the records applied."""
         assert self.consumer is not None, "start() first"
         batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=1000)
         records = [Record.of(m) for msgs in batch.values() for m in msgs]
         if not records:
             return 0
+        rows = [row for record in records if (row := self._row(record)) is not None]
         async with self.pool.acquire() as conn, conn.transaction():
-            for record in records:
-                await self._apply(conn, record)
+            # Consecutive rows for the same statement go in one round trip; the order
+            # of statements (and so of one task's updates) is the order of the records.
+            for sql, group in itertools.groupby(rows, key=lambda row: row[0]):
+                await conn.executemany(sql, [args for _, args in group])
             await conn.executemany(
                 """INSERT INTO projection_offsets (topic, partition, next_offset)
                    VALUES ($1, $2, $3) ON CONFLICT (topic, partition)
@@ -112,6 +114,7 @@ class Projector:
                 ],
             )
         self.applied += len(records)
+        self.batches.set()
         return len(records)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -142,198 +145,151 @@ class Projector:
                 done = sum([await self.consumer.position(tp) for tp in self.partitions])
                 progress(min(done, total), total)
 
-    async def _apply(self, conn: asyncpg.Connection, record: Record) -> None:
+    def _row(self, record: Record) -> tuple[str, tuple[Any, ...]] | None:
+        """The statement and arguments that fold one record, or ``None`` to skip it."""
         try:
             envelope, event = self.codec.decode(record.value)
         except SchemaError as exc:
             if record.topic == self.topics.deadletter:
-                return  # never dead-letter a dead letter; it is already kept in Kafka
-            await _undecodable(conn, record, str(exc))
-            return
-        handler = _HANDLERS.get(type(event))
-        if handler is not None:
-            await handler(conn, envelope, event)
+                return None  # never dead-letter a dead letter; it is already kept in Kafka
+            return _UNDECODABLE, (
+                record.topic,
+                record.partition,
+                record.offset,
+                str(exc),
+                record.value,
+            )
+        statement = _STATEMENTS.get(type(event))
+        if statement is None:
+            return None
+        sql, arguments = statement
+        return sql, arguments(envelope, event)
 
 
-async def _undecodable(conn: asyncpg.Connection, record: Record, reason: str) -> None:
-    await conn.execute(
-        """INSERT INTO dead_letters (source_topic, source_partition, source_offset, processor,
-               reason, error_type, original, recorded_at)
-           VALUES ($1, $2, $3, 'projector', $4, 'SchemaError', $5, 0) ON CONFLICT DO NOTHING""",
-        record.topic,
-        record.partition,
-        record.offset,
-        reason,
-        record.value,
-    )
+_UNDECODABLE = """
+    INSERT INTO dead_letters (source_topic, source_partition, source_offset, processor,
+        reason, error_type, original, recorded_at)
+    VALUES ($1, $2, $3, 'projector', $4, 'SchemaError', $5, 0) ON CONFLICT DO NOTHING"""
 
+Arguments = Callable[[Envelope, Any], tuple[Any, ...]]
 
-async def _task_queued(conn: asyncpg.Connection, env: Envelope, e: TaskQueued) -> None:
-    await conn.execute(
+_SYSTEM = """INSERT INTO system_events (event_id, kind, reason, operator, occurred_at)
+           VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING"""
+
+_STATEMENTS: Mapping[type[Any], tuple[str, Arguments]] = {
+    TaskQueued: (
         """INSERT INTO tasks (task_id, tenant, correlation_id, pool, priority, status, input,
                agent_id, attempt, max_attempts, deliberation_id, queued_at)
            VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, 0, $8, $9, $10)
            ON CONFLICT (task_id) DO UPDATE SET status = 'queued', queued_at = EXCLUDED.queued_at""",
-        e.task_id,
-        env.tenant,
-        env.correlation_id,
-        e.pool,
-        e.priority.label,
-        e.input,
-        e.agent_id,
-        e.max_attempts,
-        e.deliberation_id,
-        env.occurred_at,
-    )
-
-
-async def _task_dispatched(conn: asyncpg.Connection, env: Envelope, e: TaskDispatched) -> None:
-    await conn.execute(
+        lambda env, e: (
+            e.task_id,
+            env.tenant,
+            env.correlation_id,
+            e.pool,
+            e.priority.label,
+            e.input,
+            e.agent_id,
+            e.max_attempts,
+            e.deliberation_id,
+            env.occurred_at,
+        ),
+    ),
+    TaskDispatched: (
         """UPDATE tasks SET status = 'dispatched', agent_id = $2, attempt = $3, dispatched_at = $4
            WHERE task_id = $1 AND status NOT IN ('completed', 'dead_lettered')""",
-        e.task_id,
-        e.agent_id,
-        e.attempt,
-        env.occurred_at,
-    )
-
-
-async def _task_completed(conn: asyncpg.Connection, env: Envelope, e: TaskCompleted) -> None:
-    await conn.execute(
+        lambda env, e: (e.task_id, e.agent_id, e.attempt, env.occurred_at),
+    ),
+    TaskCompleted: (
         """UPDATE tasks SET status = 'completed', output_event_id = $2, witness_sequence = $3,
                finished_at = $4 WHERE task_id = $1""",
-        e.task_id,
-        e.output_event_id,
-        e.witness_sequence,
-        env.occurred_at,
-    )
-
-
-async def _task_dead_lettered(conn: asyncpg.Connection, env: Envelope, e: TaskDeadLettered) -> None:
-    await conn.execute(
+        lambda env, e: (e.task_id, e.output_event_id, e.witness_sequence, env.occurred_at),
+    ),
+    TaskDeadLettered: (
         """UPDATE tasks SET status = 'dead_lettered', error = $2, witness_sequence = $3,
                finished_at = $4 WHERE task_id = $1""",
-        e.task_id,
-        e.reason,
-        e.witness_sequence,
-        env.occurred_at,
-    )
-
-
-async def _agent_output(conn: asyncpg.Connection, env: Envelope, e: AgentOutput) -> None:
-    await conn.execute(
+        lambda env, e: (e.task_id, e.reason, e.witness_sequence, env.occurred_at),
+    ),
+    AgentOutput: (
         """INSERT INTO outputs (event_id, task_id, agent_id, attempt, content, latency_us,
                deliberation_id, produced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
            ON CONFLICT DO NOTHING""",
-        env.event_id,
-        e.task_id,
-        e.agent_id,
-        e.attempt,
-        e.content,
-        e.latency_us,
-        e.deliberation_id,
-        env.occurred_at,
-    )
-
-
-async def _task_failed(conn: asyncpg.Connection, env: Envelope, e: TaskFailed) -> None:
-    await conn.execute(
+        lambda env, e: (
+            env.event_id,
+            e.task_id,
+            e.agent_id,
+            e.attempt,
+            e.content,
+            e.latency_us,
+            e.deliberation_id,
+            env.occurred_at,
+        ),
+    ),
+    TaskFailed: (
         """INSERT INTO task_failures (event_id, task_id, agent_id, attempt, error_type,
                error_message, failed_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
            ON CONFLICT DO NOTHING""",
-        env.event_id,
-        e.task_id,
-        e.agent_id,
-        e.attempt,
-        e.error_type,
-        e.error_message,
-        env.occurred_at,
-    )
-
-
-async def _witness_entry(conn: asyncpg.Connection, env: Envelope, e: WitnessEntry) -> None:
-    await conn.execute(
+        lambda env, e: (
+            env.event_id,
+            e.task_id,
+            e.agent_id,
+            e.attempt,
+            e.error_type,
+            e.error_message,
+            env.occurred_at,
+        ),
+    ),
+    WitnessEntry: (
         """INSERT INTO witness_entries (sequence, previous_hash, entry_hash, subject_type,
                subject_event_id, subject_digest, recorded_at, task_id, agent_id, detail, attempt)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING""",
-        e.sequence,
-        e.previous_hash,
-        e.entry_hash,
-        e.subject_type,
-        e.subject_event_id,
-        e.subject_digest,
-        e.recorded_at,
-        e.task_id,
-        e.agent_id,
-        e.detail,
-        e.attempt,
-    )
-
-
-async def _agent_registered(conn: asyncpg.Connection, env: Envelope, e: AgentRegistered) -> None:
-    await conn.execute(
+        lambda env, e: (
+            e.sequence,
+            e.previous_hash,
+            e.entry_hash,
+            e.subject_type,
+            e.subject_event_id,
+            e.subject_digest,
+            e.recorded_at,
+            e.task_id,
+            e.agent_id,
+            e.detail,
+            e.attempt,
+        ),
+    ),
+    AgentRegistered: (
         """INSERT INTO agents (agent_id, pool, host_id, agent_ref, registered_at)
            VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT (agent_id) DO UPDATE SET pool = EXCLUDED.pool, host_id = EXCLUDED.host_id,
                agent_ref = EXCLUDED.agent_ref, registered_at = EXCLUDED.registered_at""",
-        e.agent_id,
-        e.pool,
-        e.host_id,
-        e.agent_ref,
-        env.occurred_at,
-    )
-
-
-async def _heartbeat(conn: asyncpg.Connection, env: Envelope, e: Heartbeat) -> None:
-    await conn.execute(
-        """UPDATE agents SET last_heartbeat_at = $2, current_task_id = $3, rss_bytes = $4
-           WHERE agent_id = $1 AND coalesce(last_heartbeat_at, 0) <= $2""",
-        e.agent_id,
-        env.occurred_at,
-        e.task_id,
-        e.rss_bytes,
-    )
-
-
-async def _system(conn: asyncpg.Connection, env: Envelope, e: Halt | Resume) -> None:
-    await conn.execute(
-        """INSERT INTO system_events (event_id, kind, reason, operator, occurred_at)
-           VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
-        env.event_id,
-        e.TYPE,
-        e.reason,
-        e.operator,
-        env.occurred_at,
-    )
-
-
-async def _dead_letter(conn: asyncpg.Connection, env: Envelope, e: DeadLetterRecord) -> None:
-    await conn.execute(
+        lambda env, e: (e.agent_id, e.pool, e.host_id, e.agent_ref, env.occurred_at),
+    ),
+    Heartbeat: (
+        """INSERT INTO agents (agent_id, host_id, last_heartbeat_at, current_task_id, rss_bytes)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (agent_id) DO UPDATE SET last_heartbeat_at = EXCLUDED.last_heartbeat_at,
+               current_task_id = EXCLUDED.current_task_id, rss_bytes = EXCLUDED.rss_bytes
+           WHERE coalesce(agents.last_heartbeat_at, 0) <= EXCLUDED.last_heartbeat_at""",
+        lambda env, e: (e.agent_id, e.host_id, env.occurred_at, e.task_id, e.rss_bytes),
+    ),
+    Halt: (
+        _SYSTEM,
+        lambda env, e: (env.event_id, e.TYPE, e.reason, e.operator, env.occurred_at),
+    ),
+    Resume: (_SYSTEM, lambda env, e: (env.event_id, e.TYPE, e.reason, e.operator, env.occurred_at)),
+    DeadLetterRecord: (
         """INSERT INTO dead_letters (source_topic, source_partition, source_offset, processor,
                reason, error_type, original, recorded_at)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING""",
-        e.source_topic,
-        e.source_partition,
-        e.source_offset,
-        e.processor,
-        e.reason,
-        e.error_type,
-        e.original,
-        env.occurred_at,
-    )
-
-
-_HANDLERS: Mapping[type[Any], Callable[[asyncpg.Connection, Envelope, Any], Any]] = {
-    TaskQueued: _task_queued,
-    TaskDispatched: _task_dispatched,
-    TaskCompleted: _task_completed,
-    TaskDeadLettered: _task_dead_lettered,
-    AgentOutput: _agent_output,
-    TaskFailed: _task_failed,
-    WitnessEntry: _witness_entry,
-    AgentRegistered: _agent_registered,
-    Heartbeat: _heartbeat,
-    Halt: _system,
-    Resume: _system,
-    DeadLetterRecord: _dead_letter,
+        lambda env, e: (
+            e.source_topic,
+            e.source_partition,
+            e.source_offset,
+            e.processor,
+            e.reason,
+            e.error_type,
+            e.original,
+            env.occurred_at,
+        ),
+    ),
 }

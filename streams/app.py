@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import faust
 
+from conclave import fetching
 from conclave.bus import EventProducer, ensure_topics, topics_for
 from conclave.errors import BrokerUnavailable
 from conclave.records import Record
@@ -37,6 +38,7 @@ class Processor(Protocol):
 
 
 def build_app(settings: Settings, processors: Sequence[Processor]) -> faust.App:
+    fetching.install(settings.fetch_idle_ms / 1000)  # faust's consumer is aiokafka's
     app = faust.App(
         f"{settings.topic_prefix}-processors",
         broker=f"kafka://{settings.kafka_bootstrap}",

@@ -32,8 +32,8 @@ from conclave.domain.events import (
 from conclave.domain.scheduling import SchedulerEvent
 from conclave.domain.validation import invalid_command
 from conclave.records import DeadLetters, Record, decode_or_dead_letter
-from conclave.topics import Topics
-from conclave.tracing import context_from, headers_for, tracer
+from conclave.topics import HOST_HEADER, Topics
+from conclave.tracing import Headers, context_from, headers_for, tracer
 
 __all__ = ["SchedulerProcessor"]
 
@@ -58,6 +58,8 @@ class SchedulerProcessor:
         self.topics = topics
         self.state = scheduling.SchedulerState(capacity=capacity)
         self.dead_letters = DeadLetters(producer, topics, self.name)
+        self.task_traces: dict[str, Headers] = {}
+        """Trace headers of each live task, from the command that created it."""
 
     @property
     def inputs(self) -> list[str]:
@@ -110,9 +112,16 @@ class SchedulerProcessor:
         dispatched = scheduling.schedule(self.state)
         for dispatch in dispatched:
             scheduling.evolve(self.state, dispatch)
-        headers = headers_for()
+        here = headers_for()
         emitted: list[SchedulerEvent] = [*decided, *dispatched]
         for event_out in emitted:
+            # A task's events carry the task's own trace, whatever event let it move on
+            # (a dispatch may be caused by another task finishing or an agent registering).
+            headers = self.task_traces.setdefault(event_out.task_id, here)
+            if isinstance(event_out, TaskDispatched):
+                headers = [*headers, (HOST_HEADER, event_out.host_id.encode())]
+            elif isinstance(event_out, TaskCompleted | TaskDeadLettered):
+                self.task_traces.pop(event_out.task_id, None)
             await self.producer.send(
                 self.topics.tasks, event_out.task_id, event_out, causation=cause, headers=headers
             )

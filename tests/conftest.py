@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from conclave.devstack import EmbeddedStack, StackInfo
 from conclave.settings import Settings
@@ -42,3 +43,9 @@ def stack() -> Iterator[StackInfo]:
 def settings(stack: StackInfo) -> Settings:
     """Settings pointing at the session's stack, with a topic prefix of its own."""
     return Settings.from_env({**stack.env(), "CONCLAVE_TOPIC_PREFIX": f"t{secrets.token_hex(4)}"})
+
+
+# Property tests check behaviour, not speed: on a shared 2-core machine (integration
+# tests' background threads, CI neighbours) hypothesis' default 200 ms deadline flakes.
+hypothesis_settings.register_profile("conclave", deadline=None)
+hypothesis_settings.load_profile("conclave")

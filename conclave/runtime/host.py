@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
 
-from conclave.bus import CONSUMER_OPTIONS, EventProducer, topics_for
+from conclave.bus import EventProducer, new_consumer, topics_for
 from conclave.domain.events import (
     AgentOutput,
     AgentRegistered,
@@ -34,6 +34,7 @@ from conclave.errors import BrokerUnavailable
 from conclave.records import DeadLetters, Record, decode_or_dead_letter
 from conclave.runtime.agents import AgentContext, AgentFn
 from conclave.settings import Settings
+from conclave.topics import HOST_HEADER
 from conclave.tracing import context_from, headers_for, tracer
 
 __all__ = ["HostConfig", "RuntimeHost"]
@@ -67,15 +68,11 @@ class RuntimeHost:
         self._consumer: AIOKafkaConsumer | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._process = psutil.Process()
+        self._host_header = config.host_id.encode()
 
     async def start(self) -> None:
         await self.producer.start()
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="latest",
-            **CONSUMER_OPTIONS,
-        )
+        consumer = new_consumer(self.settings, auto_offset_reset="latest")
         try:
             await consumer.start()
             await consumer.topics()
@@ -138,6 +135,8 @@ class RuntimeHost:
             batch = await self._consumer.getmany(timeout_ms=1000)
             for records in batch.values():
                 for message in records:
+                    if (HOST_HEADER, self._host_header) not in (message.headers or ()):
+                        continue  # someone else's dispatch, or not a dispatch at all
                     record = Record.of(message)
                     decoded = await decode_or_dead_letter(codec, record, self.dead_letters)
                     if decoded is None:

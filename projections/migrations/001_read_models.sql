@@ -67,12 +67,14 @@ CREATE TABLE IF NOT EXISTS witness_entries (
     attempt          integer
 );
 
+-- Registrations and heartbeats come from different topics, so either may be folded
+-- first: each fills in its own columns and the row is the same in any order.
 CREATE TABLE IF NOT EXISTS agents (
     agent_id          text PRIMARY KEY,
-    pool              text   NOT NULL,
+    pool              text,
     host_id           text   NOT NULL,
-    agent_ref         text   NOT NULL,
-    registered_at     bigint NOT NULL,
+    agent_ref         text,
+    registered_at     bigint,
     last_heartbeat_at bigint,
     current_task_id   text,
     rss_bytes         bigint

@@ -13,6 +13,7 @@ import pytest
 from conclave.bus import read_history
 from conclave.client import Client
 from conclave.domain.events import Priority
+from conclave.errors import SchemaError
 from conclave.settings import Settings
 from conclave.verify import verify_sources
 from projections import queries
@@ -247,7 +248,10 @@ async def test_one_trace_follows_a_task_across_topics(
     async for record in read_history(
         settings, [topics.command(Priority.NORMAL), topics.tasks, topics.outputs, topics.witness]
     ):
-        _, event = codec.decode(record.value)
+        try:
+            _, event = codec.decode(record.value)
+        except SchemaError:
+            continue  # other tests put garbage on the command topics
         if getattr(event, "task_id", None) != task_id:
             continue
         headers = dict(record.headers)
