@@ -3,6 +3,8 @@ processing goes on."""
 
 from __future__ import annotations
 
+import os
+
 import asyncpg
 import pytest
 
@@ -11,7 +13,7 @@ from conclave.domain.events import Priority, TaskCompleted
 from conclave.settings import Settings
 from schemas.codec import MAGIC, default_codec
 from tests.integration.conftest import HostFactory, RunningProjector, eventually
-from tests.integration.test_skeleton import _visible, cli
+from tests.integration.test_skeleton import _visible, cli, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -74,43 +76,20 @@ def test_cli_mistakes_are_one_line_and_non_zero(settings: Settings) -> None:
 
 
 def test_cli_without_a_stack_says_so() -> None:
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONCLAVE_")}
-    env["CONCLAVE_HOME"] = "/nonexistent/conclave-home"
-    result = subprocess.run(
-        [sys.executable, "-m", "conclave.cli", "task", "show", "x"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli({**env, "CONCLAVE_HOME": "/nonexistent/conclave-home"}, "task", "show", "x")
     assert result.returncode == 1
     assert "run `conclave dev up`" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_cli_with_unreachable_broker_says_so(settings: Settings) -> None:
-    import os
-    import subprocess
-    import sys
-
     env = {
         **os.environ,
         "CONCLAVE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
         "CONCLAVE_DATABASE_URL": settings.database_url,
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "conclave.cli", "submit", "hello"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli(env, "submit", "hello")
     assert result.returncode == 1
     assert "not reachable" in result.stderr
     assert "Traceback" not in result.stderr

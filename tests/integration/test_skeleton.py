@@ -23,21 +23,28 @@ from tests.integration.conftest import HostFactory, RunningProjector, eventually
 pytestmark = pytest.mark.integration
 
 
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "CONCLAVE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "CONCLAVE_DATABASE_URL": settings.database_url,
-        "CONCLAVE_TOPIC_PREFIX": settings.topic_prefix,
-        "COLUMNS": "200",
-    }
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``conclave ARGS`` as a user would, in its own process."""
     return subprocess.run(
         [sys.executable, "-m", "conclave.cli", *args],
-        env=env,
+        env={**env, "COLUMNS": "200"},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+    )
+
+
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``conclave ARGS`` against the session's stack and topic prefix."""
+    return run_cli(
+        {
+            **os.environ,
+            "CONCLAVE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "CONCLAVE_DATABASE_URL": settings.database_url,
+            "CONCLAVE_TOPIC_PREFIX": settings.topic_prefix,
+        },
+        *args,
     )
 
 
@@ -235,8 +242,12 @@ async def _projected_witness_matches_topic(settings: Settings, db: asyncpg.Pool)
 
 
 async def test_one_trace_follows_a_task_across_topics(
-    settings: Settings, db: asyncpg.Pool, projector: RunningProjector, host: HostFactory,
-    client: Client, pool_name: str,
+    settings: Settings,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
+    pool_name: str,
 ) -> None:
     async with host(pool_name, 1):
         task_id = await client.submit("trace me", pool=pool_name)
@@ -260,5 +271,11 @@ async def test_one_trace_follows_a_task_across_topics(
         trace_ids.setdefault(trace_id, set()).add(event.TYPE)
     assert len(trace_ids) == 1, trace_ids
     (types,) = trace_ids.values()
-    assert types >= {"task.submitted", "task.queued", "task.dispatched", "agent.output",
-                     "witness.entry", "task.completed"}
+    assert types >= {
+        "task.submitted",
+        "task.queued",
+        "task.dispatched",
+        "agent.output",
+        "witness.entry",
+        "task.completed",
+    }
