@@ -103,6 +103,10 @@ class EventProducer:
     async def stop(self) -> None:
         await self._producer.stop()
 
+    async def flush(self) -> None:
+        """Wait until everything sent so far is acknowledged."""
+        await self._producer.flush()
+
     async def __aenter__(self) -> EventProducer:
         await self.start()
         return self

@@ -7,6 +7,7 @@ partition, offset, key, value, headers) instead of reaching for ambient
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from conclave.topics import Topics
 from schemas.codec import Codec
 
 __all__ = ["DeadLetters", "Record", "decode_or_dead_letter"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,14 @@ class DeadLetters:
 
     async def put(self, record: Record, *, reason: str, error_type: str) -> None:
         self.count += 1
+        log.warning(
+            "%s dead-lettered %s/%d@%d: %s",
+            self._processor,
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+        )
         await self._producer.send(
             self._topics.deadletter,
             f"{record.topic}/{record.partition}/{record.offset}",

@@ -7,7 +7,6 @@ The app stays thin: each processor is an object with ``inputs`` and
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
@@ -22,8 +21,6 @@ from streams.scheduler import SchedulerProcessor
 from streams.witness import WitnessProcessor
 
 __all__ = ["Processor", "ProcessorsHandle", "build_app", "start_processors"]
-
-log = logging.getLogger(__name__)
 
 
 class Processor(Protocol):

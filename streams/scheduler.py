@@ -8,8 +8,6 @@ control), rebuilt by :meth:`SchedulerProcessor.recover` before consuming.
 
 from __future__ import annotations
 
-import logging
-
 from opentelemetry import trace
 
 from conclave.bus import EventProducer, read_history
@@ -31,13 +29,13 @@ from conclave.domain.events import (
 )
 from conclave.domain.scheduling import SchedulerEvent
 from conclave.domain.validation import invalid_command
+from conclave.errors import SchemaError
 from conclave.records import DeadLetters, Record, decode_or_dead_letter
 from conclave.topics import HOST_HEADER, Topics
 from conclave.tracing import Headers, context_from, headers_for, tracer
 
 __all__ = ["SchedulerProcessor"]
 
-log = logging.getLogger(__name__)
 
 _FOLDED = (
     TaskQueued,
@@ -73,7 +71,7 @@ class SchedulerProcessor:
         async for message in read_history(self.producer.settings, source):
             try:
                 _, event = codec.decode(message.value)
-            except Exception:
+            except SchemaError:
                 continue  # dead-lettered when it was first consumed
             if isinstance(event, _FOLDED):
                 scheduling.evolve(self.state, event)

@@ -21,6 +21,7 @@ from conclave.domain.events import (
     WitnessEntry,
     now_us,
 )
+from conclave.errors import SchemaError, WitnessChainError
 from conclave.records import DeadLetters, Record, decode_or_dead_letter
 from conclave.topics import Topics
 from conclave.tracing import context_from, headers_for, tracer
@@ -48,10 +49,23 @@ class WitnessProcessor:
         """Rebuild the head and the witnessed set from the witness topic."""
         codec = self.producer.codec
         async for message in read_history(self.producer.settings, [self.topics.witness]):
-            _, entry = codec.decode(message.value)
-            if isinstance(entry, WitnessEntry):
-                self.head = self.head.advance(entry)
-                self.witnessed.add(entry.subject_event_id)
+            try:
+                _, entry = codec.decode(message.value)
+            except SchemaError as exc:
+                raise WitnessChainError(
+                    f"witness record at offset {message.offset} does not decode: {exc}",
+                    sequence=self.head.sequence + 1,
+                ) from exc
+            if not isinstance(entry, WitnessEntry):
+                continue
+            # Never extend a chain that does not verify: stop loudly instead.
+            if (violation := witness.check_next(self.head, entry)) is not None:
+                raise WitnessChainError(
+                    f"witness chain broken at sequence {violation.sequence}: {violation.reason}",
+                    sequence=violation.sequence,
+                )
+            self.head = self.head.advance(entry)
+            self.witnessed.add(entry.subject_event_id)
         return self.head.sequence
 
     async def handle(self, record: Record) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "GENESIS_HASH",
     "ChainHead",
     "ChainViolation",
+    "check_next",
     "digest",
     "entry_hash",
     "first_violation",
@@ -127,6 +128,28 @@ class ChainViolation:
     reason: str
 
 
+def check_next(head: ChainHead, entry: WitnessEntry) -> ChainViolation | None:
+    """Whether ``entry`` correctly extends the chain at ``head``."""
+    expected = head.sequence + 1
+    if entry.sequence != expected:
+        return ChainViolation(expected, f"expected sequence {expected}, found {entry.sequence}")
+    if entry.previous_hash != head.hash:
+        return ChainViolation(entry.sequence, "previous_hash does not match the prior entry")
+    if len(entry.previous_hash) != 32 or len(entry.subject_digest) != 32:
+        return ChainViolation(entry.sequence, "a hash field is not 32 bytes")
+    recomputed = entry_hash(
+        sequence=entry.sequence,
+        previous_hash=entry.previous_hash,
+        subject_type=entry.subject_type,
+        subject_event_id=entry.subject_event_id,
+        subject_digest=entry.subject_digest,
+        recorded_at=entry.recorded_at,
+    )
+    if recomputed != entry.entry_hash:
+        return ChainViolation(entry.sequence, "entry_hash does not match its contents")
+    return None
+
+
 def first_violation(entries: Iterable[WitnessEntry]) -> ChainViolation | None:
     """Check sequence continuity, links and hashes; ``None`` when the chain is sound.
 
@@ -134,22 +157,7 @@ def first_violation(entries: Iterable[WitnessEntry]) -> ChainViolation | None:
     """
     head = ChainHead()
     for entry in entries:
-        expected = head.sequence + 1
-        if entry.sequence != expected:
-            return ChainViolation(expected, f"expected sequence {expected}, found {entry.sequence}")
-        if entry.previous_hash != head.hash:
-            return ChainViolation(entry.sequence, "previous_hash does not match the prior entry")
-        if len(entry.previous_hash) != 32 or len(entry.subject_digest) != 32:
-            return ChainViolation(entry.sequence, "a hash field is not 32 bytes")
-        recomputed = entry_hash(
-            sequence=entry.sequence,
-            previous_hash=entry.previous_hash,
-            subject_type=entry.subject_type,
-            subject_event_id=entry.subject_event_id,
-            subject_digest=entry.subject_digest,
-            recorded_at=entry.recorded_at,
-        )
-        if recomputed != entry.entry_hash:
-            return ChainViolation(entry.sequence, "entry_hash does not match its contents")
+        if (violation := check_next(head, entry)) is not None:
+            return violation
         head = head.advance(entry)
     return None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -38,8 +37,6 @@ from conclave.topics import HOST_HEADER
 from conclave.tracing import context_from, headers_for, tracer
 
 __all__ = ["HostConfig", "RuntimeHost"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
