@@ -8,6 +8,8 @@ control), rebuilt by :meth:`SchedulerProcessor.recover` before consuming.
 
 from __future__ import annotations
 
+from typing import Any
+
 from opentelemetry import trace
 
 from conclave.bus import EventProducer, read_history
@@ -58,6 +60,13 @@ class SchedulerProcessor:
         self.dead_letters = DeadLetters(producer, topics, self.name)
         self.task_traces: dict[str, Headers] = {}
         """Trace headers of each live task, from the command that created it."""
+        # What each non-command input topic may carry (commands are checked by
+        # invalid_command). Anything else is dead-lettered, not ignored.
+        self.accepts: dict[str, tuple[type[Any], ...]] = {
+            topics.control: (Halt, Resume),
+            topics.agents: (AgentRegistered, Heartbeat),
+            topics.witness: (WitnessEntry,),
+        }
 
     @property
     def inputs(self) -> list[str]:
@@ -83,9 +92,9 @@ class SchedulerProcessor:
         if decoded is None:
             return
         envelope, event = decoded
-        is_command_topic = record.topic in self.topics.commands
-        if is_command_topic and (reason := invalid_command(event)) is not None:
-            await self.dead_letters.put(record, reason=reason, error_type="InvalidCommand")
+        if (rejection := self._rejection(record.topic, event)) is not None:
+            reason, error_type = rejection
+            await self.dead_letters.put(record, reason=reason, error_type=error_type)
             return
         with tracer().start_as_current_span(
             f"schedule {event.TYPE}",
@@ -94,6 +103,17 @@ class SchedulerProcessor:
         ):
             await self._apply(envelope, event)
 
+    def _rejection(self, topic: str, event: Event) -> tuple[str, str] | None:
+        """Why ``event`` may not be consumed from ``topic`` (reason, error type), if so."""
+        if topic in self.topics.commands:
+            reason = invalid_command(event)
+            if reason is None and isinstance(event, Halt | Resume):
+                reason = f"{event.TYPE} belongs on {self.topics.control}, where it is witnessed"
+            return None if reason is None else (reason, "InvalidCommand")
+        if not isinstance(event, self.accepts.get(topic, ())):
+            return f"{event.TYPE} does not belong on {topic}", "InvalidEvent"
+        return None
+
     async def _apply(self, cause: Envelope, event: Event) -> None:
         decided: list[TaskQueued | TaskCompleted | TaskDeadLettered] = []
         match event:
@@ -101,10 +121,8 @@ class SchedulerProcessor:
                 decided = scheduling.decide(self.state, event)
             case AgentRegistered() | Halt() | Resume():
                 scheduling.evolve(self.state, event)
-            case Heartbeat():
-                return
             case _:
-                return
+                return  # a heartbeat: liveness is not the scheduler's concern
         for outcome in decided:
             scheduling.evolve(self.state, outcome)
         dispatched = scheduling.schedule(self.state)

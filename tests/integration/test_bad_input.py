@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from conclave.client import Client
-from conclave.domain.events import Priority, TaskCompleted
+from conclave.domain.events import Halt, Priority, TaskCompleted, TaskSubmitted
 from conclave.settings import Settings
 from schemas.codec import MAGIC, default_codec
 from tests.integration.conftest import HostFactory, RunningProjector, eventually
@@ -93,3 +93,39 @@ def test_cli_with_unreachable_broker_says_so(settings: Settings) -> None:
     assert result.returncode == 1
     assert "not reachable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_events_on_the_wrong_topic_are_dead_lettered_not_obeyed(
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
+    pool_name: str,
+) -> None:
+    codec = default_codec()
+    halt = Halt(reason=f"smuggled {pool_name}", operator="x")
+    halt_bytes = codec.encode(client._producer.envelope(halt), halt)
+    stray = TaskSubmitted(
+        task_id=f"{pool_name}-stray", pool=pool_name, priority=Priority.LOW, input="x"
+    )
+    stray_bytes = codec.encode(client._producer.envelope(stray), stray)
+    async with host(pool_name, 1):
+        # A HALT on a command topic would stop dispatching without being witnessed.
+        await client.send_raw(client.topics.command(Priority.CRITICAL), "system", halt_bytes)
+        await client.send_raw(client.topics.agents, stray.task_id, stray_bytes)
+        task_id = await client.submit("still dispatched", pool=pool_name)
+        await eventually(lambda: _visible(db, task_id))
+
+    async def letters() -> dict[str, asyncpg.Record]:
+        rows = await db.fetch(
+            "SELECT * FROM dead_letters WHERE processor = 'scheduler' "
+            "AND original = ANY($1::bytea[])",
+            [halt_bytes, stray_bytes],
+        )
+        return {r["error_type"]: r for r in rows} if len(rows) == 2 else {}
+
+    rows = await eventually(letters)
+    assert "belongs on" in rows["InvalidCommand"]["reason"]
+    assert "control" in rows["InvalidCommand"]["reason"]
+    assert rows["InvalidEvent"]["reason"].startswith("task.submitted does not belong on")
+    assert await db.fetchval("SELECT count(*) FROM tasks WHERE task_id = $1", stray.task_id) == 0
