@@ -73,9 +73,16 @@ class WitnessProcessor:
         if decoded is None:
             return
         envelope, event = decoded
-        if not isinstance(event, AgentOutput | TaskFailed | Halt | Resume):
+        # Witness only what the rest of the system acts on from the same topic: a HALT
+        # on the outputs topic would be in the log while the scheduler never saw it.
+        expected = (
+            (Halt, Resume) if record.topic == self.topics.control else (AgentOutput, TaskFailed)
+        )
+        if not isinstance(event, expected):
             await self.dead_letters.put(
-                record, reason=f"{event.TYPE} is not witnessed", error_type="InvalidEvent"
+                record,
+                reason=f"{event.TYPE} is not witnessed from {record.topic}",
+                error_type="InvalidEvent",
             )
             return
         if envelope.event_id in self.witnessed:

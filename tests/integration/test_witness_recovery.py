@@ -10,7 +10,7 @@ import pytest
 
 from conclave.bus import EventProducer, ensure_topics, read_history, topics_for
 from conclave.domain import witness
-from conclave.domain.events import AgentOutput, WitnessEntry
+from conclave.domain.events import AgentOutput, DeadLetterRecord, Halt, WitnessEntry
 from conclave.errors import WitnessChainError
 from conclave.records import Record
 from conclave.settings import Settings
@@ -101,3 +101,26 @@ async def test_recovery_refuses_to_extend_a_broken_chain(settings: Settings) -> 
         await producer.stop()
     assert raised.value.sequence == 3
     assert "previous_hash" in str(raised.value)
+
+
+async def test_only_what_a_topic_may_carry_is_witnessed(settings: Settings) -> None:
+    own, producer = await fresh(settings)
+    topics = topics_for(own)
+    halt = Halt(reason="on the wrong topic", operator="x")
+    value = producer.codec.encode(producer.envelope(halt), halt)
+    try:
+        processor = WitnessProcessor(producer, topics)
+        await processor.recover()
+        await processor.handle(
+            Record(topic=topics.outputs, partition=0, offset=7, key=None, value=value, headers=[])
+        )
+        await producer.flush()
+    finally:
+        await producer.stop()
+    assert await entries(own) == []
+    letters = [r async for r in read_history(own, [topics.deadletter])]
+    assert len(letters) == 1
+    _, letter = default_codec().decode(letters[0].value)
+    assert isinstance(letter, DeadLetterRecord)
+    assert (letter.original, letter.source_offset) == (value, 7)
+    assert letter.reason == f"system.halt is not witnessed from {topics.outputs}"
