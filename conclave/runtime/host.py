@@ -36,7 +36,24 @@ from conclave.settings import Settings
 from conclave.topics import HOST_HEADER
 from conclave.tracing import context_from, headers_for, tracer
 
-__all__ = ["HostConfig", "RuntimeHost"]
+__all__ = ["MAX_OUTPUT_BYTES", "HostConfig", "OutputRejected", "RuntimeHost"]
+
+MAX_OUTPUT_BYTES = 900_000
+"""An answer must fit one Kafka record with its envelope (brokers cap records near 1 MB)."""
+
+
+class OutputRejected(ValueError):
+    """An agent's answer that cannot be recorded: not text, or too large."""
+
+
+def _checked(content: object) -> str:
+    """The agent's answer, or :class:`OutputRejected` reported as that agent's failure
+    (rather than a send that fails later with nobody told)."""
+    if not isinstance(content, str):
+        raise OutputRejected(f"agent returned {type(content).__name__}, not str")
+    if len(content.encode()) > MAX_OUTPUT_BYTES:
+        raise OutputRejected(f"answer of {len(content.encode())} bytes exceeds {MAX_OUTPUT_BYTES}")
+    return content
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,7 +189,9 @@ class RuntimeHost:
             span.set_attribute("conclave.agent_id", event.agent_id)
             started = time.perf_counter()
             try:
-                content = await asyncio.wait_for(self.agent(ctx), self.config.task_timeout_s)
+                content = _checked(
+                    await asyncio.wait_for(self.agent(ctx), self.config.task_timeout_s)
+                )
             except Exception as exc:  # any agent error is reported, with attribution
                 self.failed += 1
                 outcome: AgentOutput | TaskFailed = TaskFailed(

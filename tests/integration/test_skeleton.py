@@ -14,6 +14,7 @@ from conclave.bus import read_history
 from conclave.client import Client
 from conclave.domain.events import Priority
 from conclave.errors import SchemaError
+from conclave.runtime.agents import AgentContext
 from conclave.settings import Settings
 from conclave.verify import verify_sources
 from projections import queries
@@ -279,3 +280,26 @@ async def test_one_trace_follows_a_task_across_topics(
         "witness.entry",
         "task.completed",
     }
+
+
+async def test_answers_that_cannot_be_recorded_fail_with_attribution(
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
+    pool_name: str,
+) -> None:
+    async def odd(ctx: AgentContext) -> str:
+        return 42 if ctx.input == "number" else "x" * 1_000_000  # type: ignore[return-value]
+
+    async with host(pool_name, 1, agent=odd):
+        number = await client.submit("number", pool=pool_name)
+        huge = await client.submit("huge", pool=pool_name)
+        for task_id in (number, huge):
+            await eventually(lambda t=task_id: _is(db, t, "dead_lettered"))  # type: ignore[misc]
+    for task_id, message in (
+        (number, "agent returned int, not str"),
+        (huge, "answer of 1000000 bytes exceeds 900000"),
+    ):
+        view = await queries.get_task(db, task_id)
+        assert view.failures == [(1, f"{pool_name}-agent-000", "OutputRejected", message)]
