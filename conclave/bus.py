@@ -88,7 +88,7 @@ class EventProducer:
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap,
             client_id=f"conclave-{producer}-{uuid.uuid4().hex[:6]}",
-            **PRODUCER_OPTIONS,
+            **(PRODUCER_OPTIONS | {"linger_ms": settings.producer_linger_ms}),
         )
 
     async def start(self) -> None:

@@ -40,6 +40,8 @@ class Settings:
     pool_capacity: int = 72
     heartbeat_interval_s: float = 1.0
     trace_sample_ratio: float = 0.1
+    producer_linger_ms: int = 0
+    """How long a producer waits to batch records into one request (latency vs. syscalls)."""
     fetch_idle_ms: float = 5.0
     """After an empty fetch answered early, wait this long before the next one
     (brokers that do not long-poll; see conclave/fetching.py)."""
@@ -76,6 +78,7 @@ class Settings:
             heartbeat_interval_s=_float(env, "CONCLAVE_HEARTBEAT_INTERVAL_S", 1.0),
             trace_sample_ratio=_float(env, "CONCLAVE_TRACE_SAMPLE_RATIO", 0.1),
             fetch_idle_ms=_float(env, "CONCLAVE_FETCH_IDLE_MS", 5.0),
+            producer_linger_ms=_int(env, "CONCLAVE_PRODUCER_LINGER_MS", 0),
         )
 
     def with_(self, **changes: object) -> Settings:

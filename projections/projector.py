@@ -52,6 +52,7 @@ class Projector:
         self.consumer: AIOKafkaConsumer | None = None
         self.partitions: list[TopicPartition] = []
         self.applied = 0
+        self._conn: asyncpg.Connection | None = None
         self.batches = asyncio.Event()
         """Set after every committed batch; readers clear it and wait for the next."""
 
@@ -85,6 +86,16 @@ class Projector:
         if self.consumer is not None:
             await self.consumer.stop()
             self.consumer = None
+        if self._conn is not None:
+            await self.pool.release(self._conn)
+            self._conn = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        """One connection held for the projector's life: a pool acquire per batch costs a
+        session reset round trip each time, on the hot path."""
+        if self._conn is None:
+            self._conn = await self.pool.acquire()
+        return self._conn
 
     async def _stored_offsets(self) -> dict[TopicPartition, int]:
         rows = await self.pool.fetch("SELECT topic, partition, next_offset FROM projection_offsets")
@@ -98,7 +109,8 @@ class Projector:
         if not records:
             return 0
         rows = [row for record in records if (row := self._row(record)) is not None]
-        async with self.pool.acquire() as conn, conn.transaction():
+        conn = await self._connection()
+        async with conn.transaction():
             # Consecutive rows for the same statement go in one round trip; the order
             # of statements (and so of one task's updates) is the order of the records.
             for sql, group in itertools.groupby(rows, key=lambda row: row[0]):
