@@ -34,7 +34,7 @@ def test_demo_72_agents_all_answer_and_chain_verifies(settings: Settings) -> Non
             "--latency-ms",
             "50",
             "--failure-rate",
-            "0.05",
+            "0.2",
             "--seed",
             "7",
             "--json",
@@ -49,7 +49,9 @@ def test_demo_72_agents_all_answer_and_chain_verifies(settings: Settings) -> Non
     report = json.loads(result.stdout)
     assert report["agents"] == 72
     assert report["completed"] + report["failed"] == 72
-    # seed 7 at 5 %: deterministic failures, each attributed to its agent
+    # Agent ids carry a per-run suffix, so which agents fail varies by run; at 20 % the
+    # chance that none (0.8**72, ~1e-7) or all (0.2**72) of 72 fail is negligible.
+    assert report["completed"] > 0
     assert report["failed"] == len(report["failures"]) > 0
     assert all(
         f["error"] == "SimulatedFailure" and f["agent"] in f["message"] for f in report["failures"]
