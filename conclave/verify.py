@@ -3,6 +3,7 @@ and dropping the read models to fold them again from offset 0."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from conclave.bus import read_history, topics_for
 from conclave.domain.events import WitnessEntry
-from conclave.domain.witness import ChainViolation, first_violation
+from conclave.domain.witness import ChainViolation, check_subjects, digest, first_violation
 from conclave.errors import SchemaError
 from conclave.settings import Settings
 from projections.database import connect, drop_read_models, migrate
@@ -49,10 +50,30 @@ async def topic_entries(settings: Settings) -> list[WitnessEntry]:
     return entries
 
 
+async def subject_digests(settings: Settings) -> dict[str, bytes]:
+    """Event id -> SHA-256 of its record bytes, for everything that can be witnessed."""
+    topics = topics_for(settings)
+    codec = default_codec()
+    digests: dict[str, bytes] = {}
+    async for record in read_history(settings, [topics.outputs, topics.control]):
+        try:
+            envelope, _ = codec.decode(record.value)
+        except SchemaError:
+            continue  # never witnessed: dead-lettered instead
+        digests.setdefault(envelope.event_id, digest(record.value))
+    return digests
+
+
 async def verify_sources(settings: Settings, source: str = "both") -> list[VerifyResult]:
     results = []
     if source in ("topic", "both"):
-        results.append(verify_entries("topic", await topic_entries(settings)))
+        entries = await topic_entries(settings)
+        result = verify_entries("topic", entries)
+        if result.violation is None:
+            # Kafka still holds the witnessed records themselves: check their bytes too.
+            violation = check_subjects(entries, await subject_digests(settings))
+            result = dataclasses.replace(result, violation=violation)
+        results.append(result)
     if source in ("db", "both"):
         pool = await connect(settings)
         try:

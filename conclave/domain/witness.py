@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from conclave.domain.events import WitnessEntry
@@ -29,6 +29,7 @@ __all__ = [
     "ChainHead",
     "ChainViolation",
     "check_next",
+    "check_subjects",
     "digest",
     "entry_hash",
     "first_violation",
@@ -160,4 +161,27 @@ def first_violation(entries: Iterable[WitnessEntry]) -> ChainViolation | None:
         if (violation := check_next(head, entry)) is not None:
             return violation
         head = head.advance(entry)
+    return None
+
+
+def check_subjects(
+    entries: Iterable[WitnessEntry], digests: Mapping[str, bytes]
+) -> ChainViolation | None:
+    """Whether every witnessed event still exists with the bytes that were witnessed.
+
+    ``digests`` maps an event id to the SHA-256 of its record bytes as they are now
+    (from the outputs and control topics). The chain alone proves the entries were not
+    changed; this proves the witnessed events were not changed or removed either.
+    """
+    for entry in entries:
+        found = digests.get(entry.subject_event_id)
+        if found is None:
+            return ChainViolation(
+                entry.sequence, f"witnessed event {entry.subject_event_id} is missing"
+            )
+        if found != entry.subject_digest:
+            return ChainViolation(
+                entry.sequence,
+                f"witnessed event {entry.subject_event_id} bytes do not match its digest",
+            )
     return None

@@ -14,6 +14,7 @@ from conclave.domain.events import AgentOutput, DeadLetterRecord, Halt, WitnessE
 from conclave.errors import WitnessChainError
 from conclave.records import Record
 from conclave.settings import Settings
+from conclave.verify import verify_sources
 from schemas.codec import default_codec
 from streams.witness import WITNESS_KEY, WitnessProcessor
 
@@ -124,3 +125,36 @@ async def test_only_what_a_topic_may_carry_is_witnessed(settings: Settings) -> N
     assert isinstance(letter, DeadLetterRecord)
     assert (letter.original, letter.source_offset) == (value, 7)
     assert letter.reason == f"system.halt is not witnessed from {topics.outputs}"
+
+
+async def test_verify_checks_the_witnessed_records_bytes(settings: Settings) -> None:
+    own, producer = await fresh(settings)
+    topics = topics_for(own)
+    try:
+        processor = WitnessProcessor(producer, topics)
+        await processor.recover()
+        good = output_record(producer, topics.outputs, 0, "t1")
+        await producer.send_raw(topics.outputs, "t1", good.value)
+        await processor.handle(good)
+        await producer.flush()
+        assert [r.violation for r in await verify_sources(own, "topic")] == [None]
+
+        # A chain-valid entry whose digest does not match the record on the topic:
+        # what an altered output (or an entry forged for another record) looks like.
+        forged = output_record(producer, topics.outputs, 1, "t2")
+        await producer.send_raw(topics.outputs, "t2", forged.value)
+        entry = witness.next_entry(
+            processor.head,
+            subject_type="agent.output",
+            subject_event_id=producer.codec.decode(forged.value)[0].event_id,
+            subject_digest=witness.digest(b"something else"),
+            recorded_at=1,
+        )
+        await producer.send(topics.witness, WITNESS_KEY, entry)
+        await producer.flush()
+        (result,) = await verify_sources(own, "topic")
+    finally:
+        await producer.stop()
+    assert result.violation is not None
+    assert result.violation.sequence == 2
+    assert "do not match its digest" in result.violation.reason

@@ -24,6 +24,7 @@ from conclave.domain.events import WitnessEntry
 from conclave.domain.witness import (
     GENESIS_HASH,
     ChainHead,
+    check_subjects,
     digest,
     entry_hash,
     first_violation,
@@ -381,3 +382,30 @@ def test_worked_example_in_the_doc_is_what_the_code_computes() -> None:
     assert hashlib.sha256(preimage).digest() == first.entry_hash
     verify = _doc_verifier()["verify"]
     assert verify([_as_row(first), _as_row(second)], (2, second.entry_hash)) is None
+
+
+def test_check_subjects_names_missing_and_altered_events() -> None:
+    head = ChainHead()
+    chain = []
+    for i, data in enumerate([b"first", b"second", b"third"], start=1):
+        entry = next_entry(
+            head,
+            subject_type="agent.output",
+            subject_event_id=f"e{i}",
+            subject_digest=digest(data),
+            recorded_at=i,
+        )
+        chain.append(entry)
+        head = head.advance(entry)
+    intact = {"e1": digest(b"first"), "e2": digest(b"second"), "e3": digest(b"third")}
+    assert check_subjects(chain, intact) is None
+
+    altered = check_subjects(chain, {**intact, "e2": digest(b"SECOND")})
+    assert altered is not None
+    assert altered.sequence == 2
+    assert "do not match" in altered.reason
+
+    missing = check_subjects(chain, {k: v for k, v in intact.items() if k != "e3"})
+    assert missing is not None
+    assert missing.sequence == 3
+    assert "missing" in missing.reason
