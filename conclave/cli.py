@@ -365,8 +365,17 @@ def demo(
         raise typer.Exit(1)
 
 
+_SERVICES = {"worker", "runtime", "projector"}
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:] if argv is None else argv
+    if not _SERVICES & set(args[:1]):
+        # A short command reports a failure in one line of its own; the client
+        # libraries' connection chatter stays for the long-running services' logs.
+        for library in ("aiokafka", "kafka", "asyncpg"):
+            logging.getLogger(library).setLevel(logging.CRITICAL)
     try:
         app(args=argv)
     except ConclaveError as exc:

@@ -11,12 +11,14 @@ peak memory and failures with attribution.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -108,30 +110,41 @@ class _Processes:
             "CONCLAVE_POOL_CAPACITY": str(settings.pool_capacity),
         }
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.started: dict[str, threading.Event] = {}
+        self.last_lines: dict[str, collections.deque[str]] = {}
 
-    def spawn(self, name: str, args: Sequence[str]) -> None:
-        self.children[name] = subprocess.Popen(
+    def spawn(self, name: str, args: Sequence[str], *, ready_marker: bytes) -> None:
+        child = subprocess.Popen(
             [sys.executable, "-m", "conclave.cli", *args],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        self.children[name] = child
+        self.started[name] = threading.Event()
+        self.last_lines[name] = collections.deque(maxlen=20)
+        # Read stderr for the child's whole life: a pipe nobody reads fills up (64 KB)
+        # and blocks the child on its next log line.
+        threading.Thread(target=self._drain, args=(name, child, ready_marker), daemon=True).start()
 
-    async def ready(self, name: str, marker: bytes) -> None:
+    def _drain(self, name: str, child: subprocess.Popen[bytes], marker: bytes) -> None:
+        assert child.stderr is not None
+        for line in child.stderr:
+            self.last_lines[name].append(line.decode(errors="replace").rstrip())
+            if marker in line:
+                self.started[name].set()
+
+    async def ready(self, name: str) -> None:
         """Wait for the child's start-up line; fail with its own words if it dies."""
         child = self.children[name]
-        assert child.stderr is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _READY_TIMEOUT_S
-        seen = b""
-        while loop.time() < deadline:
-            line = await loop.run_in_executor(None, child.stderr.readline)
-            seen += line
-            if marker in line:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.started[name].is_set():
                 return
-            if not line and child.poll() is not None:
-                tail = seen.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            if child.poll() is not None:
+                tail = [line for line in self.last_lines[name] if line][-1:] or ["no output"]
                 raise ConclaveError(f"{name} exited with {child.returncode}: {tail[0]}")
+            await asyncio.sleep(0.02)
         raise ConclaveError(f"{name} did not start within {_READY_TIMEOUT_S:.0f} s")
 
     def stop(self) -> None:
@@ -144,8 +157,6 @@ class _Processes:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-            if child.stderr is not None:
-                child.stderr.close()
 
 
 class _MemoryWatch:
@@ -183,7 +194,7 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
     stop_projecting = asyncio.Event()
     background: list[asyncio.Task[None]] = []
     try:
-        processes.spawn("worker", ["worker"])
+        processes.spawn("worker", ["worker"], ready_marker=b"processors running")
         processes.spawn(
             "runtime",
             [
@@ -201,14 +212,13 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
                 "--seed",
                 str(config.seed),
             ],
+            ready_marker=b"running",
         )
         memory = _MemoryWatch(
             {"demo": os.getpid(), **{n: c.pid for n, c in processes.children.items()}}
         )
         background.append(asyncio.create_task(memory.run()))
-        await asyncio.gather(
-            processes.ready("worker", b"processors running"), processes.ready("runtime", b"running")
-        )
+        await asyncio.gather(processes.ready("worker"), processes.ready("runtime"))
         await projector.start()
         background.append(asyncio.create_task(projector.run(stop_projecting)))
         await _wait_for_agents(db, agent_ids, config.timeout_s)
