@@ -52,10 +52,8 @@ class DeadLetters:
         self._producer = producer
         self._topics = topics
         self._processor = processor
-        self.count = 0
 
     async def put(self, record: Record, *, reason: str, error_type: str) -> None:
-        self.count += 1
         log.warning(
             "%s dead-lettered %s/%d@%d: %s",
             self._processor,

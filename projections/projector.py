@@ -51,7 +51,6 @@ class Projector:
         self.topics = topics_for(settings)
         self.consumer: AIOKafkaConsumer | None = None
         self.partitions: list[TopicPartition] = []
-        self.applied = 0
         self._conn: asyncpg.Connection | None = None
         self.batches = asyncio.Event()
         """Set after every committed batch; readers clear it and wait for the next."""
@@ -108,24 +107,34 @@ class Projector:
         records = [Record.of(m) for msgs in batch.values() for m in msgs]
         if not records:
             return 0
-        rows = [row for record in records if (row := self._row(record)) is not None]
+        rows = [(record, row) for record in records if (row := self._row(record)) is not None]
         conn = await self._connection()
-        async with conn.transaction():
-            # Consecutive rows for the same statement go in one round trip; the order
-            # of statements (and so of one task's updates) is the order of the records.
-            for sql, group in itertools.groupby(rows, key=lambda row: row[0]):
-                await conn.executemany(sql, [args for _, args in group])
-            await conn.executemany(
-                """INSERT INTO projection_offsets (topic, partition, next_offset)
-                   VALUES ($1, $2, $3) ON CONFLICT (topic, partition)
-                   DO UPDATE SET next_offset = EXCLUDED.next_offset""",
-                [
-                    (tp.topic, tp.partition, msgs[-1].offset + 1)
-                    for tp, msgs in batch.items()
-                    if msgs
-                ],
-            )
-        self.applied += len(records)
+        try:
+            async with conn.transaction():
+                # Consecutive rows for the same statement go in one round trip; the order
+                # of statements (and so of one task's updates) is the order of the records.
+                for sql, group in itertools.groupby(rows, key=lambda row: row[1][0]):
+                    await conn.executemany(sql, [args for _, (_, args) in group])
+                await _save_offsets(conn, batch)
+        except asyncpg.DataError:
+            # A record PostgreSQL refuses (a NUL in text, say) must not wedge every later
+            # batch: apply this one record by record and dead-letter the refused ones.
+            async with conn.transaction():
+                for record, (sql, args) in rows:
+                    try:
+                        async with conn.transaction():  # a savepoint per record
+                            await conn.execute(sql, *args)
+                    except asyncpg.DataError as exc:
+                        await conn.execute(
+                            _UNPROJECTABLE,
+                            record.topic,
+                            record.partition,
+                            record.offset,
+                            f"read model refused it: {exc}",
+                            type(exc).__name__,
+                            record.value,
+                        )
+                await _save_offsets(conn, batch)
         self.batches.set()
         return len(records)
 
@@ -164,11 +173,12 @@ class Projector:
         except SchemaError as exc:
             if record.topic == self.topics.deadletter:
                 return None  # never dead-letter a dead letter; it is already kept in Kafka
-            return _UNDECODABLE, (
+            return _UNPROJECTABLE, (
                 record.topic,
                 record.partition,
                 record.offset,
                 str(exc),
+                "SchemaError",
                 record.value,
             )
         statement = _STATEMENTS.get(type(event))
@@ -178,10 +188,23 @@ class Projector:
         return sql, arguments(envelope, event)
 
 
-_UNDECODABLE = """
+_UNPROJECTABLE = """
     INSERT INTO dead_letters (source_topic, source_partition, source_offset, processor,
         reason, error_type, original, recorded_at)
-    VALUES ($1, $2, $3, 'projector', $4, 'SchemaError', $5, 0) ON CONFLICT DO NOTHING"""
+    VALUES ($1, $2, $3, 'projector', $4, $5, $6, 0) ON CONFLICT DO NOTHING"""
+
+
+async def _save_offsets(
+    conn: asyncpg.Connection, batch: Mapping[TopicPartition, list[Any]]
+) -> None:
+    """The next offset of every partition in ``batch``, in the batch's transaction."""
+    await conn.executemany(
+        """INSERT INTO projection_offsets (topic, partition, next_offset)
+           VALUES ($1, $2, $3) ON CONFLICT (topic, partition)
+           DO UPDATE SET next_offset = EXCLUDED.next_offset""",
+        [(tp.topic, tp.partition, msgs[-1].offset + 1) for tp, msgs in batch.items() if msgs],
+    )
+
 
 Arguments = Callable[[Envelope, Any], tuple[Any, ...]]
 

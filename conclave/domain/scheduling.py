@@ -317,9 +317,9 @@ def evolve(
             )
             state.next_sequence = max(state.next_sequence, event.sequence + 1)
         case TaskDispatched():
-            task = state.tasks[event.task_id]
-            if task.status is not TaskStatus.QUEUED:
-                return state
+            task = state.tasks.get(event.task_id)
+            if task is None or task.status is not TaskStatus.QUEUED:
+                return state  # a duplicate, or a dispatch of a task this fold never saw
             queue = state.queues[task.pool]
             queue.remove((int(task.priority), task.sequence, task.task_id))
             heapq.heapify(queue)

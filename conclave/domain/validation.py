@@ -19,6 +19,8 @@ def invalid_command(event: Event) -> str | None:
                 return reason
             if not event.pool:
                 return "pool must not be empty"
+            if "\x00" in event.input:
+                return "input must not contain NUL characters"
             if event.max_attempts < 1:
                 return "max_attempts must be at least 1"
             return None
@@ -27,6 +29,8 @@ def invalid_command(event: Event) -> str | None:
                 return reason
             if not event.pool:
                 return "pool must not be empty"
+            if "\x00" in event.motion:
+                return "motion must not contain NUL characters"
             for agent_id in event.agent_ids:
                 if (reason := _bad_id("agent_ids", agent_id)) is not None:
                     return reason

@@ -51,6 +51,8 @@ def _checked(content: object) -> str:
     (rather than a send that fails later with nobody told)."""
     if not isinstance(content, str):
         raise OutputRejected(f"agent returned {type(content).__name__}, not str")
+    if "\x00" in content:
+        raise OutputRejected("answer contains a NUL character, which no read model can store")
     if len(content.encode()) > MAX_OUTPUT_BYTES:
         raise OutputRejected(f"answer of {len(content.encode())} bytes exceeds {MAX_OUTPUT_BYTES}")
     return content
@@ -76,8 +78,6 @@ class RuntimeHost:
         self.memories: dict[str, dict[str, object]] = {a: {} for a in config.agent_ids}
         self.current: dict[str, str | None] = dict.fromkeys(config.agent_ids)
         self.started: set[tuple[str, int]] = set()
-        self.completed = 0
-        self.failed = 0
         self._running: set[asyncio.Task[None]] = set()
         self._consumer: AIOKafkaConsumer | None = None
         self._loops: list[asyncio.Task[None]] = []
@@ -193,7 +193,6 @@ class RuntimeHost:
                     await asyncio.wait_for(self.agent(ctx), self.config.task_timeout_s)
                 )
             except Exception as exc:  # any agent error is reported, with attribution
-                self.failed += 1
                 outcome: AgentOutput | TaskFailed = TaskFailed(
                     task_id=event.task_id,
                     agent_id=event.agent_id,
@@ -203,7 +202,6 @@ class RuntimeHost:
                     deliberation_id=event.deliberation_id,
                 )
             else:
-                self.completed += 1
                 outcome = AgentOutput(
                     task_id=event.task_id,
                     agent_id=event.agent_id,

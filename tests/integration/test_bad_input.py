@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from conclave.client import Client
-from conclave.domain.events import Halt, Priority, TaskCompleted, TaskSubmitted
+from conclave.domain.events import AgentOutput, Halt, Priority, TaskCompleted, TaskSubmitted
 from conclave.settings import Settings
 from schemas.codec import MAGIC, default_codec
 from tests.integration.conftest import HostFactory, RunningProjector, eventually
@@ -128,3 +128,39 @@ async def test_events_on_the_wrong_topic_are_dead_lettered_not_obeyed(
     assert "control" in rows["InvalidCommand"]["reason"]
     assert rows["InvalidEvent"]["reason"].startswith("task.submitted does not belong on")
     assert await db.fetchval("SELECT count(*) FROM tasks WHERE task_id = $1", stray.task_id) == 0
+
+
+async def test_a_record_postgresql_refuses_is_dead_lettered_and_projection_goes_on(
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
+    pool_name: str,
+) -> None:
+    # Valid Avro, but PostgreSQL text cannot hold NUL: produced past the runtime's checks.
+    refused = AgentOutput(
+        task_id=f"{pool_name}-nul",
+        agent_id="a",
+        attempt=1,
+        content="bad\x00answer",
+        latency_us=1,
+        deliberation_id=None,
+    )
+    value = default_codec().encode(client._producer.envelope(refused), refused)
+    async with host(pool_name, 1):
+        await client.send_raw(client.topics.outputs, refused.task_id, value)
+        task_id = await client.submit("after the refused record", pool=pool_name)
+        await eventually(lambda: _visible(db, task_id))
+
+    async def letter() -> asyncpg.Record | None:
+        return await db.fetchrow(
+            "SELECT * FROM dead_letters WHERE processor = 'projector' AND original = $1", value
+        )
+
+    row = await eventually(letter)
+    assert row["source_topic"] == client.topics.outputs
+    assert row["error_type"] == "CharacterNotInRepertoireError"
+    assert "read model refused it" in row["reason"]
+    assert (
+        await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", refused.task_id) == 0
+    )

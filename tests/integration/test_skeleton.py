@@ -303,3 +303,27 @@ async def test_answers_that_cannot_be_recorded_fail_with_attribution(
     ):
         view = await queries.get_task(db, task_id)
         assert view.failures == [(1, f"{pool_name}-agent-000", "OutputRejected", message)]
+
+
+async def test_an_answer_with_a_nul_character_fails_with_attribution(
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
+    pool_name: str,
+) -> None:
+    async def nul(ctx: AgentContext) -> str:
+        return "half\x00answer"
+
+    async with host(pool_name, 1, agent=nul):
+        task_id = await client.submit("say it", pool=pool_name)
+        await eventually(lambda: _is(db, task_id, "dead_lettered"))
+    view = await queries.get_task(db, task_id)
+    assert view.failures == [
+        (
+            1,
+            f"{pool_name}-agent-000",
+            "OutputRejected",
+            "answer contains a NUL character, which no read model can store",
+        )
+    ]

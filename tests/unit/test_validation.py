@@ -176,3 +176,14 @@ def test_ids_that_could_collide_or_never_dispatch_are_rejected(
     command: ev.Event, reason: str
 ) -> None:
     assert invalid_command(command) == reason
+
+
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [
+        (task(input="a\x00b"), "input must not contain NUL characters"),
+        (deliberation(motion="a\x00b"), "motion must not contain NUL characters"),
+    ],
+)
+def test_text_no_read_model_can_store_is_rejected(command: ev.Event, reason: str) -> None:
+    assert invalid_command(command) == reason
