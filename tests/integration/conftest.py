@@ -12,6 +12,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -19,9 +20,11 @@ import pytest
 
 from conclave.bus import ensure_topics
 from conclave.client import Client
+from conclave.errors import NotFound
 from conclave.runtime.agents import AgentFn, SimulatedAgent
 from conclave.runtime.host import HostConfig, RuntimeHost
 from conclave.settings import Settings
+from projections import queries
 from projections.database import connect, migrate
 from projections.projector import Projector
 from streams.app import ProcessorsHandle, start_processors
@@ -131,3 +134,48 @@ async def eventually(
 async def task_status(db: asyncpg.Pool, task_id: str) -> str | None:
     status: str | None = await db.fetchval("SELECT status FROM tasks WHERE task_id = $1", task_id)
     return status
+
+
+@dataclass(frozen=True)
+class System:
+    """The running system as a test sees it: one pool of its own on shared processors."""
+
+    settings: Settings
+    db: asyncpg.Pool
+    projector: RunningProjector
+    client: Client
+    pool: str
+    host: HostFactory
+
+    def running(
+        self, agents: int, agent: AgentFn | None = None
+    ) -> contextlib.AbstractAsyncContextManager[RuntimeHost]:
+        """A runtime host with ``agents`` agents in this test's pool, for the block."""
+        return self.host(self.pool, agents, agent)
+
+    async def submit_visible(self, input: str, **options: Any) -> str:
+        """Submit a task to this test's pool and wait until its output is visible."""
+        task_id = await self.client.submit(input, pool=self.pool, **options)
+        await eventually(lambda: output_visible(self.db, task_id))
+        return task_id
+
+
+@pytest.fixture
+def system(
+    settings: Settings,
+    db: asyncpg.Pool,
+    projector: RunningProjector,
+    host: HostFactory,
+    client: Client,
+    pool_name: str,
+) -> System:
+    return System(settings, db, projector, client, pool_name, host)
+
+
+async def output_visible(db: asyncpg.Pool, task_id: str) -> bool:
+    """Whether a reader can see the task's output (it exists and is witnessed)."""
+    try:
+        view = await queries.get_task(db, task_id)
+    except NotFound:
+        return False
+    return view.output is not None

@@ -8,23 +8,23 @@ import os
 import asyncpg
 import pytest
 
-from conclave.client import Client
 from conclave.domain.events import AgentOutput, Halt, Priority, TaskCompleted, TaskSubmitted
 from conclave.settings import Settings
 from schemas.codec import MAGIC, default_codec
-from tests.integration.conftest import HostFactory, RunningProjector, eventually
-from tests.integration.test_skeleton import _visible, cli, run_cli
+from tests.integration.conftest import (
+    System,
+    eventually,
+    output_visible,
+)
+from tests.integration.test_skeleton import cli, run_cli
 
 pytestmark = pytest.mark.integration
 
 
 async def test_garbage_on_command_topic_is_dead_lettered_and_valid_tasks_complete(
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
+    system: System,
 ) -> None:
+    db, client, pool_name = system.db, system.client, system.pool
     topic = client.topics.command(Priority.NORMAL)
     garbage = b"\x00\xffnot avro at all" + pool_name.encode()
     unknown = MAGIC + bytes.fromhex("0123456789abcdef") + pool_name.encode()
@@ -35,14 +35,14 @@ async def test_garbage_on_command_topic_is_dead_lettered_and_valid_tasks_complet
         ),
         TaskCompleted(task_id="x", agent_id="y", output_event_id="z", witness_sequence=1),
     )
-    async with host(pool_name, 2):
+    async with system.running(2):
         before = await client.submit("before garbage", pool=pool_name)
         await client.send_raw(topic, "junk", garbage)
         await client.send_raw(topic, "junk", unknown)
         await client.send_raw(topic, "junk", not_a_command)
         after = await client.submit("after garbage", pool=pool_name)
         for task_id in (before, after):
-            await eventually(lambda t=task_id: _visible(db, t))  # type: ignore[misc]
+            await eventually(lambda t=task_id: output_visible(db, t))  # type: ignore[misc]
 
     async def letters() -> list[asyncpg.Record]:
         rows = await db.fetch(
@@ -94,13 +94,8 @@ def test_cli_with_unreachable_broker_says_so(settings: Settings) -> None:
     assert result.stderr.strip() == "error: Kafka at 127.0.0.1:1 is not reachable"
 
 
-async def test_events_on_the_wrong_topic_are_dead_lettered_not_obeyed(
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
+async def test_events_on_the_wrong_topic_are_dead_lettered_not_obeyed(system: System) -> None:
+    db, client, pool_name = system.db, system.client, system.pool
     codec = default_codec()
     halt = Halt(reason=f"smuggled {pool_name}", operator="x")
     halt_bytes = codec.encode(client._producer.envelope(halt), halt)
@@ -108,12 +103,11 @@ async def test_events_on_the_wrong_topic_are_dead_lettered_not_obeyed(
         task_id=f"{pool_name}-stray", pool=pool_name, priority=Priority.LOW, input="x"
     )
     stray_bytes = codec.encode(client._producer.envelope(stray), stray)
-    async with host(pool_name, 1):
+    async with system.running(1):
         # A HALT on a command topic would stop dispatching without being witnessed.
         await client.send_raw(client.topics.command(Priority.CRITICAL), "system", halt_bytes)
         await client.send_raw(client.topics.agents, stray.task_id, stray_bytes)
-        task_id = await client.submit("still dispatched", pool=pool_name)
-        await eventually(lambda: _visible(db, task_id))
+        await system.submit_visible("still dispatched")
 
     async def letters() -> dict[str, asyncpg.Record]:
         rows = await db.fetch(
@@ -131,12 +125,9 @@ async def test_events_on_the_wrong_topic_are_dead_lettered_not_obeyed(
 
 
 async def test_a_record_postgresql_refuses_is_dead_lettered_and_projection_goes_on(
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
+    system: System,
 ) -> None:
+    db, client, pool_name = system.db, system.client, system.pool
     # Valid Avro, but PostgreSQL text cannot hold NUL: produced past the runtime's checks.
     refused = AgentOutput(
         task_id=f"{pool_name}-nul",
@@ -147,10 +138,9 @@ async def test_a_record_postgresql_refuses_is_dead_lettered_and_projection_goes_
         deliberation_id=None,
     )
     value = default_codec().encode(client._producer.envelope(refused), refused)
-    async with host(pool_name, 1):
+    async with system.running(1):
         await client.send_raw(client.topics.outputs, refused.task_id, value)
-        task_id = await client.submit("after the refused record", pool=pool_name)
-        await eventually(lambda: _visible(db, task_id))
+        await system.submit_visible("after the refused record")
 
     async def letter() -> asyncpg.Record | None:
         return await db.fetchrow(

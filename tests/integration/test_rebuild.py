@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from conclave.client import Client
-from conclave.settings import Settings
 from conclave.verify import rebuild
 from projections.database import READ_MODEL_TABLES
 from projections.projector import Projector
-from tests.integration.conftest import HostFactory, RunningProjector, eventually
-from tests.integration.test_skeleton import _visible
+from tests.integration.conftest import (
+    System,
+    eventually,
+    output_visible,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -28,20 +29,14 @@ async def snapshot(db: asyncpg.Pool) -> dict[str, list[tuple[object, ...]]]:
     return tables
 
 
-async def test_drop_and_replay_gives_identical_rows(
-    settings: Settings,
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
-    async with host(pool_name, 4):
+async def test_drop_and_replay_gives_identical_rows(system: System) -> None:
+    settings, db, client, pool_name = system.settings, system.db, system.client, system.pool
+    async with system.running(4):
         ids = [await client.submit(f"r{i}", pool=pool_name) for i in range(8)]
         for task_id in ids:
-            await eventually(lambda t=task_id: _visible(db, t))  # type: ignore[misc]
+            await eventually(lambda t=task_id: output_visible(db, t))  # type: ignore[misc]
     # Hosts are stopped: no more heartbeats. Fold everything there is, then compare.
-    await projector.stop()
+    await system.projector.stop()
     try:
         catch_up = Projector(settings, db)
         await catch_up.start()
@@ -58,4 +53,4 @@ async def test_drop_and_replay_gives_identical_rows(
         for table in READ_MODEL_TABLES:
             assert after[table] == before[table], f"{table} differs after replay"
     finally:
-        await projector.start()
+        await system.projector.start()

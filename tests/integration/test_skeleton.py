@@ -11,7 +11,6 @@ import asyncpg
 import pytest
 
 from conclave.bus import read_history
-from conclave.client import Client
 from conclave.domain.events import Priority
 from conclave.errors import SchemaError
 from conclave.runtime.agents import AgentContext
@@ -19,7 +18,12 @@ from conclave.settings import Settings
 from conclave.verify import verify_sources
 from projections import queries
 from schemas.codec import default_codec
-from tests.integration.conftest import HostFactory, RunningProjector, eventually, task_status
+from tests.integration.conftest import (
+    System,
+    eventually,
+    output_visible,
+    task_status,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -49,17 +53,10 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_submitted_task_completes_with_witnessed_output(
-    settings: Settings,
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
-    async with host(pool_name, 2):
-        task_id = await client.submit("what is 6 x 7?", pool=pool_name, priority=Priority.HIGH)
-        await eventually(lambda: _visible(db, task_id))
+async def test_submitted_task_completes_with_witnessed_output(system: System) -> None:
+    settings, db = system.settings, system.db
+    async with system.running(2):
+        task_id = await system.submit_visible("what is 6 x 7?", priority=Priority.HIGH)
 
     view = await queries.get_task(db, task_id)
     assert view.status == "completed"
@@ -78,16 +75,10 @@ async def test_submitted_task_completes_with_witnessed_output(
     assert view.output.content[:20] in shown.stdout
 
 
-async def test_output_is_invisible_until_its_witness_entry_is_projected(
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
-    async with host(pool_name, 1):
-        task_id = await client.submit("hold on", pool=pool_name)
-        await eventually(lambda: _visible(db, task_id))
+async def test_output_is_invisible_until_its_witness_entry_is_projected(system: System) -> None:
+    db = system.db
+    async with system.running(1):
+        task_id = await system.submit_visible("hold on")
     view = await queries.get_task(db, task_id)
     assert view.output is not None
     # Remove the witness row (as if not yet projected): the output must vanish for readers.
@@ -105,31 +96,21 @@ async def test_output_is_invisible_until_its_witness_entry_is_projected(
         )
 
 
-async def test_same_task_id_submitted_twice_runs_once(
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
-    async with host(pool_name, 2):
+async def test_same_task_id_submitted_twice_runs_once(system: System) -> None:
+    db, client, pool_name = system.db, system.client, system.pool
+    async with system.running(2):
         first = await client.submit("once", pool=pool_name, task_id=f"{pool_name}-dup")
         second = await client.submit("once", pool=pool_name, task_id=f"{pool_name}-dup")
         assert first == second
-        await eventually(lambda: _visible(db, first))
+        await eventually(lambda: output_visible(db, first))
         await asyncio.sleep(0.5)  # give a duplicate every chance to show up
     assert await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", first) == 1
     assert await db.fetchval("SELECT count(*) FROM witness_entries WHERE task_id = $1", first) == 1
 
 
-async def test_halt_stops_dispatching_until_resume_and_both_are_witnessed(
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
-    async with host(pool_name, 1):
+async def test_halt_stops_dispatching_until_resume_and_both_are_witnessed(system: System) -> None:
+    db, client, pool_name = system.db, system.client, system.pool
+    async with system.running(1):
         await client.halt("maintenance window", operator="test")
         await eventually(
             lambda: db.fetchval(
@@ -142,7 +123,7 @@ async def test_halt_stops_dispatching_until_resume_and_both_are_witnessed(
         await asyncio.sleep(1.0)
         assert await task_status(db, task_id) == "queued"
         await client.resume("window over", operator="test")
-        await eventually(lambda: _visible(db, task_id))
+        await eventually(lambda: output_visible(db, task_id))
     kinds = [
         r["subject_type"]
         for r in await db.fetch(
@@ -154,16 +135,14 @@ async def test_halt_stops_dispatching_until_resume_and_both_are_witnessed(
 
 
 async def test_failing_agent_is_dead_lettered_with_attribution_after_retries(
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
+    system: System,
 ) -> None:
+    db, client, pool_name = system.db, system.client, system.pool
+
     async def broken(ctx: object) -> str:
         raise RuntimeError("model refused")
 
-    async with host(pool_name, 1, agent=broken):
+    async with system.running(1, broken):
         task_id = await client.submit("fail", pool=pool_name, max_attempts=2)
         await eventually(lambda: _is(db, task_id, "dead_lettered"))
     view = await queries.get_task(db, task_id)
@@ -174,18 +153,12 @@ async def test_failing_agent_is_dead_lettered_with_attribution_after_retries(
     assert view.error == "RuntimeError"
 
 
-async def test_witness_chain_verifies_from_topic_and_database(
-    settings: Settings,
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
-    async with host(pool_name, 3):
+async def test_witness_chain_verifies_from_topic_and_database(system: System) -> None:
+    settings, db, client, pool_name = system.settings, system.db, system.client, system.pool
+    async with system.running(3):
         ids = [await client.submit(f"q{i}", pool=pool_name) for i in range(5)]
         for task_id in ids:
-            await eventually(lambda t=task_id: _visible(db, t))  # type: ignore[misc]
+            await eventually(lambda t=task_id: output_visible(db, t))  # type: ignore[misc]
     await eventually(lambda: _projected_witness_matches_topic(settings, db))
     results = await verify_sources(settings)
     assert [r.source for r in results] == ["topic", "db"]
@@ -195,18 +168,11 @@ async def test_witness_chain_verifies_from_topic_and_database(
     assert ok.returncode == 0, ok.stderr
 
 
-async def test_witness_verify_names_first_bad_sequence(
-    settings: Settings,
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
-    async with host(pool_name, 2):
+async def test_witness_verify_names_first_bad_sequence(system: System) -> None:
+    settings, db = system.settings, system.db
+    async with system.running(2):
         for i in range(3):
-            task_id = await client.submit(f"t{i}", pool=pool_name)
-            await eventually(lambda t=task_id: _visible(db, t))  # type: ignore[misc]
+            await system.submit_visible(f"t{i}")
     sequence = await db.fetchval("SELECT max(sequence) - 1 FROM witness_entries")
     original = await db.fetchval(
         "SELECT subject_digest FROM witness_entries WHERE sequence = $1", sequence
@@ -225,14 +191,6 @@ async def test_witness_verify_names_first_bad_sequence(
     assert "Traceback" not in bad.stderr
 
 
-async def _visible(db: asyncpg.Pool, task_id: str) -> bool:
-    try:
-        view = await queries.get_task(db, task_id)
-    except Exception:
-        return False
-    return view.output is not None
-
-
 async def _is(db: asyncpg.Pool, task_id: str, status: str) -> bool:
     return await task_status(db, task_id) == status
 
@@ -242,17 +200,10 @@ async def _projected_witness_matches_topic(settings: Settings, db: asyncpg.Pool)
     return results[0].entries == results[1].entries
 
 
-async def test_one_trace_follows_a_task_across_topics(
-    settings: Settings,
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
-    async with host(pool_name, 1):
-        task_id = await client.submit("trace me", pool=pool_name)
-        await eventually(lambda: _visible(db, task_id))
+async def test_one_trace_follows_a_task_across_topics(system: System) -> None:
+    settings, client = system.settings, system.client
+    async with system.running(1):
+        task_id = await system.submit_visible("trace me")
 
     codec = default_codec()
     trace_ids: dict[str, set[str]] = {}
@@ -282,17 +233,13 @@ async def test_one_trace_follows_a_task_across_topics(
     }
 
 
-async def test_answers_that_cannot_be_recorded_fail_with_attribution(
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
+async def test_answers_that_cannot_be_recorded_fail_with_attribution(system: System) -> None:
+    db, client, pool_name = system.db, system.client, system.pool
+
     async def odd(ctx: AgentContext) -> str:
         return 42 if ctx.input == "number" else "x" * 1_000_000  # type: ignore[return-value]
 
-    async with host(pool_name, 1, agent=odd):
+    async with system.running(1, odd):
         number = await client.submit("number", pool=pool_name)
         huge = await client.submit("huge", pool=pool_name)
         for task_id in (number, huge):
@@ -305,17 +252,13 @@ async def test_answers_that_cannot_be_recorded_fail_with_attribution(
         assert view.failures == [(1, f"{pool_name}-agent-000", "OutputRejected", message)]
 
 
-async def test_an_answer_with_a_nul_character_fails_with_attribution(
-    db: asyncpg.Pool,
-    projector: RunningProjector,
-    host: HostFactory,
-    client: Client,
-    pool_name: str,
-) -> None:
+async def test_an_answer_with_a_nul_character_fails_with_attribution(system: System) -> None:
+    db, client, pool_name = system.db, system.client, system.pool
+
     async def nul(ctx: AgentContext) -> str:
         return "half\x00answer"
 
-    async with host(pool_name, 1, agent=nul):
+    async with system.running(1, nul):
         task_id = await client.submit("say it", pool=pool_name)
         await eventually(lambda: _is(db, task_id, "dead_lettered"))
     view = await queries.get_task(db, task_id)
