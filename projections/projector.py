@@ -49,6 +49,16 @@ class Projector:
         self.pool = pool
         self.codec = codec or default_codec()
         self.topics = topics_for(settings)
+        self.expected: dict[str, tuple[type[Any], ...]] = {
+            self.topics.agents: (AgentRegistered,),
+            self.topics.heartbeats: (Heartbeat,),
+            self.topics.tasks: (TaskQueued, TaskDispatched, TaskCompleted, TaskDeadLettered),
+            self.topics.outputs: (AgentOutput, TaskFailed),
+            self.topics.witness: (WitnessEntry,),
+            self.topics.deadletter: (DeadLetterRecord,),
+            self.topics.control: (Halt, Resume),
+        }
+        """What each history topic carries; every type here has a statement below."""
         self.consumer: AIOKafkaConsumer | None = None
         self.partitions: list[TopicPartition] = []
         self._conn: asyncpg.Connection | None = None
@@ -181,10 +191,18 @@ class Projector:
                 "SchemaError",
                 record.value,
             )
-        statement = _STATEMENTS.get(type(event))
-        if statement is None:
-            return None
-        sql, arguments = statement
+        if not isinstance(event, self.expected.get(record.topic, ())):
+            # Folding it would put it in the wrong table (a HALT on the tasks topic would
+            # read as a system event); skipping it would lose it silently.
+            return _UNPROJECTABLE, (
+                record.topic,
+                record.partition,
+                record.offset,
+                f"{event.TYPE} is not projected from {record.topic}",
+                "InvalidEvent",
+                record.value,
+            )
+        sql, arguments = _STATEMENTS[type(event)]
         return sql, arguments(envelope, event)
 
 

@@ -154,3 +154,25 @@ async def test_a_record_postgresql_refuses_is_dead_lettered_and_projection_goes_
     assert (
         await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", refused.task_id) == 0
     )
+
+
+async def test_an_event_on_the_wrong_history_topic_is_dead_lettered_not_projected(
+    system: System,
+) -> None:
+    db, client = system.db, system.client
+    misplaced = Halt(reason=f"on the tasks topic {system.pool}", operator="x")
+    value = default_codec().encode(client._producer.envelope(misplaced), misplaced)
+    await client.send_raw(client.topics.tasks, "system", value)
+
+    async def letter() -> asyncpg.Record | None:
+        return await db.fetchrow(
+            "SELECT * FROM dead_letters WHERE processor = 'projector' AND original = $1", value
+        )
+
+    row = await eventually(letter)
+    assert row["error_type"] == "InvalidEvent"
+    assert row["reason"] == f"system.halt is not projected from {client.topics.tasks}"
+    assert (
+        await db.fetchval("SELECT count(*) FROM system_events WHERE reason = $1", misplaced.reason)
+        == 0
+    )
