@@ -29,7 +29,8 @@ class Record:
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None
+    """``None`` for a null value (a tombstone), which is not the same as ``b""``."""
     headers: Sequence[tuple[str, bytes]]
 
     @classmethod
@@ -40,7 +41,7 @@ class Record:
             partition=message.partition,
             offset=message.offset,
             key=message.key,
-            value=message.value if message.value is not None else b"",
+            value=message.value,
             headers=list(message.headers or ()),
         )
 

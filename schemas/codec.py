@@ -174,7 +174,13 @@ class Codec:
             raise SchemaError(f"cannot encode {type(event).__name__}: {exc}") from exc
         return buffer.getvalue()
 
-    def decode(self, data: bytes) -> tuple[ev.Envelope, ev.Event]:
+    def decode(self, data: bytes | None) -> tuple[ev.Envelope, ev.Event]:
+        """The event in ``data``; a null value (a Kafka tombstone) or empty bytes are
+        :class:`SchemaError` like any other record that holds no event."""
+        if data is None:
+            raise SchemaError("null value (a tombstone), not an event")
+        if not data:
+            raise SchemaError("empty value, not an event")
         if len(data) < _HEADER_LEN or data[:2] != MAGIC:
             raise SchemaError("not an Avro single-object record (bad magic)")
         writer = self._registry.writer(data[2:_HEADER_LEN])

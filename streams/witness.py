@@ -94,7 +94,7 @@ class WitnessProcessor:
                 self.head,
                 subject_type=event.TYPE,
                 subject_event_id=envelope.event_id,
-                subject_digest=witness.digest(record.value),
+                subject_digest=witness.digest(record.value or b""),  # decoded, so not null
                 recorded_at=now_us(),
                 task_id=getattr(event, "task_id", None),
                 agent_id=getattr(event, "agent_id", None),

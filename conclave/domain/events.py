@@ -270,7 +270,9 @@ class DeadLetterRecord:
     TYPE: ClassVar[str] = "dead_letter.recorded"
     reason: str
     error_type: str
-    original: bytes
+    original: bytes | None
+    """The record value exactly as consumed; ``None`` for a null value (a tombstone),
+    which is not the same as empty bytes (schema v2)."""
     source_topic: str
     source_partition: int
     source_offset: int

@@ -378,6 +378,7 @@ WRITTEN_FINGERPRINTS = [
     ("TaskSubmitted", "ed05d20233adf82d"),
     ("WitnessEntry", "731df6974755d21c"),
     pytest.param("WitnessEntry", "0128b43f8794ac3c", id="WitnessEntry-v1"),
+    pytest.param("DeadLetterRecord", "2694146afc0a2483", id="DeadLetterRecord-v2"),
 ]
 
 
@@ -394,6 +395,38 @@ def _known_fingerprints() -> list[bytes]:
     return [
         bytes.fromhex(fp) for fps in default_codec().registry.fingerprints().values() for fp in fps
     ]
+
+
+def test_null_and_empty_values_are_schema_errors_that_say_which() -> None:
+    with pytest.raises(SchemaError, match="null value"):
+        default_codec().decode(None)
+    with pytest.raises(SchemaError, match="empty value"):
+        default_codec().decode(b"")
+
+
+def test_v1_dead_letter_decodes_into_v2_with_bytes_and_v2_keeps_null_apart_from_empty() -> None:
+    v1_schema = full_schema(SCHEMA_DIR / "history/dead_letter_record.v1.avsc")
+    envelope = ev.new_envelope("dead_letter.recorded", tenant="t", producer="test")
+    fields = {
+        "reason": "r",
+        "error_type": "SchemaError",
+        "source_topic": "x.tasks",
+        "source_partition": 0,
+        "source_offset": 7,
+        "processor": "scheduler",
+    }
+    buffer = io.BytesIO()
+    buffer.write(MAGIC + crc64_avro(canonical_form(v1_schema)).to_bytes(8, "little"))
+    record = {"envelope": dataclasses.asdict(envelope), "original": b"\x00raw", **fields}
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(v1_schema), record)
+    _, old = default_codec().decode(buffer.getvalue())
+    assert old == ev.DeadLetterRecord(original=b"\x00raw", **fields)  # type: ignore[arg-type]
+    for original in (None, b""):
+        letter = ev.DeadLetterRecord(original=original, **fields)  # type: ignore[arg-type]
+        _, decoded = default_codec().decode(default_codec().encode(envelope, letter))
+        assert isinstance(decoded, ev.DeadLetterRecord)
+        assert decoded.original == original
+        assert (decoded.original is None) == (original is None)
 
 
 @pytest.mark.parametrize("data", [b"", b"\xc3", b"\xc3\x01", b"\xc3\x01\x00\x01\x02"])
