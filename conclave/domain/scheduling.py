@@ -1,13 +1,28 @@
 """The scheduler's domain: what a command or fact means for the task schedule.
 
-``decide(state, cause) -> list[event]`` is pure: it reads the state and returns
-the events to append. ``evolve(state, event)`` folds one event into the state.
-Rebuilding the state after a restart is the same fold over the scheduler's own
-output topic, so recovery is not a separate code path.
+``decide(state, cause, now) -> list[event]`` is pure: it reads the state and
+returns the events to append. ``evolve(state, event)`` folds one event into the
+state. Rebuilding the state after a restart is the same fold over the scheduler's
+own output topic (plus agents and control), from empty or from a snapshot
+(:func:`to_snapshot` / :func:`from_snapshot`), so recovery is not a separate path.
 
-Why ``evolve`` mutates: the state holds every live task of every pool; copying
-it per event would make scheduling O(tasks) per event. ``evolve`` is the only
-place that mutates, and ``decide`` never does, so the state is still a fold.
+Why ``evolve`` mutates: copying the state per event would cost O(tasks) per event.
+``evolve`` is the only place that mutates; ``decide`` and ``schedule`` never do.
+
+Cost: every event is O(log n) in the queued tasks (plus the events it yields), for
+any number of idle agents and pools. ``evolve`` keeps indexes for that (see
+:class:`PoolState`): per-pool heaps of queued tasks, idle agents ordered by id and
+by the best task waiting for them, and the set of pools where a dispatch is
+possible now, so :func:`schedule` looks only there.
+
+Memory: finished tasks leave the state; a window of the last ``dedup_window``
+finished task ids (and expanded deliberation ids) keeps duplicates out. Idempotent
+submission is guaranteed within that window: a ``TaskSubmitted`` repeated after
+``dedup_window`` more tasks have finished runs the task again.
+
+Time enters as ``now`` (microseconds since the epoch); nothing here reads a clock.
+Rules that wait (retry back-off, leases) will keep their deadlines in ``timers``;
+:func:`next_due` says when the caller must come back even without input.
 
 Rules enforced here (each has a test):
 
@@ -21,16 +36,14 @@ Rules enforced here (each has a test):
 
 from __future__ import annotations
 
-import enum
-import heapq
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from itertools import takewhile
 
 from conclave.domain.events import (
     AgentRegistered,
     DeliberationRequested,
     Halt,
     Heartbeat,
-    Priority,
     Resume,
     TaskCompleted,
     TaskDeadLettered,
@@ -39,78 +52,41 @@ from conclave.domain.events import (
     TaskSubmitted,
     WitnessEntry,
 )
+from conclave.domain.scheduler_state import (
+    DEFAULT_CAPACITY,
+    DEFAULT_DEDUP_WINDOW,
+    SNAPSHOT_VERSION,
+    AgentSlot,
+    PoolState,
+    SchedulerState,
+    TaskState,
+    TaskStatus,
+    from_snapshot,
+    to_snapshot,
+)
 
 __all__ = [
     "DEFAULT_CAPACITY",
+    "DEFAULT_DEDUP_WINDOW",
+    "SNAPSHOT_VERSION",
     "AgentSlot",
+    "PoolState",
     "SchedulerEvent",
     "SchedulerState",
     "TaskState",
     "TaskStatus",
     "decide",
     "deliberation_task_id",
+    "due_timers",
     "evolve",
+    "from_snapshot",
+    "next_due",
     "schedule",
+    "status_of",
+    "to_snapshot",
 ]
 
-DEFAULT_CAPACITY = 72
-
 SchedulerEvent = TaskQueued | TaskDispatched | TaskCompleted | TaskDeadLettered
-
-
-class TaskStatus(enum.Enum):
-    QUEUED = "queued"
-    DISPATCHED = "dispatched"
-    COMPLETED = "completed"
-    DEAD_LETTERED = "dead_lettered"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (TaskStatus.COMPLETED, TaskStatus.DEAD_LETTERED)
-
-
-@dataclass(slots=True)
-class TaskState:
-    task_id: str
-    pool: str
-    priority: Priority
-    input: str
-    agent_id: str | None
-    """Fixed target agent, or the agent it is dispatched to."""
-    targeted: bool
-    max_attempts: int
-    deliberation_id: str | None
-    sequence: int
-    status: TaskStatus = TaskStatus.QUEUED
-    attempt: int = 0
-
-
-@dataclass(slots=True)
-class AgentSlot:
-    agent_id: str
-    pool: str
-    host_id: str
-
-
-@dataclass(slots=True)
-class SchedulerState:
-    capacity: int = DEFAULT_CAPACITY
-    halted: bool = False
-    tasks: dict[str, TaskState] = field(default_factory=dict)
-    agents: dict[str, AgentSlot] = field(default_factory=dict)
-    in_flight: dict[str, int] = field(default_factory=dict)
-    """Pool -> number of dispatched, unfinished tasks."""
-    queues: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)
-    """Pool -> heap of (priority, sequence, task id) of queued tasks."""
-    next_sequence: int = 1
-    assignments: dict[str, str] = field(default_factory=dict)
-    """Agent id -> the dispatched task it works on. Kept apart from the agent registry
-    so that folding a dispatch before its agent's registration still marks it busy."""
-    deliberations: set[str] = field(default_factory=set)
-    """Deliberations already expanded into tasks: a redelivered request adds none."""
-
-    def pools(self) -> set[str]:
-        return set(self.queues) | {a.pool for a in self.agents.values()}
 
 
 def deliberation_task_id(deliberation_id: str, agent_id: str) -> str:
@@ -118,13 +94,35 @@ def deliberation_task_id(deliberation_id: str, agent_id: str) -> str:
     return f"{deliberation_id}/{agent_id}"
 
 
+def status_of(state: SchedulerState, task_id: str) -> TaskStatus | None:
+    """A live task's status, a recently finished one's, or ``None`` (unknown or forgotten)."""
+    task = state.tasks.get(task_id)
+    return task.status if task is not None else state.finished.get(task_id)
+
+
+def next_due(state: SchedulerState) -> int | None:
+    """The earliest time (µs since the epoch) at which a timer is due, if any."""
+    first = state.timers.first()
+    return None if first is None else first[0][0]
+
+
+def due_timers(state: SchedulerState, now: int) -> list[str]:
+    """Keys of the timers due at ``now``, earliest first. Pure: folding what they
+    cause is what removes them."""
+    return [key for _, key in takewhile(lambda e: e[0][0] <= now, state.timers)]
+
+
 def decide(
     state: SchedulerState,
     cause: TaskSubmitted | DeliberationRequested | WitnessEntry,
+    now: int,
 ) -> list[TaskQueued | TaskCompleted | TaskDeadLettered]:
-    """Events that a command or a witnessed fact implies; ``[]`` for duplicates."""
+    """Events that a command or a witnessed fact implies at ``now``; ``[]`` for duplicates.
+
+    No rule depends on ``now`` yet; it is an argument so that the ones that will
+    (deadlines, back-off) get time from the caller and replay the same way."""
     if isinstance(cause, TaskSubmitted):
-        if cause.task_id in state.tasks:
+        if _known(state, cause.task_id):
             return []
         return [
             TaskQueued(
@@ -141,13 +139,12 @@ def decide(
     if isinstance(cause, DeliberationRequested):
         if cause.deliberation_id in state.deliberations:
             return []
-        agent_ids = cause.agent_ids or sorted(
-            a.agent_id for a in state.agents.values() if a.pool == cause.pool
-        )
+        pool = state.pools.get(cause.pool)
+        agent_ids = cause.agent_ids or sorted(pool.members if pool is not None else ())
         queued: list[TaskQueued | TaskCompleted | TaskDeadLettered] = []
         for agent_id in agent_ids:
             task_id = deliberation_task_id(cause.deliberation_id, agent_id)
-            if task_id in state.tasks:
+            if _known(state, task_id):
                 continue
             queued.append(
                 TaskQueued(
@@ -163,6 +160,10 @@ def decide(
             )
         return queued
     return _decide_witnessed(state, cause)
+
+
+def _known(state: SchedulerState, task_id: str) -> bool:
+    return task_id in state.tasks or task_id in state.finished
 
 
 def _decide_witnessed(
@@ -210,140 +211,86 @@ def _decide_witnessed(
     return []
 
 
-def schedule(state: SchedulerState) -> list[TaskDispatched]:
-    """Dispatches that capacity, free agents and priorities allow right now.
+def schedule(state: SchedulerState, now: int) -> list[TaskDispatched]:
+    """Dispatches that capacity, free agents and priorities allow at ``now``.
 
     Queued tasks are taken in (priority, arrival) order. A targeted task waits for
-    its own agent; an untargeted one takes an idle agent that no better queued
-    task is waiting for, so it never steals the agent a higher-priority task needs.
-    Pure: the returned events still have to be folded with :func:`evolve`.
+    its own agent; an untargeted one takes an idle agent nobody waits for (the
+    smallest id), else the one whose best waiting task ranks lowest, so it never
+    steals the agent a better task needs. One call reaches a fixpoint. Pure: the
+    returned events still have to be folded with :func:`evolve`.
     """
     if state.halted:
         return []
-    dispatched: list[TaskDispatched] = []
-    for pool in sorted(state.queues):
-        free = state.capacity - state.in_flight.get(pool, 0)
-        if free <= 0 or not state.queues[pool]:
-            continue
-        idle = {
-            a.agent_id: a
-            for a in state.agents.values()
-            if a.pool == pool and a.agent_id not in state.assignments
-        }
-        if not idle:
-            continue
-        queued = sorted(state.queues[pool])
-        # The best queued task waiting for each idle agent, by its (priority, sequence).
-        wanted: dict[str, tuple[int, int]] = {}
-        for priority, sequence, task_id in queued:
-            target = state.tasks[task_id].agent_id if state.tasks[task_id].targeted else None
-            if target in idle and target not in wanted:
-                wanted[target] = (priority, sequence)
-        for priority, sequence, task_id in queued:
-            if free <= 0 or not idle:
-                break
-            task = state.tasks[task_id]
-            if task.targeted:
-                agent = idle.get(task.agent_id or "")
-            else:
-                agent = _free_agent(idle, wanted, (priority, sequence))
-            if agent is None:
-                continue
-            del idle[agent.agent_id]
-            wanted.pop(agent.agent_id, None)
-            free -= 1
-            dispatched.append(
-                TaskDispatched(
-                    task_id=task.task_id,
-                    pool=pool,
-                    agent_id=agent.agent_id,
-                    host_id=agent.host_id,
-                    attempt=task.attempt + 1,
-                    input=task.input,
-                    deliberation_id=task.deliberation_id,
-                )
-            )
-    return dispatched
+    return [d for name in sorted(state.ready) for d in _schedule_pool(state, state.pools[name])]
 
 
-def _free_agent(
-    idle: dict[str, AgentSlot], wanted: dict[str, tuple[int, int]], rank: tuple[int, int]
-) -> AgentSlot | None:
-    """An idle agent for an untargeted task of ``rank``: one nobody waits for, else one
-    wanted only by a task ranked below this one (the lowest-ranked such claim first)."""
-    unclaimed = sorted(a for a in idle if a not in wanted)
-    if unclaimed:
-        return idle[unclaimed[0]]
-    outranked = [(claim, a) for a, claim in wanted.items() if a in idle and claim > rank]
-    if not outranked:
-        return None
-    return idle[max(outranked)[1]]
+def _schedule_pool(state: SchedulerState, pool: PoolState) -> Iterator[TaskDispatched]:
+    """Merges the pool's untargeted queue with the best claim of each idle agent, by rank.
+
+    When an untargeted task comes up, every claim ranked better has been served
+    already, so every remaining claim ranks lower: taking the worst-claimed agent
+    is always allowed, and an untargeted task finds an agent while any is idle.
+    """
+    free = state.capacity - pool.in_flight
+    idle = len(pool.unclaimed) + len(pool.claimed)
+    taken: set[str] = set()
+    unclaimed = iter(pool.unclaimed)
+    claims = (c for c in pool.claimed if c[1] not in taken)
+    worst_claims = (c for c in pool.claimed_worst_first if c[1] not in taken)
+    untargeted = iter(pool.untargeted)
+    claim, task = next(claims, None), next(untargeted, None)
+    while free > 0 and idle > 0:
+        if claim is not None and claim[1] in taken:  # taken by an untargeted task
+            claim = next(claims, None)
+        if claim is not None and (task is None or claim[0] < task[0]):
+            agent_id = claim[1]
+            first = pool.targeted[agent_id].first()
+            assert first is not None  # a claimed agent has a queued task waiting for it
+            task_id = first[1]
+            claim = next(claims, None)
+        elif task is not None:
+            task_id = task[1]
+            spare = next(unclaimed, None) or next(worst_claims)
+            agent_id = spare[1]
+            task = next(untargeted, None)
+        else:
+            return
+        taken.add(agent_id)
+        free -= 1
+        idle -= 1
+        queued = state.tasks[task_id]
+        yield TaskDispatched(
+            task_id=task_id,
+            pool=queued.pool,
+            agent_id=agent_id,
+            host_id=state.agents[agent_id].host_id,
+            attempt=queued.attempt + 1,
+            input=queued.input,
+            deliberation_id=queued.deliberation_id,
+        )
 
 
 def evolve(
     state: SchedulerState,
     event: SchedulerEvent | AgentRegistered | Heartbeat | Halt | Resume,
 ) -> SchedulerState:
-    """Fold one event into the state (in place, see the module docstring)."""
+    """Fold one event into the state (in place, see the module docstring).
+
+    Every case tolerates duplicates and any interleaving of the tasks topic with the
+    agents and control topics, which is all that recovery guarantees.
+    """
     match event:
         case TaskQueued():
-            task = state.tasks.get(event.task_id)
-            if task is None:
-                task = TaskState(
-                    task_id=event.task_id,
-                    pool=event.pool,
-                    priority=event.priority,
-                    input=event.input,
-                    agent_id=event.agent_id,
-                    targeted=event.agent_id is not None,
-                    max_attempts=event.max_attempts,
-                    deliberation_id=event.deliberation_id,
-                    sequence=event.sequence,
-                )
-                state.tasks[event.task_id] = task
-                if event.deliberation_id is not None:
-                    state.deliberations.add(event.deliberation_id)
-            elif task.status is not TaskStatus.DISPATCHED:
-                return state  # a duplicate (or a stale retry of a finished task)
-            else:  # a retry: back in the queue, keeping its attempts
-                _release(state, task)
-                task.status = TaskStatus.QUEUED
-                task.sequence = event.sequence
-                if not task.targeted:
-                    task.agent_id = None
-            heapq.heappush(
-                state.queues.setdefault(event.pool, []),
-                (int(event.priority), event.sequence, event.task_id),
-            )
-            state.next_sequence = max(state.next_sequence, event.sequence + 1)
+            _fold_queued(state, event)
         case TaskDispatched():
-            task = state.tasks.get(event.task_id)
-            if task is None or task.status is not TaskStatus.QUEUED:
-                return state  # a duplicate, or a dispatch of a task this fold never saw
-            queue = state.queues[task.pool]
-            queue.remove((int(task.priority), task.sequence, task.task_id))
-            heapq.heapify(queue)
-            task.status = TaskStatus.DISPATCHED
-            task.agent_id = event.agent_id
-            task.attempt = event.attempt
-            state.in_flight[task.pool] = state.in_flight.get(task.pool, 0) + 1
-            state.assignments[event.agent_id] = task.task_id
-        case TaskCompleted() | TaskDeadLettered():
-            task = state.tasks.get(event.task_id)
-            if task is None or task.status.terminal:
-                return state
-            _release(state, task)
-            task.status = (
-                TaskStatus.COMPLETED
-                if isinstance(event, TaskCompleted)
-                else TaskStatus.DEAD_LETTERED
-            )
+            _fold_dispatched(state, event)
+        case TaskCompleted():
+            _fold_finished(state, event.task_id, TaskStatus.COMPLETED)
+        case TaskDeadLettered():
+            _fold_finished(state, event.task_id, TaskStatus.DEAD_LETTERED)
         case AgentRegistered():
-            slot = state.agents.get(event.agent_id)
-            if slot is None:
-                state.agents[event.agent_id] = AgentSlot(event.agent_id, event.pool, event.host_id)
-            else:
-                slot.pool, slot.host_id = event.pool, event.host_id
+            _fold_registered(state, event)
         case Heartbeat():
             pass  # liveness is judged by the lifecycle processor, not the scheduler
         case Halt():
@@ -353,10 +300,70 @@ def evolve(
     return state
 
 
-def _release(state: SchedulerState, task: TaskState) -> None:
-    """Free the capacity and the agent a dispatched task held."""
-    if task.status is not TaskStatus.DISPATCHED:
-        return
-    state.in_flight[task.pool] -= 1
-    if state.assignments.get(task.agent_id or "") == task.task_id:
-        del state.assignments[task.agent_id or ""]
+def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
+    task = state.tasks.get(event.task_id)
+    if task is None:
+        if event.task_id in state.finished:
+            return  # a duplicate, or a stale retry, of a finished task
+        task = TaskState(
+            task_id=event.task_id,
+            pool=event.pool,
+            priority=event.priority,
+            input=event.input,
+            agent_id=event.agent_id,
+            targeted=event.agent_id is not None,
+            max_attempts=event.max_attempts,
+            deliberation_id=event.deliberation_id,
+            sequence=event.sequence,
+        )
+        state.tasks[event.task_id] = task
+        if event.deliberation_id is not None:
+            state.deliberations.add(event.deliberation_id, None)
+    elif task.status is not TaskStatus.DISPATCHED:
+        return  # a duplicate
+    else:  # a retry: back in the queue, keeping its attempts
+        state.release(task)
+        task.status = TaskStatus.QUEUED
+        task.sequence = event.sequence
+        if not task.targeted:
+            task.agent_id = None
+    state.next_sequence = max(state.next_sequence, event.sequence + 1)
+    state.enqueue(task)
+
+
+def _fold_dispatched(state: SchedulerState, event: TaskDispatched) -> None:
+    task = state.tasks.get(event.task_id)
+    if task is None or task.status is not TaskStatus.QUEUED:
+        return  # a duplicate, or a dispatch of a task this fold never saw
+    task.status = TaskStatus.DISPATCHED
+    state.assignments[event.agent_id] = task.task_id
+    state.pool(task.pool).in_flight += 1
+    state.unqueue(task)  # from the queue of its target, if it has one
+    task.agent_id = event.agent_id
+    task.attempt = event.attempt
+    state.place(event.agent_id)
+
+
+def _fold_finished(state: SchedulerState, task_id: str, status: TaskStatus) -> None:
+    task = state.tasks.pop(task_id, None)
+    if task is None:
+        return  # finished already, or never seen
+    if task.status is TaskStatus.DISPATCHED:
+        state.release(task)
+    else:  # not something decide() yields, but the indexes must still agree
+        state.unqueue(task)
+    state.finished.add(task_id, status)
+
+
+def _fold_registered(state: SchedulerState, event: AgentRegistered) -> None:
+    slot = state.agents.get(event.agent_id)
+    if slot is None:
+        slot = state.agents[event.agent_id] = AgentSlot(event.agent_id, event.pool, event.host_id)
+    elif slot.pool != event.pool:  # moved: leaves the old pool's indexes first
+        state.unplace(slot)
+        state.pool(slot.pool).members.discard(slot.agent_id)
+        state.refresh(slot.pool)
+        slot.pool = event.pool
+    slot.host_id = event.host_id
+    state.pool(event.pool).members.add(event.agent_id)
+    state.place(event.agent_id)

@@ -2,18 +2,22 @@
 
 ``Harness`` is the scheduler processor's loop without Kafka (streams/scheduler.py):
 decide, fold what was decided, schedule, fold the dispatches. A hypothesis state
-machine drives it with random submissions, deliberations, registrations, witnessed
-outputs and failures, halts, resumes and redeliveries, and checks the invariants
-after every step.
+machine drives it with random submissions, deliberations, registrations (and moves
+between pools), witnessed outputs and failures, halts, resumes, redeliveries and
+snapshots, and checks the invariants after every step. Every schedule() is compared
+with :func:`reference_schedule`, the full scan the indexed scheduler replaced, and
+every step is repeated on a replica restored from the last snapshot.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from collections import Counter
+import json
+from collections import Counter, defaultdict
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -37,15 +41,23 @@ from conclave.domain.events import (
     TaskSubmitted,
     WitnessEntry,
 )
+from conclave.domain.ordered import RankedSet, Recent
 from conclave.domain.scheduling import (
     DEFAULT_CAPACITY,
+    DEFAULT_DEDUP_WINDOW,
+    SNAPSHOT_VERSION,
     SchedulerState,
     TaskState,
     TaskStatus,
     decide,
     deliberation_task_id,
+    due_timers,
     evolve,
+    from_snapshot,
+    next_due,
     schedule,
+    status_of,
+    to_snapshot,
 )
 from conclave.domain.witness import ChainHead, digest, next_entry
 
@@ -55,48 +67,85 @@ POOLS = st.sampled_from(sorted(AGENTS_BY_POOL))
 PRIORITIES = st.sampled_from(Priority)
 
 Emitted = TaskQueued | TaskDispatched | TaskCompleted | TaskDeadLettered
+TERMINAL = (TaskStatus.COMPLETED, TaskStatus.DEAD_LETTERED)
 Folded = Emitted | AgentRegistered | Halt | Resume
 
 
 def _better(a: TaskState, b: TaskState) -> bool:
     """``a`` must be served before ``b``: higher priority, or same priority and earlier."""
-    return (int(a.priority), a.sequence) < (int(b.priority), b.sequence)
+    return a.rank < b.rank
+
+
+def _round_trip(state: SchedulerState) -> tuple[dict[str, Any], SchedulerState]:
+    """A snapshot as it travels (through JSON), and the state restored from it."""
+    snapshot = to_snapshot(state)
+    assert json.loads(json.dumps(snapshot)) == snapshot, "a snapshot is JSON data only"
+    assert snapshot["version"] == SNAPSHOT_VERSION
+    return snapshot, from_snapshot(json.loads(json.dumps(snapshot)))
 
 
 class Harness:
     """What streams/scheduler.py does with one consumed record, minus Kafka."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
-        self.state = SchedulerState(capacity=capacity)
+    def __init__(
+        self, capacity: int = DEFAULT_CAPACITY, dedup_window: int = DEFAULT_DEDUP_WINDOW
+    ) -> None:
+        self.state = SchedulerState(capacity=capacity, dedup_window=dedup_window)
         self.log: list[Folded] = []
         """Everything folded, in order: the tasks, agents and control topics."""
         self.head = ChainHead()
         self.witnessed: list[WitnessEntry] = []
         self._ids = itertools.count(1)
+        self.now = 1_700_000_000_000_000
+        self.snapshot: tuple[dict[str, Any], int] | None = None
+        """The last snapshot taken, and how much of the log it covers."""
+        self.replica: SchedulerState | None = None
+        """Restored from the last snapshot, it gets every later input; its outputs must
+        be the live state's."""
+
+    def take_snapshot(self) -> None:
+        snapshot, self.replica = _round_trip(self.state)
+        assert self.replica == self.state
+        self.snapshot = (snapshot, len(self.log))
 
     def _fold(self, events: list[Any]) -> None:
         for event in events:
             evolve(self.state, event)
+            if self.replica is not None:
+                evolve(self.replica, event)
             self.log.append(event)
 
     def schedule(self) -> list[TaskDispatched]:
         state = self.state
+        self.now += 1000
         queued_before = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.QUEUED}
-        idle_before = {a for a in state.agents if a not in state.assignments}
+        idle_before = {
+            (a.agent_id, a.pool)
+            for a in state.agents.values()
+            if a.agent_id not in state.assignments
+        }
         snapshot = copy.deepcopy(state)
-        dispatched = schedule(state)
+        dispatched = schedule(state, self.now)
         assert state == snapshot, "schedule() must not change the state"
+        assert dispatched == reference_schedule(state)
+        if self.replica is not None:
+            assert schedule(self.replica, self.now) == dispatched
         if state.halted:
             assert dispatched == []
         _check_priority(state, queued_before, idle_before, dispatched)
+        for d in dispatched:
+            assert state.agents[d.agent_id].pool == d.pool, "an agent runs its own pool's tasks"
         self._fold(dispatched)
-        assert schedule(state) == [], "schedule() must reach a fixpoint in one call"
+        assert schedule(state, self.now) == [], "schedule() must reach a fixpoint in one call"
         return dispatched
 
     def command(self, cause: TaskSubmitted | DeliberationRequested | WitnessEntry) -> list[Emitted]:
+        self.now += 1000
         snapshot = copy.deepcopy(self.state)
-        decided = decide(self.state, cause)
+        decided = decide(self.state, cause, self.now)
         assert self.state == snapshot, "decide() must not change the state"
+        if self.replica is not None:
+            assert decide(self.replica, cause, self.now) == decided
         self._fold(decided)
         return [*decided, *self.schedule()]
 
@@ -104,11 +153,13 @@ class Harness:
         self._fold([event])
         return self.schedule()
 
-    def register(self, agent_id: str, host_id: str = "h0") -> list[TaskDispatched]:
+    def register(
+        self, agent_id: str, host_id: str = "h0", pool: str | None = None
+    ) -> list[TaskDispatched]:
         return self.fact(
             AgentRegistered(
                 agent_id=agent_id,
-                pool=POOL_OF.get(agent_id, "p0"),
+                pool=pool or POOL_OF.get(agent_id, "p0"),
                 host_id=host_id,
                 agent_ref="agents:fn",
             )
@@ -165,31 +216,37 @@ class Harness:
         )
 
     def drive(self, failed: Any = lambda task: False) -> None:
-        """Resume, register every agent and witness outcomes until nothing is in flight."""
+        """Resume, register every agent and witness outcomes until nothing is live. A task
+        stuck for want of an agent in its pool (agents move) gets one moved there."""
         if self.state.halted:
             self.resume()
         for agent_id in sorted(POOL_OF):
             if agent_id not in self.state.agents:
                 self.register(agent_id)
         for _ in range(1000):
-            running = self.dispatched()
-            if not running:
+            if running := self.dispatched():
+                for task in running:
+                    self.finish(task, failed=failed(task))
+            elif stuck := min(self.state.tasks.values(), key=lambda t: t.rank, default=None):
+                movers = [stuck.agent_id or ""] if stuck.targeted else AGENTS_BY_POOL[stuck.pool]
+                for agent_id in movers:
+                    self.register(agent_id, pool=stuck.pool)
+                assert self.dispatched(), "an agent in its pool lets the best stuck task run"
+            else:
                 return
-            for task in running:
-                self.finish(task, failed=failed(task))
         raise AssertionError("the schedule did not quiesce")
 
 
 def _check_priority(
     state: SchedulerState,
     queued_before: set[str],
-    idle_before: set[str],
+    idle_before: set[tuple[str, str]],
     dispatched: list[TaskDispatched],
 ) -> None:
     """Nothing dispatched is worse than a task of its pool left queued that could have run.
 
     An untargeted task left queued could have run in place of any worse dispatched
-    task. A targeted one could too if its agent was idle, unless that agent went to a
+    task. A targeted one could too if its agent was idle in its pool, unless that agent went to a
     better task that was targeted at it (an untargeted holder could have taken another
     agent: the one the worse task got). So no untargeted task is ever left behind for a
     worse untargeted one, and an untargeted task never steals a better task's agent.
@@ -205,7 +262,7 @@ def _check_priority(
             if left.pool != task.pool:
                 continue
             if left.targeted:
-                if left.agent_id not in idle_before:
+                if (left.agent_id, left.pool) not in idle_before:
                     continue
                 holder = holders.get(left.agent_id or "")
                 if holder is not None and holder.targeted and _better(holder, left):
@@ -213,26 +270,78 @@ def _check_priority(
             assert not _better(left, task), f"{left.task_id} left behind for {task.task_id}"
 
 
-def recovered(log: list[Folded], capacity: int) -> SchedulerState:
-    state = SchedulerState(capacity=capacity)
+def reference_schedule(state: SchedulerState) -> list[TaskDispatched]:
+    """The oracle: the scheduler before it kept indexes, which scanned every agent and
+    sorted every queue on every call. The indexed one must give exactly this."""
+    if state.halted:
+        return []
+    queued: dict[str, list[TaskState]] = defaultdict(list)
+    running = Counter(t.pool for t in state.tasks.values() if t.status is TaskStatus.DISPATCHED)
+    for task in state.tasks.values():
+        if task.status is TaskStatus.QUEUED:
+            queued[task.pool].append(task)
+    dispatched: list[TaskDispatched] = []
+    for pool in sorted(queued):
+        free = state.capacity - running[pool]
+        idle = {
+            a.agent_id: a
+            for a in state.agents.values()
+            if a.pool == pool and a.agent_id not in state.assignments
+        }
+        waiting = sorted(queued[pool], key=lambda t: t.rank)
+        wanted: dict[str, tuple[int, ...]] = {}
+        for task in waiting:
+            if task.targeted and task.agent_id in idle:
+                wanted.setdefault(task.agent_id, task.rank)
+        for task in waiting:
+            if free <= 0 or not idle:
+                break
+            if task.targeted:
+                agent = idle.get(task.agent_id or "")
+            elif unclaimed := sorted(a for a in idle if a not in wanted):
+                agent = idle[unclaimed[0]]
+            else:
+                outranked = [(c, a) for a, c in wanted.items() if a in idle and c > task.rank]
+                agent = idle[max(outranked)[1]] if outranked else None
+            if agent is None:
+                continue
+            del idle[agent.agent_id]
+            wanted.pop(agent.agent_id, None)
+            free -= 1
+            dispatched.append(
+                TaskDispatched(
+                    task_id=task.task_id,
+                    pool=pool,
+                    agent_id=agent.agent_id,
+                    host_id=agent.host_id,
+                    attempt=task.attempt + 1,
+                    input=task.input,
+                    deliberation_id=task.deliberation_id,
+                )
+            )
+    return dispatched
+
+
+def recovered(log: list[Folded], start: SchedulerState) -> SchedulerState:
+    """``start`` (an empty state, or one restored from a snapshot) with ``log`` folded."""
     for event in log:
-        evolve(state, event)
-    return state
+        evolve(start, event)
+    return start
+
+
+def interleavings(log: list[Folded]) -> list[list[Folded]]:
+    """The tasks topic entirely before, and entirely after, the agents and control
+    topics: per-topic order is all that recovery can count on."""
+    facts = (AgentRegistered, Halt, Resume)
+    tasks_topic = [e for e in log if not isinstance(e, facts)]
+    other_topics = [e for e in log if isinstance(e, facts)]
+    return [[*tasks_topic, *other_topics], [*other_topics, *tasks_topic]]
 
 
 def assert_same_state(live: SchedulerState, fresh: SchedulerState) -> None:
-    assert fresh.tasks == live.tasks
-    assert {p: n for p, n in fresh.in_flight.items() if n} == {
-        p: n for p, n in live.in_flight.items() if n
-    }
-    assert {p: sorted(q) for p, q in fresh.queues.items() if q} == {
-        p: sorted(q) for p, q in live.queues.items() if q
-    }
-    assert fresh.agents == live.agents
-    assert fresh.assignments == live.assignments
-    assert fresh.halted == live.halted
-    assert fresh.next_sequence == live.next_sequence
-    assert fresh.deliberations == live.deliberations
+    """Equal facts, dedup windows and indexes (heap layouts aside), and equal snapshots."""
+    assert fresh == live
+    assert to_snapshot(fresh) == to_snapshot(live)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -271,7 +380,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             agent_id=agent_id,
             max_attempts=max_attempts,
         )
-        known = task_id in self.state.tasks
+        known = status_of(self.state, task_id) is not None
         sequence = self.state.next_sequence
         events = self.h.command(command)
         self.commands.append(command)
@@ -343,8 +452,16 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(agent_id=st.sampled_from(sorted(POOL_OF)), host_id=st.sampled_from(["h0", "h1"]))
     def register(self, agent_id: str, host_id: str) -> None:
-        for d in self.h.register(agent_id, host_id):
-            assert d.pool == POOL_OF[d.agent_id]
+        self.h.register(agent_id, host_id)
+
+    @rule(agent_id=st.sampled_from(sorted(POOL_OF)), pool=POOLS)
+    def move_to_pool(self, agent_id: str, pool: str) -> None:
+        """A host registers its agent in another pool (busy or idle); drive() moves it back."""
+        self.h.register(agent_id, pool=pool)
+
+    @rule()
+    def take_snapshot(self) -> None:
+        self.h.take_snapshot()
 
     @precondition(lambda self: bool(self.h.dispatched()))
     @rule(data=st.data(), failed=st.booleans())
@@ -411,12 +528,19 @@ class SchedulerMachine(RuleBasedStateMachine):
         terminal = Counter(
             e.task_id for e in self.h.log if isinstance(e, TaskCompleted | TaskDeadLettered)
         )
-        for task in self.state.tasks.values():
-            assert task.status.terminal, f"{task.task_id} is {task.status.value}"
-            assert terminal[task.task_id] == 1
-        assert self.state.in_flight == dict.fromkeys(self.state.in_flight, 0)
-        assert all(not q for q in self.state.queues.values())
+        for task_id in self.targets:
+            status = status_of(self.state, task_id)
+            assert status is not None, f"{task_id} is forgotten"
+            assert status.terminal, f"{task_id} is {status.value}"
+            assert terminal[task_id] == 1
+        assert self.state.tasks == {}, "finished tasks leave the live state"
+        for pool in self.state.pools.values():
+            assert pool.in_flight == 0
+            assert not pool.untargeted
+            assert not pool.targeted
+            assert not pool.claimed
         assert self.state.assignments == {}
+        assert self.state.ready == set()
 
     def teardown(self) -> None:
         self.h.drive()
@@ -425,9 +549,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def capacity_is_never_exceeded(self) -> None:
         dispatched = Counter(t.pool for t in self.h.dispatched())
-        for pool in self.state.pools() | set(self.state.in_flight):
-            assert self.state.in_flight.get(pool, 0) == dispatched[pool]
-            assert dispatched[pool] <= self.state.capacity
+        for name in set(self.state.pools) | set(dispatched):
+            pool = self.state.pools.get(name)
+            assert (pool.in_flight if pool is not None else 0) == dispatched[name]
+            assert dispatched[name] <= self.state.capacity
 
     @invariant()
     def one_task_per_agent_and_targets_respected(self) -> None:
@@ -435,45 +560,81 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert len({t.agent_id for t in running}) == len(running)
         assert self.state.assignments == {t.agent_id: t.task_id for t in running}
         for task in running:
-            assert self.state.agents[task.agent_id or ""].pool == task.pool
             if self.targets.get(task.task_id) is not None:
                 assert task.agent_id == self.targets[task.task_id]
 
     @invariant()
     def queues_hold_exactly_the_queued_tasks(self) -> None:
-        entries = sorted(e for q in self.state.queues.values() for e in q)
+        entries = sorted(
+            (rank, task_id, name, target)
+            for name, pool in self.state.pools.items()
+            for target, queue in [(None, pool.untargeted), *pool.targeted.items()]
+            for rank, task_id in queue.members()
+        )
         queued = sorted(
-            (int(t.priority), t.sequence, t.task_id)
+            (t.rank, t.task_id, t.pool, t.agent_id if t.targeted else None)
             for t in self.state.tasks.values()
             if t.status is TaskStatus.QUEUED
         )
         assert entries == queued
 
     @invariant()
+    def idle_agents_are_indexed_by_their_best_claim(self) -> None:
+        idle = [a for a in self.state.agents.values() if a.agent_id not in self.state.assignments]
+        for agent in idle:
+            pool = self.state.pools[agent.pool]
+            claims = [
+                t.rank
+                for t in self.state.tasks.values()
+                if t.status is TaskStatus.QUEUED
+                and t.targeted
+                and (t.agent_id, t.pool) == (agent.agent_id, agent.pool)
+            ]
+            best = min(claims) if claims else None
+            assert pool.claimed.rank(agent.agent_id) == best
+            worst_first = pool.claimed_worst_first.rank(agent.agent_id)
+            assert worst_first == (None if best is None else tuple(-r for r in best))
+            assert (agent.agent_id in pool.unclaimed) == (not claims)
+        indexed = sum(len(p.unclaimed) + len(p.claimed) for p in self.state.pools.values())
+        assert indexed == len(idle)
+
+    @invariant()
     def nothing_submitted_is_lost(self) -> None:
-        assert set(self.submitted) <= set(self.state.tasks)
+        assert all(status_of(self.state, task_id) is not None for task_id in self.targets)
         terminal = Counter(
             e.task_id for e in self.h.log if isinstance(e, TaskCompleted | TaskDeadLettered)
         )
         assert all(n == 1 for n in terminal.values())
 
     @invariant()
+    def a_snapshot_restores_the_same_state(self) -> None:
+        _, restored = _round_trip(self.state)
+        assert_same_state(self.state, restored)
+
+    @invariant()
     def folding_the_log_recovers_the_live_state(self) -> None:
-        assert_same_state(self.state, recovered(self.h.log, self.state.capacity))
+        assert_same_state(self.state, recovered(self.h.log, self._empty()))
 
     @invariant()
     def recovery_does_not_depend_on_how_topics_interleave(self) -> None:
-        facts = (AgentRegistered, Halt, Resume)
-        tasks_topic = [e for e in self.h.log if not isinstance(e, facts)]
-        other_topics = [e for e in self.h.log if isinstance(e, facts)]
-        capacity = self.state.capacity
-        assert_same_state(self.state, recovered([*tasks_topic, *other_topics], capacity))
-        assert_same_state(self.state, recovered([*other_topics, *tasks_topic], capacity))
+        for log in interleavings(self.h.log):
+            assert_same_state(self.state, recovered(log, self._empty()))
+
+    @invariant()
+    def a_snapshot_and_the_tail_in_any_interleaving_recover_the_live_state(self) -> None:
+        if self.h.snapshot is None:
+            return
+        snapshot, covered = self.h.snapshot
+        for tail in interleavings(self.h.log[covered:]):
+            assert_same_state(self.state, recovered(tail, from_snapshot(snapshot)))
 
     @invariant()
     def folding_every_record_twice_changes_nothing(self) -> None:
         doubled = [e for event in self.h.log for e in (event, event)]
-        assert_same_state(self.state, recovered(doubled, self.state.capacity))
+        assert_same_state(self.state, recovered(doubled, self._empty()))
+
+    def _empty(self) -> SchedulerState:
+        return SchedulerState(capacity=self.state.capacity)
 
 
 SchedulerMachine.TestCase.settings = settings(
@@ -532,7 +693,8 @@ def test_priority_holds_for_a_backlog_released_by_resume(
         h.command(submit(f"t{n}", priority=priority, agent_id=target))
     h.resume()
     h.drive(lambda task: data.draw(st.booleans(), label=f"{task.task_id} fails"))
-    assert all(t.status.terminal for t in h.state.tasks.values())
+    assert h.state.tasks == {}
+    assert all(status_of(h.state, f"t{n}") in TERMINAL for n in range(len(backlog)))
 
 
 def test_default_capacity_is_72_and_holds() -> None:
@@ -547,10 +709,11 @@ def test_default_capacity_is_72_and_holds() -> None:
         if isinstance(e, TaskDispatched)
     ]
     assert len(dispatched) == 72
-    assert h.state.in_flight["p0"] == 72
+    assert h.state.pools["p0"].in_flight == 72
     h.finish(h.dispatched()[0], failed=False)
-    assert h.state.in_flight["p0"] == 72
-    assert sum(t.status is TaskStatus.COMPLETED for t in h.state.tasks.values()) == 1
+    assert h.state.pools["p0"].in_flight == 72
+    statuses = Counter(status_of(h.state, f"task-{n:03}") for n in range(100))
+    assert statuses == {TaskStatus.COMPLETED: 1, TaskStatus.DISPATCHED: 72, TaskStatus.QUEUED: 27}
 
 
 @settings(max_examples=40, deadline=None)
@@ -568,7 +731,7 @@ def test_halted_schedule_dispatches_nothing_and_resume_serves_by_priority(
             for e in h.command(submit(f"t{n}", priority=priority))
             if isinstance(e, TaskDispatched)
         ] == []
-        assert schedule(h.state) == []
+        assert schedule(h.state, h.now) == []
     dispatched = h.resume()
     expected = sorted(range(len(priorities)), key=lambda n: (int(priorities[n]), n))[:2]
     assert [d.task_id for d in dispatched] == [f"t{n}" for n in expected]
@@ -594,9 +757,10 @@ def test_retries_fail_twice_then_complete_on_attempt_3() -> None:
             witness_sequence=entry.sequence,
         )
     ]
-    assert h.state.tasks["t"].status is TaskStatus.COMPLETED
-    assert h.state.tasks["t"].attempt == 3
+    assert status_of(h.state, "t") is TaskStatus.COMPLETED
+    assert "t" not in h.state.tasks  # finished tasks leave the live state
     assert h.command(entry) == []
+    assert h.command(submit("t", max_attempts=3)) == []
 
 
 def test_third_failure_of_three_attempts_dead_letters_with_attribution() -> None:
@@ -611,6 +775,7 @@ def test_third_failure_of_three_attempts_dead_letters_with_attribution() -> None
             task_id="t", agent_id="a0", attempts=3, reason="Boom", witness_sequence=entry.sequence
         )
     ]
+    assert status_of(h.state, "t") is TaskStatus.DEAD_LETTERED
     assert h.command(entry) == []
 
 
@@ -653,7 +818,8 @@ def test_deliberation_gives_each_agent_its_own_task(
     for d in dispatches:
         assert d.task_id == deliberation_task_id("d", d.agent_id)
         assert d.deliberation_id == "d"
-    assert all(t.status is TaskStatus.COMPLETED for t in h.state.tasks.values())
+    assert h.state.tasks == {}
+    assert all(status_of(h.state, d.task_id) is TaskStatus.COMPLETED for d in dispatches)
     assert h.command(request) == []
 
 
@@ -661,9 +827,198 @@ def test_witness_entries_of_halts_and_unknown_tasks_decide_nothing() -> None:
     h = Harness()
     h.register("a0")
     h.command(submit("t"))
-    assert decide(h.state, h.entry("system.halt")) == []
-    assert decide(h.state, h.entry("agent.output", "nope", "a0")) == []
-    assert decide(h.state, h.entry("something.else", "t", "a0")) == []
+    assert decide(h.state, h.entry("system.halt"), h.now) == []
+    assert decide(h.state, h.entry("agent.output", "nope", "a0"), h.now) == []
+    assert decide(h.state, h.entry("something.else", "t", "a0"), h.now) == []
+
+
+def test_an_agent_moved_to_another_pool_serves_that_pool_only() -> None:
+    h = Harness()
+    h.register("a0")
+    h.halt()
+    h.command(submit("t0", pool="p0"))
+    h.command(submit("t1", pool="p1"))
+    h.register("a0", pool="p1")
+    assert [(d.task_id, d.agent_id) for d in h.resume()] == [("t1", "a0")]
+    h.finish(h.state.tasks["t1"], failed=False)
+    assert h.dispatched() == []  # a0 is idle, but in p1
+    assert [d.task_id for d in h.register("a0", pool="p0")] == ["t0"]
+
+
+def test_a_busy_agent_that_moves_is_freed_into_its_new_pool() -> None:
+    h = Harness()
+    h.register("a0")
+    h.command(submit("t0", pool="p0"))
+    h.register("a0", pool="p1")
+    h.command(submit("t2", pool="p0"))
+    h.command(submit("t3", pool="p1"))
+    assert h.dispatched()[0].task_id == "t0"
+    _, events = h.finish(h.state.tasks["t0"], failed=False)
+    assert [(type(e), e.task_id) for e in events] == [(TaskCompleted, "t0"), (TaskDispatched, "t3")]
+    assert h.state.pools["p0"].in_flight == 0
+    assert status_of(h.state, "t2") is TaskStatus.QUEUED
+
+
+# -- Bounded memory: the dedup windows ---------------------------------------------------
+
+
+def test_finished_tasks_are_remembered_within_the_dedup_window_only() -> None:
+    h = Harness(dedup_window=2)
+    h.register("a0")
+    for n in range(3):
+        h.command(submit(f"t{n}"))
+        h.finish(h.state.tasks[f"t{n}"], failed=False)
+    assert h.state.tasks == {}
+    assert [status_of(h.state, f"t{n}") for n in range(3)] == [
+        None,  # the oldest, forgotten
+        TaskStatus.COMPLETED,
+        TaskStatus.COMPLETED,
+    ]
+    assert h.command(submit("t2")) == []
+    # Beyond the window a submission is new again: idempotence holds within the window.
+    assert [type(e) for e in h.command(submit("t0"))] == [TaskQueued, TaskDispatched]
+    assert_same_state(h.state, recovered(h.log, SchedulerState(dedup_window=2)))
+
+
+def test_expanded_deliberations_are_remembered_within_the_dedup_window_only() -> None:
+    h = Harness(dedup_window=1)
+    for agent in ("a0", "a1"):
+        h.register(agent)
+    h.halt()
+
+    def request(deliberation_id: str, agent_id: str) -> DeliberationRequested:
+        return DeliberationRequested(
+            deliberation_id=deliberation_id,
+            pool="p0",
+            priority=Priority.NORMAL,
+            motion="m",
+            agent_ids=[agent_id],
+        )
+
+    assert len(h.command(request("d0", "a0"))) == 1
+    assert len(h.command(request("d1", "a1"))) == 1
+    assert list(h.state.deliberations.items()) == [("d1", None)]
+    assert h.command(request("d1", "a1")) == []
+    assert h.command(request("d0", "a0")) == []  # forgotten, but its task is still live
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    window=st.integers(1, 3),
+    backlog=st.lists(st.tuples(POOLS, PRIORITIES, st.booleans()), max_size=8),
+    data=st.data(),
+)
+def test_small_windows_forget_oldest_first_and_recovery_agrees(
+    window: int, backlog: list[tuple[str, Priority, bool]], data: st.DataObject
+) -> None:
+    h = Harness(capacity=2, dedup_window=window)
+    for agent_id in sorted(POOL_OF):
+        h.register(agent_id)
+    for n, (pool, priority, targeted) in enumerate(backlog):
+        target = data.draw(st.sampled_from(AGENTS_BY_POOL[pool])) if targeted else None
+        h.command(submit(f"t{n}", pool=pool, priority=priority, agent_id=target, max_attempts=2))
+        if data.draw(st.booleans(), label="snapshot"):
+            h.take_snapshot()
+    h.drive(lambda task: data.draw(st.booleans(), label=f"{task.task_id} fails"))
+    finished = [e.task_id for e in h.log if isinstance(e, TaskCompleted | TaskDeadLettered)]
+    assert [t for t in finished if status_of(h.state, t) is not None] == finished[-window:]
+    for log in interleavings(h.log):
+        assert_same_state(h.state, recovered(log, SchedulerState(capacity=2, dedup_window=window)))
+    if h.snapshot is not None:
+        snapshot, covered = h.snapshot
+        for tail in interleavings(h.log[covered:]):
+            assert_same_state(h.state, recovered(tail, from_snapshot(snapshot)))
+
+
+# -- Snapshots and timers ------------------------------------------------------------
+
+
+def test_a_snapshot_is_versioned_and_anything_else_is_refused() -> None:
+    h = Harness()
+    h.register("a0")
+    h.command(submit("t0"))
+    h.command(submit("t1", priority=Priority.HIGH, agent_id="a1"))
+    snapshot, restored = _round_trip(h.state)
+    assert snapshot["version"] == SNAPSHOT_VERSION == 1
+    assert_same_state(h.state, restored)
+    with pytest.raises(ValueError, match="version 2"):
+        from_snapshot({**snapshot, "version": 2})
+    with pytest.raises(ValueError, match="not a scheduler snapshot"):
+        from_snapshot({"version": SNAPSHOT_VERSION, "capacity": 72})
+
+
+def test_a_snapshot_restored_with_another_capacity_schedules_by_it() -> None:
+    h = Harness(capacity=1)
+    for agent in ("a0", "a1"):
+        h.register(agent)
+    h.command(submit("t0"))
+    h.command(submit("t1"))
+    assert schedule(h.state, h.now) == []  # the pool is full
+    wider = from_snapshot(to_snapshot(h.state), capacity=2)
+    assert [(d.task_id, d.agent_id) for d in schedule(wider, h.now)] == [("t1", "a1")]
+
+
+def test_timers_come_due_in_order_without_being_consumed_and_survive_a_snapshot() -> None:
+    state = SchedulerState()
+    assert next_due(state) is None
+    assert due_timers(state, 2**62) == []
+    for key, due in [("retry:t2", 300), ("lease:t1", 100), ("retry:t3", 300), ("lease:t4", 500)]:
+        state.timers.add(key, (due,))
+    assert next_due(state) == 100
+    assert due_timers(state, 99) == []
+    assert due_timers(state, 300) == ["lease:t1", "retry:t2", "retry:t3"]
+    assert next_due(state) == 100, "due_timers() is pure"
+    state.timers.discard("lease:t1")
+    state.timers.add("retry:t3", (50,))  # moved
+    assert next_due(state) == 50
+    assert due_timers(state, 300) == ["retry:t3", "retry:t2"]
+    _, restored = _round_trip(state)
+    assert restored.timers == state.timers
+    assert due_timers(restored, 2**62) == ["retry:t3", "retry:t2", "lease:t4"]
+
+
+# -- The ordered containers --------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.none() | st.integers(0, 4))))
+def test_a_ranked_set_walks_its_members_in_rank_order(ops: list[tuple[str, int | None]]) -> None:
+    ranked, model = RankedSet(), dict[str, tuple[int, ...]]()
+    for item, rank in ops:
+        if rank is None:
+            ranked.discard(item)
+            model.pop(item, None)
+        else:
+            ranked.add(item, (rank,))
+            model[item] = (rank,)
+        expected = sorted((r, i) for i, r in model.items())
+        assert list(ranked) == expected
+        assert list(ranked) == expected, "a walk leaves the set as it was"
+        assert ranked.first() == (expected[0] if expected else None)
+        assert sorted(ranked.members()) == expected
+        assert len(ranked) == len(model)
+        assert ranked == RankedSet(expected)
+
+
+def test_a_ranked_set_stays_linear_in_its_members_under_churn() -> None:
+    ranked = RankedSet()
+    for n in range(10_000):
+        ranked.add(f"x{n}", (n % 7, n))
+        if n >= 10:
+            ranked.discard(f"x{n - 10}")  # mostly from inside the heap, not its top
+    assert len(ranked) == 10
+    assert len(ranked._heap) <= 2 * len(ranked) + 33  # private, but the bound is the point
+
+
+def test_a_recent_window_forgets_the_oldest_key_first() -> None:
+    window = Recent[int](2)
+    window.add("a", 1)
+    window.add("b", 2)
+    window.add("a", 3)  # already remembered: keeps its age
+    window.add("c", 4)
+    assert list(window.items()) == [("b", 2), ("c", 4)]
+    assert "a" not in window
+    assert window.get("b") == 2
 
 
 # -- Regressions: bugs these properties found -------------------------------------------
@@ -686,10 +1041,10 @@ def test_folding_a_duplicate_task_queued_changes_nothing() -> None:
     state = SchedulerState()
     for agent in ("a0", "a1"):
         evolve(state, AgentRegistered(agent_id=agent, pool="p0", host_id="h", agent_ref="m:f"))
-    (queued,) = decide(state, submit("t"))
+    (queued,) = decide(state, submit("t"), 0)
     evolve(state, queued)
     evolve(state, queued)  # the same record, redelivered during recovery
-    assert [d.task_id for d in schedule(state)] == ["t"]
+    assert [d.task_id for d in schedule(state, 0)] == ["t"]
 
 
 def test_recovery_does_not_depend_on_the_order_of_topics() -> None:
@@ -699,9 +1054,9 @@ def test_recovery_does_not_depend_on_the_order_of_topics() -> None:
     h.command(submit("t2"))
     tasks_topic = [e for e in h.log if not isinstance(e, AgentRegistered | Halt | Resume)]
     agents_topic = [e for e in h.log if isinstance(e, AgentRegistered)]
-    fresh = recovered([*tasks_topic, *agents_topic], h.state.capacity)
+    fresh = recovered([*tasks_topic, *agents_topic], SchedulerState())
     assert_same_state(h.state, fresh)
-    assert schedule(fresh) == []  # a0 is still busy with t1
+    assert schedule(fresh, h.now) == []  # a0 is still busy with t1
 
 
 def test_untargeted_task_does_not_take_the_agent_a_better_targeted_task_needs() -> None:

@@ -1,0 +1,301 @@
+"""The scheduler's state, the indexes that make every event O(log n), and snapshots.
+
+:mod:`conclave.domain.scheduling` says what events mean; this module keeps the
+state's indexes consistent with its tasks and agents whatever the rules do, and
+writes the state out as JSON-compatible data and back. Pure, stdlib only.
+
+Only the facts are in a snapshot (live tasks, agents, assignments, the dedup
+windows, timers); the indexes are rebuilt from them, so a snapshot costs time
+linear in the live state, never in history.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from conclave.domain.events import Priority
+from conclave.domain.ordered import Rank, RankedSet, Recent
+
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "DEFAULT_DEDUP_WINDOW",
+    "SNAPSHOT_VERSION",
+    "AgentSlot",
+    "PoolState",
+    "SchedulerState",
+    "TaskState",
+    "TaskStatus",
+    "from_snapshot",
+    "to_snapshot",
+]
+
+DEFAULT_CAPACITY = 72
+DEFAULT_DEDUP_WINDOW = 100_000
+SNAPSHOT_VERSION = 1
+
+
+class TaskStatus(enum.Enum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    COMPLETED = "completed"
+    DEAD_LETTERED = "dead_lettered"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.COMPLETED, TaskStatus.DEAD_LETTERED)
+
+
+@dataclass(slots=True)
+class TaskState:
+    """A live task: queued or dispatched. Finished tasks are only in the dedup window."""
+
+    task_id: str
+    pool: str
+    priority: Priority
+    input: str
+    agent_id: str | None
+    """Fixed target agent, or the agent it is dispatched to."""
+    targeted: bool
+    max_attempts: int
+    deliberation_id: str | None
+    sequence: int
+    status: TaskStatus = TaskStatus.QUEUED
+    attempt: int = 0
+
+    @property
+    def rank(self) -> Rank:
+        """Served in this order within a pool: priority, then arrival."""
+        return (int(self.priority), self.sequence)
+
+
+@dataclass(slots=True)
+class AgentSlot:
+    agent_id: str
+    pool: str
+    host_id: str
+
+
+@dataclass(slots=True)
+class PoolState:
+    """One pool's indexes. An agent registered in the pool and not assigned a task is
+    idle, and is in ``unclaimed`` or in ``claimed``: claimed if a queued task of this
+    pool targets it. A pool with no agents, no queued and no running task is dropped,
+    so that pool names seen once do not pile up."""
+
+    in_flight: int = 0
+    """Dispatched, unfinished tasks of the pool."""
+    members: set[str] = field(default_factory=set)
+    """Agents registered in the pool (busy or idle): who a deliberation asks."""
+    untargeted: RankedSet = field(default_factory=RankedSet)
+    """Queued tasks any agent may run, by rank."""
+    targeted: dict[str, RankedSet] = field(default_factory=dict)
+    """Agent id -> queued tasks of this pool that only it may run, by rank."""
+    unclaimed: RankedSet = field(default_factory=RankedSet)
+    """Idle agents no queued task waits for, by agent id."""
+    claimed: RankedSet = field(default_factory=RankedSet)
+    """Idle agents a queued task waits for, by the rank of the best such task."""
+    claimed_worst_first: RankedSet = field(default_factory=RankedSet)
+    """The same agents, worst claim first: the ones an untargeted task may take."""
+
+    @property
+    def empty(self) -> bool:
+        return not (self.in_flight or self.members or self.untargeted or self.targeted)
+
+
+@dataclass(slots=True)
+class SchedulerState:
+    capacity: int = DEFAULT_CAPACITY
+    """Tasks in flight per pool, at most. Fixed for the life of a state: ``ready``
+    depends on it, so assigning it later leaves ``ready`` stale; to change it, pass
+    ``capacity`` to :func:`from_snapshot`."""
+    dedup_window: int = DEFAULT_DEDUP_WINDOW
+    """How many finished task ids (and expanded deliberation ids) are remembered."""
+    halted: bool = False
+    next_sequence: int = 1
+    tasks: dict[str, TaskState] = field(default_factory=dict)
+    """Live tasks only: queued or dispatched."""
+    agents: dict[str, AgentSlot] = field(default_factory=dict)
+    assignments: dict[str, str] = field(default_factory=dict)
+    """Agent id -> the dispatched task it works on. Kept apart from the agent registry
+    so that folding a dispatch before its agent's registration still marks it busy."""
+    pools: dict[str, PoolState] = field(default_factory=dict)
+    ready: set[str] = field(default_factory=set)
+    """Pools where a dispatch is possible now (halt aside): all that schedule() reads."""
+    timers: RankedSet = field(default_factory=RankedSet)
+    """Deadlines by key, ranked ``(due,)`` in µs since the epoch; rules that wait
+    (retry back-off, leases) add and discard them when they fold their events."""
+    finished: Recent[TaskStatus] = field(init=False)
+    """Terminal status of the last ``dedup_window`` finished tasks, oldest first."""
+    deliberations: Recent[None] = field(init=False)
+    """Deliberations already expanded into tasks: a redelivered request adds none."""
+
+    def __post_init__(self) -> None:
+        self.finished = Recent(self.dedup_window)
+        self.deliberations = Recent(self.dedup_window)
+
+    # -- Index upkeep: called by evolve after it changes tasks, agents or assignments.
+
+    def pool(self, name: str) -> PoolState:
+        pool = self.pools.get(name)
+        if pool is None:
+            pool = self.pools[name] = PoolState()
+        return pool
+
+    def enqueue(self, task: TaskState) -> None:
+        pool = self.pool(task.pool)
+        if task.targeted:
+            assert task.agent_id is not None
+            pool.targeted.setdefault(task.agent_id, RankedSet()).add(task.task_id, task.rank)
+            self.place(task.agent_id)  # its best claim may have changed
+        else:
+            pool.untargeted.add(task.task_id, task.rank)
+        self.refresh(task.pool)
+
+    def unqueue(self, task: TaskState) -> None:
+        pool = self.pool(task.pool)
+        if task.targeted:
+            assert task.agent_id is not None
+            queue = pool.targeted[task.agent_id]
+            queue.discard(task.task_id)
+            if not queue:
+                del pool.targeted[task.agent_id]
+            self.place(task.agent_id)
+        else:
+            pool.untargeted.discard(task.task_id)
+        self.refresh(task.pool)
+
+    def release(self, task: TaskState) -> None:
+        """Free the capacity and the agent a dispatched task held."""
+        self.pool(task.pool).in_flight -= 1
+        agent_id = task.agent_id or ""
+        if self.assignments.get(agent_id) == task.task_id:
+            del self.assignments[agent_id]
+            self.place(agent_id)
+        self.refresh(task.pool)
+
+    def place(self, agent_id: str) -> None:
+        """Put an agent where it belongs in its pool's idle indexes: nowhere if busy or
+        unregistered, else unclaimed, or claimed by the best queued task targeting it."""
+        slot = self.agents.get(agent_id)
+        if slot is None:
+            return
+        pool = self.pool(slot.pool)
+        queue = pool.targeted.get(agent_id)
+        best = queue.first() if queue is not None else None
+        if agent_id in self.assignments:
+            self.unplace(slot)
+        elif best is None:
+            pool.claimed.discard(agent_id)
+            pool.claimed_worst_first.discard(agent_id)
+            pool.unclaimed.add(agent_id, ())
+        else:
+            pool.unclaimed.discard(agent_id)
+            pool.claimed.add(agent_id, best[0])
+            pool.claimed_worst_first.add(agent_id, tuple(-r for r in best[0]))
+        self.refresh(slot.pool)
+
+    def unplace(self, slot: AgentSlot) -> None:
+        pool = self.pool(slot.pool)
+        pool.unclaimed.discard(slot.agent_id)
+        pool.claimed.discard(slot.agent_id)
+        pool.claimed_worst_first.discard(slot.agent_id)
+
+    def refresh(self, name: str) -> None:
+        """Whether the pool can dispatch: capacity left, and a claimed idle agent (its
+        task can run) or an unclaimed idle agent and an untargeted task."""
+        pool = self.pools.get(name)
+        if pool is not None and pool.empty:
+            del self.pools[name]
+            pool = None
+        if (
+            pool is not None
+            and pool.in_flight < self.capacity
+            and (pool.claimed or (pool.unclaimed and pool.untargeted))
+        ):
+            self.ready.add(name)
+        else:
+            self.ready.discard(name)
+
+
+def to_snapshot(state: SchedulerState) -> dict[str, Any]:
+    """The state as JSON-compatible data; :func:`from_snapshot` restores it exactly."""
+    return {
+        "version": SNAPSHOT_VERSION,
+        "capacity": state.capacity,
+        "dedup_window": state.dedup_window,
+        "halted": state.halted,
+        "next_sequence": state.next_sequence,
+        "agents": [[a.agent_id, a.pool, a.host_id] for a in state.agents.values()],
+        "assignments": dict(state.assignments),
+        "tasks": [
+            {
+                "task_id": t.task_id,
+                "pool": t.pool,
+                "priority": int(t.priority),
+                "input": t.input,
+                "agent_id": t.agent_id,
+                "targeted": t.targeted,
+                "max_attempts": t.max_attempts,
+                "deliberation_id": t.deliberation_id,
+                "sequence": t.sequence,
+                "status": t.status.value,
+                "attempt": t.attempt,
+            }
+            for t in state.tasks.values()
+        ],
+        "finished": [[task_id, status.value] for task_id, status in state.finished.items()],
+        "deliberations": [d for d, _ in state.deliberations.items()],
+        "timers": [[key, due] for (due, *_), key in state.timers.members()],
+    }
+
+
+def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> SchedulerState:
+    """The state :func:`to_snapshot` wrote, indexes rebuilt; ``ValueError`` if ``data``
+    is not a snapshot of this version. ``capacity`` replaces the snapshot's: it is
+    configuration, and may have changed since."""
+    if data.get("version") != SNAPSHOT_VERSION:
+        raise ValueError(f"scheduler snapshot version {data.get('version')!r} is not supported")
+    try:
+        state = SchedulerState(
+            capacity=int(data["capacity"]) if capacity is None else capacity,
+            dedup_window=int(data["dedup_window"]),
+            halted=bool(data["halted"]),
+            next_sequence=int(data["next_sequence"]),
+        )
+        for agent_id, pool, host_id in data["agents"]:
+            state.agents[agent_id] = AgentSlot(agent_id, pool, host_id)
+            state.pool(pool).members.add(agent_id)
+        state.assignments.update(data["assignments"])
+        for t in data["tasks"]:
+            task = state.tasks[t["task_id"]] = TaskState(
+                task_id=t["task_id"],
+                pool=t["pool"],
+                priority=Priority(t["priority"]),
+                input=t["input"],
+                agent_id=t["agent_id"],
+                targeted=t["targeted"],
+                max_attempts=t["max_attempts"],
+                deliberation_id=t["deliberation_id"],
+                sequence=t["sequence"],
+                status=TaskStatus(t["status"]),
+                attempt=t["attempt"],
+            )
+            if task.status is TaskStatus.DISPATCHED:
+                state.pool(task.pool).in_flight += 1
+            else:
+                state.enqueue(task)
+        for task_id, status in data["finished"]:
+            state.finished.add(task_id, TaskStatus(status))
+        for deliberation_id in data["deliberations"]:
+            state.deliberations.add(deliberation_id, None)
+        state.timers = RankedSet(((due,), key) for key, due in data["timers"])
+        for agent_id in state.agents:
+            state.place(agent_id)
+        for name in list(state.pools):
+            state.refresh(name)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a scheduler snapshot: {exc!r}") from exc
+    return state
