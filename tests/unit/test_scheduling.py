@@ -945,6 +945,8 @@ def test_a_snapshot_is_versioned_and_anything_else_is_refused() -> None:
         from_snapshot({**snapshot, "version": 2})
     with pytest.raises(ValueError, match="not a scheduler snapshot"):
         from_snapshot({"version": SNAPSHOT_VERSION, "capacity": 72})
+    with pytest.raises(ValueError, match="task fields"):
+        from_snapshot({**snapshot, "task_fields": snapshot["task_fields"][::-1]})
 
 
 def test_a_snapshot_restored_with_another_capacity_schedules_by_it() -> None:
