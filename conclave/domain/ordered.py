@@ -111,11 +111,9 @@ class Recent(Generic[V]):
 
     __slots__ = ("_items", "capacity")
 
-    def __init__(self, capacity: int, items: Iterable[tuple[str, V]] = ()) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._items: OrderedDict[str, V] = OrderedDict()
-        for key, value in items:
-            self.add(key, value)
 
     def add(self, key: str, value: V) -> None:
         """Remember ``key``; a key already remembered keeps its place (and age)."""
@@ -133,14 +131,12 @@ class Recent(Generic[V]):
     def __contains__(self, key: object) -> bool:
         return key in self._items
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     def __eq__(self, other: object) -> bool:
+        # OrderedDict equality includes the order, which decides what is forgotten next.
         return (
             isinstance(other, Recent)
             and self.capacity == other.capacity
-            and list(self._items.items()) == list(other._items.items())
+            and self._items == other._items
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable: equality by contents

@@ -112,7 +112,8 @@ class SchedulerState:
     depends on it, so assigning it later leaves ``ready`` stale; to change it, pass
     ``capacity`` to :func:`from_snapshot`."""
     dedup_window: int = DEFAULT_DEDUP_WINDOW
-    """How many finished task ids (and expanded deliberation ids) are remembered."""
+    """How many finished task ids (and expanded deliberation ids) are remembered; read
+    once, when the windows are made."""
     halted: bool = False
     next_sequence: int = 1
     tasks: dict[str, TaskState] = field(default_factory=dict)
@@ -221,8 +222,8 @@ class SchedulerState:
 
 
 _TASK_FIELDS = tuple(f.name for f in fields(TaskState))
-"""A live task is a row in a snapshot (a list, in this order): a third of the size
-of an object per task, and twice as fast to write and read as JSON."""
+"""A live task is a row in a snapshot (a list, fields in this order): in JSON a third
+of the size of an object per task, and about twice as fast to encode."""
 _PRIORITIES = {int(p): p for p in Priority}
 _STATUSES = {s.value: s for s in TaskStatus}
 
