@@ -13,10 +13,11 @@ pools each with a waiting task and an idle agent of its own):
 Both should stay flat across the rows: O(log n) in the queue, nothing in the idle
 agents or the pools. Each figure is CPU time (this process's, so that other
 processes on a shared machine do not count), the best of ``ROUNDS`` rounds of
-``EVENTS`` events; rounds of submits and completions alternate, so the queue stays
-near its size. The snapshot columns (JSON text both ways included) are linear in
-the live state by design. A shared machine can also be slow for everyone (steal
-time): the line under the table times a plain Python loop, for scale.
+``EVENTS`` events, the rounds going round the scenarios; rounds of submits and
+completions alternate, so the queue stays near its size. The snapshot columns
+(JSON text both ways included) are linear in the live state by design. A shared
+machine can also be slow for everyone (steal time): the line under the table
+times a plain Python loop, for scale.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import json
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from math import inf
 
 from rich.console import Console
 from rich.table import Table
@@ -50,14 +54,6 @@ class Scenario:
     queued: int
     idle: int
     other_pools: int = 0
-
-
-@dataclass(slots=True)
-class Result:
-    submit_us: float
-    complete_us: float
-    snapshot_ms: float
-    restore_ms: float
 
 
 class Bench:
@@ -121,26 +117,20 @@ class Bench:
             self.running.append(dispatch)
 
 
-def measure(scenario: Scenario) -> Result:
-    bench = Bench(scenario)
-    submit, complete, snapshot, restore = [], [], [], []
-    for _ in range(ROUNDS):
-        started = time.process_time()
-        for _ in range(EVENTS):
-            bench.submit("main")
-        submit.append((time.process_time() - started) / EVENTS * 1e6)
-        started = time.process_time()
-        for _ in range(EVENTS):
-            bench.complete()
-        complete.append((time.process_time() - started) / EVENTS * 1e6)
-    for _ in range(2):
-        started = time.process_time()
-        data = json.dumps(scheduling.to_snapshot(bench.state))
-        snapshot.append((time.process_time() - started) * 1e3)
-        started = time.process_time()
-        scheduling.from_snapshot(json.loads(data))
-        restore.append((time.process_time() - started) * 1e3)
-    return Result(min(submit), min(complete), min(snapshot), min(restore))
+def per_event_us(action: Callable[[], None]) -> float:
+    started = time.process_time()
+    for _ in range(EVENTS):
+        action()
+    return (time.process_time() - started) / EVENTS * 1e6
+
+
+def snapshot_ms(bench: Bench) -> tuple[float, float]:
+    """CPU to write the state as JSON text, and to read it back."""
+    started = time.process_time()
+    data = json.dumps(scheduling.to_snapshot(bench.state))
+    written = time.process_time()
+    scheduling.from_snapshot(json.loads(data))
+    return (written - started) * 1e3, (time.process_time() - written) * 1e3
 
 
 def loop_ms() -> float:
@@ -163,16 +153,27 @@ def main() -> None:
         table.add_column(column, justify="right")
     for column in ("submit µs", "complete µs", "snapshot ms", "restore ms"):
         table.add_column(column, justify="right")
-    for scenario in scenarios:
-        r = measure(scenario)
+    # Round-robin over the scenarios, so that a busy spell on the machine does not
+    # land on one row only; each row keeps its best round.
+    benches = [Bench(scenario) for scenario in scenarios]
+    best: list[list[float]] = [[inf] * 4 for _ in benches]
+    for _ in range(ROUNDS):
+        for bench, row in zip(benches, best, strict=True):
+            figures = (
+                per_event_us(partial(bench.submit, "main")),
+                per_event_us(bench.complete),
+                *snapshot_ms(bench),
+            )
+            row[:] = map(min, row, figures)
+    for scenario, (submit, complete, written, read) in zip(scenarios, best, strict=True):
         table.add_row(
             f"{scenario.queued:,}",
             f"{scenario.idle:,}",
             f"{scenario.other_pools:,}",
-            f"{r.submit_us:.1f}",
-            f"{r.complete_us:.1f}",
-            f"{r.snapshot_ms:.0f}",
-            f"{r.restore_ms:.0f}",
+            f"{submit:.1f}",
+            f"{complete:.1f}",
+            f"{written:.0f}",
+            f"{read:.0f}",
         )
     console = Console(width=100)
     console.print(table)
