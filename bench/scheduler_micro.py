@@ -3,7 +3,7 @@
 ``python -m bench.scheduler_micro``. No broker, no codec: decide, evolve and schedule
 as the scheduler shard calls them. One pool at its capacity with ``queued`` tasks
 waiting and ``idle`` agents beyond the busy ones (plus, in the last row, 1,000 other
-pools each with a waiting task and an idle agent of its own):
+pools, each with an idle agent and a task waiting for an agent not registered):
 
 * submit + schedule: a new task is decided, folded, and schedule() finds nothing to
   do (the pool is full);
