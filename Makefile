@@ -5,6 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: venv demo test bench lint down
 
@@ -22,7 +23,12 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-bench: venv
+# The peer baselines (Dramatiq, Celery) need the `bench` extra; `make test` never does.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -e '.[dev,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 lint: venv
