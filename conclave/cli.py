@@ -11,7 +11,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -65,13 +67,45 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-async def _until_signalled(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+class Lifetime(asyncio.Event):
+    """A long-lived service's stop signal. Set by the first SIGINT/SIGTERM once the service
+    has called :meth:`started`; before that, the signal cancels its start-up at once, so
+    a process that is still connecting (or retrying) never ignores Ctrl-C."""
+
+    up = False
+
+    def started(self) -> None:
+        self.up = True
+
+
+async def _until_signalled(serve: Callable[[Lifetime], Awaitable[None]]) -> None:
     """Run a long-lived service until SIGINT/SIGTERM, then let it stop gracefully."""
-    stop = asyncio.Event()
+    stop = Lifetime()
     loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(serve(stop))
+
+    def on_signal() -> None:
+        if stop.up and not stop.is_set():
+            stop.set()
+        else:
+            task.cancel()  # still starting, or a second signal: do not wait any longer
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await start(stop)
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await task
+    except asyncio.CancelledError:
+        raise Fail("stopped", code=130) from None
+
+
+async def _first(*waits: Awaitable[object]) -> None:
+    """Return when the first of ``waits`` is done (the others are cancelled)."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 # --- topics and database ----------------------------------------------------------------------
@@ -119,17 +153,37 @@ def db_migrate() -> None:
 
 
 @app.command()
-def worker() -> None:
-    """Run the stream processors (scheduler, witness) until interrupted."""
-    from streams.app import start_processors
+def worker(
+    worker_id: str = typer.Option(
+        "", "--id", help="This worker's name (default: worker-HOSTNAME); unique per worker."
+    ),
+) -> None:
+    """Run stream-processor shards (scheduler, witness) until interrupted.
 
-    async def serve(stop: asyncio.Event) -> None:
-        handle = await start_processors(_settings())
-        err.print("[green]processors running[/] (scheduler, witness); Ctrl-C stops")
-        try:
-            await stop.wait()
-        finally:
-            await handle.stop()
+    Start as many as you like, on any machines: they share the shards, and take over
+    those of a worker that stops beating (kill -9 included) within a few seconds.
+    """
+    from conclave.processes import register
+    from streams.worker import Worker
+
+    settings = _settings()
+    name = worker_id or f"worker-{socket.gethostname()}"
+
+    async def serve(stop: Lifetime) -> None:
+        with register(settings.home, "worker", name):
+            running = Worker(settings, name)
+            try:
+                await running.start()
+                await _first(running.ready(), running.failed.wait())
+                if running.failure is None:
+                    owned = ", ".join(sorted(running.running)) or "no shard yet"
+                    err.print(f"[green]processors running[/] as {name} ({owned}); Ctrl-C stops")
+                    stop.started()
+                    await _first(stop.wait(), running.failed.wait())
+            finally:
+                await running.stop()
+            if running.failure is not None:
+                raise Fail(f"worker {name}: {running.failure}")
 
     _run(_until_signalled(serve))
 
@@ -148,6 +202,7 @@ def runtime(
     seed: int = typer.Option(0, help="Simulated agent: seed."),
 ) -> None:
     """Run an agent runtime host until interrupted."""
+    from conclave.processes import register
     from conclave.runtime.agents import load_agent
     from conclave.runtime.host import HostConfig, RuntimeHost
 
@@ -163,14 +218,22 @@ def runtime(
     if host_id:
         config = dataclasses.replace(config, host_id=host_id)
 
-    async def serve(stop: asyncio.Event) -> None:
-        host = RuntimeHost(_settings(), config, fn)
-        await host.start()
-        err.print(f"[green]runtime {config.host_id}[/] running {agents} agent(s) in pool {pool!r}")
-        try:
-            await stop.wait()
-        finally:
-            await host.stop()
+    settings = _settings()
+
+    async def serve(stop: Lifetime) -> None:
+        with register(settings.home, "runtime", config.host_id):
+            host = RuntimeHost(settings, config, fn)
+            await host.start()
+            err.print(
+                f"[green]runtime {config.host_id}[/] running {agents} agent(s) in pool {pool!r}"
+            )
+            stop.started()
+            try:
+                await _first(stop.wait(), host.failed.wait())
+            finally:
+                await host.stop()
+            if host.failure is not None:
+                raise Fail(f"runtime {config.host_id}: {host.failure}")
 
     _run(_until_signalled(serve))
 
@@ -180,6 +243,11 @@ def projector() -> None:
     """Fold the history topics into the PostgreSQL read models until interrupted."""
     from projections.database import connect, migrate
     from projections.projector import Projector
+
+    # Outages, stand-by and take-over are reported by the projector in one line each
+    # (INFO when it recovers); aiokafka's own per-retry errors would bury them.
+    logging.getLogger("projections").setLevel(logging.INFO)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
     async def serve(stop: asyncio.Event) -> None:
         settings = _settings()
@@ -371,7 +439,13 @@ _SERVICES = {"worker", "runtime", "projector"}
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:] if argv is None else argv
-    if not _SERVICES & set(args[:1]):
+    if _SERVICES & set(args[:1]):
+        # A service says what it does (recoveries, take-overs, outages and their end);
+        # the client libraries only their warnings.
+        level = os.environ.get("CONCLAVE_LOG_LEVEL", "INFO").upper()
+        for ours in ("conclave", "streams", "projections"):
+            logging.getLogger(ours).setLevel(level)
+    else:
         # A short command reports a failure in one line of its own; the client
         # libraries' connection chatter stays for the long-running services' logs.
         for library in ("aiokafka", "kafka", "asyncpg"):

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from conclave import processes
 from conclave.devstack import DEFAULT_HOME, EmbeddedStack, StackStatus
 from conclave.errors import StackError
 
@@ -77,11 +78,12 @@ def down(home: Home = DEFAULT_HOME) -> None:
     """Stop the broker and PostgreSQL; their data is kept for the next up."""
     started = time.perf_counter()
     try:
-        EmbeddedStack(home).down()
+        stopped = EmbeddedStack(home).down()
     except StackError as exc:
         raise _fail(exc) from None
+    first = f"stopped {', '.join(stopped)}; " if stopped else ""
     Console(stderr=True).print(
-        f"stack stopped in {time.perf_counter() - started:.2f} s · data kept in {home}",
+        f"{first}stack stopped in {time.perf_counter() - started:.2f} s · data kept in {home}",
         markup=False,
         soft_wrap=True,
     )
@@ -95,6 +97,12 @@ def status(home: Home = DEFAULT_HOME) -> None:
     except StackError as exc:
         raise _fail(exc) from None
     Console().print(_table(current))
+    running = processes.alive(current.home)
+    if running:
+        table = Table("process", "name", "pid", title="Conclave processes using it")
+        for process in running:
+            table.add_row(process.kind, process.name, str(process.pid))
+        Console().print(table)
     if not current.running:
         raise typer.Exit(1)
 

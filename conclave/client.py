@@ -4,7 +4,9 @@
         task_id = await client.submit("summarise the minutes", priority=Priority.HIGH)
         deliberation_id = await client.deliberate("Shall we adjourn?", agent_ids=[...])
 
-Every call returns once the broker has acknowledged the command.
+Every call returns once the broker has acknowledged the command. Commands of one pool go
+to one partition (:func:`conclave.topics.pool_partition`), the one its scheduler shard
+reads.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from opentelemetry import trace
 from conclave.bus import EventProducer, topics_for
 from conclave.domain.events import DeliberationRequested, Halt, Priority, Resume, TaskSubmitted
 from conclave.settings import Settings
+from conclave.topics import pool_partition
 from conclave.tracing import headers_for, tracer
 
 __all__ = ["Client"]
@@ -27,6 +30,13 @@ class Client:
         self.settings = settings
         self.topics = topics_for(settings)
         self._producer = EventProducer(settings, producer=producer_name)
+        self._partitions: dict[str, int] = {}
+
+    async def _partition(self, topic: str, pool: str) -> int:
+        count = self._partitions.get(topic)
+        if count is None:
+            count = self._partitions[topic] = await self._producer.partitions(topic)
+        return pool_partition(pool, count)
 
     async def __aenter__(self) -> Client:
         await self._producer.start()
@@ -55,16 +65,17 @@ class Client:
             agent_id=agent_id,
             max_attempts=max_attempts,
         )
+        topic = self.topics.command(priority)
         with tracer().start_as_current_span("submit", kind=trace.SpanKind.PRODUCER) as span:
             span.set_attribute("conclave.task_id", task_id)
-            _, ack = await self._producer.send(
-                self.topics.command(priority),
+            await self._producer.send(
+                topic,
                 task_id,
                 event,
+                partition=await self._partition(topic, pool),
                 correlation_id=task_id,
                 headers=headers_for(),
             )
-            await ack
         return task_id
 
     async def deliberate(
@@ -85,30 +96,31 @@ class Client:
             motion=motion,
             agent_ids=list(agent_ids),
         )
+        topic = self.topics.command(priority)
         with tracer().start_as_current_span("deliberate", kind=trace.SpanKind.PRODUCER):
-            _, ack = await self._producer.send(
-                self.topics.command(priority),
+            await self._producer.send(
+                topic,
                 deliberation_id,
                 event,
+                partition=await self._partition(topic, pool),
                 correlation_id=deliberation_id,
                 headers=headers_for(),
             )
-            await ack
         return deliberation_id
 
     async def halt(self, reason: str, *, operator: str = "operator") -> None:
-        _, ack = await self._producer.send(
-            self.topics.control, "system", Halt(reason=reason, operator=operator)
+        await self._producer.send(
+            self.topics.control, "system", Halt(reason=reason, operator=operator), partition=0
         )
-        await ack
 
     async def resume(self, reason: str, *, operator: str = "operator") -> None:
-        _, ack = await self._producer.send(
-            self.topics.control, "system", Resume(reason=reason, operator=operator)
+        await self._producer.send(
+            self.topics.control, "system", Resume(reason=reason, operator=operator), partition=0
         )
-        await ack
 
-    async def send_raw(self, topic: str, key: str, value: bytes) -> None:
-        """Produce arbitrary bytes (tests and tooling: garbage must be dead-lettered)."""
-        ack = await self._producer.send_raw(topic, key, value)
-        await ack
+    async def send_raw(
+        self, topic: str, key: str, value: bytes | None, *, partition: int | None = None
+    ) -> int:
+        """Produce arbitrary bytes, ``None`` for a tombstone (tests and tooling: garbage must
+        be dead-lettered); returns the offset."""
+        return await self._producer.send_raw(topic, key, value, partition=partition)

@@ -194,7 +194,9 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
     stop_projecting = asyncio.Event()
     background: list[asyncio.Task[None]] = []
     try:
-        processes.spawn("worker", ["worker"], ready_marker=b"processors running")
+        processes.spawn(
+            "worker", ["worker", "--id", f"demo-{run}"], ready_marker=b"processors running"
+        )
         processes.spawn(
             "runtime",
             [

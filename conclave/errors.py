@@ -8,6 +8,7 @@ decide on ``retriable`` / ``permanent`` rather than on message text::
     ├── StackError             embedded broker / PostgreSQL not running or failed to start
     ├── SchemaError            bytes that do not decode, unknown fingerprint (permanent)
     ├── BrokerUnavailable      Kafka not reachable (retriable)
+    ├── Fenced                 another instance took over this processor's transactional id
     ├── DatabaseUnavailable    PostgreSQL not reachable (retriable)
     ├── NotFound               a queried entity does not exist (permanent)
     ├── AgentLoadError         an agent reference ``module:function`` cannot be loaded
@@ -22,6 +23,7 @@ __all__ = [
     "ConclaveError",
     "ConfigError",
     "DatabaseUnavailable",
+    "Fenced",
     "NotFound",
     "SchemaError",
     "StackError",
@@ -53,6 +55,11 @@ class BrokerUnavailable(ConclaveError):
 
     retriable = True
     permanent = False
+
+
+class Fenced(ConclaveError):
+    """A newer instance with the same transactional id took over; this one must stop
+    writing (it is a zombie) and give up what it owned."""
 
 
 class DatabaseUnavailable(ConclaveError):

@@ -45,6 +45,9 @@ class Settings:
     fetch_idle_ms: float = 5.0
     """After an empty fetch answered early, wait this long before the next one
     (brokers that do not long-poll; see conclave/fetching.py)."""
+    fetch_idle_max_ms: float = 100.0
+    """...growing to this after a second without records: an idle process's fetching
+    then costs ~1 % of a core, and the first record after a pause waits up to this."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -78,6 +81,7 @@ class Settings:
             heartbeat_interval_s=_float(env, "CONCLAVE_HEARTBEAT_INTERVAL_S", 1.0),
             trace_sample_ratio=_float(env, "CONCLAVE_TRACE_SAMPLE_RATIO", 0.1),
             fetch_idle_ms=_float(env, "CONCLAVE_FETCH_IDLE_MS", 5.0),
+            fetch_idle_max_ms=_float(env, "CONCLAVE_FETCH_IDLE_MAX_MS", 100.0),
             producer_linger_ms=_int(env, "CONCLAVE_PRODUCER_LINGER_MS", 0),
         )
 

@@ -10,15 +10,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aiokafka.partitioner import murmur2
+
 from conclave.domain.events import Priority
 
-__all__ = ["HOST_HEADER", "TopicSpec", "Topics"]
+__all__ = ["HOST_HEADER", "SHARD_HEADER", "TopicSpec", "Topics", "pool_partition"]
 
 HOST_HEADER = "conclave-host"
 """Kafka header on a dispatch naming the runtime host it is for: hosts skip the rest of
 the tasks topic without decoding it."""
 
+SHARD_HEADER = "conclave-shard"
+"""Kafka header on a witness entry naming the scheduler shard (pool partition) whose task it
+concerns, so that each shard skips the others' entries without decoding them."""
+
 KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
+KEEP_A_WEEK = {"retention.ms": str(7 * 24 * 3600 * 1000), "retention.bytes": "-1"}
+KEEP_AN_HOUR = {"retention.ms": str(3600 * 1000), "retention.bytes": "-1"}
+
+
+def pool_partition(pool: str, partitions: int) -> int:
+    """The partition of every pool-scoped record (commands, registrations, task events,
+    outputs): Kafka's default partitioner applied to the pool name, so that one pool has
+    one scheduler shard and any Kafka client can compute the same partition."""
+    return int(murmur2(pool.encode()) & 0x7FFFFFFF) % partitions
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +96,18 @@ class Topics:
         return f"{self.prefix}.deadletter"
 
     @property
+    def workers(self) -> str:
+        """Stream-processor workers' beats: who is alive and which shards it owns (key:
+        worker id). Liveness only, so kept for an hour."""
+        return f"{self.prefix}.workers"
+
+    def snapshots(self, processor: str) -> str:
+        """Snapshots of one processor's state, one partition per shard: a restart reads the
+        latest one and a short tail instead of all history. A cache, not history: kept for
+        a week, and re-taken well within that."""
+        return f"{self.prefix}.snapshots.{processor}"
+
+    @property
     def history(self) -> list[str]:
         """Every topic a read model is folded from."""
         return [
@@ -107,5 +134,8 @@ class Topics:
             TopicSpec(self.outputs, n, KEEP_FOREVER, "agent outputs and failures"),
             TopicSpec(self.witness, 1, KEEP_FOREVER, "witness log (hash chain)"),
             TopicSpec(self.deadletter, 1, KEEP_FOREVER, "dead-letter records"),
+            TopicSpec(self.workers, 1, KEEP_AN_HOUR, "processor workers' beats and shards"),
+            TopicSpec(self.snapshots("scheduler"), n, KEEP_A_WEEK, "scheduler snapshots"),
+            TopicSpec(self.snapshots("witness"), 1, KEEP_A_WEEK, "witness snapshots"),
         ]
         return specs

@@ -15,9 +15,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["Headers", "configure", "context_from", "headers_for", "tracer"]
+__all__ = ["TRACEPARENT", "Headers", "configure", "context_from", "headers_for", "tracer"]
 
 Headers = list[tuple[str, bytes]]
+TRACEPARENT = "traceparent"
 
 _propagator = TraceContextTextMapPropagator()
 _configured = False
@@ -48,6 +49,6 @@ def context_from(
 ) -> Context:
     """The trace context a record carried, or an empty one."""
     carrier = {
-        k: v.decode("latin-1") for k, v in (headers or ()) if k in {"traceparent", "tracestate"}
+        k: v.decode("latin-1") for k, v in (headers or ()) if k in {TRACEPARENT, "tracestate"}
     }
     return _propagator.extract(carrier)

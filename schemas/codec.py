@@ -52,6 +52,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.DeadLetterRecord,
     ev.Halt,
     ev.Resume,
+    ev.WorkerBeat,
 )
 
 

@@ -1,18 +1,27 @@
 """The scheduler processor: a thin shell around :mod:`conclave.domain.scheduling`.
 
-Consumes commands (four priorities), control (halt/resume), agent facts and
-witness entries; appends queued/dispatched/completed/dead-lettered events to
-the tasks topic. Its state is a fold of its own output (plus agents and
-control), rebuilt by :meth:`SchedulerProcessor.recover` before consuming.
+One shard per pool partition (see :func:`conclave.topics.pool_partition`): shard ``i``
+consumes partition ``i`` of the four command topics and of the agents topic, plus the
+control topic (halt/resume) and the witness entries of its own tasks, and appends
+queued / dispatched / completed / dead-lettered events to partition ``i`` of the tasks
+topic. A pool lives in exactly one shard, so its capacity is exact however many workers
+run the shards.
+
+Its state is a fold of its own output (the changelog) plus the agents and control
+records it consumed (state-only inputs); see :mod:`streams.core` for how it is
+recovered, and :mod:`conclave.domain.scheduling` for the rules.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from aiokafka import TopicPartition
 from opentelemetry import trace
 
-from conclave.bus import EventProducer, read_history
+from conclave.bus import Outgoing, Position
 from conclave.domain import scheduling
 from conclave.domain.events import (
     AgentRegistered,
@@ -20,7 +29,6 @@ from conclave.domain.events import (
     Envelope,
     Event,
     Halt,
-    Heartbeat,
     Resume,
     TaskCompleted,
     TaskDeadLettered,
@@ -32,80 +40,193 @@ from conclave.domain.events import (
 from conclave.domain.scheduling import SchedulerEvent
 from conclave.domain.validation import invalid_command
 from conclave.errors import SchemaError
-from conclave.records import DeadLetters, Record, decode_or_dead_letter
-from conclave.topics import HOST_HEADER, Topics
-from conclave.tracing import Headers, context_from, headers_for, tracer
+from conclave.records import Record
+from conclave.topics import HOST_HEADER, SHARD_HEADER, Topics
+from conclave.tracing import TRACEPARENT, context_from, headers_for, tracer
+from streams.core import Emitter, Source
 
-__all__ = ["SchedulerProcessor"]
+__all__ = ["SchedulerShard"]
 
-
-_FOLDED = (
-    TaskQueued,
-    TaskDispatched,
-    TaskCompleted,
-    TaskDeadLettered,
-    AgentRegistered,
-    Halt,
-    Resume,
-)
+_CHANGELOG = (TaskQueued, TaskDispatched, TaskCompleted, TaskDeadLettered)
 
 
-class SchedulerProcessor:
-    name = "scheduler"
+@dataclass(slots=True)
+class _Origin:
+    """Where a live task came from: every event about it carries the same tenant,
+    correlation id and trace, whatever event let it move on."""
 
-    def __init__(self, producer: EventProducer, topics: Topics, capacity: int) -> None:
-        self.producer = producer
+    tenant: str
+    correlation_id: str
+    traceparent: bytes | None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [(TRACEPARENT, self.traceparent)] if self.traceparent is not None else []
+
+
+class SchedulerShard:
+    processor = "scheduler"
+
+    def __init__(self, topics: Topics, index: int, capacity: int, emitter: Emitter) -> None:
         self.topics = topics
+        self.index = index
+        self.capacity = capacity
+        self.emitter = emitter
         self.state = scheduling.SchedulerState(capacity=capacity)
-        self.dead_letters = DeadLetters(producer, topics, self.name)
-        self.task_traces: dict[str, Headers] = {}
-        """Trace headers of each live task, from the command that created it."""
+        self.origins: dict[str, _Origin] = {}
+        self._shard_header = b"%d" % index
+        self._commands = set(topics.commands)
         # What each non-command input topic may carry (commands are checked by
         # invalid_command). Anything else is dead-lettered, not ignored.
         self.accepts: dict[str, tuple[type[Any], ...]] = {
             topics.control: (Halt, Resume),
-            topics.agents: (AgentRegistered, Heartbeat),
+            topics.agents: (AgentRegistered,),
             topics.witness: (WitnessEntry,),
         }
 
     @property
-    def inputs(self) -> list[str]:
-        return [*self.topics.commands, self.topics.control, self.topics.agents, self.topics.witness]
+    def name(self) -> str:
+        return f"scheduler-{self.index}"
 
-    async def recover(self) -> int:
-        """Fold the scheduler's own history into its state; returns events folded."""
-        codec = self.producer.codec
-        folded = 0
-        source = [self.topics.tasks, self.topics.agents, self.topics.control]
-        async for message in read_history(self.producer.settings, source):
-            try:
-                _, event = codec.decode(message.value)
-            except SchemaError:
-                continue  # dead-lettered when it was first consumed
-            if isinstance(event, _FOLDED):
-                scheduling.evolve(self.state, event)
-                folded += 1
-        return folded
+    def inputs(self) -> list[TopicPartition]:
+        mine = [TopicPartition(t, self.index) for t in (*self.topics.commands, self.topics.agents)]
+        return [
+            *mine,
+            TopicPartition(self.topics.control, 0),
+            TopicPartition(self.topics.witness, 0),
+        ]
 
-    async def handle(self, record: Record) -> None:
-        decoded = await decode_or_dead_letter(self.producer.codec, record, self.dead_letters)
-        if decoded is None:
+    def changelog(self) -> list[TopicPartition]:
+        return [TopicPartition(self.topics.tasks, self.index)]
+
+    def state_inputs(self) -> list[TopicPartition]:
+        return [
+            TopicPartition(self.topics.agents, self.index),
+            TopicPartition(self.topics.control, 0),
+        ]
+
+    def resume_at(self) -> Position | None:
+        return None  # the positions committed with the outputs
+
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        if state is None:
+            self.state = scheduling.SchedulerState(capacity=self.capacity)
+            self.origins = {}
             return
-        envelope, event = decoded
-        if (rejection := self._rejection(record.topic, event)) is not None:
-            reason, error_type = rejection
-            await self.dead_letters.put(record, reason=reason, error_type=error_type)
-            return
-        with tracer().start_as_current_span(
-            f"schedule {event.TYPE}",
-            context=context_from(record.headers),
-            kind=trace.SpanKind.CONSUMER,
-        ):
-            await self._apply(envelope, event)
+        # Capacity is configuration, not history: this process's setting wins.
+        self.state = scheduling.from_snapshot(state["domain"], capacity=self.capacity)
+        self.origins = {
+            task_id: _Origin(tenant, correlation, bytes.fromhex(trace) if trace else None)
+            for task_id, (tenant, correlation, trace) in state["origins"].items()
+        }
+
+    def snapshot(self) -> Mapping[str, Any]:
+        return {
+            "domain": scheduling.to_snapshot(self.state),
+            "origins": {
+                task_id: [
+                    o.tenant,
+                    o.correlation_id,
+                    o.traceparent.hex() if o.traceparent else None,
+                ]
+                for task_id, o in self.origins.items()
+            },
+        }
+
+    def fold(self, record: Record, source: Source) -> list[Outgoing]:
+        try:
+            envelope, event = self.emitter.codec.decode(record.value)
+        except SchemaError as exc:
+            return [
+                self.emitter.dead_letter(record, reason=str(exc), error_type="SchemaError", now=0)
+            ]
+        expected = _CHANGELOG if source == "changelog" else self.accepts.get(record.topic, ())
+        if not isinstance(event, expected):
+            reason = f"{event.TYPE} does not belong on {record.topic}"
+            return [
+                self.emitter.dead_letter(record, reason=reason, error_type="InvalidEvent", now=0)
+            ]
+        assert isinstance(event, (*_CHANGELOG, AgentRegistered, Halt, Resume))
+        scheduling.evolve(self.state, event)
+        if isinstance(event, TaskQueued) and event.task_id not in self.origins:
+            traceparent = dict(record.headers).get(TRACEPARENT)
+            self.origins[event.task_id] = _Origin(
+                envelope.tenant, envelope.correlation_id, traceparent
+            )
+        elif isinstance(event, TaskCompleted | TaskDeadLettered):
+            self.origins.pop(event.task_id, None)
+        return []
+
+    def step(self, records: Sequence[Record], now: int) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        decided: list[tuple[Envelope | None, SchedulerEvent]] = []
+        for record in records:
+            if record.topic == self.topics.witness and not self._concerns_me(record):
+                continue  # another shard's task: skipped without decoding
+            decoded = self.emitter.decode(record, now, out)
+            if decoded is None:
+                continue
+            envelope, event = decoded
+            if (rejection := self._rejection(record.topic, event)) is not None:
+                reason, error_type = rejection
+                out.append(
+                    self.emitter.dead_letter(record, reason=reason, error_type=error_type, now=now)
+                )
+                continue
+            match event:
+                case TaskSubmitted() | DeliberationRequested() | WitnessEntry():
+                    with tracer().start_as_current_span(
+                        f"schedule {event.TYPE}",
+                        context=context_from(record.headers),
+                        kind=trace.SpanKind.CONSUMER,
+                    ):
+                        for outcome in scheduling.decide(self.state, event, now):
+                            scheduling.evolve(self.state, outcome)
+                            if isinstance(outcome, TaskQueued):
+                                self.origins.setdefault(
+                                    outcome.task_id,
+                                    _Origin(
+                                        envelope.tenant,
+                                        envelope.correlation_id,
+                                        dict(headers_for()).get(TRACEPARENT),
+                                    ),
+                                )
+                            decided.append((envelope, outcome))
+                case AgentRegistered() | Halt() | Resume():
+                    scheduling.evolve(self.state, event)
+        # Decide dispatches once per batch: cheaper, and a burst is ranked as a whole.
+        for dispatch in scheduling.schedule(self.state, now):
+            scheduling.evolve(self.state, dispatch)
+            decided.append((None, dispatch))
+        for cause, decision in decided:
+            out.append(self._emit(decision, cause, now))
+        return out
+
+    def _emit(self, event: SchedulerEvent, cause: Envelope | None, now: int) -> Outgoing:
+        origin = self.origins.get(event.task_id)
+        headers = origin.headers() if origin is not None else []
+        if isinstance(event, TaskDispatched):
+            headers = [*headers, (HOST_HEADER, event.host_id.encode())]
+        elif isinstance(event, TaskCompleted | TaskDeadLettered):
+            self.origins.pop(event.task_id, None)
+        return self.emitter.event(
+            self.topics.tasks,
+            self.index,
+            event.task_id,
+            event,
+            now=now,
+            causation=cause,
+            headers=headers,
+            tenant=origin.tenant if origin is not None else None,
+            correlation_id=origin.correlation_id if origin is not None else None,
+        )
+
+    def _concerns_me(self, record: Record) -> bool:
+        shard = dict(record.headers).get(SHARD_HEADER)
+        return shard is None or shard in (self._shard_header, b"*")
 
     def _rejection(self, topic: str, event: Event) -> tuple[str, str] | None:
         """Why ``event`` may not be consumed from ``topic`` (reason, error type), if so."""
-        if topic in self.topics.commands:
+        if topic in self._commands:
             reason = invalid_command(event)
             if reason is None and isinstance(event, Halt | Resume):
                 reason = f"{event.TYPE} belongs on {self.topics.control}, where it is witnessed"
@@ -114,30 +235,5 @@ class SchedulerProcessor:
             return f"{event.TYPE} does not belong on {topic}", "InvalidEvent"
         return None
 
-    async def _apply(self, cause: Envelope, event: Event) -> None:
-        decided: list[TaskQueued | TaskCompleted | TaskDeadLettered] = []
-        match event:
-            case TaskSubmitted() | DeliberationRequested() | WitnessEntry():
-                decided = scheduling.decide(self.state, event)
-            case AgentRegistered() | Halt() | Resume():
-                scheduling.evolve(self.state, event)
-            case _:
-                return  # a heartbeat: liveness is not the scheduler's concern
-        for outcome in decided:
-            scheduling.evolve(self.state, outcome)
-        dispatched = scheduling.schedule(self.state)
-        for dispatch in dispatched:
-            scheduling.evolve(self.state, dispatch)
-        here = headers_for()
-        emitted: list[SchedulerEvent] = [*decided, *dispatched]
-        for event_out in emitted:
-            # A task's events carry the task's own trace, whatever event let it move on
-            # (a dispatch may be caused by another task finishing or an agent registering).
-            headers = self.task_traces.setdefault(event_out.task_id, here)
-            if isinstance(event_out, TaskDispatched):
-                headers = [*headers, (HOST_HEADER, event_out.host_id.encode())]
-            elif isinstance(event_out, TaskCompleted | TaskDeadLettered):
-                self.task_traces.pop(event_out.task_id, None)
-            await self.producer.send(
-                self.topics.tasks, event_out.task_id, event_out, causation=cause, headers=headers
-            )
+    def next_due(self) -> int | None:
+        return scheduling.next_due(self.state)

@@ -1,112 +1,176 @@
 """The witness processor: appends one hash-chained entry per witnessed event.
 
-Witnessed: agent outputs and failures (from the outputs topic) and halt/resume
-(from the control topic). The chain head and the set of witnessed event ids are
-a fold of the witness topic itself, so a restarted or redelivered processor
-never witnesses an event twice and never leaves a gap.
+Witnessed: agent outputs and failures (from the outputs topic) and halt/resume (from the
+control topic). One shard, because one chain has one head. Its state (the head, the
+input positions and a window of recently witnessed event ids) is a fold of the witness
+topic itself: every entry names the record it witnesses (topic, partition, offset), so
+a restarted witness resumes exactly after the last entry that was committed, whatever
+the broker lost or kept of anything else, and never forks, skips or repeats.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aiokafka import TopicPartition
 from opentelemetry import trace
 
-from conclave.bus import EventProducer, read_history
+from conclave.bus import Outgoing, Position
 from conclave.domain import witness
-from conclave.domain.events import (
-    AgentOutput,
-    Event,
-    Halt,
-    Resume,
-    TaskFailed,
-    WitnessEntry,
-    now_us,
-)
+from conclave.domain.events import AgentOutput, Event, Halt, Resume, TaskFailed, WitnessEntry
 from conclave.errors import SchemaError, WitnessChainError
-from conclave.records import DeadLetters, Record, decode_or_dead_letter
-from conclave.topics import Topics
+from conclave.records import Record
+from conclave.topics import SHARD_HEADER, Topics
 from conclave.tracing import context_from, headers_for, tracer
+from streams.core import Emitter, Source
 
-__all__ = ["WitnessProcessor"]
+__all__ = ["WITNESS_KEY", "WitnessShard"]
 
 WITNESS_KEY = "witness"
+ALL_SHARDS = b"*"
+"""Shard header of entries every scheduler shard must see (halt and resume)."""
 
 
-class WitnessProcessor:
-    name = "witness"
+class WitnessShard:
+    processor = "witness"
+    index = 0
+    name = "witness-0"
 
-    def __init__(self, producer: EventProducer, topics: Topics) -> None:
-        self.producer = producer
+    def __init__(
+        self, topics: Topics, partitions: int, emitter: Emitter, *, window: int = 100_000
+    ) -> None:
         self.topics = topics
+        self.partitions = partitions
+        self.emitter = emitter
+        self.window = window
+        """How many recently witnessed event ids are remembered to drop a re-sent copy."""
         self.head = witness.ChainHead()
-        self.witnessed: set[str] = set()
-        self.dead_letters = DeadLetters(producer, topics, self.name)
+        self.positions: Position = {}
+        self.recent: OrderedDict[str, None] = OrderedDict()
 
-    @property
-    def inputs(self) -> list[str]:
-        return [self.topics.outputs, self.topics.control]
+    def inputs(self) -> list[TopicPartition]:
+        outputs = [TopicPartition(self.topics.outputs, p) for p in range(self.partitions)]
+        return [*outputs, TopicPartition(self.topics.control, 0)]
 
-    async def recover(self) -> int:
-        """Rebuild the head and the witnessed set from the witness topic."""
-        codec = self.producer.codec
-        async for message in read_history(self.producer.settings, [self.topics.witness]):
-            try:
-                _, entry = codec.decode(message.value)
-            except SchemaError as exc:
-                raise WitnessChainError(
-                    f"witness record at offset {message.offset} does not decode: {exc}",
-                    sequence=self.head.sequence + 1,
-                ) from exc
-            if not isinstance(entry, WitnessEntry):
+    def changelog(self) -> list[TopicPartition]:
+        return [TopicPartition(self.topics.witness, 0)]
+
+    def state_inputs(self) -> list[TopicPartition]:
+        return []
+
+    def resume_at(self) -> Position:
+        return dict(self.positions)
+
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        self.head = witness.ChainHead()
+        self.positions = {}
+        self.recent = OrderedDict()
+        if state is None:
+            return
+        self.head = witness.ChainHead(int(state["sequence"]), bytes.fromhex(state["hash"]))
+        self.positions = {TopicPartition(t, int(p)): int(o) for t, p, o in state["positions"]}
+        self.recent = OrderedDict.fromkeys(state["recent"])
+
+    def snapshot(self) -> Mapping[str, Any]:
+        return {
+            "sequence": self.head.sequence,
+            "hash": self.head.hash.hex(),
+            "positions": [[tp.topic, tp.partition, o] for tp, o in sorted(self.positions.items())],
+            "recent": list(self.recent),
+        }
+
+    def fold(self, record: Record, source: Source) -> list[Outgoing]:
+        """Recovery: extend the head by one committed entry, refusing a chain that does not
+        verify (a fork or gap would otherwise be extended for ever)."""
+        try:
+            _, entry = self.emitter.codec.decode(record.value)
+        except SchemaError as exc:
+            # Not an entry: it never was part of the chain, so it cannot break it.
+            return [
+                self.emitter.dead_letter(record, reason=str(exc), error_type="SchemaError", now=0)
+            ]
+        if not isinstance(entry, WitnessEntry):
+            reason = f"{entry.TYPE} does not belong on {record.topic}"
+            return [
+                self.emitter.dead_letter(record, reason=reason, error_type="InvalidEvent", now=0)
+            ]
+        if (violation := witness.check_next(self.head, entry)) is not None:
+            raise WitnessChainError(
+                f"witness chain broken at sequence {violation.sequence} "
+                f"(offset {record.offset}): {violation.reason}",
+                sequence=violation.sequence,
+            )
+        self._remember(entry)
+        return []
+
+    def _remember(self, entry: WitnessEntry) -> None:
+        self.head = self.head.advance(entry)
+        self.recent[entry.subject_event_id] = None
+        while len(self.recent) > self.window:
+            self.recent.popitem(last=False)
+        if entry.source_topic is not None and entry.source_offset is not None:
+            tp = TopicPartition(entry.source_topic, entry.source_partition or 0)
+            self.positions[tp] = max(self.positions.get(tp, 0), entry.source_offset + 1)
+
+    def step(self, records: Sequence[Record], now: int) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for record in records:
+            decoded = self.emitter.decode(record, now, out)
+            if decoded is None:
                 continue
-            # Never extend a chain that does not verify: stop loudly instead.
-            if (violation := witness.check_next(self.head, entry)) is not None:
-                raise WitnessChainError(
-                    f"witness chain broken at sequence {violation.sequence}: {violation.reason}",
-                    sequence=violation.sequence,
+            envelope, event = decoded
+            # Witness only what the rest of the system acts on from the same topic: a HALT
+            # on the outputs topic would be in the log while the scheduler never saw it.
+            expected = (
+                (Halt, Resume) if record.topic == self.topics.control else (AgentOutput, TaskFailed)
+            )
+            if not isinstance(event, expected):
+                reason = f"{event.TYPE} is not witnessed from {record.topic}"
+                out.append(
+                    self.emitter.dead_letter(
+                        record, reason=reason, error_type="InvalidEvent", now=now
+                    )
                 )
-            self.head = self.head.advance(entry)
-            self.witnessed.add(entry.subject_event_id)
-        return self.head.sequence
+                continue
+            if envelope.event_id in self.recent:
+                continue  # a copy sent twice: witnessed exactly once
+            with tracer().start_as_current_span(
+                "witness", context=context_from(record.headers), kind=trace.SpanKind.CONSUMER
+            ):
+                entry = witness.next_entry(
+                    self.head,
+                    subject_type=event.TYPE,
+                    subject_event_id=envelope.event_id,
+                    subject_digest=witness.digest(record.value or b""),  # decoded: not null
+                    recorded_at=now,
+                    task_id=getattr(event, "task_id", None),
+                    agent_id=getattr(event, "agent_id", None),
+                    detail=_detail(event),
+                    attempt=getattr(event, "attempt", None),
+                    source=(record.topic, record.partition, record.offset),
+                )
+                shard = (
+                    ALL_SHARDS if record.topic == self.topics.control else b"%d" % record.partition
+                )
+                out.append(
+                    self.emitter.event(
+                        self.topics.witness,
+                        0,
+                        WITNESS_KEY,
+                        entry,
+                        now=now,
+                        causation=envelope,
+                        headers=[*headers_for(), (SHARD_HEADER, shard)],
+                    )
+                )
+            # The next record of this batch chains onto this entry.
+            self._remember(entry)
+        return out
 
-    async def handle(self, record: Record) -> None:
-        decoded = await decode_or_dead_letter(self.producer.codec, record, self.dead_letters)
-        if decoded is None:
-            return
-        envelope, event = decoded
-        # Witness only what the rest of the system acts on from the same topic: a HALT
-        # on the outputs topic would be in the log while the scheduler never saw it.
-        expected = (
-            (Halt, Resume) if record.topic == self.topics.control else (AgentOutput, TaskFailed)
-        )
-        if not isinstance(event, expected):
-            await self.dead_letters.put(
-                record,
-                reason=f"{event.TYPE} is not witnessed from {record.topic}",
-                error_type="InvalidEvent",
-            )
-            return
-        if envelope.event_id in self.witnessed:
-            return  # a redelivery: witnessed exactly once
-        with tracer().start_as_current_span(
-            "witness", context=context_from(record.headers), kind=trace.SpanKind.CONSUMER
-        ):
-            entry = witness.next_entry(
-                self.head,
-                subject_type=event.TYPE,
-                subject_event_id=envelope.event_id,
-                subject_digest=witness.digest(record.value or b""),  # decoded, so not null
-                recorded_at=now_us(),
-                task_id=getattr(event, "task_id", None),
-                agent_id=getattr(event, "agent_id", None),
-                detail=_detail(event),
-                attempt=getattr(event, "attempt", None),
-            )
-            # Advance before awaiting the send: the next record must chain onto this one.
-            self.head = self.head.advance(entry)
-            self.witnessed.add(envelope.event_id)
-            await self.producer.send(
-                self.topics.witness, WITNESS_KEY, entry, causation=envelope, headers=headers_for()
-            )
+    def next_due(self) -> int | None:
+        return None
 
 
 def _detail(event: Event) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "TaskQueued",
     "TaskSubmitted",
     "WitnessEntry",
+    "WorkerBeat",
     "new_envelope",
     "now_us",
 ]
@@ -261,6 +262,11 @@ class WitnessEntry:
     """Short attribution: the error type of a failure, the reason of a halt."""
     attempt: int | None = None
     """Which attempt of the task the witnessed output or failure belongs to."""
+    source_topic: str | None = None
+    """Where the witnessed record was read (schema v3). With ``source_partition`` and
+    ``source_offset`` the witness recovers its input positions from its own log."""
+    source_partition: int | None = None
+    source_offset: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -297,6 +303,21 @@ class Resume:
     operator: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerBeat:
+    """A stream-processor worker is alive and owns ``shards``: how workers share shards
+    and take over a dead one's without waiting for the broker to evict anybody."""
+
+    TYPE: ClassVar[str] = "worker.beat"
+    worker_id: str
+    shards: list[str]
+    """The shards it runs now, e.g. ``scheduler-0``, ``witness-0``."""
+    leaving: bool
+    """True on a graceful stop: the others take its shards over at once."""
+    lease_ms: int
+    """How long after this beat the worker counts as alive."""
+
+
 Event = (
     TaskSubmitted
     | DeliberationRequested
@@ -312,4 +333,5 @@ Event = (
     | DeadLetterRecord
     | Halt
     | Resume
+    | WorkerBeat
 )

@@ -96,8 +96,11 @@ def next_entry(
     agent_id: str | None = None,
     detail: str = "",
     attempt: int | None = None,
+    source: tuple[str, int, int] | None = None,
 ) -> WitnessEntry:
-    """The entry that extends the chain at ``head`` by one witnessed event."""
+    """The entry that extends the chain at ``head`` by one witnessed event, read at
+    ``source`` (topic, partition, offset)."""
+    topic, partition, offset = source if source is not None else (None, None, None)
     sequence = head.sequence + 1
     return WitnessEntry(
         sequence=sequence,
@@ -118,6 +121,9 @@ def next_entry(
         agent_id=agent_id,
         detail=detail,
         attempt=attempt,
+        source_topic=topic,
+        source_partition=partition,
+        source_offset=offset,
     )
 
 

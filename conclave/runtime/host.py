@@ -1,15 +1,22 @@
 """A runtime host: runs agents for the tasks the scheduler dispatches to it.
 
-The host reads the tasks topic by manual partition assignment (no consumer
-group), so a host killed with -9 blocks no one; it acts only on dispatches
-addressed to its own host id. It registers its agents, beats their hearts,
-runs each task in the agent's own context and reports an output or a failure.
+The host reads its pool's partition of the tasks topic by manual assignment (no consumer
+group, so a host killed with -9 blocks no one) and acts only on dispatches addressed to
+its host id. It registers its agents, beats their hearts, runs each task in the agent's
+own context and reports an output or a failure.
+
+Outputs follow the processing contract: they are written in Kafka transactions together
+with the host's position on the tasks topic, under a transactional id derived from the
+host id. A host restarted with the same id fences the old instance and resumes from the
+committed position: dispatches it had answered are skipped (the committed offset metadata
+lists them), the ones it had not are run again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -20,26 +27,39 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
 
-from conclave.bus import EventProducer, new_consumer, topics_for
+from conclave.bus import (
+    EventProducer,
+    Outgoing,
+    TransactionalProducer,
+    committed_positions,
+    new_consumer,
+    topics_for,
+)
 from conclave.domain.events import (
     AgentOutput,
     AgentRegistered,
+    DeadLetterRecord,
     Envelope,
     Heartbeat,
     TaskDispatched,
     TaskFailed,
 )
-from conclave.errors import BrokerUnavailable
-from conclave.records import DeadLetters, Record, decode_or_dead_letter
+from conclave.errors import BrokerUnavailable, SchemaError
+from conclave.outage import Backoff, Outage
+from conclave.records import Record
 from conclave.runtime.agents import AgentContext, AgentFn
 from conclave.settings import Settings
-from conclave.topics import HOST_HEADER
+from conclave.topics import HOST_HEADER, pool_partition
 from conclave.tracing import context_from, headers_for, tracer
 
 __all__ = ["MAX_OUTPUT_BYTES", "HostConfig", "OutputRejected", "RuntimeHost"]
 
+log = logging.getLogger(__name__)
+
 MAX_OUTPUT_BYTES = 900_000
 """An answer must fit one Kafka record with its envelope (brokers cap records near 1 MB)."""
+_MAX_DONE_LISTED = 400
+"""Answered dispatches above the committed position listed in the offset metadata."""
 
 
 class OutputRejected(ValueError):
@@ -67,70 +87,150 @@ class HostConfig:
     task_timeout_s: float = 300.0
 
 
+@dataclass(slots=True)
+class _Progress:
+    """Which dispatches (by tasks-topic offset) are running and which are answered but
+    not yet committed, so the committed position never passes an unanswered one."""
+
+    consumed: int = 0
+    """The offset after the last record read."""
+    running: set[int] = field(default_factory=set)
+    answered: set[int] = field(default_factory=set)
+    """Answered and committed, above the committed position (skipped after a restart)."""
+
+    def commit_point(self, done: set[int]) -> tuple[int, str, set[int]]:
+        """The position to commit once ``done`` is answered, the note listing the answered
+        offsets above it (the oldest forgotten first if there are many), and that set."""
+        low = min(self.running - done, default=self.consumed)
+        answered = {o for o in self.answered | done if o >= low}
+        listed = sorted(answered)[-_MAX_DONE_LISTED:]
+        return low, ",".join(map(str, listed)), answered
+
+    @staticmethod
+    def answered_from(metadata: str) -> set[int]:
+        return {int(o) for o in metadata.split(",") if o.strip().isdigit()}
+
+
 class RuntimeHost:
     def __init__(self, settings: Settings, config: HostConfig, agent: AgentFn) -> None:
         self.settings = settings
         self.config = config
         self.agent = agent
         self.topics = topics_for(settings)
-        self.producer = EventProducer(settings, producer=f"runtime:{config.host_id}")
-        self.dead_letters = DeadLetters(self.producer, self.topics, f"runtime:{config.host_id}")
+        self.name = f"runtime:{config.host_id}"
+        self.producer = EventProducer(settings, producer=self.name)
         self.memories: dict[str, dict[str, object]] = {a: {} for a in config.agent_ids}
         self.current: dict[str, str | None] = dict.fromkeys(config.agent_ids)
-        self.started: set[tuple[str, int]] = set()
+        self._partition = 0
+        self._tp = TopicPartition(self.topics.tasks, 0)
+        self._progress = _Progress()
+        self._pending: list[tuple[int, Outgoing]] = []
+        """(dispatch offset, outcome record) waiting for the next transaction."""
+        self._flushed = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
         self._consumer: AIOKafkaConsumer | None = None
+        self._writer: TransactionalProducer | None = None
         self._loops: list[asyncio.Task[None]] = []
+        self._wakeup = asyncio.Event()
+        self.failure: BaseException | None = None
+        self.failed = asyncio.Event()
+        """Set when the host cannot go on (another instance with its id took over)."""
         self._process = psutil.Process()
         self._host_header = config.host_id.encode()
 
+    @property
+    def group_id(self) -> str:
+        return f"{self.settings.topic_prefix}.runtime.{self.config.host_id}"
+
     async def start(self) -> None:
         await self.producer.start()
-        consumer = new_consumer(self.settings, auto_offset_reset="latest")
         try:
-            await consumer.start()
-            await consumer.topics()
-        except KafkaError as exc:
-            await consumer.stop()
-            await self.producer.stop()
-            raise BrokerUnavailable(
-                f"Kafka at {self.settings.kafka_bootstrap} is not reachable"
-            ) from exc
-        partitions = [
-            TopicPartition(self.topics.tasks, p)
-            for p in sorted(consumer.partitions_for_topic(self.topics.tasks) or ())
-        ]
-        consumer.assign(partitions)
-        # Fix the start position before registering: no dispatch to us can come earlier.
-        for tp, end in (await consumer.end_offsets(partitions)).items():
-            consumer.seek(tp, end)
-        self._consumer = consumer
-        await self._register()
+            partitions = await self.producer.partitions(self.topics.tasks)
+            self._partition = pool_partition(self.config.pool, partitions)
+            self._tp = TopicPartition(self.topics.tasks, self._partition)
+            await self._open_consumer()
+            await self._register()
+        except BaseException:
+            await self.stop()
+            raise
         self._loops = [
             asyncio.create_task(self._consume(), name="runtime-consume"),
+            asyncio.create_task(self._flush(), name="runtime-flush"),
             asyncio.create_task(self._heartbeat(), name="runtime-heartbeat"),
         ]
+        for loop in self._loops:
+            loop.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop that ends on its own is fatal (a fenced zombie, a bug): say so, loudly."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("%s: %s stopped: %s", self.name, task.get_name(), task.exception())
+        self.failure = task.exception()
+        self.failed.set()
+
+    async def _open_consumer(self) -> None:
+        """Fence a previous instance of this host and read on from where it committed
+        (a new host: from the end, as no dispatch can be addressed to it before it
+        registers)."""
+        consumer = new_consumer(self.settings)
+        try:
+            await consumer.start()
+            consumer.assign([self._tp])
+            end = (await consumer.end_offsets([self._tp]))[self._tp]
+            self._writer = TransactionalProducer(self.settings, self.group_id, self._tp)
+            await self._writer.start(initial=end)
+            committed = await committed_positions(self.settings, self.group_id, [self._tp])
+            position = committed.get(self._tp, end)
+            consumer.seek(self._tp, position)
+        except KafkaError as exc:
+            await consumer.stop()
+            raise BrokerUnavailable(f"cannot read {self._tp.topic}: {exc}") from exc
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._progress.consumed = position
+        self._progress.answered = _Progress.answered_from(self._writer.note)
+        self._consumer = consumer
 
     async def stop(self, *, drain_s: float = 5.0) -> None:
-        """Stop taking work, let running tasks finish (up to ``drain_s``), then close."""
-        for loop in self._loops:
+        """Stop taking work, let running tasks finish (up to ``drain_s``), commit what they
+        answered, then close."""
+        consume = [t for t in self._loops if t.get_name() == "runtime-consume"]
+        for loop in consume:
             loop.cancel()
-        for loop in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
         if self._running:
             _, pending = await asyncio.wait(self._running, timeout=drain_s)
             for task in pending:
                 task.cancel()
+        if self._pending and self._writer is not None:
+            self._wakeup.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained(), drain_s)
+        for loop in self._loops:
+            loop.cancel()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, BrokerUnavailable):
+                await loop
+        self._loops = []
         if self._consumer is not None:
             await self._consumer.stop()
+            self._consumer = None
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
         await self.producer.stop()
 
+    async def _drained(self) -> None:
+        while self._pending:
+            self._flushed.clear()
+            await self._flushed.wait()
+
     async def _register(self) -> None:
-        futures = []
-        for agent_id in self.config.agent_ids:
-            _, fut = await self.producer.send(
+        await self.producer.send_all(
+            self.producer.encode(
                 self.topics.agents,
+                self._partition,
                 agent_id,
                 AgentRegistered(
                     agent_id=agent_id,
@@ -138,39 +238,68 @@ class RuntimeHost:
                     host_id=self.config.host_id,
                     agent_ref=self.config.agent_ref,
                 ),
-            )
-            futures.append(fut)
-        await asyncio.gather(*futures)
+            )[1]
+            for agent_id in self.config.agent_ids
+        )
 
     async def _consume(self) -> None:
         assert self._consumer is not None
-        codec = self.producer.codec
+        consumer = self._consumer
+        outage = Outage(log, self.name, f"Kafka at {self.settings.kafka_bootstrap}")
+        backoff = Backoff()
         while True:
-            batch = await self._consumer.getmany(timeout_ms=1000)
-            for records in batch.values():
-                for message in records:
-                    if (HOST_HEADER, self._host_header) not in (message.headers or ()):
-                        continue  # someone else's dispatch, or not a dispatch at all
-                    record = Record.of(message)
-                    decoded = await decode_or_dead_letter(codec, record, self.dead_letters)
-                    if decoded is None:
-                        continue
-                    envelope, event = decoded
-                    if isinstance(event, TaskDispatched) and self._mine(event):
-                        self._spawn(envelope, event, record)
+            try:
+                batch = await consumer.getmany(self._tp, timeout_ms=1000)
+                outage.recovered()
+                backoff.reset()
+            except KafkaError as exc:
+                outage.failed(exc)
+                await backoff.wait()
+                continue
+            for message in batch.get(self._tp, []):
+                self._progress.consumed = message.offset + 1
+                if (HOST_HEADER, self._host_header) not in (message.headers or ()):
+                    continue  # someone else's dispatch, or not a dispatch at all
+                if message.offset in self._progress.answered:
+                    continue  # answered before a restart
+                await self._dispatched(Record.of(message))
 
-    def _mine(self, event: TaskDispatched) -> bool:
-        return (
-            event.host_id == self.config.host_id
-            and event.agent_id in self.memories
-            and (event.task_id, event.attempt) not in self.started  # duplicate delivery
+    async def _dispatched(self, record: Record) -> None:
+        try:
+            envelope, event = self.producer.codec.decode(record.value)
+        except SchemaError as exc:
+            await self._dead_letter(record, str(exc))
+            return
+        if not isinstance(event, TaskDispatched):
+            await self._dead_letter(record, f"{event.TYPE} carries a dispatch header")
+            return
+        if event.host_id != self.config.host_id or event.agent_id not in self.memories:
+            await self._dead_letter(record, f"dispatch to unknown agent {event.agent_id!r}")
+            return
+        log.debug(
+            "%s: dispatch %s@%d (%s)", self.name, event.task_id, record.offset, event.agent_id
         )
-
-    def _spawn(self, cause: Envelope, event: TaskDispatched, record: Record) -> None:
-        self.started.add((event.task_id, event.attempt))
-        task = asyncio.create_task(self._run(cause, event, record))
+        self._progress.running.add(record.offset)
+        task = asyncio.create_task(self._run(envelope, event, record))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+
+    async def _dead_letter(self, record: Record, reason: str) -> None:
+        log.warning("%s dead-lettered %s@%d: %s", self.name, record.topic, record.offset, reason)
+        await self.producer.send(
+            self.topics.deadletter,
+            f"{record.topic}/{record.partition}/{record.offset}",
+            DeadLetterRecord(
+                reason=reason,
+                error_type="InvalidEvent",
+                original=record.value,
+                source_topic=record.topic,
+                source_partition=record.partition,
+                source_offset=record.offset,
+                processor=self.name,
+            ),
+            partition=0,
+        )
 
     async def _run(self, cause: Envelope, event: TaskDispatched, record: Record) -> None:
         ctx = AgentContext(
@@ -212,16 +341,64 @@ class RuntimeHost:
                 )
             finally:
                 self.current[event.agent_id] = None
-            await self.producer.send(
-                self.topics.outputs, event.task_id, outcome, causation=cause, headers=headers_for()
+            _, out = self.producer.encode(
+                self.topics.outputs,
+                self._partition,
+                event.task_id,
+                outcome,
+                causation=cause,
+                headers=headers_for(),
             )
+        self._pending.append((record.offset, out))
+        self._wakeup.set()
+
+    async def _flush(self) -> None:
+        """Group commit: whatever outcomes are ready go out in one transaction with the
+        position; the next ones gather meanwhile."""
+        assert self._writer is not None
+        outage = Outage(log, self.name, f"Kafka at {self.settings.kafka_bootstrap}")
+        backoff = Backoff()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = list(self._pending)
+                done = {offset for offset, _ in batch}
+                position, note, answered = self._progress.commit_point(done)
+                try:
+                    await self._writer.commit(
+                        [out for _, out in batch], {self._tp: position}, note=note
+                    )
+                except BrokerUnavailable as exc:
+                    outage.failed(exc)
+                    await backoff.wait()
+                    await self._restart_writer()
+                    continue
+                outage.recovered()
+                backoff.reset()
+                log.debug(
+                    "%s: committed %d outcome(s), position %s", self.name, len(batch), position
+                )
+                del self._pending[: len(batch)]
+                self._progress.running -= done
+                self._progress.answered = answered
+                self._flushed.set()
+
+    async def _restart_writer(self) -> None:
+        """After a failed transaction the producer may be unusable: start the next
+        incarnation (which also aborts whatever the failed one left open)."""
+        assert self._writer is not None
+        with contextlib.suppress(BrokerUnavailable):
+            await self._writer.start()
 
     async def _heartbeat(self) -> None:
+        outage = Outage(log, f"{self.name} heartbeats", f"Kafka at {self.settings.kafka_bootstrap}")
         while True:
             rss = self._process.memory_info().rss
-            for agent_id, task_id in self.current.items():
-                await self.producer.send(
+            beats = [
+                self.producer.encode(
                     self.topics.heartbeats,
+                    None,  # by key: the agent's heartbeats stay in order
                     agent_id,
                     Heartbeat(
                         agent_id=agent_id,
@@ -229,5 +406,12 @@ class RuntimeHost:
                         task_id=task_id,
                         rss_bytes=rss,
                     ),
-                )
+                )[1]
+                for agent_id, task_id in self.current.items()
+            ]
+            try:
+                await self.producer.send_all(beats)
+                outage.recovered()
+            except BrokerUnavailable as exc:
+                outage.failed(exc)
             await asyncio.sleep(self.settings.heartbeat_interval_s)

@@ -27,7 +27,7 @@ from conclave.settings import Settings
 from projections import queries
 from projections.database import connect, migrate
 from projections.projector import Projector
-from streams.app import ProcessorsHandle, start_processors
+from streams.worker import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -42,10 +42,13 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture(scope="session")
-async def processors(settings: Settings, db: asyncpg.Pool) -> AsyncIterator[ProcessorsHandle]:
-    handle = await start_processors(settings)
-    yield handle
-    await handle.stop()
+async def processors(settings: Settings, db: asyncpg.Pool) -> AsyncIterator[Worker]:
+    """One worker running every shard, for the whole session."""
+    worker = Worker(settings, "test-worker")
+    await worker.start()
+    await worker.ready()
+    yield worker
+    await worker.stop()
 
 
 class RunningProjector:
@@ -75,7 +78,7 @@ class RunningProjector:
 
 @pytest.fixture(scope="session")
 async def projector(
-    settings: Settings, db: asyncpg.Pool, processors: ProcessorsHandle
+    settings: Settings, db: asyncpg.Pool, processors: Worker
 ) -> AsyncIterator[RunningProjector]:
     running = RunningProjector(settings, db)
     await running.start()
@@ -92,7 +95,7 @@ HostFactory = Callable[..., contextlib.AbstractAsyncContextManager[RuntimeHost]]
 
 
 @pytest.fixture
-def host(settings: Settings, processors: ProcessorsHandle) -> HostFactory:
+def host(settings: Settings, processors: Worker) -> HostFactory:
     """``async with host(pool, n, agent=...) as h:`` runs a runtime host for the block."""
 
     @contextlib.asynccontextmanager

@@ -57,6 +57,8 @@ async def test_submitted_task_completes_with_witnessed_output(system: System) ->
     settings, db = system.settings, system.db
     async with system.running(2):
         task_id = await system.submit_visible("what is 6 x 7?", priority=Priority.HIGH)
+        # Visible once witnessed; completed once the scheduler has read the witness entry.
+        await eventually(lambda: _is(db, task_id, "completed"))
 
     view = await queries.get_task(db, task_id)
     assert view.status == "completed"
@@ -191,10 +193,6 @@ async def test_witness_verify_names_first_bad_sequence(system: System) -> None:
     assert "Traceback" not in bad.stderr
 
 
-async def _is(db: asyncpg.Pool, task_id: str, status: str) -> bool:
-    return await task_status(db, task_id) == status
-
-
 async def _projected_witness_matches_topic(settings: Settings, db: asyncpg.Pool) -> bool:
     results = await verify_sources(settings)
     return results[0].entries == results[1].entries
@@ -270,3 +268,7 @@ async def test_an_answer_with_a_nul_character_fails_with_attribution(system: Sys
             "answer contains a NUL character, which no read model can store",
         )
     ]
+
+
+async def _is(db: asyncpg.Pool, task_id: str, status: str) -> bool:
+    return await task_status(db, task_id) == status

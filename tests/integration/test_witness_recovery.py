@@ -1,10 +1,13 @@
-"""Invariants 3 and 8 across a restart: the witness processor recovers its head from
-the witness topic, witnesses a redelivered output no second time, and refuses to
-extend a chain that does not verify."""
+"""Invariants 3 and 8 across a restart: the witness shard recovers its head and its input
+positions from the witness topic, witnesses a re-sent output no second time, and refuses
+to extend a chain that does not verify."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -12,11 +15,12 @@ from conclave.bus import EventProducer, ensure_topics, read_history, topics_for
 from conclave.domain import witness
 from conclave.domain.events import AgentOutput, DeadLetterRecord, Halt, WitnessEntry
 from conclave.errors import WitnessChainError
-from conclave.records import Record
 from conclave.settings import Settings
 from conclave.verify import verify_sources
 from schemas.codec import default_codec
-from streams.witness import WITNESS_KEY, WitnessProcessor
+from streams.core import Emitter, ShardRunner
+from streams.witness import WITNESS_KEY, WitnessShard
+from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +33,30 @@ async def fresh(settings: Settings) -> tuple[Settings, EventProducer]:
     return own, producer
 
 
+def witness_runner(settings: Settings) -> ShardRunner:
+    topics = topics_for(settings)
+    emitter = Emitter(default_codec(), topics, "witness", settings.tenant)
+    return ShardRunner(settings, WitnessShard(topics, 1, emitter))
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[ShardRunner]:
+    """The witness shard running for the block, as a worker would run it."""
+    runner = witness_runner(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    ready = asyncio.create_task(runner.ready.wait())
+    await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if task.done():
+        task.result()  # recovery failed: raise its error
+    try:
+        yield runner
+    finally:
+        stop.set()
+        await task
+
+
 async def entries(settings: Settings) -> list[WitnessEntry]:
     codec = default_codec()
     found = []
@@ -39,36 +67,44 @@ async def entries(settings: Settings) -> list[WitnessEntry]:
     return found
 
 
-def output_record(producer: EventProducer, topic: str, offset: int, task_id: str) -> Record:
+def output_bytes(producer: EventProducer, task_id: str) -> bytes:
     event = AgentOutput(
         task_id=task_id, agent_id="a", attempt=1, content="yes", latency_us=1, deliberation_id=None
     )
-    value = producer.codec.encode(producer.envelope(event), event)
-    return Record(topic=topic, partition=0, offset=offset, key=None, value=value, headers=[])
+    return producer.codec.encode(producer.envelope(event), event)
 
 
-async def test_restarted_witness_does_not_witness_twice_and_continues_the_chain(
+async def count_entries(settings: Settings, n: int) -> list[WitnessEntry]:
+    async def probe() -> list[WitnessEntry] | None:
+        found = await entries(settings)
+        return found if len(found) >= n else None
+
+    found: list[WitnessEntry] = await eventually(probe)
+    return found
+
+
+async def test_restarted_witness_resumes_after_its_last_entry_and_witnesses_once(
     settings: Settings,
 ) -> None:
     own, producer = await fresh(settings)
     topics = topics_for(own)
+    first = output_bytes(producer, "t1")
     try:
-        first = output_record(producer, topics.outputs, 0, "t1")
-        before = WitnessProcessor(producer, topics)
-        await before.recover()
-        await before.handle(first)
-        await producer.flush()
-
-        after = WitnessProcessor(producer, topics)  # a restart: state only from the topic
-        assert await after.recover() == 1
-        await after.handle(first)  # redelivered
-        await after.handle(output_record(producer, topics.outputs, 1, "t2"))
-        await producer.flush()
+        await producer.send_raw(topics.outputs, "t1", first, partition=0)
+        async with running(own):
+            await count_entries(own, 1)
+        # While it is down: the same record sent again (a producer's retry), and a new one.
+        await producer.send_raw(topics.outputs, "t1", first, partition=0)
+        await producer.send_raw(topics.outputs, "t2", output_bytes(producer, "t2"), partition=0)
+        async with running(own) as restarted:
+            chain = await count_entries(own, 2)
+            await asyncio.sleep(0.5)  # time for a wrong third entry to show up
+        assert restarted.recovered_events == 1  # the one entry, not all history again
     finally:
         await producer.stop()
-
     chain = await entries(own)
     assert [e.task_id for e in chain] == ["t1", "t2"]
+    assert [e.source_offset for e in chain] == [0, 2]  # where each witnessed record was read
     assert witness.first_violation(chain) is None
 
 
@@ -93,11 +129,11 @@ async def test_recovery_refuses_to_extend_a_broken_chain(settings: Settings) -> 
                     subject_digest=witness.digest(b"x"),
                     recorded_at=3,
                 )
-            await producer.send(topics.witness, WITNESS_KEY, entry)
+            await producer.send(topics.witness, WITNESS_KEY, entry, partition=0)
             head = head.advance(entry)
-        await producer.flush()
         with pytest.raises(WitnessChainError) as raised:
-            await WitnessProcessor(producer, topics).recover()
+            async with running(own):
+                pass
     finally:
         await producer.stop()
     assert raised.value.sequence == 3
@@ -110,20 +146,19 @@ async def test_only_what_a_topic_may_carry_is_witnessed(settings: Settings) -> N
     halt = Halt(reason="on the wrong topic", operator="x")
     value = producer.codec.encode(producer.envelope(halt), halt)
     try:
-        processor = WitnessProcessor(producer, topics)
-        await processor.recover()
-        await processor.handle(
-            Record(topic=topics.outputs, partition=0, offset=7, key=None, value=value, headers=[])
-        )
-        await producer.flush()
+        offset = await producer.send_raw(topics.outputs, "x", value, partition=0)
+        async with running(own):
+
+            async def letters() -> list[object]:
+                return [r async for r in read_history(own, [topics.deadletter])]
+
+            (record,) = await eventually(letters)
     finally:
         await producer.stop()
     assert await entries(own) == []
-    letters = [r async for r in read_history(own, [topics.deadletter])]
-    assert len(letters) == 1
-    _, letter = default_codec().decode(letters[0].value)
+    _, letter = default_codec().decode(record.value)  # type: ignore[attr-defined]
     assert isinstance(letter, DeadLetterRecord)
-    assert (letter.original, letter.source_offset) == (value, 7)
+    assert (letter.original, letter.source_offset) == (value, offset)
     assert letter.reason == f"system.halt is not witnessed from {topics.outputs}"
 
 
@@ -131,27 +166,23 @@ async def test_verify_checks_the_witnessed_records_bytes(settings: Settings) -> 
     own, producer = await fresh(settings)
     topics = topics_for(own)
     try:
-        processor = WitnessProcessor(producer, topics)
-        await processor.recover()
-        good = output_record(producer, topics.outputs, 0, "t1")
-        await producer.send_raw(topics.outputs, "t1", good.value)
-        await processor.handle(good)
-        await producer.flush()
+        await producer.send_raw(topics.outputs, "t1", output_bytes(producer, "t1"), partition=0)
+        async with running(own):
+            (first,) = await count_entries(own, 1)
         assert [r.violation for r in await verify_sources(own, "topic")] == [None]
 
         # A chain-valid entry whose digest does not match the record on the topic:
         # what an altered output (or an entry forged for another record) looks like.
-        forged = output_record(producer, topics.outputs, 1, "t2")
-        await producer.send_raw(topics.outputs, "t2", forged.value)
+        forged = output_bytes(producer, "t2")
+        await producer.send_raw(topics.outputs, "t2", forged, partition=0)
         entry = witness.next_entry(
-            processor.head,
+            witness.ChainHead(first.sequence, first.entry_hash),
             subject_type="agent.output",
-            subject_event_id=producer.codec.decode(forged.value)[0].event_id,
+            subject_event_id=producer.codec.decode(forged)[0].event_id,
             subject_digest=witness.digest(b"something else"),
             recorded_at=1,
         )
-        await producer.send(topics.witness, WITNESS_KEY, entry)
-        await producer.flush()
+        await producer.send(topics.witness, WITNESS_KEY, entry, partition=0)
         (result,) = await verify_sources(own, "topic")
     finally:
         await producer.stop()

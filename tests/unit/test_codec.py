@@ -199,6 +199,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
         return TEXT
     if tp is int:
         return LONG
+    if tp is bool:
+        return st.booleans()
     if tp is bytes:
         return st.binary(max_size=40)
     if tp is ev.Priority:
@@ -262,7 +264,7 @@ def _simple(tp: Any) -> Any:
         return None
     if typing.get_origin(tp) is list:
         return ["a", "b"]
-    return {str: "x", int: 7, bytes: b"\x00\xff", ev.Priority: ev.Priority.HIGH}[tp]
+    return {str: "x", int: 7, bool: True, bytes: b"\x00\xff", ev.Priority: ev.Priority.HIGH}[tp]
 
 
 def test_registry_knows_both_task_submitted_versions() -> None:
@@ -378,6 +380,8 @@ WRITTEN_FINGERPRINTS = [
     ("TaskSubmitted", "ed05d20233adf82d"),
     ("WitnessEntry", "731df6974755d21c"),
     pytest.param("WitnessEntry", "0128b43f8794ac3c", id="WitnessEntry-v1"),
+    pytest.param("WitnessEntry", "f9cd34bfbbed81f1", id="WitnessEntry-v3"),
+    ("WorkerBeat", "bb11252518812424"),
     pytest.param("DeadLetterRecord", "2694146afc0a2483", id="DeadLetterRecord-v2"),
 ]
 

@@ -1,0 +1,181 @@
+"""One Kafka consumer per process, shared by every reader in it.
+
+A worker runs several shards and reads the workers' beats; each needs its own partitions
+at its own positions, and several read the same partitions (every scheduler shard reads
+the control and witness topics). One consumer each would mean one fetch loop each, and
+against a broker that does not long-poll an idle fetch loop costs CPU whether or not
+anything arrives. A :class:`Feed` runs one loop for all of them: it fetches every
+partition somebody reads, from the lowest position anybody needs, and hands each
+:class:`Subscription` the records at or after its own position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from conclave.bus import Position, new_consumer
+from conclave.errors import BrokerUnavailable
+from conclave.outage import Backoff, Outage
+from conclave.settings import Settings
+
+__all__ = ["Feed", "Subscription"]
+
+log = logging.getLogger(__name__)
+
+
+class Subscription:
+    """One reader's partitions and positions on a :class:`Feed`."""
+
+    def __init__(self, feed: Feed, positions: Position) -> None:
+        self._feed = feed
+        self.next: Position = dict(positions)
+        """Per partition, the offset of the next record this reader needs."""
+        self._buffer: dict[TopicPartition, list[Any]] = {}
+        self._count = 0
+        self._arrived = asyncio.Event()
+
+    def _offer(self, tp: TopicPartition, messages: list[Any]) -> None:
+        wanted = self.next.get(tp)
+        if wanted is None:
+            return
+        fresh = [m for m in messages if m.offset >= wanted]
+        if fresh:
+            self._buffer.setdefault(tp, []).extend(fresh)
+            self._count += len(fresh)
+            self.next[tp] = fresh[-1].offset + 1
+            self._arrived.set()
+
+    async def get(self, *, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Any]]:
+        """What arrived since the last call (waiting up to ``timeout_ms`` for something),
+        in offset order per partition; at most about ``max_records`` records."""
+        if not self._count and timeout_ms > 0:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout_ms / 1000)
+        taken: dict[TopicPartition, list[Any]] = {}
+        budget = max_records
+        for tp in list(self._buffer):
+            if budget <= 0:
+                break
+            messages = self._buffer[tp]
+            taken[tp], rest = messages[:budget], messages[budget:]
+            budget -= len(taken[tp])
+            if rest:
+                self._buffer[tp] = rest
+            else:
+                del self._buffer[tp]
+        self._count -= sum(len(m) for m in taken.values())
+        return taken
+
+    def close(self) -> None:
+        self._feed._unsubscribe(self)
+
+
+class Feed:
+    def __init__(self, settings: Settings, *, name: str = "feed") -> None:
+        self.settings = settings
+        self.name = name
+        self._consumer: AIOKafkaConsumer | None = None
+        self._subscriptions: list[Subscription] = []
+        self._position: Position = {}
+        """Per assigned partition, the offset the consumer reads next."""
+        self._pump: asyncio.Task[None] | None = None
+        self._assigned = asyncio.Event()
+
+    async def start(self) -> None:
+        consumer = new_consumer(
+            self.settings, auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20
+        )
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise BrokerUnavailable(
+                f"Kafka at {self.settings.kafka_bootstrap} is not reachable"
+            ) from exc
+        self._consumer = consumer
+        self._pump = asyncio.create_task(self._run(), name=f"{self.name}-pump")
+
+    async def stop(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    def subscribe(self, positions: Mapping[TopicPartition, int]) -> Subscription:
+        """Start reading ``positions``' partitions from those offsets."""
+        subscription = Subscription(self, dict(positions))
+        self._subscriptions.append(subscription)
+        self._reassign()
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        if subscription in self._subscriptions:
+            self._subscriptions.remove(subscription)
+            self._reassign()
+
+    def _reassign(self) -> None:
+        assert self._consumer is not None, "start() first"
+        lowest: Position = {}
+        for subscription in self._subscriptions:
+            for tp, offset in subscription.next.items():
+                lowest[tp] = min(offset, lowest.get(tp, offset))
+        log.debug("%s: reassign %s (was %s)", self.name, lowest, self._position)
+        if set(lowest) != set(self._position):
+            # A new assignment forgets every position: set them all again.
+            self._consumer.assign(list(lowest))
+            self._position = {}
+        for tp, offset in lowest.items():
+            if self._position.get(tp, offset + 1) > offset:
+                self._consumer.seek(tp, offset)
+                self._position[tp] = offset
+        if lowest:
+            self._assigned.set()
+        else:
+            self._assigned.clear()
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        outage = Outage(log, self.name, f"Kafka at {self.settings.kafka_bootstrap}")
+        backoff = Backoff()
+        while True:
+            await self._assigned.wait()
+            try:
+                batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            except KafkaError as exc:
+                outage.failed(exc)
+                await backoff.wait()
+                continue
+            outage.recovered()
+            backoff.reset()
+            for tp, fetched in batch.items():
+                position = self._position.get(tp)
+                log.debug(
+                    "%s: %s[%d] %d record(s) from %s, position %s",
+                    self.name,
+                    tp.topic,
+                    tp.partition,
+                    len(fetched),
+                    fetched[0].offset if fetched else None,
+                    position,
+                )
+                if position is None:
+                    continue  # unassigned while the fetch was under way
+                messages = [m for m in fetched if m.offset >= position]
+                if not messages:
+                    continue
+                self._position[tp] = messages[-1].offset + 1
+                for subscription in self._subscriptions:
+                    subscription._offer(tp, messages)
