@@ -249,13 +249,14 @@ def projector() -> None:
     logging.getLogger("projections").setLevel(logging.INFO)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
-    async def serve(stop: asyncio.Event) -> None:
+    async def serve(stop: Lifetime) -> None:
         settings = _settings()
         pool = await connect(settings)
         await migrate(pool)
         proj = Projector(settings, pool)
         await proj.start()
         err.print("[green]projector running[/]")
+        stop.started()  # from now on a signal stops it gracefully (and frees the schema)
         try:
             await proj.run(stop)
         finally:
@@ -377,6 +378,8 @@ def witness_verify(
     results = _run(verify_sources(_settings(), source))
     bad = False
     for result in results:
+        for finding in result.findings:
+            err.print(f"[yellow]{result.source}: not an entry:[/] {finding}", soft_wrap=True)
         if result.violation is None:
             out.print(
                 f"{result.source}: {result.entries} entries, chain intact, head {result.head_hex}"

@@ -28,26 +28,36 @@ class VerifyResult:
     entries: int
     head_hex: str
     violation: ChainViolation | None
+    findings: tuple[str, ...] = ()
+    """Records on the witness topic that are not entries (a null value, garbage, another
+    event type): never part of the chain, dead-lettered by the processors, listed here."""
 
 
-def verify_entries(source: str, entries: Iterable[WitnessEntry]) -> VerifyResult:
+def verify_entries(
+    source: str, entries: Iterable[WitnessEntry], findings: Iterable[str] = ()
+) -> VerifyResult:
     listed = list(entries)
     violation = first_violation(listed)
     head = listed[-1].entry_hash.hex() if listed else "0" * 64
-    return VerifyResult(source, len(listed), head, violation)
+    return VerifyResult(source, len(listed), head, violation, tuple(findings))
 
 
-async def topic_entries(settings: Settings) -> list[WitnessEntry]:
+async def topic_entries(settings: Settings) -> tuple[list[WitnessEntry], list[str]]:
+    """The entries on the witness topic in order, and a finding for every other record."""
     codec = default_codec()
     entries: list[WitnessEntry] = []
+    findings: list[str] = []
     async for record in read_history(settings, [topics_for(settings).witness]):
         try:
             _, event = codec.decode(record.value)
         except SchemaError as exc:
-            raise SchemaError(f"witness record at offset {record.offset}: {exc}") from exc
+            findings.append(f"offset {record.offset}: {exc}")
+            continue
         if isinstance(event, WitnessEntry):
             entries.append(event)
-    return entries
+        else:
+            findings.append(f"offset {record.offset}: {event.TYPE} is not a witness entry")
+    return entries, findings
 
 
 async def subject_digests(settings: Settings) -> dict[str, bytes]:
@@ -67,8 +77,8 @@ async def subject_digests(settings: Settings) -> dict[str, bytes]:
 async def verify_sources(settings: Settings, source: str = "both") -> list[VerifyResult]:
     results = []
     if source in ("topic", "both"):
-        entries = await topic_entries(settings)
-        result = verify_entries("topic", entries)
+        entries, findings = await topic_entries(settings)
+        result = verify_entries("topic", entries, findings)
         if result.violation is None:
             # Kafka still holds the witnessed records themselves: check their bytes too.
             violation = check_subjects(entries, await subject_digests(settings))

@@ -152,8 +152,12 @@ async def cluster(settings: Settings) -> AsyncIterator[Cluster]:
         yield running
     finally:
         running.stop_all()
-        for log in sorted(home.glob("*.log")):  # shown by pytest when the test failed
-            print(f"----- {log.name}\n{log.read_text(errors='replace')[-6000:]}")
+        _print_logs(home)  # pytest shows them when the test failed
+
+
+def _print_logs(home: Path) -> None:
+    for log in sorted(home.glob("*.log")):
+        print(f"----- {log.name}\n{log.read_text(errors='replace')[-6000:]}")
 
 
 async def submit(settings: Settings, pool: str, count: int, *, prefix: str = "t") -> list[str]:
