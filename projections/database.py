@@ -1,19 +1,58 @@
 """PostgreSQL connection, migrations and teardown for the read models.
 
-asyncpg's connection errors are translated to :class:`DatabaseUnavailable` here.
+asyncpg's errors that mean "not now" (connection lost, server restarting or
+shutting down, too many connections, a deadlock or serialisation failure) are
+translated to :class:`DatabaseUnavailable` here, by :func:`connect` and
+:func:`unavailable`; whatever else asyncpg raises is a bug or a bad record.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import re
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TypeAlias
 
 import asyncpg
 
-from conclave.errors import DatabaseUnavailable
+from conclave.errors import ConclaveError, DatabaseUnavailable
 from conclave.settings import Settings
 
-__all__ = ["READ_MODEL_TABLES", "connect", "drop_read_models", "migrate", "schema_for"]
+__all__ = [
+    "READ_MODEL_TABLES",
+    "ProjectorActive",
+    "connect",
+    "drop_read_models",
+    "migrate",
+    "projector_lock_key",
+    "schema_for",
+    "unavailable",
+]
+
+Database: TypeAlias = "asyncpg.Pool | asyncpg.Connection"
+"""A pool, or one connection (for work that must happen in one session)."""
+
+_TRANSIENT = (
+    OSError,  # refused, reset: the server is down or restarting
+    TimeoutError,
+    asyncpg.InterfaceError,  # the connection closed under us
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, cancelled
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.TransactionRollbackError,  # class 40: deadlock, serialisation failure
+    asyncpg.InvalidCachedStatementError,  # tables recreated (a rebuild) under a cached plan
+    asyncpg.exceptions.OutdatedSchemaCacheError,
+)
+
+
+class ProjectorActive(ConclaveError):
+    """Another projector holds the read models of this schema (see :func:`projector_lock_key`)."""
+
+    retriable = True
+    permanent = False
+
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 READ_MODEL_TABLES = (
@@ -38,8 +77,39 @@ def schema_for(settings: Settings) -> str:
     return name if name[:1].isalpha() else f"p_{name}"
 
 
-async def connect(settings: Settings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    schema = schema_for(settings)
+def projector_lock_key(schema: str) -> int:
+    """The advisory-lock key that one schema's only active projector (or rebuild) holds.
+
+    A stable 64-bit hash of the schema name: every process, whatever its version or
+    language, computes the same key, and two schemas do not share one.
+    """
+    digest = hashlib.blake2b(f"conclave.projector:{schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@contextlib.contextmanager
+def unavailable(what: str = "PostgreSQL") -> Iterator[None]:
+    """asyncpg's "not now" errors raised in the block, as :class:`DatabaseUnavailable`."""
+    try:
+        yield
+    except _TRANSIENT as exc:
+        if isinstance(exc, asyncpg.ClientConfigurationError):
+            raise  # a bad setting, not an outage
+        detail = " ".join(str(exc).split()) or "connection lost"
+        raise DatabaseUnavailable(f"{what}: {type(exc).__name__}: {detail}") from exc
+
+
+async def connect(
+    settings: Settings, *, min_size: int = 0, max_size: int = 4, schema: str | None = None
+) -> asyncpg.Pool:
+    """A pool whose sessions read and write the read models of ``schema`` (by default
+    the one of the settings' topic prefix, see :func:`schema_for`).
+
+    ``min_size`` is 0 by default: with a floor, asyncpg reconnects in the background
+    while PostgreSQL is down and logs a WARNING with a traceback for every attempt.
+    Idle connections are kept all the same (for ``max_inactive_connection_lifetime``).
+    """
+    schema = schema or schema_for(settings)
     try:
         bootstrap = await asyncpg.connect(settings.database_url, timeout=10)
         try:
@@ -61,10 +131,19 @@ async def connect(settings: Settings, *, min_size: int = 1, max_size: int = 4) -
     return pool
 
 
-async def migrate(pool: asyncpg.Pool) -> list[str]:
+@contextlib.asynccontextmanager
+async def _session(db: Database) -> AsyncIterator[asyncpg.Connection]:
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            yield conn
+    else:
+        yield db
+
+
+async def migrate(db: Database) -> list[str]:
     """Apply every migration not yet applied, in name order; returns those applied."""
     applied: list[str] = []
-    async with pool.acquire() as conn, conn.transaction():
+    async with _session(db) as conn, conn.transaction():
         # One migrator at a time, even with several processes starting together.
         await conn.execute("SELECT pg_advisory_xact_lock(7251)")
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY)")
@@ -78,9 +157,24 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
     return applied
 
 
-async def drop_read_models(pool: asyncpg.Pool) -> None:
-    """Drop every read model (and the migration record) so that replay starts empty."""
-    async with pool.acquire() as conn, conn.transaction():
+async def drop_read_models(db: Database) -> None:
+    """Drop every read model (and the migration record) so that replay starts empty.
+
+    Refused with :class:`ProjectorActive` while a projector of this schema is active:
+    it would go on folding into the new, empty tables from where it was, and the
+    replay would miss everything before. Run it on the connection that holds the
+    projector lock (as :meth:`Projector.rebuild` does) to keep projectors out until
+    the replay is done.
+    """
+    async with _session(db) as conn, conn.transaction():
+        schema = await conn.fetchval("SELECT current_schema()")
+        # Granted to the session that holds the projector lock, refused to any other.
+        if not await conn.fetchval(
+            "SELECT pg_try_advisory_xact_lock($1)", projector_lock_key(schema)
+        ):
+            raise ProjectorActive(
+                f"a projector is active for schema {schema}; stop it before rebuilding"
+            )
         await conn.execute("SELECT pg_advisory_xact_lock(7251)")
         for table in (*READ_MODEL_TABLES, "schema_migrations"):
             await conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")

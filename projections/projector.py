@@ -1,348 +1,364 @@
 """The projector: folds the history topics into the PostgreSQL read models.
 
-Each batch of records is applied in one transaction together with the next
-offsets to read, so the read models and the position never disagree: after a
-crash the projector resumes exactly where its last transaction ended. The
-consumer uses manual assignment and positions from PostgreSQL, not a group.
+The contract:
+
+- **Positions with the rows.** Each batch of records is applied in one
+  transaction together with the next offsets to read, so the read models and
+  the position never disagree. After *any* failure the projector rolls back,
+  reads the stored positions again and seeks there: nothing is lost or folded
+  twice, whatever failed and whenever.
+- **Outages are waited out.** PostgreSQL or Kafka gone: retry with back-off
+  (0.1 s doubling to 5 s), one WARNING when the outage starts and one INFO line
+  with its length when it ends, no traceback, no human needed.
+- **One active projector per schema.** The active one holds the schema's lock
+  (:mod:`projections.lock`) on the connection it writes on; any other stands by
+  (one line), polls, and takes over within about a second of the lock being
+  free -- the active one stopped or died, or its session ended in an outage.
+- **Batches, coalesced.** Hundreds to thousands of records per transaction, a
+  statement per table (:mod:`projections.store`), each task's or agent's events
+  folded into its final row first (:mod:`projections.rows`).
+- **Bad input is kept, not fatal.** Undecodable bytes, tombstones (null values),
+  empty values, events on the wrong topic and records PostgreSQL refuses become
+  ``dead_letters`` rows with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import Callable, Mapping
-from typing import Any
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import TopicPartition
 
-from conclave.bus import new_consumer, topics_for
-from conclave.domain.events import (
-    AgentOutput,
-    AgentRegistered,
-    DeadLetterRecord,
-    Envelope,
-    Halt,
-    Heartbeat,
-    Resume,
-    TaskCompleted,
-    TaskDeadLettered,
-    TaskDispatched,
-    TaskFailed,
-    TaskQueued,
-    WitnessEntry,
-)
-from conclave.errors import BrokerUnavailable, SchemaError
-from conclave.records import Record
+from conclave.bus import topics_for
+from conclave.errors import BrokerUnavailable, DatabaseUnavailable, SchemaError
+from conclave.outage import Backoff, Outage
 from conclave.settings import Settings
+from projections import store
+from projections.database import ProjectorActive, drop_read_models, migrate, unavailable
+from projections.lock import SchemaLock
+from projections.rows import Changes, Consumed, projected_from
+from projections.source import HistorySource
 from schemas.codec import Codec, default_codec
 
 __all__ = ["Projector"]
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[int, int], None]
+
+DEFAULT_MAX_BATCH = 5000
+"""Records per transaction at most: large enough that round trips cost little per
+record, small enough that one transaction stays well under a second."""
+STANDBY_POLL_S = 1.0
+"""How often a standby tries the lock: the longest a schema goes without a projector."""
+PROBE_IDLE_S = 2.0
+"""After this long without records, ask the broker whether it is there at all."""
+FETCH_TIMEOUT_MS = 200
+DECODE_SLICE = 500
+"""Records decoded between two chances for the commit in flight to go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    records: list[Consumed]
+    moved: dict[TopicPartition, int]
+    """The partitions whose position the batch moves, and where to."""
+    changes: Changes
 
 
 class Projector:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, codec: Codec | None = None) -> None:
+    """Folds the history topics into the read models of ``pool``'s schema.
+
+    ``pool``'s sessions decide the schema (its ``search_path``); the projector holds
+    one of its connections while it is the schema's active projector.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        codec: Codec | None = None,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.codec = codec or default_codec()
+        self.max_batch = max_batch
         self.topics = topics_for(settings)
-        self.expected: dict[str, tuple[type[Any], ...]] = {
-            self.topics.agents: (AgentRegistered,),
-            self.topics.heartbeats: (Heartbeat,),
-            self.topics.tasks: (TaskQueued, TaskDispatched, TaskCompleted, TaskDeadLettered),
-            self.topics.outputs: (AgentOutput, TaskFailed),
-            self.topics.witness: (WitnessEntry,),
-            self.topics.deadletter: (DeadLetterRecord,),
-            self.topics.control: (Halt, Resume),
-        }
-        """What each history topic carries; every type here has a statement below."""
-        self.consumer: AIOKafkaConsumer | None = None
-        self.partitions: list[TopicPartition] = []
-        self._conn: asyncpg.Connection | None = None
+        self.expected = projected_from(self.topics)
+        """What each history topic carries; anything else on it is dead-lettered."""
         self.batches = asyncio.Event()
         """Set after every committed batch; readers clear it and wait for the next."""
+        self._source = HistorySource(settings, self.topics.history)
+        self._lock = SchemaLock(pool)
+        self._positions: dict[TopicPartition, int] | None = None
+        """What the read models hold (committed), once active and positioned; ``None``
+        means: read the stored positions and seek before folding again."""
+        self._read_to: dict[TopicPartition, int] = {}
+        """Where the batches read so far end (the read-ahead is past the commits)."""
+        self._ahead: asyncio.Task[_Batch] | None = None
+        self.schema: str | None = None
+        """The schema folded into (the pool's), known after :meth:`start`."""
+        self._backoff = Backoff()
+        self._postgres = Outage(log, "projector", "PostgreSQL")
+        self._kafka = Outage(log, "projector", f"Kafka at {settings.kafka_bootstrap}")
+        self._standing_by = False
+        self._heard_from_broker = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether this projector holds its schema's lock (others stand by)."""
+        return self._lock.held
 
     async def start(self) -> None:
-        consumer = new_consumer(
-            self.settings, auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 2**20
-        )
-        try:
-            await consumer.start()
-            await consumer.topics()
-        except KafkaError as exc:
-            await consumer.stop()
-            raise BrokerUnavailable(
-                f"Kafka at {self.settings.kafka_bootstrap} is not reachable"
-            ) from exc
-        self.partitions = [
-            TopicPartition(topic, p)
-            for topic in self.topics.history
-            for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        consumer.assign(self.partitions)
-        stored = await self._stored_offsets()
-        for tp in self.partitions:
-            if tp in stored:
-                consumer.seek(tp, stored[tp])
-            else:
-                await consumer.seek_to_beginning(tp)
-        self.consumer = consumer
+        """Connect to Kafka and learn the schema (raises :class:`BrokerUnavailable`,
+        :class:`DatabaseUnavailable`); folding starts in :meth:`run`, :meth:`catch_up`
+        or :meth:`rebuild`."""
+        self.schema = await self._lock.resolve()
+        name = f"projector for schema {self.schema}"
+        self._postgres = Outage(log, name, "PostgreSQL")
+        self._kafka = Outage(log, name, f"Kafka at {self.settings.kafka_bootstrap}")
+        await self._source.start()
 
     async def stop(self) -> None:
-        if self.consumer is not None:
-            await self.consumer.stop()
-            self.consumer = None
-        if self._conn is not None:
-            await self.pool.release(self._conn)
-            self._conn = None
-
-    async def _connection(self) -> asyncpg.Connection:
-        """One connection held for the projector's life: a pool acquire per batch costs a
-        session reset round trip each time, on the hot path."""
-        if self._conn is None:
-            self._conn = await self.pool.acquire()
-        return self._conn
-
-    async def _stored_offsets(self) -> dict[TopicPartition, int]:
-        rows = await self.pool.fetch("SELECT topic, partition, next_offset FROM projection_offsets")
-        return {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
-
-    async def step(self, timeout_ms: int = 200) -> int:
-        """Fetch and apply one batch in one transaction; returns the records applied."""
-        assert self.consumer is not None, "start() first"
-        batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=1000)
-        records = [Record.of(m) for msgs in batch.values() for m in msgs]
-        if not records:
-            return 0
-        rows = [(record, row) for record in records if (row := self._row(record)) is not None]
-        conn = await self._connection()
-        try:
-            async with conn.transaction():
-                # Consecutive rows for the same statement go in one round trip; the order
-                # of statements (and so of one task's updates) is the order of the records.
-                for sql, group in itertools.groupby(rows, key=lambda row: row[1][0]):
-                    await conn.executemany(sql, [args for _, (_, args) in group])
-                await _save_offsets(conn, batch)
-        except asyncpg.DataError:
-            # A record PostgreSQL refuses (a NUL in text, say) must not wedge every later
-            # batch: apply this one record by record and dead-letter the refused ones.
-            async with conn.transaction():
-                for record, (sql, args) in rows:
-                    try:
-                        async with conn.transaction():  # a savepoint per record
-                            await conn.execute(sql, *args)
-                    except asyncpg.DataError as exc:
-                        await conn.execute(
-                            _UNPROJECTABLE,
-                            record.topic,
-                            record.partition,
-                            record.offset,
-                            f"read model refused it: {exc}",
-                            type(exc).__name__,
-                            record.value,
-                        )
-                await _save_offsets(conn, batch)
-        self.batches.set()
-        return len(records)
+        """Disconnect, and give the schema's lock up: a standby takes over at once."""
+        await self._source.stop()
+        await self._lock.release()
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await self.step()
-
-    async def lag(self) -> int:
-        """Records on the history topics not yet folded."""
-        assert self.consumer is not None
-        ends = await self.consumer.end_offsets(self.partitions)
-        total = 0
-        for tp in self.partitions:
-            total += max(0, ends[tp] - await self.consumer.position(tp))
-        return total
+        """Fold until ``stop`` is set, through outages, standing by while another
+        projector of the schema is active."""
+        await self._fold(stop=stop)
 
     async def catch_up(self, progress: Progress | None = None) -> int:
-        """Apply everything up to the current end of the history topics."""
-        assert self.consumer is not None
-        ends = await self.consumer.end_offsets(self.partitions)
-        total = sum(ends.values())
-        applied = 0
-        while True:
-            behind = [tp for tp in self.partitions if await self.consumer.position(tp) < ends[tp]]
-            if not behind:
-                return applied
-            applied += await self.step()
-            if progress is not None:
-                done = sum([await self.consumer.position(tp) for tp in self.partitions])
-                progress(min(done, total), total)
+        """Return once the read models hold everything up to the current end of the
+        history topics (folded here, or by the active projector while this one stands
+        by); returns the records folded here."""
+        return await self._fold(until=await self._source.end_offsets(), progress=progress)
 
-    def _row(self, record: Record) -> tuple[str, tuple[Any, ...]] | None:
-        """The statement and arguments that fold one record, or ``None`` to skip it."""
+    async def rebuild(self, progress: Progress | None = None) -> int:
+        """Drop the read models and fold them again from offset 0; returns the records
+        folded.
+
+        Holds the schema's lock from the drop to the end of the replay, so that no
+        projector folds into the half-built tables: running projectors stand by and
+        carry on from the rebuilt positions once this one stops. Raises
+        :class:`ProjectorActive` if a projector is active now.
+        """
+        if not await self._lock.try_acquire():
+            raise ProjectorActive(
+                f"a projector is active for schema {self.schema}; stop it before rebuilding"
+            )
+        conn = self._lock.connection
+        with unavailable():
+            await drop_read_models(conn)
+            await migrate(conn)
+        self._unposition()
+        return await self.catch_up(progress)
+
+    async def lag(self) -> int:
+        """Records on the history topics not yet in the read models."""
+        ends = await self._source.end_offsets()
+        with unavailable():
+            stored = await store.stored_positions(self.pool)
+        return sum(max(0, end - stored.get(tp, 0)) for tp, end in ends.items())
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def _fold(
+        self,
+        *,
+        stop: asyncio.Event | None = None,
+        until: dict[TopicPartition, int] | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Fold batches until ``stop`` is set or the read models reach ``until``."""
+        folded = 0
         try:
-            envelope, event = self.codec.decode(record.value)
-        except SchemaError as exc:
-            if record.topic == self.topics.deadletter:
-                return None  # never dead-letter a dead letter; it is already kept in Kafka
-            return _UNPROJECTABLE, (
-                record.topic,
-                record.partition,
-                record.offset,
-                str(exc),
-                "SchemaError",
-                record.value,
-            )
-        if not isinstance(event, self.expected.get(record.topic, ())):
-            # Folding it would put it in the wrong table (a HALT on the tasks topic would
-            # read as a system event); skipping it would lose it silently.
-            return _UNPROJECTABLE, (
-                record.topic,
-                record.partition,
-                record.offset,
-                f"{event.TYPE} is not projected from {record.topic}",
-                "InvalidEvent",
-                record.value,
-            )
-        sql, arguments = _STATEMENTS[type(event)]
-        return sql, arguments(envelope, event)
+            while stop is None or not stop.is_set():
+                try:
+                    if not await self._ready():
+                        if until is not None and await self._covered(until):
+                            return folded
+                        await _pause(stop, STANDBY_POLL_S)
+                        continue
+                    if until is not None and self._reached(until):
+                        return folded
+                    folded += await self._step()
+                    if progress is not None and until is not None:
+                        total = sum(until.values())
+                        progress(min(total, sum(self._committed().values())), total)
+                except DatabaseUnavailable as exc:
+                    lost = self._lock.held and self._lock.lost
+                    self._postgres.failed("connection lost" if lost else exc)
+                    await self._deactivate(broken=True)
+                    await _pause(stop, self._backoff.delay())
+                except BrokerUnavailable as exc:
+                    self._kafka.failed(exc)
+                    self._unposition()
+                    await _pause(stop, self._backoff.delay())
+            return folded
+        finally:
+            # A batch read ahead is not in the read models: whoever folds next starts
+            # from the stored positions again.
+            self._unposition()
+
+    async def _ready(self) -> bool:
+        """Hold the lock and stand at the stored positions; ``False`` while standing by."""
+        if self._positions is not None:
+            return True
+        if not self._lock.held:
+            got = await self._lock.try_acquire()
+            self._postgres.recovered()
+            if not got:
+                if not self._standing_by:
+                    self._standing_by = True
+                    log.warning(
+                        "another projector is active for schema %s; standing by", self.schema
+                    )
+                self._source.park()
+                return False
+            if self._standing_by:
+                self._standing_by = False
+                log.info("projector for schema %s is active now", self.schema)
+        with unavailable():
+            await store.prepare(self._lock.connection)
+            stored = await store.stored_positions(self._lock.connection)
+        self._positions = await self._source.seek(stored)
+        self._read_to = dict(self._positions)
+        return True
+
+    def _unposition(self) -> None:
+        """Forget where the consumer stands (it may be ahead of the read models)."""
+        self._positions = None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.cancel()
+            ahead.add_done_callback(_discard)
+
+    async def _deactivate(self, *, broken: bool) -> None:
+        self._unposition()
+        self._source.park()
+        await self._lock.release(broken=broken)
+
+    def _committed(self) -> dict[TopicPartition, int]:
+        assert self._positions is not None
+        return self._positions
+
+    async def _covered(self, until: dict[TopicPartition, int]) -> bool:
+        """Whether the read models (folded by whoever is active) reach ``until``."""
+        with unavailable():
+            stored = await store.stored_positions(self.pool)
+        return all(stored.get(tp, 0) >= end for tp, end in until.items())
+
+    def _reached(self, until: dict[TopicPartition, int]) -> bool:
+        committed = self._committed()
+        return all(committed.get(tp, 0) >= end for tp, end in until.items())
+
+    async def _step(self) -> int:
+        """Fold one batch in one transaction; returns the records folded.
+
+        The next batch is fetched and decoded while this one commits (a read-ahead
+        task): decoding is the projector's own CPU work, committing mostly waits for
+        PostgreSQL, so the two overlap.
+        """
+        if self._lock.lost:  # the server went away while we were idle
+            raise DatabaseUnavailable("PostgreSQL: connection lost")
+        conn = self._lock.connection
+        ahead, self._ahead = self._ahead, None
+        batch = await (ahead if ahead is not None else self._read())
+        self._ahead = asyncio.create_task(self._read())
+        if batch.moved:
+            await self._commit(conn, batch)
+        return len(batch.records)
+
+    async def _read(self) -> _Batch:
+        """The next records, decoded, and how far they move each partition."""
+        records = await self._source.fetch(max_records=self.max_batch, timeout_ms=FETCH_TIMEOUT_MS)
+        now = time.monotonic()
+        if records or now - self._heard_from_broker > PROBE_IDLE_S:
+            if not records:
+                await self._source.probe()  # quiet topics, or no broker?
+            self._heard_from_broker = now
+            self._kafka.recovered()
+        positions = await self._source.positions()
+        moved = {tp: at for tp, at in positions.items() if at != self._read_to.get(tp)}
+        self._read_to.update(moved)
+        changes = Changes()
+        for start in range(0, len(records), DECODE_SLICE):
+            if start:
+                await asyncio.sleep(0)  # let the commit of the previous batch go on
+            self._decode(records[start : start + DECODE_SLICE], changes)
+        return _Batch(records, moved, changes)
+
+    async def _commit(self, conn: asyncpg.Connection, batch: _Batch) -> None:
+        with unavailable():
+            try:
+                async with conn.transaction():
+                    await store.apply(conn, batch.changes)
+                    await store.save_positions(conn, batch.moved)
+            except asyncpg.DataError:
+                # A record PostgreSQL refuses (a NUL in text, say) must not wedge every
+                # later batch: fold the rest and dead-letter only the refused ones.
+                async with conn.transaction():
+                    await self._bisect(conn, batch.records)
+                    await store.save_positions(conn, batch.moved)
+        self._committed().update(batch.moved)
+        self._backoff.reset()
+        self._postgres.recovered()
+        self.batches.set()
+
+    def _decode(self, records: list[Consumed], changes: Changes) -> Changes:
+        """Add what ``records`` do to the read models to ``changes``, bad ones dead-lettered."""
+        expected = self.expected
+        for record in records:
+            try:
+                envelope, event = self.codec.decode(record.value)
+            except SchemaError as exc:
+                changes.reject(record, str(exc), "SchemaError")
+                continue
+            if isinstance(event, expected.get(record.topic, ())):
+                changes.add(envelope, event)
+            else:
+                # Folding it would put it in the wrong table (a HALT on the tasks topic
+                # would read as a system event); skipping it would lose it silently.
+                reason = f"{event.TYPE} is not projected from {record.topic}"
+                changes.reject(record, reason, "InvalidEvent")
+        return changes
+
+    async def _bisect(self, conn: asyncpg.Connection, records: list[Consumed]) -> None:
+        """Apply ``records`` in savepoints, halving on refusal, so that only the records
+        PostgreSQL refuses are dead-lettered (in about 2 log2(n) attempts, not n)."""
+        try:
+            async with conn.transaction():
+                await store.apply(conn, self._decode(records, Changes()))
+        except asyncpg.DataError as exc:
+            if len(records) > 1:
+                half = len(records) // 2
+                await self._bisect(conn, records[:half])
+                await self._bisect(conn, records[half:])
+                return
+            refused = Changes()
+            refused.reject(records[0], f"read model refused it: {exc}", type(exc).__name__)
+            await store.apply(conn, refused)
 
 
-_UNPROJECTABLE = """
-    INSERT INTO dead_letters (source_topic, source_partition, source_offset, processor,
-        reason, error_type, original, recorded_at)
-    VALUES ($1, $2, $3, 'projector', $4, $5, $6, 0) ON CONFLICT DO NOTHING"""
+def _discard(task: asyncio.Task[_Batch]) -> None:
+    """Retrieve a dropped read-ahead's outcome: it is stale, whatever it was."""
+    if not task.cancelled():
+        task.exception()
 
 
-async def _save_offsets(
-    conn: asyncpg.Connection, batch: Mapping[TopicPartition, list[Any]]
-) -> None:
-    """The next offset of every partition in ``batch``, in the batch's transaction."""
-    await conn.executemany(
-        """INSERT INTO projection_offsets (topic, partition, next_offset)
-           VALUES ($1, $2, $3) ON CONFLICT (topic, partition)
-           DO UPDATE SET next_offset = EXCLUDED.next_offset""",
-        [(tp.topic, tp.partition, msgs[-1].offset + 1) for tp, msgs in batch.items() if msgs],
-    )
-
-
-Arguments = Callable[[Envelope, Any], tuple[Any, ...]]
-
-_SYSTEM = """INSERT INTO system_events (event_id, kind, reason, operator, occurred_at)
-           VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING"""
-
-_STATEMENTS: Mapping[type[Any], tuple[str, Arguments]] = {
-    TaskQueued: (
-        """INSERT INTO tasks (task_id, tenant, correlation_id, pool, priority, status, input,
-               agent_id, attempt, max_attempts, deliberation_id, queued_at)
-           VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, 0, $8, $9, $10)
-           ON CONFLICT (task_id) DO UPDATE SET status = 'queued', queued_at = EXCLUDED.queued_at""",
-        lambda env, e: (
-            e.task_id,
-            env.tenant,
-            env.correlation_id,
-            e.pool,
-            e.priority.label,
-            e.input,
-            e.agent_id,
-            e.max_attempts,
-            e.deliberation_id,
-            env.occurred_at,
-        ),
-    ),
-    TaskDispatched: (
-        """UPDATE tasks SET status = 'dispatched', agent_id = $2, attempt = $3, dispatched_at = $4
-           WHERE task_id = $1 AND status NOT IN ('completed', 'dead_lettered')""",
-        lambda env, e: (e.task_id, e.agent_id, e.attempt, env.occurred_at),
-    ),
-    TaskCompleted: (
-        """UPDATE tasks SET status = 'completed', output_event_id = $2, witness_sequence = $3,
-               finished_at = $4 WHERE task_id = $1""",
-        lambda env, e: (e.task_id, e.output_event_id, e.witness_sequence, env.occurred_at),
-    ),
-    TaskDeadLettered: (
-        """UPDATE tasks SET status = 'dead_lettered', error = $2, witness_sequence = $3,
-               finished_at = $4 WHERE task_id = $1""",
-        lambda env, e: (e.task_id, e.reason, e.witness_sequence, env.occurred_at),
-    ),
-    AgentOutput: (
-        """INSERT INTO outputs (event_id, task_id, agent_id, attempt, content, latency_us,
-               deliberation_id, produced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-           ON CONFLICT DO NOTHING""",
-        lambda env, e: (
-            env.event_id,
-            e.task_id,
-            e.agent_id,
-            e.attempt,
-            e.content,
-            e.latency_us,
-            e.deliberation_id,
-            env.occurred_at,
-        ),
-    ),
-    TaskFailed: (
-        """INSERT INTO task_failures (event_id, task_id, agent_id, attempt, error_type,
-               error_message, failed_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
-           ON CONFLICT DO NOTHING""",
-        lambda env, e: (
-            env.event_id,
-            e.task_id,
-            e.agent_id,
-            e.attempt,
-            e.error_type,
-            e.error_message,
-            env.occurred_at,
-        ),
-    ),
-    WitnessEntry: (
-        """INSERT INTO witness_entries (sequence, previous_hash, entry_hash, subject_type,
-               subject_event_id, subject_digest, recorded_at, task_id, agent_id, detail, attempt)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING""",
-        lambda env, e: (
-            e.sequence,
-            e.previous_hash,
-            e.entry_hash,
-            e.subject_type,
-            e.subject_event_id,
-            e.subject_digest,
-            e.recorded_at,
-            e.task_id,
-            e.agent_id,
-            e.detail,
-            e.attempt,
-        ),
-    ),
-    AgentRegistered: (
-        """INSERT INTO agents (agent_id, pool, host_id, agent_ref, registered_at)
-           VALUES ($1, $2, $3, $4, $5)
-           ON CONFLICT (agent_id) DO UPDATE SET pool = EXCLUDED.pool, host_id = EXCLUDED.host_id,
-               agent_ref = EXCLUDED.agent_ref, registered_at = EXCLUDED.registered_at""",
-        lambda env, e: (e.agent_id, e.pool, e.host_id, e.agent_ref, env.occurred_at),
-    ),
-    Heartbeat: (
-        """INSERT INTO agents (agent_id, host_id, last_heartbeat_at, current_task_id, rss_bytes)
-           VALUES ($1, $2, $3, $4, $5)
-           ON CONFLICT (agent_id) DO UPDATE SET last_heartbeat_at = EXCLUDED.last_heartbeat_at,
-               current_task_id = EXCLUDED.current_task_id, rss_bytes = EXCLUDED.rss_bytes
-           WHERE coalesce(agents.last_heartbeat_at, 0) <= EXCLUDED.last_heartbeat_at""",
-        lambda env, e: (e.agent_id, e.host_id, env.occurred_at, e.task_id, e.rss_bytes),
-    ),
-    Halt: (
-        _SYSTEM,
-        lambda env, e: (env.event_id, e.TYPE, e.reason, e.operator, env.occurred_at),
-    ),
-    Resume: (_SYSTEM, lambda env, e: (env.event_id, e.TYPE, e.reason, e.operator, env.occurred_at)),
-    DeadLetterRecord: (
-        """INSERT INTO dead_letters (source_topic, source_partition, source_offset, processor,
-               reason, error_type, original, recorded_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING""",
-        lambda env, e: (
-            e.source_topic,
-            e.source_partition,
-            e.source_offset,
-            e.processor,
-            e.reason,
-            e.error_type,
-            e.original,
-            env.occurred_at,
-        ),
-    ),
-}
+async def _pause(stop: asyncio.Event | None, seconds: float) -> None:
+    """Sleep, but wake at once when ``stop`` is set."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,485 @@
+"""What each projected event does to the read-model rows, and a batch's changes coalesced.
+
+Pure: no I/O. Two kinds of tables:
+
+- **keyed state** (``tasks``, ``agents``): a row per entity that events change in
+  place. :func:`fold_task` and :func:`fold_agent` are the rules, one event at a time;
+  a batch folds each entity's events in record order onto the row as stored, and
+  writes the final row once. Folding a batch at once or one event per transaction
+  gives the same row, because it is the same rules applied in the same order.
+- **append-only** (``outputs``, ``task_failures``, ``witness_entries``,
+  ``system_events``, ``dead_letters``): one row per event, first write wins
+  (``ON CONFLICT DO NOTHING``), inserted in record order.
+
+The order that matters is the order of one entity's events, which Kafka keeps
+because they share a key (task id, agent id). Rows that two topics touch
+(``agents``: registrations and heartbeats) keep their columns apart, so the row
+does not depend on how the two topics interleave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any, Protocol
+
+from conclave.domain.events import (
+    AgentOutput,
+    AgentRegistered,
+    DeadLetterRecord,
+    Envelope,
+    Event,
+    Halt,
+    Heartbeat,
+    Resume,
+    TaskCompleted,
+    TaskDeadLettered,
+    TaskDispatched,
+    TaskFailed,
+    TaskQueued,
+    WitnessEntry,
+)
+from conclave.topics import Topics
+
+__all__ = [
+    "AGENTS",
+    "APPENDS",
+    "TASKS",
+    "AgentRow",
+    "Changes",
+    "Consumed",
+    "Table",
+    "TaskRow",
+    "fold_agent",
+    "fold_task",
+    "projected_from",
+]
+
+
+class Consumed(Protocol):
+    """What the projector needs of a consumed record: where it was read, and its bytes.
+
+    An aiokafka ``ConsumerRecord`` as fetched (copying thousands of them into
+    :class:`conclave.records.Record` per batch costs more than the fold), or a ``Record``.
+    """
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def value(self) -> bytes | None:
+        """``None`` for a null value (a tombstone), which is not the same as ``b""``."""
+
+
+TaskEvent = TaskQueued | TaskDispatched | TaskCompleted | TaskDeadLettered
+
+TERMINAL = frozenset({"completed", "dead_lettered"})
+"""Task statuses that no later event changes: the first terminal event wins."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Table:
+    """A read-model table as the projector writes it: columns with their SQL types.
+
+    Compared and hashed by identity (each table is one module constant): it keys the
+    dicts of every batch, and hashing the column tuples each time would cost more."""
+
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    key: str | None = None
+    """The primary key of a keyed-state table; ``None`` for an append-only one."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.columns)
+
+
+@dataclass(slots=True)
+class TaskRow:
+    """One row of ``tasks``; field names are the column names."""
+
+    task_id: str
+    tenant: str
+    correlation_id: str
+    pool: str
+    priority: str
+    status: str
+    input: str
+    agent_id: str | None
+    attempt: int
+    max_attempts: int
+    deliberation_id: str | None
+    output_event_id: str | None
+    witness_sequence: int | None
+    error: str | None
+    queued_at: int
+    dispatched_at: int | None
+    finished_at: int | None
+
+
+@dataclass(slots=True)
+class AgentRow:
+    """One row of ``agents``: registration columns and heartbeat columns."""
+
+    agent_id: str
+    pool: str | None
+    host_id: str
+    agent_ref: str | None
+    registered_at: int | None
+    last_heartbeat_at: int | None
+    current_task_id: str | None
+    rss_bytes: int | None
+
+
+def _table(name: str, row: type[Any], types: Mapping[str, str], key: str) -> Table:
+    return Table(name, tuple((f.name, types[f.name]) for f in dataclasses.fields(row)), key)
+
+
+TASKS = _table(
+    "tasks",
+    TaskRow,
+    {
+        "task_id": "text",
+        "tenant": "text",
+        "correlation_id": "text",
+        "pool": "text",
+        "priority": "text",
+        "status": "text",
+        "input": "text",
+        "agent_id": "text",
+        "attempt": "integer",
+        "max_attempts": "integer",
+        "deliberation_id": "text",
+        "output_event_id": "text",
+        "witness_sequence": "bigint",
+        "error": "text",
+        "queued_at": "bigint",
+        "dispatched_at": "bigint",
+        "finished_at": "bigint",
+    },
+    "task_id",
+)
+AGENTS = _table(
+    "agents",
+    AgentRow,
+    {
+        "agent_id": "text",
+        "pool": "text",
+        "host_id": "text",
+        "agent_ref": "text",
+        "registered_at": "bigint",
+        "last_heartbeat_at": "bigint",
+        "current_task_id": "text",
+        "rss_bytes": "bigint",
+    },
+    "agent_id",
+)
+
+OUTPUTS = Table(
+    "outputs",
+    (
+        ("event_id", "text"),
+        ("task_id", "text"),
+        ("agent_id", "text"),
+        ("attempt", "integer"),
+        ("content", "text"),
+        ("latency_us", "bigint"),
+        ("deliberation_id", "text"),
+        ("produced_at", "bigint"),
+    ),
+)
+TASK_FAILURES = Table(
+    "task_failures",
+    (
+        ("event_id", "text"),
+        ("task_id", "text"),
+        ("agent_id", "text"),
+        ("attempt", "integer"),
+        ("error_type", "text"),
+        ("error_message", "text"),
+        ("failed_at", "bigint"),
+    ),
+)
+WITNESS_ENTRIES = Table(
+    "witness_entries",
+    (
+        ("sequence", "bigint"),
+        ("previous_hash", "bytea"),
+        ("entry_hash", "bytea"),
+        ("subject_type", "text"),
+        ("subject_event_id", "text"),
+        ("subject_digest", "bytea"),
+        ("recorded_at", "bigint"),
+        ("task_id", "text"),
+        ("agent_id", "text"),
+        ("detail", "text"),
+        ("attempt", "integer"),
+    ),
+)
+SYSTEM_EVENTS = Table(
+    "system_events",
+    (
+        ("event_id", "text"),
+        ("kind", "text"),
+        ("reason", "text"),
+        ("operator", "text"),
+        ("occurred_at", "bigint"),
+    ),
+)
+DEAD_LETTERS = Table(
+    "dead_letters",
+    (
+        ("source_topic", "text"),
+        ("source_partition", "integer"),
+        ("source_offset", "bigint"),
+        ("processor", "text"),
+        ("reason", "text"),
+        ("error_type", "text"),
+        ("original", "bytea"),
+        ("recorded_at", "bigint"),
+    ),
+)
+APPENDS = (OUTPUTS, TASK_FAILURES, WITNESS_ENTRIES, SYSTEM_EVENTS, DEAD_LETTERS)
+
+
+def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> TaskRow | None:
+    """The ``tasks`` row after one task event (``row`` is changed in place).
+
+    A terminal status is final: a late or duplicated queued, dispatched or terminal
+    event never takes a completed task back. Events of a task not yet queued change
+    nothing (there is no row to change).
+    """
+    if isinstance(event, TaskQueued):
+        if row is None:
+            return TaskRow(
+                task_id=event.task_id,
+                tenant=envelope.tenant,
+                correlation_id=envelope.correlation_id,
+                pool=event.pool,
+                priority=event.priority.label,
+                status="queued",
+                input=event.input,
+                agent_id=event.agent_id,
+                attempt=0,
+                max_attempts=event.max_attempts,
+                deliberation_id=event.deliberation_id,
+                output_event_id=None,
+                witness_sequence=None,
+                error=None,
+                queued_at=envelope.occurred_at,
+                dispatched_at=None,
+                finished_at=None,
+            )
+        if row.status not in TERMINAL:  # a retry: back in the queue
+            row.status = "queued"
+            row.queued_at = envelope.occurred_at
+        return row
+    if row is None or row.status in TERMINAL:
+        return row
+    if isinstance(event, TaskDispatched):
+        row.status = "dispatched"
+        row.agent_id = event.agent_id
+        row.attempt = event.attempt
+        row.dispatched_at = envelope.occurred_at
+    elif isinstance(event, TaskCompleted):
+        row.status = "completed"
+        row.output_event_id = event.output_event_id
+        row.witness_sequence = event.witness_sequence
+        row.finished_at = envelope.occurred_at
+    else:
+        row.status = "dead_lettered"
+        row.error = event.reason
+        row.witness_sequence = event.witness_sequence
+        row.finished_at = envelope.occurred_at
+    return row
+
+
+def fold_agent(
+    row: AgentRow | None, envelope: Envelope, event: AgentRegistered | Heartbeat
+) -> AgentRow:
+    """The ``agents`` row after a registration or a heartbeat (``row`` changed in place).
+
+    A registration sets the registration columns (the latest registration wins); a
+    heartbeat sets the heartbeat columns unless the row already has a later beat. A
+    heartbeat's host only fills a row that has no registration yet.
+    """
+    if row is None:
+        row = AgentRow(
+            agent_id=event.agent_id,
+            pool=None,
+            host_id=event.host_id,
+            agent_ref=None,
+            registered_at=None,
+            last_heartbeat_at=None,
+            current_task_id=None,
+            rss_bytes=None,
+        )
+    if isinstance(event, AgentRegistered):
+        row.pool = event.pool
+        row.host_id = event.host_id
+        row.agent_ref = event.agent_ref
+        row.registered_at = envelope.occurred_at
+    elif (row.last_heartbeat_at or 0) <= envelope.occurred_at:  # a heartbeat
+        row.last_heartbeat_at = envelope.occurred_at
+        row.current_task_id = event.task_id
+        row.rss_bytes = event.rss_bytes
+    return row
+
+
+Fold = Callable[[Any, Envelope, Any], Any]
+Append = Callable[[Envelope, Any], tuple[Any, ...]]
+
+KEYED: Mapping[type[Any], tuple[Table, Callable[[Any], str], Fold]] = {
+    TaskQueued: (TASKS, attrgetter("task_id"), fold_task),
+    TaskDispatched: (TASKS, attrgetter("task_id"), fold_task),
+    TaskCompleted: (TASKS, attrgetter("task_id"), fold_task),
+    TaskDeadLettered: (TASKS, attrgetter("task_id"), fold_task),
+    AgentRegistered: (AGENTS, attrgetter("agent_id"), fold_agent),
+    Heartbeat: (AGENTS, attrgetter("agent_id"), fold_agent),
+}
+"""Events that change a keyed-state row: its table, the row's key, the rule."""
+
+
+def _system(env: Envelope, e: Halt | Resume) -> tuple[Any, ...]:
+    return (env.event_id, e.TYPE, e.reason, e.operator, env.occurred_at)
+
+
+APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
+    AgentOutput: (
+        OUTPUTS,
+        lambda env, e: (
+            env.event_id,
+            e.task_id,
+            e.agent_id,
+            e.attempt,
+            e.content,
+            e.latency_us,
+            e.deliberation_id,
+            env.occurred_at,
+        ),
+    ),
+    TaskFailed: (
+        TASK_FAILURES,
+        lambda env, e: (
+            env.event_id,
+            e.task_id,
+            e.agent_id,
+            e.attempt,
+            e.error_type,
+            e.error_message,
+            env.occurred_at,
+        ),
+    ),
+    WitnessEntry: (
+        WITNESS_ENTRIES,
+        lambda env, e: (
+            e.sequence,
+            e.previous_hash,
+            e.entry_hash,
+            e.subject_type,
+            e.subject_event_id,
+            e.subject_digest,
+            e.recorded_at,
+            e.task_id,
+            e.agent_id,
+            e.detail,
+            e.attempt,
+        ),
+    ),
+    Halt: (SYSTEM_EVENTS, _system),
+    Resume: (SYSTEM_EVENTS, _system),
+    DeadLetterRecord: (
+        DEAD_LETTERS,
+        lambda env, e: (
+            e.source_topic,
+            e.source_partition,
+            e.source_offset,
+            e.processor,
+            e.reason,
+            e.error_type,
+            e.original,
+            env.occurred_at,
+        ),
+    ),
+}
+"""Events that add one row to an append-only table, and that row."""
+
+PROJECTED = frozenset(KEYED) | frozenset(APPENDED)
+
+
+def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
+    """The events each history topic carries; anything else on it is not projected (folding
+    a HALT found on the tasks topic would put it in the wrong table)."""
+    return {
+        topics.agents: (AgentRegistered,),
+        topics.heartbeats: (Heartbeat,),
+        topics.tasks: (TaskQueued, TaskDispatched, TaskCompleted, TaskDeadLettered),
+        topics.outputs: (AgentOutput, TaskFailed),
+        topics.witness: (WitnessEntry,),
+        topics.deadletter: (DeadLetterRecord,),
+        topics.control: (Halt, Resume),
+    }
+
+
+_ROW_TYPES: Mapping[Table, type[TaskRow] | type[AgentRow]] = {TASKS: TaskRow, AGENTS: AgentRow}
+
+
+@dataclass(slots=True)
+class Changes:
+    """What a run of records does to the read models, grouped for few round trips.
+
+    Keyed events stay in record order per entity, to be folded onto the stored row;
+    append rows stay in record order per table.
+    """
+
+    keyed: dict[Table, dict[str, list[tuple[Envelope, Event]]]] = field(default_factory=dict)
+    appends: dict[Table, list[tuple[Any, ...]]] = field(default_factory=dict)
+
+    def add(self, envelope: Envelope, event: Event) -> None:
+        """One decoded event of a type in :data:`PROJECTED`."""
+        keyed = KEYED.get(type(event))
+        if keyed is not None:
+            table, key, _ = keyed
+            by_key = self.keyed.setdefault(table, {})
+            by_key.setdefault(key(event), []).append((envelope, event))
+            return
+        table, row = APPENDED[type(event)]
+        self.appends.setdefault(table, []).append(row(envelope, event))
+
+    def reject(self, record: Consumed, reason: str, error_type: str) -> None:
+        """A record the projector cannot fold: kept in ``dead_letters`` with its bytes
+        (``NULL`` for a tombstone, so that it stays apart from an empty value)."""
+        self.appends.setdefault(DEAD_LETTERS, []).append(
+            (
+                record.topic,
+                record.partition,
+                record.offset,
+                "projector",
+                reason,
+                error_type,
+                record.value,
+                0,
+            )
+        )
+
+    def folded(self, table: Table, stored: Mapping[str, tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The final rows of ``table`` that differ from ``stored`` (key -> stored row).
+
+        Each entity's events are folded in record order onto its stored row.
+        """
+        row_type = _ROW_TYPES[table]
+        values = attrgetter(*table.names)
+        out: list[tuple[Any, ...]] = []
+        for key, events in self.keyed.get(table, {}).items():
+            before = stored.get(key)
+            row = row_type(*before) if before is not None else None
+            for envelope, event in events:
+                row = KEYED[type(event)][2](row, envelope, event)
+            if row is not None and (after := values(row)) != before:
+                out.append(after)
+        return out
