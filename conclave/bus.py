@@ -23,8 +23,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaError,
+    OutOfOrderSequenceNumber,
     ProducerFenced,
     TopicAlreadyExistsError,
+    UnknownProducerId,
 )
 from aiokafka.structs import OffsetAndMetadata
 
@@ -54,6 +56,9 @@ Position = dict[TopicPartition, int]
 
 # Tuned for latency: the defaults batch for hundreds of milliseconds per hop.
 PRODUCER_OPTIONS: dict[str, Any] = {"linger_ms": 0, "acks": "all", "request_timeout_ms": 10_000}
+TRANSACTION_DEADLINE_S = 20.0
+"""A transaction not committed by then is given up (and the writer recovers): aiokafka
+would otherwise wait for a broker that went away until it comes back."""
 CONSUMER_OPTIONS: dict[str, Any] = {
     "fetch_max_wait_ms": 100,
     "fetch_min_bytes": 1,
@@ -125,7 +130,8 @@ class Outgoing:
     partition: int | None
     """``None``: by key (Kafka's default partitioner); transactions need a partition."""
     key: str
-    value: bytes
+    value: bytes | None
+    """``None`` is a tombstone (only tools and tests write one)."""
     headers: Headers
 
 
@@ -141,12 +147,24 @@ class EventProducer:
         self.name = producer
         self.codec = codec or default_codec()
         configure(settings.trace_sample_ratio)  # once per process; traces need a provider
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            client_id=f"conclave-{producer}-{uuid.uuid4().hex[:6]}",
+        self._producer = self._new()
+
+    def _new(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            client_id=f"conclave-{self.name}-{uuid.uuid4().hex[:6]}",
             enable_idempotence=True,
-            **(PRODUCER_OPTIONS | {"linger_ms": settings.producer_linger_ms}),
+            **(PRODUCER_OPTIONS | {"linger_ms": self.settings.producer_linger_ms}),
         )
+
+    async def _renew(self, error: KafkaError) -> None:
+        """After an error that leaves the idempotent producer's sequence state unusable (the
+        broker forgot it: it restarted and lost what it had acknowledged), start afresh."""
+        if isinstance(error, (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)):
+            await self._producer.stop()
+            self._producer = self._new()
+            with contextlib.suppress(KafkaError):
+                await self._producer.start()
 
     async def start(self) -> None:
         try:
@@ -216,11 +234,14 @@ class EventProducer:
         causation: Envelope | None = None,
         correlation_id: str | None = None,
         headers: Headers | None = None,
+        deadline_s: float | None = None,
     ) -> Envelope:
-        """Send one event and wait for the broker's acknowledgement."""
+        """Send one event and wait for the broker's acknowledgement (at most
+        ``deadline_s``: aiokafka itself waits for a broker that went away for as long as
+        it takes to come back)."""
         envelope = self.envelope(event, causation=causation, correlation_id=correlation_id)
         value = self.codec.encode(envelope, event)
-        await self.send_raw(topic, key, value, headers, partition=partition)
+        await self.send_raw(topic, key, value, headers, partition=partition, deadline_s=deadline_s)
         return envelope
 
     async def send_raw(
@@ -231,25 +252,22 @@ class EventProducer:
         headers: Headers | None = None,
         *,
         partition: int | None = None,
+        deadline_s: float | None = None,
     ) -> int:
         """Send bytes as they are (``None`` is a tombstone) and wait; returns the offset."""
-        try:
-            future = await self._producer.send(
-                topic,
-                value=value,
-                key=key.encode(),
-                partition=partition,
-                headers=headers if headers is not None else headers_for(),
-            )
-            metadata = await future
-        except KafkaError as exc:
-            raise BrokerUnavailable(f"cannot send to {topic}: {exc}") from exc
-        offset: int = metadata.offset
+        record = Outgoing(
+            topic, partition, key, value, headers if headers is not None else headers_for()
+        )
+        (offset,) = await self.send_all([record], deadline_s=deadline_s)
         return offset
 
-    async def send_all(self, records: Iterable[Outgoing]) -> None:
-        """Send many records, then wait once for every acknowledgement."""
-        try:
+    async def send_all(
+        self, records: Iterable[Outgoing], *, deadline_s: float | None = None
+    ) -> list[int]:
+        """Send many records, then wait once for every acknowledgement (at most
+        ``deadline_s``); returns their offsets."""
+
+        async def sent() -> list[int]:
             futures = [
                 await self._producer.send(
                     r.topic,
@@ -260,8 +278,14 @@ class EventProducer:
                 )
                 for r in records
             ]
-            await asyncio.gather(*futures)
+            return [metadata.offset for metadata in await asyncio.gather(*futures)]
+
+        try:
+            return await asyncio.wait_for(sent(), deadline_s)
+        except TimeoutError:
+            raise BrokerUnavailable(f"no acknowledgement within {deadline_s:.0f} s") from None
         except KafkaError as exc:
+            await self._renew(exc)
             raise BrokerUnavailable(f"cannot send: {exc}") from exc
 
     async def partitions(self, topic: str) -> int:
@@ -356,7 +380,9 @@ class TransactionalProducer:
 
     async def stop(self) -> None:
         if self._producer is not None:
-            await self._producer.stop()
+            # A producer whose broker went away can take long to close: do not wait on it.
+            with contextlib.suppress(TimeoutError, KafkaError):
+                await asyncio.wait_for(self._producer.stop(), 5)
             self._producer = None
 
     async def commit(
@@ -379,6 +405,23 @@ class TransactionalProducer:
         anything else; the transaction is then aborted (or was never committed) and the
         caller must recover its state from what *was* committed.
         """
+        try:
+            return await asyncio.wait_for(
+                self._transaction(records, positions, note, expect), TRANSACTION_DEADLINE_S
+            )
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"transaction of {self.transactional_id}: no answer within "
+                f"{TRANSACTION_DEADLINE_S:.0f} s"
+            ) from None
+
+    async def _transaction(
+        self,
+        records: Sequence[Outgoing],
+        positions: Mapping[TopicPartition, int],
+        note: str,
+        expect: Mapping[TopicPartition, int] | None,
+    ) -> dict[TopicPartition, int]:
         producer = self._producer
         if producer is None:
             raise BrokerUnavailable(f"{self.name}: start() first")

@@ -2,7 +2,9 @@
 
 A process that loses its broker or database keeps retrying on its own; the operator
 reads one WARNING when the outage starts and one INFO line when it ends, not a line
-(or a traceback) per attempt.
+(or a traceback) per attempt -- and not one per component either: a worker's shards,
+its feed and its membership all notice the same broker going away, and the process
+says so once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 __all__ = ["Backoff", "Outage"]
 
@@ -38,26 +41,65 @@ class Backoff:
 
 @dataclass(slots=True)
 class Outage:
-    """Tracks one dependency (``what``, e.g. "Kafka at host:port") for one component."""
+    """One component's view of one dependency (``what``, e.g. "Kafka at host:port").
+
+    The first component of the process to fail logs the outage; the last one to recover
+    logs its end, with how long it lasted.
+    """
 
     log: logging.Logger
     component: str
     what: str
-    started: float | None = None
+    _failing: ClassVar[dict[str, set[int]]] = {}
+    """Dependency -> the components (by id) that currently cannot reach it."""
+    _since: ClassVar[dict[str, float]] = {}
+    _ended: ClassVar[dict[str, float]] = {}
+    _aftershock: ClassVar[set[str]] = set()
+    AFTERSHOCK_S: ClassVar[float] = 30.0
+    """A failure this soon after an outage ended (a request sent during the outage that
+    only now times out) is part of that outage: logged at DEBUG, not as a new one."""
 
     @property
     def ongoing(self) -> bool:
-        return self.started is not None
+        return id(self) in self._failing.get(self.what, set())
 
     def failed(self, reason: object) -> None:
         """Record a failed attempt; only the first of an outage is logged."""
-        if self.started is None:
-            self.started = time.monotonic()
+        failing = self._failing.setdefault(self.what, set())
+        if self.what in self._aftershock and time.monotonic() - self._since[self.what] > 10:
+            # Not a straggler of the last outage after all: a new one, say so.
+            self._aftershock.discard(self.what)
             self.log.warning("%s: %s unavailable (%s); retrying", self.component, self.what, reason)
+        if not failing:
+            now = time.monotonic()
+            self._since[self.what] = now
+            if now - self._ended.get(self.what, -self.AFTERSHOCK_S) < self.AFTERSHOCK_S:
+                self._aftershock.add(self.what)
+                self.log.debug("%s: %s still unsettled (%s)", self.component, self.what, reason)
+            else:
+                self.log.warning(
+                    "%s: %s unavailable (%s); retrying", self.component, self.what, reason
+                )
+        failing.add(id(self))
 
     def recovered(self) -> None:
-        """Record a success; logs the end of an outage if there was one."""
-        if self.started is not None:
-            lasted = time.monotonic() - self.started
-            self.started = None
-            self.log.info("%s: %s back after %.1f s", self.component, self.what, lasted)
+        """Record a success; the last component to recover logs the end of the outage."""
+        failing = self._failing.get(self.what)
+        if not failing or id(self) not in failing:
+            return
+        failing.discard(id(self))
+        if not failing:
+            now = time.monotonic()
+            lasted = now - self._since.pop(self.what, now)
+            self._ended[self.what] = now
+            if self.what in self._aftershock:
+                self._aftershock.discard(self.what)
+                self.log.debug("%s: %s settled after %.1f s", self.component, self.what, lasted)
+            else:
+                self.log.info("%s: %s back after %.1f s", self.component, self.what, lasted)
+
+    def forget(self) -> None:
+        """The component stops: it no longer waits for the dependency (logs nothing)."""
+        failing = self._failing.get(self.what)
+        if failing is not None:
+            failing.discard(id(self))
