@@ -110,7 +110,10 @@ class Feed:
                 await self._pump
             self._pump = None
         if self._consumer is not None:
-            await self._consumer.stop()
+            # aiokafka's close can wait for ever on a fetch that is being cancelled (seen
+            # once in many runs); a process that is stopping must not hang on it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._consumer.stop(), 10)
             self._consumer = None
 
     def subscribe(self, positions: Mapping[TopicPartition, int]) -> Subscription:

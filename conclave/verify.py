@@ -14,7 +14,7 @@ from conclave.domain.events import WitnessEntry
 from conclave.domain.witness import ChainViolation, check_subjects, digest, first_violation
 from conclave.errors import SchemaError
 from conclave.settings import Settings
-from projections.database import connect, drop_read_models, migrate
+from projections.database import connect
 from projections.projector import Projector
 from projections.queries import witness_entries
 from schemas.codec import default_codec
@@ -94,16 +94,15 @@ async def verify_sources(settings: Settings, source: str = "both") -> list[Verif
 
 
 async def rebuild(settings: Settings, *, progress: bool = False) -> int:
-    """Drop every read model and replay the history topics from offset 0."""
+    """Drop every read model and replay the history topics from offset 0 (refused with
+    one line while a projector is active for the schema)."""
     pool = await connect(settings)
     try:
-        await drop_read_models(pool)
-        await migrate(pool)
         projector = Projector(settings, pool)
         await projector.start()
         try:
             if not progress:
-                return await projector.catch_up()
+                return await projector.rebuild()
             with Progress(
                 TextColumn("replaying"),
                 BarColumn(),
@@ -112,7 +111,7 @@ async def rebuild(settings: Settings, *, progress: bool = False) -> int:
                 transient=True,
             ) as bar:
                 task = bar.add_task("replay", total=None)
-                return await projector.catch_up(
+                return await projector.rebuild(
                     lambda done, total: bar.update(task, completed=done, total=total)
                 )
         finally:

@@ -128,6 +128,8 @@ class Projector:
 
     async def stop(self) -> None:
         """Disconnect, and give the schema's lock up: a standby takes over at once."""
+        self._postgres.forget()  # a projector stopped in an outage waits for nothing now
+        self._kafka.forget()
         await self._source.stop()
         await self._lock.release()
 

@@ -227,18 +227,21 @@ class ShardRunner:
         instance took the shard over; rides out broker outages by itself."""
         outage = Outage(log, self.shard.name, f"Kafka at {self.settings.kafka_bootstrap}")
         backoff = Backoff()
-        while not stop.is_set():
-            try:
-                await self._recover()
-                outage.recovered()
-                backoff.reset()
-                await self._loop(stop, outage)
-            except BrokerUnavailable as exc:
-                outage.failed(exc)
-                self.ready.clear()
-                await _sleep_unless(stop, backoff.delay())
-            finally:
-                await self._close()
+        try:
+            while not stop.is_set():
+                try:
+                    await self._recover()
+                    outage.recovered()
+                    backoff.reset()
+                    await self._loop(stop, outage)
+                except BrokerUnavailable as exc:
+                    outage.failed(exc)
+                    self.ready.clear()
+                    await _sleep_unless(stop, backoff.delay())
+                finally:
+                    await self._close()
+        finally:
+            outage.forget()
 
     async def _recover(self) -> None:
         started = time.monotonic()

@@ -76,6 +76,8 @@ class Membership:
                 lease_ms=self.lease_ms,
             ),
             partition=0,
+            # Within half a lease, or the others may count this worker out unannounced.
+            deadline_s=self.lease_ms / 2000,
         )
 
     async def poll(self, timeout_ms: int = 0) -> int:

@@ -132,6 +132,10 @@ class RuntimeHost:
         self._writer: TransactionalProducer | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
+        self._epoch = 0
+        """Bumped by every recovery: a fetch begun before one is dropped."""
+        self._suspect = False
+        """A transaction failed or the broker was away: recover before writing again."""
         self.failure: BaseException | None = None
         self.failed = asyncio.Event()
         """Set when the host cannot go on (another instance with its id took over)."""
@@ -170,28 +174,40 @@ class RuntimeHost:
         self.failed.set()
 
     async def _open_consumer(self) -> None:
-        """Fence a previous instance of this host and read on from where it committed
-        (a new host: from the end, as no dispatch can be addressed to it before it
-        registers)."""
         consumer = new_consumer(self.settings)
         try:
             await consumer.start()
             consumer.assign([self._tp])
             end = (await consumer.end_offsets([self._tp]))[self._tp]
-            self._writer = TransactionalProducer(self.settings, self.group_id, self._tp)
-            await self._writer.start(initial=end)
-            committed = await committed_positions(self.settings, self.group_id, [self._tp])
-            position = committed.get(self._tp, end)
-            consumer.seek(self._tp, position)
         except KafkaError as exc:
             await consumer.stop()
             raise BrokerUnavailable(f"cannot read {self._tp.topic}: {exc}") from exc
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._progress.consumed = position
-        self._progress.answered = _Progress.answered_from(self._writer.note)
         self._consumer = consumer
+        self._writer = TransactionalProducer(self.settings, self.group_id, self._tp)
+        await self._recover(initial=end)
+
+    async def _recover(self, *, initial: int | None = None) -> None:
+        """Start from what the broker has committed: fence the last instance of this host
+        (or this one's failed producer), claim the next, and read dispatches again from the
+        committed position. At start (a new host: from ``initial``, the end, as nothing can
+        be addressed to it before it registers), and after any failed transaction or broker
+        outage -- the embedded broker may have lost what it had acknowledged, and then the
+        dispatches whose answers it lost are run again."""
+        assert self._consumer is not None
+        assert self._writer is not None
+        await self._writer.start(initial=initial)
+        committed = await committed_positions(self.settings, self.group_id, [self._tp])
+        position = committed.get(self._tp, initial if initial is not None else 0)
+        answered = _Progress.answered_from(self._writer.note)
+        if initial is None and position < self._progress.consumed:
+            log.info("%s: reading dispatches again from offset %d", self.name, position)
+        self._epoch += 1
+        self._consumer.seek(self._tp, position)
+        self._progress.consumed = position
+        self._progress.answered = answered
+        self._pending = [
+            (o, out) for o, out in self._pending if o >= position and o not in answered
+        ]
 
     async def stop(self, *, drain_s: float = 5.0) -> None:
         """Stop taking work, let running tasks finish (up to ``drain_s``), commit what they
@@ -248,6 +264,7 @@ class RuntimeHost:
         outage = Outage(log, self.name, f"Kafka at {self.settings.kafka_bootstrap}")
         backoff = Backoff()
         while True:
+            epoch = self._epoch
             try:
                 batch = await consumer.getmany(self._tp, timeout_ms=1000)
                 outage.recovered()
@@ -256,12 +273,14 @@ class RuntimeHost:
                 outage.failed(exc)
                 await backoff.wait()
                 continue
+            if epoch != self._epoch:
+                continue  # fetched before a recovery moved the position
             for message in batch.get(self._tp, []):
                 self._progress.consumed = message.offset + 1
                 if (HOST_HEADER, self._host_header) not in (message.headers or ()):
                     continue  # someone else's dispatch, or not a dispatch at all
-                if message.offset in self._progress.answered:
-                    continue  # answered before a restart
+                if message.offset in self._progress.answered | self._progress.running:
+                    continue  # answered before a recovery, or still running since
                 await self._dispatched(Record.of(message))
 
     async def _dispatched(self, record: Record) -> None:
@@ -361,7 +380,16 @@ class RuntimeHost:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._pending:
+            if self._suspect:
+                try:
+                    await self._recover()
+                except BrokerUnavailable as exc:
+                    outage.failed(exc)
+                    await backoff.wait()
+                    self._wakeup.set()
+                    continue
+                self._suspect = False
+            while self._pending and not self._suspect:
                 batch = list(self._pending)
                 done = {offset for offset, _ in batch}
                 position, note, answered = self._progress.commit_point(done)
@@ -372,8 +400,9 @@ class RuntimeHost:
                 except BrokerUnavailable as exc:
                     outage.failed(exc)
                     await backoff.wait()
-                    await self._restart_writer()
-                    continue
+                    self._suspect = True  # what did the broker keep? recover from it
+                    self._wakeup.set()
+                    break
                 outage.recovered()
                 backoff.reset()
                 log.debug(
@@ -383,13 +412,6 @@ class RuntimeHost:
                 self._progress.running -= done
                 self._progress.answered = answered
                 self._flushed.set()
-
-    async def _restart_writer(self) -> None:
-        """After a failed transaction the producer may be unusable: start the next
-        incarnation (which also aborts whatever the failed one left open)."""
-        assert self._writer is not None
-        with contextlib.suppress(BrokerUnavailable):
-            await self._writer.start()
 
     async def _heartbeat(self) -> None:
         outage = Outage(log, f"{self.name} heartbeats", f"Kafka at {self.settings.kafka_bootstrap}")
@@ -410,8 +432,16 @@ class RuntimeHost:
                 for agent_id, task_id in self.current.items()
             ]
             try:
-                await self.producer.send_all(beats)
-                outage.recovered()
+                await self.producer.send_all(
+                    beats, deadline_s=max(2.0, 2 * self.settings.heartbeat_interval_s)
+                )
             except BrokerUnavailable as exc:
                 outage.failed(exc)
+            else:
+                if outage.ongoing:
+                    # The broker is back after an outage: it may have lost what it had
+                    # acknowledged just before. Check, even with nothing to write.
+                    self._suspect = True
+                    self._wakeup.set()
+                outage.recovered()
             await asyncio.sleep(self.settings.heartbeat_interval_s)
