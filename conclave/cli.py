@@ -92,10 +92,20 @@ async def _until_signalled(serve: Callable[[Lifetime], Awaitable[None]]) -> None
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
     try:
         await task
     except asyncio.CancelledError:
         raise Fail("stopped", code=130) from None
+
+
+def _dump_tasks() -> None:
+    """``kill -USR1 PID``: where every coroutine of the process is waiting, on stderr
+    (what to look at when a process seems stuck)."""
+    for running in asyncio.all_tasks():
+        print(f"--- {running.get_name()}", file=sys.stderr)
+        running.print_stack(file=sys.stderr)
+    sys.stderr.flush()
 
 
 async def _first(*waits: Awaitable[object]) -> None:
@@ -241,27 +251,26 @@ def runtime(
 @app.command()
 def projector() -> None:
     """Fold the history topics into the PostgreSQL read models until interrupted."""
+    from conclave.processes import register
     from projections.database import connect, migrate
     from projections.projector import Projector
 
-    # Outages, stand-by and take-over are reported by the projector in one line each
-    # (INFO when it recovers); aiokafka's own per-retry errors would bury them.
-    logging.getLogger("projections").setLevel(logging.INFO)
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    settings = _settings()
 
     async def serve(stop: Lifetime) -> None:
-        settings = _settings()
-        pool = await connect(settings)
-        await migrate(pool)
-        proj = Projector(settings, pool)
-        await proj.start()
-        err.print("[green]projector running[/]")
-        stop.started()  # from now on a signal stops it gracefully (and frees the schema)
-        try:
-            await proj.run(stop)
-        finally:
-            await proj.stop()
-            await pool.close()
+        # Several may run (one folds, the others stand by): registered, not exclusive.
+        with register(settings.home, "projector", str(os.getpid())):
+            pool = await connect(settings)
+            await migrate(pool)
+            proj = Projector(settings, pool)
+            await proj.start()
+            err.print("[green]projector running[/]")
+            stop.started()  # from now on a signal stops it gracefully (and frees the schema)
+            try:
+                await proj.run(stop)
+            finally:
+                await proj.stop()
+                await pool.close()
 
     _run(_until_signalled(serve))
 
@@ -448,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
         level = os.environ.get("CONCLAVE_LOG_LEVEL", "INFO").upper()
         for ours in ("conclave", "streams", "projections"):
             logging.getLogger(ours).setLevel(level)
+        if level != "DEBUG":
+            # Outages are reported once, by Conclave; aiokafka logs an error per retry.
+            logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     else:
         # A short command reports a failure in one line of its own; the client
         # libraries' connection chatter stays for the long-running services' logs.

@@ -11,14 +11,9 @@ peak memory and failures with attribution.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
-import signal
 import statistics
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,12 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import asyncpg
-import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from conclave.bus import ensure_topics
+from conclave.children import ChildProcesses, MemoryWatch
 from conclave.client import Client
 from conclave.errors import ConclaveError, StackError
 from conclave.settings import Settings
@@ -40,8 +35,6 @@ from projections.database import connect, migrate
 from projections.projector import Projector
 
 __all__ = ["DemoConfig", "DemoReport", "print_report", "run_demo"]
-
-_READY_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,91 +90,6 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-class _Processes:
-    """Child processes of the demo, started with the same settings, stopped gracefully."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.env = {
-            **os.environ,
-            "CONCLAVE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "CONCLAVE_DATABASE_URL": settings.database_url,
-            "CONCLAVE_TOPIC_PREFIX": settings.topic_prefix,
-            "CONCLAVE_TENANT": settings.tenant,
-            "CONCLAVE_POOL_CAPACITY": str(settings.pool_capacity),
-        }
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.started: dict[str, threading.Event] = {}
-        self.last_lines: dict[str, collections.deque[str]] = {}
-
-    def spawn(self, name: str, args: Sequence[str], *, ready_marker: bytes) -> None:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "conclave.cli", *args],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self.children[name] = child
-        self.started[name] = threading.Event()
-        self.last_lines[name] = collections.deque(maxlen=20)
-        # Read stderr for the child's whole life: a pipe nobody reads fills up (64 KB)
-        # and blocks the child on its next log line.
-        threading.Thread(target=self._drain, args=(name, child, ready_marker), daemon=True).start()
-
-    def _drain(self, name: str, child: subprocess.Popen[bytes], marker: bytes) -> None:
-        assert child.stderr is not None
-        for line in child.stderr:
-            self.last_lines[name].append(line.decode(errors="replace").rstrip())
-            if marker in line:
-                self.started[name].set()
-
-    async def ready(self, name: str) -> None:
-        """Wait for the child's start-up line; fail with its own words if it dies."""
-        child = self.children[name]
-        deadline = time.monotonic() + _READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.started[name].is_set():
-                return
-            if child.poll() is not None:
-                tail = [line for line in self.last_lines[name] if line][-1:] or ["no output"]
-                raise ConclaveError(f"{name} exited with {child.returncode}: {tail[0]}")
-            await asyncio.sleep(0.02)
-        raise ConclaveError(f"{name} did not start within {_READY_TIMEOUT_S:.0f} s")
-
-    def stop(self) -> None:
-        for child in self.children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in self.children.values():
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-
-
-class _MemoryWatch:
-    """Samples the resident memory of this process and its children."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.peak: dict[str, int] = dict.fromkeys(self.processes, 0)
-        self.peak_total = 0
-
-    def sample(self) -> None:
-        total = 0
-        for name, process in self.processes.items():
-            with contextlib.suppress(psutil.Error):
-                rss = process.memory_info().rss
-                self.peak[name] = max(self.peak[name], rss)
-                total += rss
-        self.peak_total = max(self.peak_total, total)
-
-    async def run(self, every_s: float = 0.05) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(every_s)
-
-
 async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = True) -> DemoReport:
     run = uuid.uuid4().hex[:6]
     pool_name = f"demo-{run}"
@@ -189,7 +97,9 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
     await ensure_topics(settings)
     db = await connect(settings, max_size=4)
     await migrate(db)
-    processes = _Processes(settings.with_(pool_capacity=max(settings.pool_capacity, config.agents)))
+    processes = ChildProcesses(
+        settings.with_(pool_capacity=max(settings.pool_capacity, config.agents))
+    )
     projector = Projector(settings, db)
     stop_projecting = asyncio.Event()
     background: list[asyncio.Task[None]] = []
@@ -216,7 +126,7 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
             ],
             ready_marker=b"running",
         )
-        memory = _MemoryWatch(
+        memory = MemoryWatch(
             {"demo": os.getpid(), **{n: c.pid for n, c in processes.children.items()}}
         )
         background.append(asyncio.create_task(memory.run()))
@@ -242,6 +152,9 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
         await asyncio.wait_for(background.pop(), timeout=10)
         await projector.catch_up()  # the report reads statuses too, not only outputs
         report = await _report(db, deliberation_id, config, started, end_to_end_ms, visible_at)
+    except BaseException:
+        processes.print_last_lines()  # what the worker and the runtime said before it failed
+        raise
     finally:
         stop_projecting.set()
         for task in background:

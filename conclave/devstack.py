@@ -18,6 +18,7 @@ with one line that names the failing service's log.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import importlib.util
@@ -33,7 +34,7 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ __all__ = [
     "StackInfo",
     "StackStatus",
     "clean_output",
+    "throwaway_stack",
 ]
 
 DEFAULT_HOME = Path(".conclave")
@@ -521,6 +523,20 @@ class EmbeddedStack:
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def throwaway_stack(prefix: str) -> AsyncIterator[tuple[EmbeddedStack, StackInfo]]:
+    """A stack of its own on free ports in a temporary home, for a test or a benchmark
+    that freezes, stops or fills it; stopped and deleted afterwards."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    stack = EmbeddedStack(home / "stack")
+    try:
+        info = await asyncio.to_thread(stack.up, kafka_port=0, pg_port=0)
+        yield stack, info
+    finally:
+        await asyncio.to_thread(stack.down)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _noida_binary() -> Path:
