@@ -38,6 +38,9 @@ _TRANSIENT = (
     OSError,  # refused, reset: the server is down or restarting
     TimeoutError,
     asyncpg.InterfaceError,  # the connection closed under us
+    # A session left mid-protocol by an error the server sent as it went down ("another
+    # operation is in progress"): closed and replaced like a lost one.
+    asyncpg.InternalClientError,
     asyncpg.PostgresConnectionError,  # class 08
     asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, cancelled
     asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,8 +157,14 @@ async def cluster(settings: Settings) -> AsyncIterator[Cluster]:
 
 
 def _print_logs(home: Path) -> None:
+    """The processes' logs, for pytest to show when the test failed (and all of them
+    copied to ``$CONCLAVE_TEST_LOGS`` if set, for a closer look)."""
+    keep = os.environ.get("CONCLAVE_TEST_LOGS")
     for log in sorted(home.glob("*.log")):
         print(f"----- {log.name}\n{log.read_text(errors='replace')[-6000:]}")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, Path(keep) / log.name)
 
 
 async def submit(settings: Settings, pool: str, count: int, *, prefix: str = "t") -> list[str]:
