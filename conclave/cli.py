@@ -67,6 +67,10 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+STOP_GRACE_S = 15.0
+"""How long a service may take to stop gracefully after the first signal."""
+
+
 class Lifetime(asyncio.Event):
     """A long-lived service's stop signal. Set by the first SIGINT/SIGTERM once the service
     has called :meth:`started`; before that, the signal cancels its start-up at once, so
@@ -87,6 +91,9 @@ async def _until_signalled(serve: Callable[[Lifetime], Awaitable[None]]) -> None
     def on_signal() -> None:
         if stop.up and not stop.is_set():
             stop.set()
+            # A graceful stop talks to the broker (hand-over beats, the last commit); with
+            # the broker gone it could wait for ever, so it gets a deadline.
+            loop.call_later(STOP_GRACE_S, task.cancel)
         else:
             task.cancel()  # still starting, or a second signal: do not wait any longer
 

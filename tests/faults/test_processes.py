@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from conclave.cli import STOP_GRACE_S
 from conclave.devstack import EmbeddedStack, throwaway_stack
 from conclave.settings import Settings
 from tests.faults.conftest import Cluster, check_invariants, submit
@@ -85,6 +86,31 @@ async def test_a_worker_still_starting_stops_on_the_first_signal(own_stack: OwnS
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+async def test_a_running_worker_whose_broker_froze_stops_within_the_grace(
+    own_stack: OwnStack,
+) -> None:
+    embedded, env = own_stack
+    process = _spawn(env, "worker", "--id", "stranded")
+    broker = embedded.status().kafka.pid
+    assert broker is not None
+    try:
+        assert process.stderr is not None
+        while "processors running" not in process.stderr.readline():
+            assert process.poll() is None
+        os.kill(broker, signal.SIGSTOP)  # the graceful stop's hand-over can never finish
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, STOP_GRACE_S + 10)
+        assert time.monotonic() - started < STOP_GRACE_S + 5
+        assert code in (0, 130)
+    finally:
+        os.kill(broker, signal.SIGCONT)
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 
 def _spawn(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
