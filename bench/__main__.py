@@ -1,6 +1,14 @@
 """Conclave benchmarks, one command: ``python -m bench [--runs N] [--json]``.
 
-Measured in one run on a fresh embedded stack (its own broker and PostgreSQL):
+Measured in one run, each part on a fresh embedded stack (its own broker and PostgreSQL):
+
+* throughput: 20,000 no-op tasks end to end (submitted -> completed and projected)
+  with 72 and with 1,000 agents, against the peers measured in the same run on the
+  same machine: Dramatiq and Celery on the machine's Redis, raw aiokafka
+  consume-transform-produce (with and without transactions) and faust on the same
+  embedded broker (:mod:`bench.peers`, :mod:`bench.throughput`);
+* restart: kill -9 of the worker with 10k (and more, ``--history``) tasks of history
+  behind it: time until a new task is done, records folded, the worker's memory;
 
 * the demo: 72 agents at 100 ms simulated latency, end to end, against two
   baselines measured in the same run: the 100 ms floor, and the same 72 simulated
@@ -24,12 +32,14 @@ import sys
 import tempfile
 import time
 import timeit
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from bench import peers, throughput
 from conclave.demo import DemoConfig, DemoReport, percentiles, run_demo
 from conclave.devstack import EmbeddedStack
 from conclave.domain import witness
@@ -38,7 +48,12 @@ from conclave.runtime.agents import AgentContext, SimulatedAgent
 from conclave.settings import Settings
 from schemas.codec import default_codec
 
-GOALS = {"floor_ratio": 1.5, "overhead_p99_ms": 25.0, "peak_rss_mb": 300.0}
+GOALS = {
+    "floor_ratio": 1.5,
+    "overhead_p99_ms": 20.0,
+    "peak_rss_mb": 300.0,
+    "tasks_per_s": 2_500.0,
+}
 
 
 async def gather_baseline(agents: int, latency_ms: float) -> float:
@@ -206,18 +221,99 @@ def show(result: dict[str, Any]) -> None:
     )
 
 
+async def scale(tasks: int, agent_counts: list[int], histories: list[int]) -> dict[str, Any]:
+    """Conclave's throughput and restart rows, each on a stack of its own."""
+    rows: list[throughput.ThroughputFigures] = []
+    restarts: list[throughput.RestartFigures] = []
+    for agents in agent_counts:
+        async with throughput.stack() as (settings, embedded):
+            rows.append(await throughput.throughput(settings, embedded, tasks=tasks, agents=agents))
+        print(f"throughput, {agents} agents: {rows[-1].per_second:,} tasks/s", file=sys.stderr)
+    for history in histories:
+        async with throughput.stack() as (settings, embedded):
+            restarts.append(await throughput.restart(settings, embedded, history_tasks=history))
+        print(f"restart after {history:,} tasks: {restarts[-1]}", file=sys.stderr)
+    return {
+        "throughput": [asdict(r) for r in rows],
+        "restart": [asdict(r) for r in restarts],
+    }
+
+
+def show_scale(result: dict[str, Any], peer_rows: list[peers.PeerFigures]) -> None:
+    console = Console()
+    throughput.show_throughput([throughput.ThroughputFigures(**r) for r in result["throughput"]])
+    by_peer = {p.peer: p for p in peer_rows if not p.skipped}
+    table = Table("Conclave", "tasks/s", *[f"vs {name}" for name in by_peer], title="ratios")
+    for r in result["throughput"]:
+        table.add_row(
+            f"{r['agents']} agents",
+            f"{r['per_second']:,}",
+            *[f"{r['per_second'] / p.per_second:.2f}x" for p in by_peer.values() if p.per_second],
+        )
+    console.print(table)
+    peers.show(peer_rows)
+    restart = Table(
+        "history tasks",
+        "kill -9 -> new task done",
+        "records folded",
+        "worker RSS MB",
+        "broker file MB",
+        title="restart",
+    )
+    for r in result["restart"]:
+        restart.add_row(
+            f"{r['history_tasks']:,}",
+            f"{r['restart_to_done_s']:.1f} s",
+            f"{r['recovered_records']:,}",
+            f"{r['worker_rss_mb']:.0f}",
+            f"{r['broker_file_mb']:.0f}",
+        )
+    console.print(restart)
+    goal = GOALS["tasks_per_s"]
+    met = all(r["per_second"] >= goal for r in result["throughput"])
+    console.print(f"goal >= {goal:,.0f} tasks/s (Dramatiq's rate): {'met' if met else 'not met'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--agents", type=int, default=72)
     parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--tasks", type=int, default=20_000, help="tasks per throughput row")
+    parser.add_argument(
+        "--scale-agents", default="72,1000", help="agent counts of the throughput rows"
+    )
+    parser.add_argument(
+        "--history",
+        default="10000,50000",
+        help="tasks of history before each restart (200000 works, but the embedded "
+        "broker rewrites its whole file every ~2 s; see docs/processing.md)",
+    )
+    parser.add_argument("--only", choices=["demo", "scale"], default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = asyncio.run(run(args.runs, args.agents, args.latency_ms))
+    result: dict[str, Any] = {}
+    if args.only in (None, "demo"):
+        result["demo"] = asyncio.run(run(args.runs, args.agents, args.latency_ms))
+    peer_rows: list[peers.PeerFigures] = []
+    if args.only in (None, "scale"):
+        result["scale"] = asyncio.run(
+            scale(args.tasks, _ints(args.scale_agents), _ints(args.history))
+        )
+        # Blocking (they start workers of their own): outside any event loop.
+        peer_rows = peers.run_all(None, args.tasks)
+        result["peers"] = [asdict(p) for p in peer_rows]
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        show(result)
+        return
+    if "demo" in result:
+        show(result["demo"])
+    if "scale" in result:
+        show_scale(result["scale"], peer_rows)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 if __name__ == "__main__":
