@@ -53,6 +53,7 @@ GOALS = {
     "overhead_p99_ms": 20.0,
     "peak_rss_mb": 300.0,
     "tasks_per_s": 2_500.0,
+    "idle_cpu_percent": 2.0,
 }
 
 
@@ -233,7 +234,11 @@ async def scale(tasks: int, agent_counts: list[int], histories: list[int]) -> di
         async with throughput.stack() as (settings, embedded):
             restarts.append(await throughput.restart(settings, embedded, history_tasks=history))
         print(f"restart after {history:,} tasks: {restarts[-1]}", file=sys.stderr)
+    async with throughput.stack() as (settings, embedded):
+        idle = await throughput.idle(settings, embedded)
+    print(f"idle, % of a core: {idle}", file=sys.stderr)
     return {
+        "idle_cpu_percent": idle,
         "throughput": [asdict(r) for r in rows],
         "restart": [asdict(r) for r in restarts],
     }
@@ -269,6 +274,11 @@ def show_scale(result: dict[str, Any], peer_rows: list[peers.PeerFigures]) -> No
             f"{r['broker_file_mb']:.0f}",
         )
     console.print(restart)
+    console.print(
+        "idle, % of one core: "
+        + ", ".join(f"{name} {pct:.1f}" for name, pct in result["idle_cpu_percent"].items())
+        + f" (goal < {GOALS['idle_cpu_percent']:.0f} % per Conclave process)"
+    )
     goal = GOALS["tasks_per_s"]
     met = all(r["per_second"] >= goal for r in result["throughput"])
     console.print(f"goal >= {goal:,.0f} tasks/s (Dramatiq's rate): {'met' if met else 'not met'}")

@@ -34,7 +34,7 @@ from conclave.devstack import EmbeddedStack, throwaway_stack
 from conclave.settings import Settings
 from projections.database import connect
 
-__all__ = ["RestartFigures", "ThroughputFigures", "restart", "stack", "throughput"]
+__all__ = ["RestartFigures", "ThroughputFigures", "idle", "restart", "stack", "throughput"]
 
 POOL = "bench"
 
@@ -207,6 +207,25 @@ async def throughput(
         cpu_seconds=cpu,
         peak_rss_mb={name: round(rss / 2**20, 1) for name, rss in peak.items()},
     )
+
+
+async def idle(
+    settings: Settings, embedded: EmbeddedStack, *, agents: int = 72, seconds: float = 20.0
+) -> dict[str, float]:
+    """Percent of one core each process uses with nothing to do (after a warm-up)."""
+    system = _System(settings.with_(topic_prefix=f"{settings.topic_prefix}idle"), agents, 1)
+    await system.start()
+    try:
+        await asyncio.sleep(5.0)  # start-up work done, fetchers backed off
+        processes = _processes(system, embedded)
+        before = {name: _cpu(p) for name, p in processes.items()}
+        await asyncio.sleep(seconds)
+        return {
+            name: round(100 * (_cpu(p) - before[name]) / seconds, 1)
+            for name, p in processes.items()
+        }
+    finally:
+        system.stop()
 
 
 async def restart(

@@ -75,7 +75,11 @@ def new_consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
     joins the group (use :meth:`AIOKafkaConsumer.assign`), it only reads that group's
     committed offsets.
     """
-    fetching.install(settings.fetch_idle_ms / 1000, settings.fetch_idle_max_ms / 1000)
+    fetching.install(
+        settings.fetch_idle_ms / 1000,
+        settings.fetch_idle_max_ms / 1000,
+        hot_s=settings.fetch_hot_ms / 1000,
+    )
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         enable_auto_commit=False,

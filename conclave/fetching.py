@@ -11,7 +11,13 @@ The wait is ``idle_s`` while records flowed in the last ``hot_s`` seconds (so a 
 pipeline keeps its short hops), then doubles on every empty answer up to
 ``max_idle_s``: an aiokafka fetch cycle costs about 1 ms of CPU here, so a process idle
 for long costs ``1 ms / max_idle_s`` of a core instead of ``1 ms / idle_s``. The price
-is paid once, by the first record after a long pause, which waits up to ``max_idle_s``.
+is paid once, by the first record after a pause, which waits up to ``max_idle_s``.
+
+``hot_s`` is the trade-off between the two (measured 2026-11-28, 72 idle agents, whose
+heartbeats and the workers' own beats arrive every second): 1 s kept every process hot
+for ever, 16 % of a core each for the worker and the projector, submit -> dispatched
+p99 6 ms in the demo; 150 ms (the default) costs 4.5 % each, and the first hop after a
+quiet second 20-40 ms. A broker that long-polls (Kafka) needs neither.
 Against a broker that long-polls an empty answer takes ``fetch.max.wait.ms`` and the
 fetcher never waits, so production behaviour is unchanged. Faust builds its consumers
 from aiokafka's, so they are covered too.
@@ -29,7 +35,7 @@ __all__ = ["DEFAULT_IDLE_S", "DEFAULT_MAX_IDLE_S", "install"]
 
 DEFAULT_IDLE_S = 0.005
 DEFAULT_MAX_IDLE_S = 0.1
-DEFAULT_HOT_S = 1.0
+DEFAULT_HOT_S = 0.15
 
 
 class PatientFetcher(Fetcher):  # type: ignore[misc]  # aiokafka ships no type hints
@@ -63,8 +69,14 @@ class PatientFetcher(Fetcher):  # type: ignore[misc]  # aiokafka ships no type h
         return False
 
 
-def install(idle_s: float = DEFAULT_IDLE_S, max_idle_s: float = DEFAULT_MAX_IDLE_S) -> None:
+def install(
+    idle_s: float = DEFAULT_IDLE_S,
+    max_idle_s: float = DEFAULT_MAX_IDLE_S,
+    *,
+    hot_s: float = DEFAULT_HOT_S,
+) -> None:
     """Use the patient fetcher for every aiokafka consumer created from now on."""
     PatientFetcher.idle_s = idle_s
+    PatientFetcher.hot_s = hot_s
     PatientFetcher.max_idle_s = max(idle_s, max_idle_s)
     _consumer_module.Fetcher = PatientFetcher

@@ -46,8 +46,11 @@ class Settings:
     """After an empty fetch answered early, wait this long before the next one
     (brokers that do not long-poll; see conclave/fetching.py)."""
     fetch_idle_max_ms: float = 100.0
-    """...growing to this after a second without records: an idle process's fetching
-    then costs ~1 % of a core, and the first record after a pause waits up to this."""
+    """...doubling up to this once no record came for ``fetch_hot_ms``: the first record
+    after a pause waits up to this."""
+    fetch_hot_ms: float = 150.0
+    """How long after the last record the short idle wait holds: idle cost against the
+    first hop's latency (see conclave/fetching.py for figures)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -82,6 +85,7 @@ class Settings:
             trace_sample_ratio=_float(env, "CONCLAVE_TRACE_SAMPLE_RATIO", 0.1),
             fetch_idle_ms=_float(env, "CONCLAVE_FETCH_IDLE_MS", 5.0),
             fetch_idle_max_ms=_float(env, "CONCLAVE_FETCH_IDLE_MAX_MS", 100.0),
+            fetch_hot_ms=_float(env, "CONCLAVE_FETCH_HOT_MS", 150.0),
             producer_linger_ms=_int(env, "CONCLAVE_PRODUCER_LINGER_MS", 0),
         )
 
