@@ -24,8 +24,9 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from aiokafka import TopicPartition
 
-from conclave.bus import ensure_topics, read_history, topics_for
+from conclave.bus import ensure_topics, new_consumer, read_history, topics_for
 from conclave.client import Client
 from conclave.domain.events import (
     TaskCompleted,
@@ -228,7 +229,8 @@ async def until_all_terminal(
             where = await whereabouts(settings, sorted(missing)[0])
             pytest.fail(
                 f"{len(missing)} of {len(wanted)} tasks never ended: {sorted(missing)[:5]}; "
-                f"the first one's records: {where}"
+                f"the first one's records: {where}; transactions left open: "
+                f"{await held_back(settings) or 'none'}"
             )
         await asyncio.sleep(0.5)
 
@@ -246,6 +248,33 @@ async def whereabouts(settings: Settings, task_id: str) -> list[str]:
                 continue
             if getattr(event, "task_id", None) == task_id:
                 found.append(f"{topic}[{record.partition}]@{record.offset}:{event.TYPE}")
+    return found
+
+
+async def held_back(settings: Settings) -> list[str]:
+    """Partitions whose committed readers stop short of the end: a transaction left open
+    there hides every later record from ``read_committed`` readers."""
+    topics = topics_for(settings)
+    committed = new_consumer(settings)
+    everything = new_consumer(settings, isolation_level="read_uncommitted")
+    found = []
+    try:
+        await committed.start()
+        await everything.start()
+        tps = [
+            TopicPartition(t, p)
+            for t in (topics.tasks, topics.outputs, topics.witness)
+            for p in sorted(committed.partitions_for_topic(t) or {0})
+        ]
+        stable, ends = await committed.end_offsets(tps), await everything.end_offsets(tps)
+        found = [
+            f"{tp.topic}[{tp.partition}]: readers stop at {stable[tp]} of {ends[tp]}"
+            for tp in tps
+            if stable[tp] < ends[tp]
+        ]
+    finally:
+        await committed.stop()
+        await everything.stop()
     return found
 
 
