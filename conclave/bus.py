@@ -56,9 +56,13 @@ Position = dict[TopicPartition, int]
 
 # Tuned for latency: the defaults batch for hundreds of milliseconds per hop.
 PRODUCER_OPTIONS: dict[str, Any] = {"linger_ms": 0, "acks": "all", "request_timeout_ms": 10_000}
-TRANSACTION_DEADLINE_S = 20.0
+TRANSACTION_DEADLINE_S = 60.0
 """A transaction not committed by then is given up (and the writer recovers): aiokafka
-would otherwise wait for a broker that went away until it comes back."""
+would otherwise wait for a broker that went away until it comes back. As long as a
+broker keeps a transaction open by default (``transaction.timeout.ms``): giving one up
+earlier races with the broker working through its queued requests when it wakes, and
+the embedded broker can then leave a transaction open for ever (suspected in a CI run
+with the broker frozen for 30 s under a 20 s deadline)."""
 CONSUMER_OPTIONS: dict[str, Any] = {
     "fetch_max_wait_ms": 100,
     "fetch_min_bytes": 1,
