@@ -17,7 +17,8 @@ is paid once, by the first record after a pause, which waits up to ``max_idle_s`
 heartbeats and the workers' own beats arrive every second): 1 s kept every process hot
 for ever, 16 % of a core each for the worker and the projector, submit -> dispatched
 p99 6 ms in the demo; 150 ms (the default) costs 4.5 % each, and the first hop after a
-quiet second 20-40 ms. A broker that long-polls (Kafka) needs neither.
+quiet second 20-40 ms.
+
 Against a broker that long-polls an empty answer takes ``fetch.max.wait.ms`` and the
 fetcher never waits, so production behaviour is unchanged. Faust builds its consumers
 from aiokafka's, so they are covered too.
