@@ -132,8 +132,6 @@ class RuntimeHost:
         self._writer: TransactionalProducer | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
-        self._epoch = 0
-        """Bumped by every recovery: a fetch begun before one is dropped."""
         self._suspect = False
         """A transaction failed or the broker was away: recover before writing again."""
         self.failure: BaseException | None = None
@@ -201,13 +199,19 @@ class RuntimeHost:
         answered = _Progress.answered_from(self._writer.note)
         if initial is None and position < self._progress.consumed:
             log.info("%s: reading dispatches again from offset %d", self.name, position)
-        self._epoch += 1
         self._consumer.seek(self._tp, position)
         self._progress.consumed = position
         self._progress.answered = answered
-        self._pending = [
-            (o, out) for o, out in self._pending if o >= position and o not in answered
-        ]
+        kept = [(o, out) for o, out in self._pending if o >= position and o not in answered]
+        # The others were committed after all (the broker answered too late): done.
+        self._progress.running -= {o for o, _ in self._pending} - {o for o, _ in kept}
+        self._pending = kept
+
+    def resync(self) -> None:
+        """Before writing again, check what the broker kept and read the dispatches again
+        from the committed position (after an outage; the running tasks carry on)."""
+        self._suspect = True
+        self._wakeup.set()
 
     async def stop(self, *, drain_s: float = 5.0) -> None:
         """Stop taking work, let running tasks finish (up to ``drain_s``), commit what they
@@ -264,7 +268,10 @@ class RuntimeHost:
         outage = Outage(log, self.name, f"Kafka at {self.settings.kafka_bootstrap}")
         backoff = Backoff()
         while True:
-            epoch = self._epoch
+            # A batch always starts at the consumer's position when it is returned, even
+            # if a recovery moved that position while the fetch was under way (aiokafka
+            # drops what it fetched for the old one): it is the next thing to read, never
+            # something to throw away -- that would lose the dispatches in it.
             try:
                 batch = await consumer.getmany(self._tp, timeout_ms=1000)
                 outage.recovered()
@@ -273,8 +280,6 @@ class RuntimeHost:
                 outage.failed(exc)
                 await backoff.wait()
                 continue
-            if epoch != self._epoch:
-                continue  # fetched before a recovery moved the position
             for message in batch.get(self._tp, []):
                 self._progress.consumed = message.offset + 1
                 if (HOST_HEADER, self._host_header) not in (message.headers or ()):
@@ -441,7 +446,6 @@ class RuntimeHost:
                 if outage.ongoing:
                     # The broker is back after an outage: it may have lost what it had
                     # acknowledged just before. Check, even with nothing to write.
-                    self._suspect = True
-                    self._wakeup.set()
+                    self.resync()
                 outage.recovered()
             await asyncio.sleep(self.settings.heartbeat_interval_s)
