@@ -113,12 +113,21 @@ def lines(caplog: pytest.LogCaptureFixture, schema: str) -> list[logging.LogReco
     ]
 
 
-def outage_lines(caplog: pytest.LogCaptureFixture, what: str) -> tuple[list[str], list[str]]:
+async def outage_lines(
+    caplog: pytest.LogCaptureFixture, what: str, *, within: float = 15.0
+) -> tuple[list[str], list[str]]:
     """The WARNING and INFO lines the projectors of this process logged about ``what``.
 
     One outage, one line each way, per projector at most: the session's own projector
-    may see the same outage (a process may also report it once for all its parts).
+    may see the same outage (a process reports it once for all its parts, and its end
+    when the last of them is through: that one may still be in its back-off, so wait
+    for the line a little).
     """
+
+    async def ended() -> bool:
+        return any(f"{what} back after" in r.getMessage() for r in caplog.records)
+
+    await eventually(ended, within=within, every=0.1)
     ours = [r for r in caplog.records if r.name.startswith("projections")]
     mine = [
         r
@@ -159,7 +168,7 @@ async def test_postgresql_restarted_under_load(
         caught_up = time.monotonic() - restarted
         assert projector.active
         await equals_a_rebuild(it)
-        outage_lines(caplog, "PostgreSQL")
+        await outage_lines(caplog, "PostgreSQL")
         assert caught_up < 10.0  # back-off tops out at 5 s
 
 
@@ -185,7 +194,7 @@ async def test_broker_stopped_and_started_again(
             await folded_everything(it, load.tasks)
             assert projector.active
             await equals_a_rebuild(it)
-            warnings, infos = outage_lines(caplog, f"Kafka at {own.kafka_bootstrap}")
+            warnings, infos = await outage_lines(caplog, f"Kafka at {own.kafka_bootstrap}")
             assert len(warnings) == len(infos) == 1, (warnings, infos)  # its own broker
     finally:
         await asyncio.to_thread(broker._stop_kafka)
