@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import TopicPartition
-from opentelemetry import trace
 
 from conclave.bus import Outgoing, Position
 from conclave.domain import scheduling
@@ -42,7 +41,7 @@ from conclave.domain.validation import invalid_command
 from conclave.errors import SchemaError
 from conclave.records import Record
 from conclave.topics import HOST_HEADER, SHARD_HEADER, Topics
-from conclave.tracing import TRACEPARENT, context_from, headers_for, tracer
+from conclave.tracing import TRACEPARENT, hop
 from streams.core import Emitter, Source
 
 __all__ = ["SchedulerShard"]
@@ -174,11 +173,7 @@ class SchedulerShard:
                 continue
             match event:
                 case TaskSubmitted() | DeliberationRequested() | WitnessEntry():
-                    with tracer().start_as_current_span(
-                        f"schedule {event.TYPE}",
-                        context=context_from(record.headers),
-                        kind=trace.SpanKind.CONSUMER,
-                    ):
+                    with hop(f"schedule {event.TYPE}", record.headers) as onward:
                         for outcome in scheduling.decide(self.state, event, now):
                             scheduling.evolve(self.state, outcome)
                             if isinstance(outcome, TaskQueued):
@@ -187,7 +182,7 @@ class SchedulerShard:
                                     _Origin(
                                         envelope.tenant,
                                         envelope.correlation_id,
-                                        dict(headers_for()).get(TRACEPARENT),
+                                        dict(onward).get(TRACEPARENT),
                                     ),
                                 )
                             decided.append((envelope, outcome))

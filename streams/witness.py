@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiokafka import TopicPartition
-from opentelemetry import trace
 
 from conclave.bus import Outgoing, Position
 from conclave.domain import witness
@@ -23,7 +22,7 @@ from conclave.domain.events import AgentOutput, Event, Halt, Resume, TaskFailed,
 from conclave.errors import SchemaError, WitnessChainError
 from conclave.records import Record
 from conclave.topics import SHARD_HEADER, Topics
-from conclave.tracing import context_from, headers_for, tracer
+from conclave.tracing import hop
 from streams.core import Emitter, Source
 
 __all__ = ["WITNESS_KEY", "WitnessShard"]
@@ -136,9 +135,7 @@ class WitnessShard:
                 continue
             if envelope.event_id in self.recent:
                 continue  # a copy sent twice: witnessed exactly once
-            with tracer().start_as_current_span(
-                "witness", context=context_from(record.headers), kind=trace.SpanKind.CONSUMER
-            ):
+            with hop("witness", record.headers) as onward:
                 entry = witness.next_entry(
                     self.head,
                     subject_type=event.TYPE,
@@ -162,7 +159,7 @@ class WitnessShard:
                         entry,
                         now=now,
                         causation=envelope,
-                        headers=[*headers_for(), (SHARD_HEADER, shard)],
+                        headers=[*onward, (SHARD_HEADER, shard)],
                     )
                 )
             # The next record of this batch chains onto this entry.

@@ -1,0 +1,79 @@
+"""One hop of a task's trace: a span when the trace is sampled, none when it is not."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from conclave import tracing
+from conclave.tracing import TRACEPARENT, hop
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+PARENT = "b7ad6b7169203331"
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Conclave's tracer from a provider of this test's that keeps its spans in memory
+    (OpenTelemetry's global provider can be set once per process only)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer", provider.get_tracer)
+    tracing.tracer.cache_clear()
+    yield exporter
+    tracing.tracer.cache_clear()
+
+
+def traceparent(flags: str) -> bytes:
+    return f"00-{TRACE}-{PARENT}-{flags}".encode()
+
+
+def test_a_sampled_trace_gets_a_span_and_goes_on_from_it(spans: InMemorySpanExporter) -> None:
+    with hop("witness", [(TRACEPARENT, traceparent("01")), ("other", b"x")]) as onward:
+        pass
+    (span,) = spans.get_finished_spans()
+    assert span.name == "witness"
+    assert span.parent is not None
+    assert format(span.parent.span_id, "016x") == PARENT
+    (sent,) = [v.decode() for k, v in onward if k == TRACEPARENT]
+    _, trace_id, span_id, flags = sent.split("-")
+    assert (trace_id, flags) == (TRACE, "01")
+    assert span_id == format(span.context.span_id, "016x") != PARENT
+
+
+def test_an_unsampled_trace_gets_no_span_and_is_passed_on_as_it_came(
+    spans: InMemorySpanExporter,
+) -> None:
+    with hop("witness", [(TRACEPARENT, traceparent("00")), ("other", b"x")]) as onward:
+        pass
+    assert spans.get_finished_spans() == ()
+    assert onward == [(TRACEPARENT, traceparent("00"))]
+
+
+@pytest.mark.parametrize(
+    "header", [b"garbage", traceparent("zz"), traceparent("00")[:-1], b"-" * 55]
+)
+def test_a_traceparent_it_cannot_read_is_left_to_the_propagator(
+    spans: InMemorySpanExporter, header: bytes
+) -> None:
+    with hop("witness", [(TRACEPARENT, header)]):
+        pass
+    # The propagator ignores a malformed parent: a new root, sampled or not by ratio.
+    assert all(s.parent is None for s in spans.get_finished_spans())
+
+
+def test_a_record_outside_any_trace_may_start_one(spans: InMemorySpanExporter) -> None:
+    with hop("schedule", None) as onward:
+        pass
+    started = spans.get_finished_spans()
+    assert all(s.parent is None for s in started)
+    (sent,) = [v.decode() for k, v in onward if k == TRACEPARENT]
+    sampled = int(sent.rsplit("-", 1)[1], 16) & 0x01  # flags may carry more bits (random id)
+    assert bool(sampled) == bool(started)  # sampled by ratio, and said so onward
