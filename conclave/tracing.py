@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
@@ -66,6 +67,8 @@ def hop(
     name: str,
     headers: Iterable[tuple[str, bytes]] | None,
     kind: trace.SpanKind = trace.SpanKind.CONSUMER,
+    *,
+    attach: bool = False,
 ) -> Iterator[Headers]:
     """One processing hop of the trace a record carries: a span under it for the block,
     and the headers that carry the trace on to what the block sends.
@@ -73,11 +76,20 @@ def hop(
     A record of an unsampled trace (its ``traceparent`` flags say so, as they do for
     ~90 % of tasks by default) gets no span: nothing would record it, and creating and
     propagating spans that no one keeps cost ~15 % of the worker's CPU. Its trace
-    headers are passed on as they came, so the trace id still follows the task."""
+    headers are passed on as they came, so the trace id still follows the task; with
+    ``attach``, the block also runs in the record's trace context, for code inside it
+    that opens spans of its own (an agent calling a model)."""
     carried = [(k, v) for k, v in headers or () if k in _TRACE_HEADERS]
     parent = next((v for k, v in carried if k == TRACEPARENT), None)
     if parent is not None and _unsampled(parent):
-        yield carried
+        if attach:  # spans opened inside (an agent's own) stay in the trace, unsampled
+            token = otel_context.attach(context_from(carried))
+            try:
+                yield carried
+            finally:
+                otel_context.detach(token)
+        else:
+            yield carried
         return
     with tracer().start_as_current_span(name, context=context_from(carried), kind=kind):
         yield headers_for()

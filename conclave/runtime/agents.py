@@ -54,11 +54,14 @@ class SimulatedAgent:
     seed: int = 0
 
     async def __call__(self, ctx: AgentContext) -> str:
-        rng = random.Random(f"{self.seed}/{ctx.agent_id}/{ctx.task_id}/{ctx.attempt}")
-        delay = self.latency_ms * rng.lognormvariate(0.0, self.jitter) if self.latency_ms else 0.0
-        await asyncio.sleep(delay / 1000.0)
-        if rng.random() < self.failure_rate:
-            raise SimulatedFailure(f"simulated failure of {ctx.agent_id} (seed {self.seed})")
+        if self.latency_ms or self.failure_rate:  # seeding costs more than a no-op agent
+            rng = random.Random(f"{self.seed}/{ctx.agent_id}/{ctx.task_id}/{ctx.attempt}")
+            delay = self.latency_ms * rng.lognormvariate(0.0, self.jitter)
+            await asyncio.sleep(delay / 1000.0)
+            if rng.random() < self.failure_rate:
+                raise SimulatedFailure(f"simulated failure of {ctx.agent_id} (seed {self.seed})")
+        else:
+            await asyncio.sleep(0)  # an answer at once, yet after a turn of the loop
         seen = ctx.memory.setdefault("answered", 0)
         ctx.memory["answered"] = seen + 1
         verdict = hashlib.sha256(f"{self.seed}/{ctx.agent_id}/{ctx.input}".encode()).digest()

@@ -50,7 +50,7 @@ from conclave.records import Record
 from conclave.runtime.agents import AgentContext, AgentFn
 from conclave.settings import Settings
 from conclave.topics import HOST_HEADER, pool_partition
-from conclave.tracing import context_from, headers_for, tracer
+from conclave.tracing import hop
 
 __all__ = ["MAX_OUTPUT_BYTES", "HostConfig", "OutputRejected", "RuntimeHost"]
 
@@ -335,9 +335,8 @@ class RuntimeHost:
             memory=self.memories[event.agent_id],
         )
         self.current[event.agent_id] = event.task_id
-        with tracer().start_as_current_span(
-            "agent.run", context=context_from(record.headers), kind=trace.SpanKind.CONSUMER
-        ) as span:
+        with hop("agent.run", record.headers, attach=True) as onward:
+            span = trace.get_current_span()  # not recording when the trace is unsampled
             span.set_attribute("conclave.task_id", event.task_id)
             span.set_attribute("conclave.agent_id", event.agent_id)
             started = time.perf_counter()
@@ -371,7 +370,7 @@ class RuntimeHost:
                 event.task_id,
                 outcome,
                 causation=cause,
-                headers=headers_for(),
+                headers=onward,
             )
         self._pending.append((record.offset, out))
         self._wakeup.set()

@@ -77,3 +77,13 @@ def test_a_record_outside_any_trace_may_start_one(spans: InMemorySpanExporter) -
     (sent,) = [v.decode() for k, v in onward if k == TRACEPARENT]
     sampled = int(sent.rsplit("-", 1)[1], 16) & 0x01  # flags may carry more bits (random id)
     assert bool(sampled) == bool(started)  # sampled by ratio, and said so onward
+
+
+def test_an_agents_own_span_stays_in_an_unsampled_trace(spans: InMemorySpanExporter) -> None:
+    unsampled = [(TRACEPARENT, traceparent("00"))]
+    tracer = tracing.tracer()
+    with hop("agent.run", unsampled, attach=True), tracer.start_as_current_span("llm") as inner:
+        assert format(inner.get_span_context().trace_id, "032x") == TRACE
+    assert spans.get_finished_spans() == ()  # the parent said: not sampled
+    with hop("agent.run", unsampled), tracer.start_as_current_span("llm") as inner:
+        assert format(inner.get_span_context().trace_id, "032x") != TRACE  # not attached
