@@ -39,6 +39,11 @@ class Settings:
     tenant: str = "default"
     pool_capacity: int = 72
     heartbeat_interval_s: float = 1.0
+    task_timeout_s: float = 300.0
+    """How long an agent may work on one attempt; the host then reports it failed."""
+    answer_grace_s: float = 30.0
+    """How much longer the scheduler waits for an answer before it stalls the attempt
+    (the host died or cannot reach the broker) and retries or dead-letters the task."""
     trace_sample_ratio: float = 0.1
     producer_linger_ms: int = 0
     """How long a producer waits to batch records into one request (latency vs. syscalls)."""
@@ -82,6 +87,8 @@ class Settings:
             tenant=env.get("CONCLAVE_TENANT", "default"),
             pool_capacity=_int(env, "CONCLAVE_POOL_CAPACITY", 72),
             heartbeat_interval_s=_float(env, "CONCLAVE_HEARTBEAT_INTERVAL_S", 1.0),
+            task_timeout_s=_float(env, "CONCLAVE_TASK_TIMEOUT_S", 300.0),
+            answer_grace_s=_float(env, "CONCLAVE_ANSWER_GRACE_S", 30.0),
             trace_sample_ratio=_float(env, "CONCLAVE_TRACE_SAMPLE_RATIO", 0.1),
             fetch_idle_ms=_float(env, "CONCLAVE_FETCH_IDLE_MS", 5.0),
             fetch_idle_max_ms=_float(env, "CONCLAVE_FETCH_IDLE_MAX_MS", 100.0),

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from conclave.domain.events import (
     AgentOutput,
     AgentRegistered,
+    AgentReinstated,
     DeadLetterRecord,
     Envelope,
     Event,
@@ -39,6 +40,7 @@ from conclave.domain.events import (
     TaskDispatched,
     TaskFailed,
     TaskQueued,
+    TaskStalled,
     WitnessEntry,
 )
 from conclave.topics import Topics
@@ -76,7 +78,7 @@ class Consumed(Protocol):
         """``None`` for a null value (a tombstone), which is not the same as ``b""``."""
 
 
-TaskEvent = TaskQueued | TaskDispatched | TaskCompleted | TaskDeadLettered
+TaskEvent = TaskQueued | TaskDispatched | TaskStalled | TaskCompleted | TaskDeadLettered
 
 TERMINAL = frozenset({"completed", "dead_lettered"})
 """Task statuses that no later event changes: the first terminal event wins."""
@@ -286,6 +288,8 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
         row.agent_id = event.agent_id
         row.attempt = event.attempt
         row.dispatched_at = envelope.occurred_at
+    elif isinstance(event, TaskStalled):
+        row.error = event.reason  # a retry or a dead letter follows
     elif isinstance(event, TaskCompleted):
         row.status = "completed"
         row.output_event_id = event.output_event_id
@@ -300,7 +304,7 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
 
 
 def fold_agent(
-    row: AgentRow | None, envelope: Envelope, event: AgentRegistered | Heartbeat
+    row: AgentRow | None, envelope: Envelope, event: AgentRegistered | AgentReinstated | Heartbeat
 ) -> AgentRow:
     """The ``agents`` row after a registration or a heartbeat (``row`` changed in place).
 
@@ -324,6 +328,8 @@ def fold_agent(
         row.host_id = event.host_id
         row.agent_ref = event.agent_ref
         row.registered_at = envelope.occurred_at
+    elif isinstance(event, AgentReinstated):
+        pass  # the scheduler's own view; the row already says what the host registered
     elif (row.last_heartbeat_at or 0) <= envelope.occurred_at:  # a heartbeat
         row.last_heartbeat_at = envelope.occurred_at
         row.current_task_id = event.task_id
@@ -339,7 +345,9 @@ KEYED: Mapping[type[Any], tuple[Table, Callable[[Any], str], Fold]] = {
     TaskDispatched: (TASKS, attrgetter("task_id"), fold_task),
     TaskCompleted: (TASKS, attrgetter("task_id"), fold_task),
     TaskDeadLettered: (TASKS, attrgetter("task_id"), fold_task),
+    TaskStalled: (TASKS, attrgetter("task_id"), fold_task),
     AgentRegistered: (AGENTS, attrgetter("agent_id"), fold_agent),
+    AgentReinstated: (AGENTS, attrgetter("agent_id"), fold_agent),
     Heartbeat: (AGENTS, attrgetter("agent_id"), fold_agent),
 }
 """Events that change a keyed-state row: its table, the row's key, the rule."""
@@ -418,7 +426,14 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
     return {
         topics.agents: (AgentRegistered,),
         topics.heartbeats: (Heartbeat,),
-        topics.tasks: (TaskQueued, TaskDispatched, TaskCompleted, TaskDeadLettered),
+        topics.tasks: (
+            TaskQueued,
+            TaskDispatched,
+            TaskStalled,
+            AgentReinstated,
+            TaskCompleted,
+            TaskDeadLettered,
+        ),
         topics.outputs: (AgentOutput, TaskFailed),
         topics.witness: (WitnessEntry,),
         topics.deadletter: (DeadLetterRecord,),

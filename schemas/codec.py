@@ -42,6 +42,8 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.DeliberationRequested,
     ev.TaskQueued,
     ev.TaskDispatched,
+    ev.TaskStalled,
+    ev.AgentReinstated,
     ev.AgentRegistered,
     ev.Heartbeat,
     ev.AgentOutput,

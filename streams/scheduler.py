@@ -24,6 +24,7 @@ from conclave.bus import Outgoing, Position
 from conclave.domain import scheduling
 from conclave.domain.events import (
     AgentRegistered,
+    AgentReinstated,
     DeliberationRequested,
     Envelope,
     Event,
@@ -33,6 +34,7 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDispatched,
     TaskQueued,
+    TaskStalled,
     TaskSubmitted,
     WitnessEntry,
 )
@@ -46,7 +48,14 @@ from streams.core import Emitter, Source
 
 __all__ = ["SchedulerShard"]
 
-_CHANGELOG = (TaskQueued, TaskDispatched, TaskCompleted, TaskDeadLettered)
+_CHANGELOG = (
+    TaskQueued,
+    TaskDispatched,
+    TaskStalled,
+    AgentReinstated,
+    TaskCompleted,
+    TaskDeadLettered,
+)
 
 
 @dataclass(slots=True)
@@ -65,11 +74,24 @@ class _Origin:
 class SchedulerShard:
     processor = "scheduler"
 
-    def __init__(self, topics: Topics, index: int, capacity: int, emitter: Emitter) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        index: int,
+        capacity: int,
+        emitter: Emitter,
+        *,
+        answer_within_s: float | None = None,
+    ) -> None:
         self.topics = topics
         self.index = index
         self.capacity = capacity
         self.emitter = emitter
+        self.answer_within_us = (
+            int(answer_within_s * 1_000_000) if answer_within_s is not None else None
+        )
+        """How long after a dispatch the scheduler waits for its answer before the
+        attempt is stalled; ``None``: for ever."""
         self.state = scheduling.SchedulerState(capacity=capacity)
         self.origins: dict[str, _Origin] = {}
         self._shard_header = b"%d" % index
@@ -186,10 +208,21 @@ class SchedulerShard:
                                     ),
                                 )
                             decided.append((envelope, outcome))
-                case AgentRegistered() | Halt() | Resume():
+                case AgentRegistered():
                     scheduling.evolve(self.state, event)
+                    for reinstated in scheduling.reinstate(self.state, event):
+                        scheduling.evolve(self.state, reinstated)
+                        decided.append((envelope, reinstated))
+                case Halt() | Resume():
+                    scheduling.evolve(self.state, event)
+        # Attempts past their deadline free their agents and places before scheduling.
+        for expired in scheduling.expire(self.state, now):
+            scheduling.evolve(self.state, expired)
+            decided.append((None, expired))
         # Decide dispatches once per batch: cheaper, and a burst is ranked as a whole.
-        for dispatch in scheduling.schedule(self.state, now):
+        for dispatch in scheduling.schedule(
+            self.state, now, answer_within_us=self.answer_within_us
+        ):
             scheduling.evolve(self.state, dispatch)
             decided.append((None, dispatch))
         for cause, decision in decided:
@@ -197,6 +230,10 @@ class SchedulerShard:
         return out
 
     def _emit(self, event: SchedulerEvent, cause: Envelope | None, now: int) -> Outgoing:
+        if isinstance(event, AgentReinstated):
+            return self.emitter.event(
+                self.topics.tasks, self.index, event.agent_id, event, now=now, causation=cause
+            )
         origin = self.origins.get(event.task_id)
         headers = origin.headers() if origin is not None else []
         if isinstance(event, TaskDispatched):

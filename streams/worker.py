@@ -187,7 +187,13 @@ class Worker:
         topics = topics_for(self.settings)
         emitter = Emitter(default_codec(), topics, kind, self.settings.tenant)
         if kind == "scheduler":
-            return SchedulerShard(topics, int(index), self.settings.pool_capacity, emitter)
+            return SchedulerShard(
+                topics,
+                int(index),
+                self.settings.pool_capacity,
+                emitter,
+                answer_within_s=self.settings.task_timeout_s + self.settings.answer_grace_s,
+            )
         if kind == "witness":
             return WitnessShard(topics, self.partitions, emitter)
         raise ConfigError(f"unknown shard {name!r}")

@@ -19,6 +19,7 @@ from typing import ClassVar
 __all__ = [
     "AgentOutput",
     "AgentRegistered",
+    "AgentReinstated",
     "DeadLetterRecord",
     "DeliberationRequested",
     "Envelope",
@@ -32,6 +33,7 @@ __all__ = [
     "TaskDispatched",
     "TaskFailed",
     "TaskQueued",
+    "TaskStalled",
     "TaskSubmitted",
     "WitnessEntry",
     "WorkerBeat",
@@ -164,6 +166,36 @@ class TaskDispatched:
     attempt: int
     input: str
     deliberation_id: str | None
+    deadline: int | None = None
+    """When the scheduler stops waiting for this attempt's answer (µs since the epoch):
+    past it, the attempt is stalled and the task retried or dead-lettered. ``None``: no
+    deadline (dispatches written before schema v2)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskStalled:
+    """The scheduler stopped waiting for an attempt: no answer by its deadline (the host
+    died, hung or lost its way to the broker). A task queued or dead-lettered follows;
+    the agent gets no more work until it registers again. A late answer of this attempt
+    is still witnessed, but never completes the task."""
+
+    TYPE: ClassVar[str] = "task.stalled"
+    task_id: str
+    agent_id: str
+    host_id: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentReinstated:
+    """An agent that had stalled registered again: the scheduler gives it work again.
+    Written by the scheduler on the tasks topic, after its ``TaskStalled``, so that a
+    replay sees the two in the order they happened."""
+
+    TYPE: ClassVar[str] = "agent.reinstated"
+    agent_id: str
+    host_id: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,7 +269,9 @@ class TaskDeadLettered:
     agent_id: str
     attempts: int
     reason: str
-    witness_sequence: int
+    witness_sequence: int | None
+    """The witness entry of the last attempt's failure; ``None`` when the last attempt
+    stalled (nothing was witnessed)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -323,6 +357,8 @@ Event = (
     | DeliberationRequested
     | TaskQueued
     | TaskDispatched
+    | TaskStalled
+    | AgentReinstated
     | AgentRegistered
     | Heartbeat
     | AgentOutput

@@ -127,7 +127,10 @@ class SchedulerState:
     """Pools where a dispatch is possible now (halt aside): all that schedule() reads."""
     timers: RankedSet = field(default_factory=RankedSet)
     """Deadlines by key, ranked ``(due,)`` in µs since the epoch; rules that wait
-    (retry back-off, leases) add and discard them when they fold their events."""
+    (retry back-off, leases) add and discard them when they fold their events. Today:
+    the answer deadline of each dispatched task, keyed by task id."""
+    suspects: set[str] = field(default_factory=set)
+    """Agents whose last attempt stalled: given no work until they register again."""
     finished: Recent[TaskStatus] = field(init=False)
     """Terminal status of the last ``dedup_window`` finished tasks, oldest first."""
     deliberations: Recent[None] = field(init=False)
@@ -169,8 +172,9 @@ class SchedulerState:
         self.refresh(task.pool)
 
     def release(self, task: TaskState) -> None:
-        """Free the capacity and the agent a dispatched task held."""
+        """Free the capacity and the agent a dispatched task held, and stop waiting."""
         self.pool(task.pool).in_flight -= 1
+        self.timers.discard(task.task_id)
         agent_id = task.agent_id or ""
         if self.assignments.get(agent_id) == task.task_id:
             del self.assignments[agent_id]
@@ -186,7 +190,7 @@ class SchedulerState:
         pool = self.pool(slot.pool)
         queue = pool.targeted.get(agent_id)
         best = queue.first() if queue is not None else None
-        if agent_id in self.assignments:
+        if agent_id in self.assignments or agent_id in self.suspects:
             self.unplace(slot)
         elif best is None:
             pool.claimed.discard(agent_id)
@@ -258,6 +262,7 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "finished": [[task_id, status.value] for task_id, status in state.finished.items()],
         "deliberations": [d for d, _ in state.deliberations.items()],
         "timers": [[key, due] for (due, *_), key in state.timers.members()],
+        "suspects": sorted(state.suspects),
     }
 
 
@@ -301,6 +306,7 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
         for deliberation_id in data["deliberations"]:
             state.deliberations.add(deliberation_id, None)
         state.timers = RankedSet(((due,), key) for key, due in data["timers"])
+        state.suspects = set(data.get("suspects", ()))  # absent before deadlines existed
         for agent_id in state.agents:
             state.place(agent_id)
         for name in list(state.pools):

@@ -36,11 +36,13 @@ Rules enforced here (each has a test):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from itertools import takewhile
 
 from conclave.domain.events import (
     AgentRegistered,
+    AgentReinstated,
     DeliberationRequested,
     Halt,
     Heartbeat,
@@ -49,6 +51,7 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDispatched,
     TaskQueued,
+    TaskStalled,
     TaskSubmitted,
     WitnessEntry,
 )
@@ -79,14 +82,18 @@ __all__ = [
     "deliberation_task_id",
     "due_timers",
     "evolve",
+    "expire",
     "from_snapshot",
     "next_due",
+    "reinstate",
     "schedule",
     "status_of",
     "to_snapshot",
 ]
 
-SchedulerEvent = TaskQueued | TaskDispatched | TaskCompleted | TaskDeadLettered
+SchedulerEvent = (
+    TaskQueued | TaskDispatched | TaskStalled | AgentReinstated | TaskCompleted | TaskDeadLettered
+)
 
 
 def deliberation_task_id(deliberation_id: str, agent_id: str) -> str:
@@ -162,6 +169,16 @@ def decide(
     return _decide_witnessed(state, cause)
 
 
+def reinstate(state: SchedulerState, registration: AgentRegistered) -> list[AgentReinstated]:
+    """An agent that had stalled and now registers again (its host restarted) is given
+    work again. Decided from the registration, written on the tasks topic: folded from
+    there, it comes after the stall in any replay (a registration, on another topic,
+    could be folded before it)."""
+    if registration.agent_id not in state.suspects:
+        return []
+    return [AgentReinstated(agent_id=registration.agent_id, host_id=registration.host_id)]
+
+
 def _known(state: SchedulerState, task_id: str) -> bool:
     return task_id in state.tasks or task_id in state.finished
 
@@ -186,32 +203,70 @@ def _decide_witnessed(
             )
         ]
     if entry.subject_type == "task.failed":
-        if task.attempt < task.max_attempts:
-            return [
-                TaskQueued(
-                    task_id=task.task_id,
-                    pool=task.pool,
-                    priority=task.priority,
-                    input=task.input,
-                    agent_id=task.agent_id if task.targeted else None,
-                    max_attempts=task.max_attempts,
-                    deliberation_id=task.deliberation_id,
-                    sequence=state.next_sequence,
-                )
-            ]
-        return [
-            TaskDeadLettered(
-                task_id=task.task_id,
-                agent_id=agent_id,
-                attempts=task.attempt,
-                reason=entry.detail or "agent failed",
-                witness_sequence=entry.sequence,
-            )
-        ]
+        return [_retry_or_give_up(state, task, entry.detail or "agent failed", entry.sequence)]
     return []
 
 
-def schedule(state: SchedulerState, now: int) -> list[TaskDispatched]:
+def _retry_or_give_up(
+    state: SchedulerState, task: TaskState, reason: str, witness_sequence: int | None
+) -> TaskQueued | TaskDeadLettered:
+    """After a failed attempt: back in the queue while attempts remain, else dead."""
+    if task.attempt < task.max_attempts:
+        return TaskQueued(
+            task_id=task.task_id,
+            pool=task.pool,
+            priority=task.priority,
+            input=task.input,
+            agent_id=task.agent_id if task.targeted else None,
+            max_attempts=task.max_attempts,
+            deliberation_id=task.deliberation_id,
+            sequence=state.next_sequence,
+        )
+    assert task.agent_id is not None  # a dispatched task has its agent
+    return TaskDeadLettered(
+        task_id=task.task_id,
+        agent_id=task.agent_id,
+        attempts=task.attempt,
+        reason=reason,
+        witness_sequence=witness_sequence,
+    )
+
+
+def expire(state: SchedulerState, now: int) -> list[TaskStalled | TaskQueued | TaskDeadLettered]:
+    """Attempts whose answer deadline has passed at ``now``: each is stalled, then its
+    task retried or dead-lettered like a failed attempt. Pure: fold the events in order
+    (the retry numbers its queue place after the one before it).
+
+    Each due attempt yields its pair of events; the caller folds them before the next
+    call, which is what removes the timers."""
+    out: list[TaskStalled | TaskQueued | TaskDeadLettered] = []
+    for task_id in due_timers(state, now):
+        task = state.tasks.get(task_id)
+        if task is None or task.status is not TaskStatus.DISPATCHED or task.agent_id is None:
+            continue  # not a deadline a live attempt waits on (folding removes those)
+        slot = state.agents.get(task.agent_id)
+        reason = f"attempt {task.attempt} of {task.max_attempts} stalled: no answer by its deadline"
+        out.append(
+            TaskStalled(
+                task_id=task_id,
+                agent_id=task.agent_id,
+                host_id=slot.host_id if slot is not None else "",
+                attempt=task.attempt,
+                reason=reason,
+            )
+        )
+        retry = _retry_or_give_up(state, task, reason, None)
+        if isinstance(retry, TaskQueued):  # several retries in one call: distinct places
+            retry = dataclasses.replace(
+                retry, sequence=state.next_sequence + sum(isinstance(e, TaskQueued) for e in out)
+            )
+        out.append(retry)
+    return out
+
+
+def schedule(
+    state: SchedulerState, now: int, *, answer_within_us: int | None = None
+) -> list[TaskDispatched]:
     """Dispatches that capacity, free agents and priorities allow at ``now``.
 
     Queued tasks are taken in (priority, arrival) order. A targeted task waits for
@@ -222,10 +277,17 @@ def schedule(state: SchedulerState, now: int) -> list[TaskDispatched]:
     """
     if state.halted:
         return []
-    return [d for name in sorted(state.ready) for d in _schedule_pool(state, state.pools[name])]
+    deadline = now + answer_within_us if answer_within_us is not None else None
+    return [
+        d
+        for name in sorted(state.ready)
+        for d in _schedule_pool(state, state.pools[name], deadline)
+    ]
 
 
-def _schedule_pool(state: SchedulerState, pool: PoolState) -> Iterator[TaskDispatched]:
+def _schedule_pool(
+    state: SchedulerState, pool: PoolState, deadline: int | None
+) -> Iterator[TaskDispatched]:
     """Merges the pool's untargeted queue with the best claim of each idle agent, by rank.
 
     When an untargeted task comes up, every claim ranked better has been served
@@ -268,6 +330,7 @@ def _schedule_pool(state: SchedulerState, pool: PoolState) -> Iterator[TaskDispa
             attempt=queued.attempt + 1,
             input=queued.input,
             deliberation_id=queued.deliberation_id,
+            deadline=deadline,
         )
 
 
@@ -285,6 +348,11 @@ def evolve(
             _fold_queued(state, event)
         case TaskDispatched():
             _fold_dispatched(state, event)
+        case TaskStalled():
+            _fold_stalled(state, event)
+        case AgentReinstated():
+            state.suspects.discard(event.agent_id)
+            state.place(event.agent_id)
         case TaskCompleted():
             _fold_finished(state, event.task_id, TaskStatus.COMPLETED)
         case TaskDeadLettered():
@@ -341,7 +409,22 @@ def _fold_dispatched(state: SchedulerState, event: TaskDispatched) -> None:
     state.unqueue(task)  # from the queue of its target, if it has one
     task.agent_id = event.agent_id
     task.attempt = event.attempt
+    if event.deadline is not None:
+        state.timers.add(task.task_id, (event.deadline,))
     state.place(event.agent_id)
+
+
+def _fold_stalled(state: SchedulerState, event: TaskStalled) -> None:
+    """The agent gave no answer in time: no more work for it until it registers again.
+    The task itself moves on with the retry or dead letter that follows."""
+    task = state.tasks.get(event.task_id)
+    if task is None or task.status is not TaskStatus.DISPATCHED or task.attempt != event.attempt:
+        return  # a duplicate, or a stall that was already dealt with
+    state.suspects.add(event.agent_id)
+    state.timers.discard(event.task_id)
+    slot = state.agents.get(event.agent_id)
+    if slot is not None:
+        state.unplace(slot)
 
 
 def _fold_finished(state: SchedulerState, task_id: str, status: TaskStatus) -> None:

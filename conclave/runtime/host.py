@@ -84,7 +84,8 @@ class HostConfig:
     agent_ids: Sequence[str] = ()
     agent_ref: str = "simulated"
     host_id: str = field(default_factory=lambda: f"host-{uuid.uuid4().hex[:8]}")
-    task_timeout_s: float = 300.0
+    task_timeout_s: float | None = None
+    """How long an agent may work on one attempt; ``None``: the settings' (300 s)."""
 
 
 @dataclass(slots=True)
@@ -139,6 +140,7 @@ class RuntimeHost:
         """Set when the host cannot go on (another instance with its id took over)."""
         self._process = psutil.Process()
         self._host_header = config.host_id.encode()
+        self._task_timeout_s = config.task_timeout_s or settings.task_timeout_s
 
     @property
     def group_id(self) -> str:
@@ -342,7 +344,7 @@ class RuntimeHost:
             started = time.perf_counter()
             try:
                 content = _checked(
-                    await asyncio.wait_for(self.agent(ctx), self.config.task_timeout_s)
+                    await asyncio.wait_for(self.agent(ctx), self._task_timeout_s)
                 )
             except Exception as exc:  # any agent error is reported, with attribution
                 outcome: AgentOutput | TaskFailed = TaskFailed(

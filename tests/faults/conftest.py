@@ -61,6 +61,8 @@ class Cluster:
     settings: Settings
     home: Path
     processes: dict[str, Process] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """More ``CONCLAVE_*`` settings for the processes started from now on."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -75,6 +77,7 @@ class Cluster:
             "CONCLAVE_HOME": str(self.home),
             "CONCLAVE_LOG_LEVEL": os.environ.get("CONCLAVE_LOG_LEVEL", "INFO"),
             "COLUMNS": "200",
+            **self.extra_env,
         }
 
     def start(self, name: str, *args: str, ready: str, timeout_s: float = 60.0) -> Process:
@@ -168,10 +171,14 @@ def _print_logs(home: Path) -> None:
             shutil.copy(log, Path(keep) / log.name)
 
 
-async def submit(settings: Settings, pool: str, count: int, *, prefix: str = "t") -> list[str]:
+async def submit(
+    settings: Settings, pool: str, count: int, *, prefix: str = "t", max_attempts: int = 1
+) -> list[str]:
     async with Client(settings, producer_name="faults") as client:
         return [
-            await client.submit(f"job {i}", task_id=f"{prefix}-{i:05d}", pool=pool)
+            await client.submit(
+                f"job {i}", task_id=f"{prefix}-{i:05d}", pool=pool, max_attempts=max_attempts
+            )
             for i in range(count)
         ]
 

@@ -12,8 +12,10 @@ import time
 
 import pytest
 
-from conclave.bus import ensure_topics
+from conclave.bus import ensure_topics, read_history, topics_for
+from conclave.domain.events import TaskDeadLettered, TaskDispatched, TaskStalled
 from conclave.topics import pool_partition
+from schemas.codec import default_codec
 from tests.faults.conftest import Cluster, check_invariants, submit, until_all_terminal
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -79,6 +81,33 @@ async def test_runtime_host_killed_and_restarted_with_its_id_answers_everything(
     cluster.kill("h1")
     cluster.runtime("h1", "rpool", agents=8, latency_ms=20)  # fences the old one, resumes
     await check_invariants(cluster, task_ids)
+
+
+async def test_runtime_host_killed_for_good_its_tasks_stall_and_complete_on_another(
+    cluster: Cluster,
+) -> None:
+    """No restart: the scheduler stops waiting at the answer deadline (task timeout 2 s
+    + grace 2 s here), retries on the surviving host, and gives the dead one no work."""
+    cluster.extra_env.update({"CONCLAVE_TASK_TIMEOUT_S": "2", "CONCLAVE_ANSWER_GRACE_S": "2"})
+    cluster.worker("w1")
+    cluster.runtime("h1", "spool", agents=4, latency_ms=300)
+    cluster.runtime("h2", "spool", agents=4, latency_ms=300)
+    cluster.projector()
+    task_ids = await submit(cluster.settings, "spool", 60, max_attempts=3)
+    await asyncio.sleep(1.0)  # four tasks are running on h1 right now
+    cluster.kill("h1")
+    await check_invariants(cluster, task_ids)
+    codec = default_codec()
+    events = []
+    async for record in read_history(cluster.settings, [topics_for(cluster.settings).tasks]):
+        events.append(codec.decode(record.value)[1])
+    stalled = [e for e in events if isinstance(e, TaskStalled)]
+    assert stalled, "h1 was killed with tasks in flight"
+    assert {e.agent_id.split("-agent")[0] for e in stalled} == {"h1"}
+    assert not [e for e in events if isinstance(e, TaskDeadLettered)]
+    late = [e for e in events if isinstance(e, TaskDispatched) and e.host_id == "h1"]
+    stalled_at = max(events.index(e) for e in stalled)
+    assert all(events.index(d) < stalled_at for d in late), "h1 got work after it stalled"
 
 
 async def test_projector_killed_under_load_catches_up_without_losing_a_row(

@@ -4,7 +4,8 @@
 decide, fold what was decided, schedule, fold the dispatches. A hypothesis state
 machine drives it with random submissions, deliberations, registrations (and moves
 between pools), witnessed outputs and failures, halts, resumes, redeliveries and
-snapshots, and checks the invariants after every step. Every schedule() is compared
+snapshots, time passing beyond answer deadlines (stalled attempts, late answers,
+re-registrations), and checks the invariants after every step. Every schedule() is compared
 with :func:`reference_schedule`, the full scan the indexed scheduler replaced, and
 every step is repeated on a replica restored from the last snapshot.
 """
@@ -12,6 +13,7 @@ every step is repeated on a replica restored from the last snapshot.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 from collections import Counter, defaultdict
@@ -30,6 +32,7 @@ from hypothesis.stateful import (
 
 from conclave.domain.events import (
     AgentRegistered,
+    AgentReinstated,
     DeliberationRequested,
     Halt,
     Priority,
@@ -38,6 +41,7 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDispatched,
     TaskQueued,
+    TaskStalled,
     TaskSubmitted,
     WitnessEntry,
 )
@@ -53,8 +57,10 @@ from conclave.domain.scheduling import (
     deliberation_task_id,
     due_timers,
     evolve,
+    expire,
     from_snapshot,
     next_due,
+    reinstate,
     schedule,
     status_of,
     to_snapshot,
@@ -66,9 +72,13 @@ POOL_OF = {agent: pool for pool, agents in AGENTS_BY_POOL.items() for agent in a
 POOLS = st.sampled_from(sorted(AGENTS_BY_POOL))
 PRIORITIES = st.sampled_from(Priority)
 
-Emitted = TaskQueued | TaskDispatched | TaskCompleted | TaskDeadLettered
+Emitted = (
+    TaskQueued | TaskDispatched | TaskStalled | AgentReinstated | TaskCompleted | TaskDeadLettered
+)
 TERMINAL = (TaskStatus.COMPLETED, TaskStatus.DEAD_LETTERED)
 Folded = Emitted | AgentRegistered | Halt | Resume
+ANSWER_US = 20_000
+"""The harness's answer deadline: 20 commands' worth of its clock (1 ms each)."""
 
 
 def _better(a: TaskState, b: TaskState) -> bool:
@@ -122,14 +132,17 @@ class Harness:
         idle_before = {
             (a.agent_id, a.pool)
             for a in state.agents.values()
-            if a.agent_id not in state.assignments
+            if a.agent_id not in state.assignments and a.agent_id not in state.suspects
         }
         snapshot = copy.deepcopy(state)
-        dispatched = schedule(state, self.now)
+        dispatched = schedule(state, self.now, answer_within_us=ANSWER_US)
         assert state == snapshot, "schedule() must not change the state"
-        assert dispatched == reference_schedule(state)
+        assert [dataclasses.replace(d, deadline=None) for d in dispatched] == (
+            reference_schedule(state)
+        )
+        assert all(d.deadline == self.now + ANSWER_US for d in dispatched)
         if self.replica is not None:
-            assert schedule(self.replica, self.now) == dispatched
+            assert schedule(self.replica, self.now, answer_within_us=ANSWER_US) == dispatched
         if state.halted:
             assert dispatched == []
         _check_priority(state, queued_before, idle_before, dispatched)
@@ -151,7 +164,36 @@ class Harness:
 
     def fact(self, event: AgentRegistered | Halt | Resume) -> list[TaskDispatched]:
         self._fold([event])
+        if isinstance(event, AgentRegistered):
+            reinstated = reinstate(self.state, event)
+            assert all(r.agent_id == event.agent_id for r in reinstated)
+            self._fold(reinstated)
+            assert event.agent_id not in self.state.suspects
         return self.schedule()
+
+    def tick(self, elapsed_us: int) -> list[Emitted]:
+        """Time passes: attempts past their deadline are stalled, then the schedule."""
+        self.now += elapsed_us
+        state = self.state
+        due = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.DISPATCHED}
+        due &= set(due_timers(state, self.now))
+        snapshot = copy.deepcopy(state)
+        expired = expire(state, self.now)
+        assert state == snapshot, "expire() must not change the state"
+        if self.replica is not None:
+            assert expire(self.replica, self.now) == expired
+        stalled = [e for e in expired if isinstance(e, TaskStalled)]
+        assert {e.task_id for e in stalled} == due
+        for stall, then in zip(expired[::2], expired[1::2], strict=True):
+            assert isinstance(stall, TaskStalled)
+            assert isinstance(then, TaskQueued | TaskDeadLettered)
+            assert then.task_id == stall.task_id
+            if isinstance(then, TaskDeadLettered):
+                assert then.witness_sequence is None
+                assert "stalled" in then.reason
+        self._fold(expired)
+        assert due_timers(self.state, self.now) == [], "folding the stalls ends their timers"
+        return [*expired, *self.schedule()]
 
     def register(
         self, agent_id: str, host_id: str = "h0", pool: str | None = None
@@ -286,7 +328,9 @@ def reference_schedule(state: SchedulerState) -> list[TaskDispatched]:
         idle = {
             a.agent_id: a
             for a in state.agents.values()
-            if a.pool == pool and a.agent_id not in state.assignments
+            if a.pool == pool
+            and a.agent_id not in state.assignments
+            and a.agent_id not in state.suspects
         }
         waiting = sorted(queued[pool], key=lambda t: t.rank)
         wanted: dict[str, tuple[int, ...]] = {}
@@ -352,6 +396,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.commands: list[TaskSubmitted | DeliberationRequested] = []
         self.expanded: set[str] = set()
         self.targets: dict[str, str | None] = {}
+        self.stalled: list[TaskStalled] = []
 
     @initialize(capacity=st.integers(1, 3))
     def set_capacity(self, capacity: int) -> None:
@@ -511,6 +556,22 @@ class SchedulerMachine(RuleBasedStateMachine):
         entry = data.draw(st.sampled_from(self.h.witnessed), label="redelivered")
         assert self.h.command(entry) == []
 
+    @precondition(lambda self: bool(self.h.dispatched()))
+    @rule(elapsed=st.integers(0, 2 * ANSWER_US))
+    def time_passes(self, elapsed: int) -> None:
+        for event in self.h.tick(elapsed):
+            if isinstance(event, TaskStalled):
+                self.stalled.append(event)
+
+    @precondition(lambda self: bool(self.stalled))
+    @rule(data=st.data())
+    def late_answer_of_a_stalled_attempt(self, data: st.DataObject) -> None:
+        """Witnessed, but never a second outcome for the attempt the scheduler gave up."""
+        stall = data.draw(st.sampled_from(self.stalled), label="stalled attempt")
+        subject = data.draw(st.sampled_from(["agent.output", "task.failed"]))
+        entry = self.h.entry(subject, stall.task_id, stall.agent_id, attempt=stall.attempt)
+        assert all(isinstance(e, TaskDispatched) for e in self.h.command(entry))
+
     @rule()
     def halt(self) -> None:
         self.h.halt()
@@ -579,8 +640,27 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert entries == queued
 
     @invariant()
+    def every_dispatched_attempt_and_only_those_has_its_deadline(self) -> None:
+        assert sorted(key for _, key in self.state.timers) == [
+            t.task_id for t in self.h.dispatched()
+        ]
+
+    @invariant()
+    def an_agent_that_stalled_gets_no_work_until_it_registers_again(self) -> None:
+        assert not {t.agent_id for t in self.h.dispatched()} & self.state.suspects
+        for agent_id in self.state.suspects:
+            slot = self.state.agents[agent_id]
+            pool = self.state.pools.get(slot.pool)
+            assert pool is None or agent_id not in pool.unclaimed
+            assert pool is None or pool.claimed.rank(agent_id) is None
+
+    @invariant()
     def idle_agents_are_indexed_by_their_best_claim(self) -> None:
-        idle = [a for a in self.state.agents.values() if a.agent_id not in self.state.assignments]
+        idle = [
+            a
+            for a in self.state.agents.values()
+            if a.agent_id not in self.state.assignments and a.agent_id not in self.state.suspects
+        ]
         for agent in idle:
             pool = self.state.pools[agent.pool]
             claims = [
@@ -761,6 +841,73 @@ def test_retries_fail_twice_then_complete_on_attempt_3() -> None:
     assert "t" not in h.state.tasks  # finished tasks leave the live state
     assert h.command(entry) == []
     assert h.command(submit("t", max_attempts=3)) == []
+
+
+def test_an_attempt_without_answer_by_its_deadline_is_stalled_and_runs_elsewhere() -> None:
+    h = Harness()
+    h.register("a0", host_id="dead")
+    first = h.command(submit("t", max_attempts=2))[1]
+    assert isinstance(first, TaskDispatched)
+    assert first.deadline == h.now + ANSWER_US
+    h.register("a1", host_id="alive")  # the harness's clock moves 1 ms a step
+    assert h.tick(ANSWER_US - 2000) == []  # not yet: 1 ms short of the deadline
+    stall, retry, again = h.tick(1000)
+    assert stall == TaskStalled(
+        task_id="t",
+        agent_id="a0",
+        host_id="dead",
+        attempt=1,
+        reason="attempt 1 of 2 stalled: no answer by its deadline",
+    )
+    assert isinstance(retry, TaskQueued)
+    assert isinstance(again, TaskDispatched)
+    assert (again.agent_id, again.attempt) == ("a1", 2)  # not the agent that stalled
+    # The dead host's answer turns up after all: witnessed, but it changes nothing.
+    assert h.command(h.entry("agent.output", "t", "a0", attempt=1)) == []
+    _, events = h.finish(h.state.tasks["t"], failed=False)
+    assert [type(e) for e in events] == [TaskCompleted]
+    assert h.state.pools["p0"].in_flight == 0
+    assert "a0" in h.state.suspects  # no work for it until its host registers it again
+
+
+def test_a_stalled_last_attempt_dead_letters_the_task_with_the_reason() -> None:
+    h = Harness()
+    h.register("a0")
+    h.command(submit("t"))
+    stall, dead = h.tick(ANSWER_US)
+    assert isinstance(stall, TaskStalled)
+    assert dead == TaskDeadLettered(
+        task_id="t",
+        agent_id="a0",
+        attempts=1,
+        reason="attempt 1 of 1 stalled: no answer by its deadline",
+        witness_sequence=None,
+    )
+    assert status_of(h.state, "t") is TaskStatus.DEAD_LETTERED
+    assert next_due(h.state) is None
+
+
+def test_an_agent_that_stalled_works_again_once_registered_again() -> None:
+    h = Harness()
+    h.register("a0")
+    h.command(submit("t1", max_attempts=2))
+    h.tick(ANSWER_US)  # stalled, queued again, but no agent may take it
+    assert h.dispatched() == []
+    assert h.command(submit("t2")) == [
+        TaskQueued(
+            task_id="t2",
+            pool="p0",
+            priority=Priority.NORMAL,
+            input="in t2",
+            agent_id=None,
+            max_attempts=1,
+            deliberation_id=None,
+            sequence=3,
+        )
+    ]
+    dispatched = h.register("a0", host_id="h0-restarted")
+    assert h.log[-2:-1] == [AgentReinstated(agent_id="a0", host_id="h0-restarted")]
+    assert [(d.task_id, d.attempt) for d in dispatched] == [("t1", 2)]
 
 
 def test_third_failure_of_three_attempts_dead_letters_with_attribution() -> None:
