@@ -35,6 +35,7 @@ __all__ = [
     "check_inclusion",
     "check_proof",
     "consistency_bundle",
+    "find_entry",
     "inclusion_bundle",
     "open_checkpoint",
     "prove_inclusion",
@@ -249,3 +250,16 @@ def prove_inclusion(
     tree = tree_of(entries)
     note = sign_checkpoint(tree, origin, signers)
     return inclusion_bundle(tree, leaf_bytes(entries[sequence - 1]), note)
+
+
+def find_entry(entries: Sequence[WitnessEntry], ref: str) -> int:
+    """The sequence ``ref`` names: a sequence number, or a task id (the entry of its
+    latest witnessed output)."""
+    if ref.isdigit():
+        if not 1 <= int(ref) <= len(entries):
+            raise ValueError(f"no entry {ref} among {len(entries)}")
+        return int(ref)
+    for entry in reversed(entries):
+        if entry.task_id == ref and entry.subject_type == "agent.output":
+            return entry.sequence
+    raise ValueError(f"no witnessed output of task {ref!r}")
