@@ -94,6 +94,11 @@ class MerkleTree:
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of hashes kept: about 64 per leaf."""
+        return sum(len(level) for level in self._levels)
+
     def append(self, data: bytes) -> int:
         """Add the leaf whose bytes are ``data``; returns its index."""
         return self.append_hash(leaf_hash(data))
