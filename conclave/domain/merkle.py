@@ -15,8 +15,9 @@ gives the byte rules for third parties.
 :class:`MerkleTree` keeps every complete subtree ("stored levels"): level 0 holds the
 leaf hashes, level ``h`` the root of every complete, aligned run of ``2**h`` leaves.
 An append adds one leaf hash and at most ``log2(n)`` parents; the root of any earlier
-size and the nodes of any proof are then read, or combined from O(log n) stored
-nodes, never recomputed from the leaves. Each level is one ``bytearray`` of 32-byte
+size and the nodes of any proof are then read, or combined from the O(log n) stored
+roots of the complete subtrees that make up that size, never recomputed from the
+leaves. Each level is one ``bytearray`` of 32-byte
 hashes: 64 bytes per leaf in all, about 64 MB for a million entries.
 """
 
@@ -131,7 +132,7 @@ class MerkleTree:
         """MTH of the first ``size`` leaves (all of them by default)."""
         size = self.size if size is None else size
         self._check_size(size)
-        return EMPTY_ROOT if size == 0 else self._subtree(0, size)
+        return EMPTY_ROOT if size == 0 else self._ragged(size)[0]
 
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         """RFC 9162 §2.1.3.1 PATH(index, D[size]): sibling hashes from the leaf up."""
@@ -139,15 +140,16 @@ class MerkleTree:
         self._check_size(size)
         if not 0 <= index < size:
             raise ValueError(f"leaf {index} is not in a tree of size {size}")
+        ragged = self._ragged(size)
         path: list[bytes] = []
         start, n, m = 0, size, index
         while n > 1:  # top-down; the RFC lists the path bottom-up, hence the reverse
             k = _split(n)
             if m < k:
-                path.append(self._subtree(start + k, n - k))
+                path.append(self._subtree(start + k, n - k, ragged))
                 n = k
             else:
-                path.append(self._subtree(start, k))
+                path.append(self._subtree(start, k, ragged))
                 start, m, n = start + k, m - k, n - k
         path.reverse()
         return path
@@ -161,18 +163,19 @@ class MerkleTree:
             raise ValueError(f"old size {old_size} is not between 0 and {new_size}")
         if old_size in (0, new_size):
             return []
+        ragged = self._ragged(new_size)
         path: list[bytes] = []
         start, n, m, whole = 0, new_size, old_size, True
         while m != n:  # SUBPROOF(m, D[start:start+n], whole), top-down
             k = _split(n)
             if m <= k:
-                path.append(self._subtree(start + k, n - k))
+                path.append(self._subtree(start + k, n - k, ragged))
                 n = k
             else:
-                path.append(self._subtree(start, k))
+                path.append(self._subtree(start, k, ragged))
                 start, m, n, whole = start + k, m - k, n - k, False
-        if not whole:
-            path.append(self._subtree(start, n))  # SUBPROOF(m, D[m], false) = {MTH(D[m])}
+        if not whole:  # SUBPROOF(m, D[m], false) = {MTH(D[m])}
+            path.append(self._subtree(start, n, ragged))
         path.reverse()
         return path
 
@@ -184,15 +187,32 @@ class MerkleTree:
         at = index * HASH_SIZE
         return bytes(self._levels[level][at : at + HASH_SIZE])
 
-    def _subtree(self, start: int, n: int) -> bytes:
-        """MTH(D[start:start+n]) for the ranges the RFC recursion visits: ``start`` is a
-        multiple of the largest power of two <= ``n``, so a power-of-two range is one
-        stored node and any other splits into O(log n) of them."""
+    def _ragged(self, size: int) -> dict[int, bytes]:
+        """MTH(D[start:size]) for each ``start`` where one of the complete subtrees that
+        make up a tree of ``size`` begins (one per 1-bit of ``size``, largest first):
+        ``popcount(size) - 1`` node hashes in all, and key 0 is the root."""
+        peaks: list[tuple[int, int]] = []
+        start, rest = 0, size
+        while rest:
+            k = 1 << (rest.bit_length() - 1)
+            peaks.append((start, k))
+            start, rest = start + k, rest - k
+        suffixes: dict[int, bytes] = {}
+        right = b""
+        for begin, k in reversed(peaks):
+            peak = self._stored(k.bit_length() - 1, begin // k)
+            right = node_hash(peak, right) if right else peak
+            suffixes[begin] = right
+        return suffixes
+
+    def _subtree(self, start: int, n: int, ragged: dict[int, bytes]) -> bytes:
+        """MTH(D[start:start+n]) for a range the RFC recursion visits: a power-of-two range
+        is aligned, so one stored node; any other ends at the proof's tree size and begins
+        where a complete subtree of it does, so it is in ``ragged``."""
         if _is_power_of_two(n):
             level = n.bit_length() - 1
             return self._stored(level, start >> level)
-        k = _split(n)
-        return node_hash(self._subtree(start, k), self._subtree(start + k, n - k))
+        return ragged[start]
 
 
 def _check_hashes(what: str, hashes: Iterable[bytes]) -> None:
