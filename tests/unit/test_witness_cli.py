@@ -7,6 +7,7 @@ import dataclasses
 import json
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -149,3 +150,85 @@ def test_find_entry_by_sequence_or_task() -> None:
     with pytest.raises(ValueError, match="no witnessed output"):
         find_entry(entries, "task-y")
     assert leaf_bytes(entries[3])  # task_id is not hashed: the leaf is unchanged
+
+
+# -- the topic commands, over a chain handed in instead of read from the broker ----------
+
+
+@pytest.fixture
+def topic(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """What ``conclave.verify.topic_entries`` returns, set by the test (the broker-backed
+    read itself is covered by the integration suite)."""
+    import conclave.verify
+
+    entries: list[Any] = []
+
+    async def from_list(_settings: object) -> tuple[list[Any], list[str]]:
+        return list(entries), []
+
+    monkeypatch.setattr(conclave.verify, "topic_entries", from_list)
+    # Settings are read as for any command; nothing connects to these.
+    monkeypatch.setenv("CONCLAVE_KAFKA_BOOTSTRAP", "127.0.0.1:9")
+    monkeypatch.setenv("CONCLAVE_DATABASE_URL", "postgresql://nobody@127.0.0.1:9/none")
+    return entries
+
+
+def test_prove_then_check_proof(
+    keys: tuple[SignerKey, Path], tmp_path: Path, topic: list[Any]
+) -> None:
+    _, public = keys
+    topic.extend(chain(12))
+    topic[6] = dataclasses.replace(topic[6], task_id="task-7")
+    private = public.with_suffix(".key")
+    proof = tmp_path / "proof.json"
+    code, _, err = run("prove", "task-7", "--key", str(private), "--out", str(proof))
+    assert code == 0, err
+    code, out, _ = run("check-proof", str(proof), "--vkey", str(public))
+    assert code == 0
+    assert out.startswith("OK: entry 7 ")
+    assert "at tree size 12" in out
+
+
+def test_checkpoint_then_consistency_then_check_proof(
+    keys: tuple[SignerKey, Path], tmp_path: Path, topic: list[Any]
+) -> None:
+    _, public = keys
+    private = public.with_suffix(".key")
+    topic.extend(chain(5))
+    code, old, _ = run("checkpoint", "--key", str(private))
+    assert code == 0
+    assert old.startswith(f"{NAME}\n5\n")
+    topic.extend(chain(9)[5:])
+    code, new, _ = run("checkpoint", "--key", str(private))
+    assert code == 0
+    (tmp_path / "old.note").write_text(old)
+    (tmp_path / "new.note").write_text(new)
+    bundle = tmp_path / "consistency.json"
+    code, _, err = run(
+        "consistency", str(tmp_path / "old.note"), str(tmp_path / "new.note"), "--out", str(bundle)
+    )
+    assert code == 0, err
+    code, out, _ = run("check-proof", str(bundle), "--vkey", str(public))
+    assert code == 0
+    assert "at tree size 9 extends tree size 5" in out
+
+
+def test_topic_commands_refuse_a_broken_chain_in_one_line(
+    keys: tuple[SignerKey, Path], topic: list[Any]
+) -> None:
+    _, public = keys
+    topic.extend(chain(4))
+    del topic[1]
+    code, out, err = run("prove", "1", "--key", str(public.with_suffix(".key")))
+    assert code == 1
+    assert out == ""
+    assert "broken at sequence 2" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_prove_refuses_an_unknown_task(keys: tuple[SignerKey, Path], topic: list[Any]) -> None:
+    _, public = keys
+    topic.extend(chain(3))
+    code, _, err = run("prove", "task-nope", "--key", str(public.with_suffix(".key")))
+    assert code == 1
+    assert "no witnessed output of task 'task-nope'" in err
