@@ -262,3 +262,51 @@ def test_worked_consistency_bundle_checks() -> None:
         .summary()
         .endswith(f"(signed by {EXAMPLE_KEY.verifier.label}; {EXAMPLE_KEY.verifier.label})")
     )
+
+
+# -- the schema fingerprint, as the doc describes it --------------------------------------
+
+
+def _crc64_avro(data: bytes) -> int:
+    """The Avro specification's 64-bit Rabin fingerprint, written out from the spec."""
+    empty = 0xC15D213AA4D7A795
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (empty & -(fp & 1))
+        table.append(fp)
+    fp = empty
+    for byte in data:
+        fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
+    return fp
+
+
+def test_the_fingerprint_is_of_the_canonical_form_with_the_envelope_inlined() -> None:
+    import fastavro
+
+    from conclave.domain.events import Envelope
+    from schemas.codec import default_codec
+
+    schemas = Path(__file__).resolve().parents[2] / "schemas"
+    document = json.loads((schemas / "witness_entry.avsc").read_text())
+    envelope = json.loads((schemas / "envelope.avsc").read_text())
+    assert document["fields"][0] == {"name": "envelope", "type": "conclave.Envelope"}
+    document["fields"][0]["type"] = envelope
+    canonical = fastavro.schema.to_parsing_canonical_form(document)
+    header = b"\xc3\x01" + _crc64_avro(canonical.encode()).to_bytes(8, "little")
+
+    entry = _worked_chain()[0]
+    meta = Envelope(
+        event_id="e",
+        event_type="witness.entry",
+        occurred_at=1,
+        tenant="default",
+        correlation_id="c",
+        causation_id=None,
+        producer="processors",
+    )
+    assert default_codec().encode(meta, entry)[:10] == header
+    section = _compact(DOC.read_text().split("\n## Where entries live\n")[1].split("\n## ")[0])
+    assert header.hex() in section
+    assert canonical[:120] in section
