@@ -51,7 +51,8 @@ def _parse(text: str, what: str) -> tuple[str, int, bytes]:
     name, hex_id, encoded = parts
     if not valid_key_name(name):
         raise _malformed(f"{name!r} is not a key name")
-    if len(hex_id) != 8 or hex_id != hex_id.lower():
+    if len(hex_id) != 8 or not set(hex_id) <= set("0123456789abcdef"):
+        # int(x, 16) would also take "0x", "_" and spaces: one key, one text
         raise _malformed(f"key id {hex_id!r} is not 8 lowercase hex digits")
     try:
         ident = int(hex_id, 16)

@@ -128,6 +128,12 @@ def test_every_mangling_of_a_vkey_is_refused() -> None:
         assert caught.value.reason is ProofFailure.MALFORMED
 
 
+@pytest.mark.parametrize("key_id", ["0xc74f20", "c74f_20a", " c74f20a", "C74F20A3", "+c74f20a"])
+def test_a_key_id_is_exactly_eight_lowercase_hex_digits(key_id: str) -> None:
+    with pytest.raises(WitnessProofError, match="8 lowercase hex digits"):
+        VerifierKey.parse(GO_VKEY.replace("c74f20a3", key_id))
+
+
 def test_generated_keys_round_trip_and_rotate() -> None:
     old, new = SignerKey.generate("log.example/witness"), SignerKey.generate("log.example/witness")
     assert SignerKey.parse(old.text()) == old
