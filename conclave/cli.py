@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conclave.cli_dev import dev_app
+from conclave.cli_witness import witness_app
 from conclave.domain.events import Priority
 from conclave.errors import ConclaveError
 from conclave.settings import Settings
@@ -40,7 +41,6 @@ app = typer.Typer(
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 db_app = typer.Typer(help="PostgreSQL read models.", no_args_is_help=True)
 task_app = typer.Typer(help="Tasks: submit and inspect.", no_args_is_help=True)
-witness_app = typer.Typer(help="The witness log.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")

@@ -12,10 +12,14 @@ decide on ``retriable`` / ``permanent`` rather than on message text::
     ├── DatabaseUnavailable    PostgreSQL not reachable (retriable)
     ├── NotFound               a queried entity does not exist (permanent)
     ├── AgentLoadError         an agent reference ``module:function`` cannot be loaded
-    └── WitnessChainError      the witness chain does not verify; names the first bad sequence
+    ├── WitnessChainError      the witness chain does not verify; names the first bad sequence
+    └── WitnessProofError      a key, signed checkpoint or proof is refused; ``reason`` says
+                               which check failed (a :class:`ProofFailure`)
 """
 
 from __future__ import annotations
+
+import enum
 
 __all__ = [
     "AgentLoadError",
@@ -25,9 +29,11 @@ __all__ = [
     "DatabaseUnavailable",
     "Fenced",
     "NotFound",
+    "ProofFailure",
     "SchemaError",
     "StackError",
     "WitnessChainError",
+    "WitnessProofError",
 ]
 
 
@@ -83,3 +89,30 @@ class WitnessChainError(ConclaveError):
     def __init__(self, message: str, *, sequence: int) -> None:
         super().__init__(message)
         self.sequence = sequence
+
+
+class ProofFailure(enum.StrEnum):
+    """Which check refused a key, a signed checkpoint or a proof."""
+
+    MALFORMED = "malformed"
+    """Not in the documented format: a note, checkpoint, key or bundle that does not parse."""
+    UNKNOWN_KEY = "unknown key"
+    """Signed by no key the verifier holds."""
+    BAD_SIGNATURE = "bad signature"
+    """A signature by a key the verifier holds does not verify."""
+    WRONG_ORIGIN = "wrong origin"
+    """The checkpoint is for another log."""
+    WRONG_CHECKPOINT = "wrong checkpoint"
+    """The proof is for another tree size or tree than the checkpoint's."""
+    BAD_PROOF = "bad proof"
+    """The Merkle path does not lead from the entry (or old tree) to the checkpoint's root."""
+    WRONG_ENTRY = "wrong entry"
+    """The entry bytes do not belong at the proven index."""
+
+
+class WitnessProofError(ConclaveError):
+    """A key, a signed checkpoint or a proof is refused (see docs/witness.md)."""
+
+    def __init__(self, message: str, *, reason: ProofFailure) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason

@@ -28,12 +28,16 @@ __all__ = [
     "GENESIS_HASH",
     "ChainHead",
     "ChainViolation",
+    "HashedEntry",
     "check_next",
     "check_subjects",
     "digest",
+    "entry_bytes",
     "entry_hash",
     "first_violation",
+    "leaf_bytes",
     "next_entry",
+    "parse_entry_bytes",
 ]
 
 DOMAIN_TAG = b"conclave.witness.v1\x00"
@@ -48,6 +52,39 @@ def digest(record: bytes) -> bytes:
     return hashlib.sha256(record).digest()
 
 
+def entry_bytes(
+    *,
+    sequence: int,
+    previous_hash: bytes,
+    subject_type: str,
+    subject_event_id: str,
+    subject_digest: bytes,
+    recorded_at: int,
+) -> bytes:
+    """The exact bytes that ``entry_hash`` covers (docs/witness.md, "The hashing rule").
+
+    They are also the entry's leaf in the Merkle tree: one byte string serves the chain
+    and the tree, and a third party holding it can read every hashed field back
+    (:func:`parse_entry_bytes`)."""
+    if len(previous_hash) != 32 or len(subject_digest) != 32:
+        raise ValueError("previous_hash and subject_digest must be 32 bytes")
+    kind = subject_type.encode()
+    subject = subject_event_id.encode()
+    return b"".join(
+        (
+            DOMAIN_TAG,
+            _U64.pack(sequence),
+            previous_hash,
+            _U32.pack(len(kind)),
+            kind,
+            _U32.pack(len(subject)),
+            subject,
+            subject_digest,
+            _I64.pack(recorded_at),
+        )
+    )
+
+
 def entry_hash(
     *,
     sequence: int,
@@ -58,20 +95,88 @@ def entry_hash(
     recorded_at: int,
 ) -> bytes:
     """The hash of one witness entry, covering the previous entry's hash."""
-    if len(previous_hash) != 32 or len(subject_digest) != 32:
-        raise ValueError("previous_hash and subject_digest must be 32 bytes")
-    kind = subject_type.encode()
-    subject = subject_event_id.encode()
-    h = hashlib.sha256(DOMAIN_TAG)
-    h.update(_U64.pack(sequence))
-    h.update(previous_hash)
-    h.update(_U32.pack(len(kind)))
-    h.update(kind)
-    h.update(_U32.pack(len(subject)))
-    h.update(subject)
-    h.update(subject_digest)
-    h.update(_I64.pack(recorded_at))
-    return h.digest()
+    return hashlib.sha256(
+        entry_bytes(
+            sequence=sequence,
+            previous_hash=previous_hash,
+            subject_type=subject_type,
+            subject_event_id=subject_event_id,
+            subject_digest=subject_digest,
+            recorded_at=recorded_at,
+        )
+    ).digest()
+
+
+def leaf_bytes(entry: WitnessEntry) -> bytes:
+    """``entry``'s hashed bytes: its leaf in the Merkle tree (docs/witness.md)."""
+    return entry_bytes(
+        sequence=entry.sequence,
+        previous_hash=entry.previous_hash,
+        subject_type=entry.subject_type,
+        subject_event_id=entry.subject_event_id,
+        subject_digest=entry.subject_digest,
+        recorded_at=entry.recorded_at,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HashedEntry:
+    """The hashed fields of an entry, read back from its bytes; enough to recompute its
+    ``entry_hash`` and to say which event it witnessed."""
+
+    sequence: int
+    previous_hash: bytes
+    subject_type: str
+    subject_event_id: str
+    subject_digest: bytes
+    recorded_at: int
+
+    @property
+    def entry_hash(self) -> bytes:
+        return entry_hash(
+            sequence=self.sequence,
+            previous_hash=self.previous_hash,
+            subject_type=self.subject_type,
+            subject_event_id=self.subject_event_id,
+            subject_digest=self.subject_digest,
+            recorded_at=self.recorded_at,
+        )
+
+
+def parse_entry_bytes(data: bytes) -> HashedEntry:
+    """Read the hashed fields back from an entry's bytes; ``ValueError`` unless ``data``
+    is exactly one well-formed encoding (so one entry has one byte string)."""
+    at = 0
+
+    def take(size: int) -> bytes:
+        nonlocal at
+        part = data[at : at + size]
+        if len(part) != size:
+            raise ValueError("entry bytes are truncated")
+        at += size
+        return part
+
+    if take(len(DOMAIN_TAG)) != DOMAIN_TAG:
+        raise ValueError("entry bytes do not start with the conclave.witness.v1 tag")
+    (sequence,) = _U64.unpack(take(8))
+    previous_hash = take(32)
+    kind = take(_U32.unpack(take(4))[0])
+    subject = take(_U32.unpack(take(4))[0])
+    subject_digest = take(32)
+    (recorded_at,) = _I64.unpack(take(8))
+    if at != len(data):
+        raise ValueError("entry bytes have trailing bytes")
+    try:
+        return HashedEntry(
+            sequence=sequence,
+            previous_hash=previous_hash,
+            subject_type=kind.decode(),
+            subject_event_id=subject.decode(),
+            subject_digest=subject_digest,
+            recorded_at=recorded_at,
+        )
+    except UnicodeDecodeError:
+        raise ValueError("entry bytes hold text that is not UTF-8") from None
 
 
 @dataclass(frozen=True, slots=True)
