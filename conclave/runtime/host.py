@@ -343,9 +343,7 @@ class RuntimeHost:
             span.set_attribute("conclave.agent_id", event.agent_id)
             started = time.perf_counter()
             try:
-                content = _checked(
-                    await asyncio.wait_for(self.agent(ctx), self._task_timeout_s)
-                )
+                content = _checked(await asyncio.wait_for(self.agent(ctx), self._task_timeout_s))
             except Exception as exc:  # any agent error is reported, with attribution
                 outcome: AgentOutput | TaskFailed = TaskFailed(
                     task_id=event.task_id,
