@@ -130,28 +130,26 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
             {"demo": os.getpid(), **{n: c.pid for n, c in processes.children.items()}}
         )
         background.append(asyncio.create_task(memory.run()))
-        await asyncio.gather(processes.ready("worker"), processes.ready("runtime"))
-        await projector.start()
-        background.append(asyncio.create_task(projector.run(stop_projecting)))
-        await _wait_for_agents(db, agent_ids, config.timeout_s)
-
-        async with Client(settings, producer_name="demo") as client:
-            started = time.time()
-            deliberation_id = await client.deliberate(
-                config.motion,
-                agent_ids=agent_ids,
-                pool=pool_name,
-                deliberation_id=f"demo-{run}",
-            )
-            visible_at: dict[str, float] = {}
-            finished = await _wait_until_done(
-                db, projector, deliberation_id, config, progress, visible_at
-            )
-        end_to_end_ms = (finished - started) * 1000
-        stop_projecting.set()
-        await asyncio.wait_for(background.pop(), timeout=10)
-        await projector.catch_up()  # the report reads statuses too, not only outputs
-        report = await _report(db, deliberation_id, config, started, end_to_end_ms, visible_at)
+        stage = ["starting"]
+        try:
+            async with asyncio.timeout(2 * config.timeout_s):
+                report = await _conduct(
+                    settings,
+                    config,
+                    db,
+                    processes,
+                    projector,
+                    stop_projecting,
+                    background,
+                    run=run,
+                    agent_ids=agent_ids,
+                    progress=progress,
+                    stage=stage,
+                )
+        except TimeoutError:
+            raise StackError(
+                f"demo did not finish within {2 * config.timeout_s:.0f} s (stuck {stage[0]})"
+            ) from None
     except BaseException:
         processes.print_last_lines()  # what the worker and the runtime said before it failed
         raise
@@ -175,6 +173,47 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
             )
     report.chain_ok = not report.chain_problems
     return report
+
+
+async def _conduct(
+    settings: Settings,
+    config: DemoConfig,
+    db: asyncpg.Pool,
+    processes: ChildProcesses,
+    projector: Projector,
+    stop_projecting: asyncio.Event,
+    background: list[asyncio.Task[None]],
+    *,
+    run: str,
+    agent_ids: list[str],
+    progress: bool,
+    stage: list[str],
+) -> DemoReport:
+    """The demo's steps once its processes are spawned; ``stage[0]`` says which one is
+    under way (for the message when the whole does not finish in time)."""
+    stage[0] = "starting the worker and the runtime host"
+    await asyncio.gather(processes.ready("worker"), processes.ready("runtime"))
+    stage[0] = "starting the projector"
+    await projector.start()
+    background.append(asyncio.create_task(projector.run(stop_projecting)))
+    stage[0] = "waiting for the agents to register"
+    await _wait_for_agents(db, agent_ids, config.timeout_s)
+    stage[0] = "deliberating"
+    async with Client(settings, producer_name="demo") as client:
+        started = time.time()
+        deliberation_id = await client.deliberate(
+            config.motion, agent_ids=agent_ids, pool=f"demo-{run}", deliberation_id=f"demo-{run}"
+        )
+        visible_at: dict[str, float] = {}
+        finished = await _wait_until_done(
+            db, projector, deliberation_id, config, progress, visible_at
+        )
+    end_to_end_ms = (finished - started) * 1000
+    stop_projecting.set()
+    await asyncio.wait_for(background.pop(), timeout=10)
+    stage[0] = "folding the last records"
+    await projector.catch_up()  # the report reads statuses too, not only outputs
+    return await _report(db, deliberation_id, config, started, end_to_end_ms, visible_at)
 
 
 async def _wait_for_agents(db: asyncpg.Pool, agent_ids: list[str], timeout_s: float) -> None:
