@@ -3,9 +3,10 @@
 One shard per pool partition (see :func:`conclave.topics.pool_partition`): shard ``i``
 consumes partition ``i`` of the four command topics and of the agents topic, plus the
 control topic (halt/resume) and the witness entries of its own tasks, and appends
-queued / dispatched / completed / dead-lettered events to partition ``i`` of the tasks
-topic. A pool lives in exactly one shard, so its capacity is exact however many workers
-run the shards.
+queued / dispatched / stalled / completed / dead-lettered (and agent-reinstated) events
+to partition ``i`` of the tasks topic; it also steps at the earliest answer deadline.
+A pool lives in exactly one shard, so its capacity is exact however many workers run
+the shards.
 
 Its state is a fold of its own output (the changelog) plus the agents and control
 records it consumed (state-only inputs); see :mod:`streams.core` for how it is

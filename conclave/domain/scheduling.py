@@ -32,6 +32,8 @@ Rules enforced here (each has a test):
   first; within one priority, arrival order.
 * Idempotence: a duplicate command or fact yields no events.
 * One task per agent at a time: an agent's context belongs to one task.
+* Deadlines: an attempt with no answer by its dispatch's deadline is stalled (the
+  attempt counts) and its agent gets no work until it registers again.
 """
 
 from __future__ import annotations
