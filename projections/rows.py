@@ -26,6 +26,7 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 from conclave.domain.events import (
+    TASKS_TOPIC_EVENTS,
     AgentOutput,
     AgentRegistered,
     AgentReinstated,
@@ -426,14 +427,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
     return {
         topics.agents: (AgentRegistered,),
         topics.heartbeats: (Heartbeat,),
-        topics.tasks: (
-            TaskQueued,
-            TaskDispatched,
-            TaskStalled,
-            AgentReinstated,
-            TaskCompleted,
-            TaskDeadLettered,
-        ),
+        topics.tasks: TASKS_TOPIC_EVENTS,
         topics.outputs: (AgentOutput, TaskFailed),
         topics.witness: (WitnessEntry,),
         topics.deadletter: (DeadLetterRecord,),

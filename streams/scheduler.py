@@ -24,6 +24,7 @@ from aiokafka import TopicPartition
 from conclave.bus import Outgoing, Position
 from conclave.domain import scheduling
 from conclave.domain.events import (
+    TASKS_TOPIC_EVENTS,
     AgentRegistered,
     AgentReinstated,
     DeliberationRequested,
@@ -35,7 +36,6 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDispatched,
     TaskQueued,
-    TaskStalled,
     TaskSubmitted,
     WitnessEntry,
 )
@@ -49,14 +49,7 @@ from streams.core import Emitter, Source
 
 __all__ = ["SchedulerShard"]
 
-_CHANGELOG = (
-    TaskQueued,
-    TaskDispatched,
-    TaskStalled,
-    AgentReinstated,
-    TaskCompleted,
-    TaskDeadLettered,
-)
+_CHANGELOG = TASKS_TOPIC_EVENTS
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 __all__ = [
+    "TASKS_TOPIC_EVENTS",
     "AgentOutput",
     "AgentRegistered",
     "AgentReinstated",
@@ -371,3 +372,13 @@ Event = (
     | Resume
     | WorkerBeat
 )
+
+TASKS_TOPIC_EVENTS = (
+    TaskQueued,
+    TaskDispatched,
+    TaskStalled,
+    AgentReinstated,
+    TaskCompleted,
+    TaskDeadLettered,
+)
+"""What the scheduler writes on the tasks topic (its changelog), in no particular order."""

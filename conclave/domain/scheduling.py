@@ -38,7 +38,6 @@ Rules enforced here (each has a test):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from itertools import takewhile
 
@@ -210,7 +209,12 @@ def _decide_witnessed(
 
 
 def _retry_or_give_up(
-    state: SchedulerState, task: TaskState, reason: str, witness_sequence: int | None
+    state: SchedulerState,
+    task: TaskState,
+    reason: str,
+    witness_sequence: int | None,
+    *,
+    sequence: int | None = None,
 ) -> TaskQueued | TaskDeadLettered:
     """After a failed attempt: back in the queue while attempts remain, else dead."""
     if task.attempt < task.max_attempts:
@@ -222,7 +226,7 @@ def _retry_or_give_up(
             agent_id=task.agent_id if task.targeted else None,
             max_attempts=task.max_attempts,
             deliberation_id=task.deliberation_id,
-            sequence=state.next_sequence,
+            sequence=state.next_sequence if sequence is None else sequence,
         )
     assert task.agent_id is not None  # a dispatched task has its agent
     return TaskDeadLettered(
@@ -257,12 +261,9 @@ def expire(state: SchedulerState, now: int) -> list[TaskStalled | TaskQueued | T
                 reason=reason,
             )
         )
-        retry = _retry_or_give_up(state, task, reason, None)
-        if isinstance(retry, TaskQueued):  # several retries in one call: distinct places
-            retry = dataclasses.replace(
-                retry, sequence=state.next_sequence + sum(isinstance(e, TaskQueued) for e in out)
-            )
-        out.append(retry)
+        # Several retries in one call: each its own place in the queue, in order.
+        place = state.next_sequence + sum(isinstance(e, TaskQueued) for e in out)
+        out.append(_retry_or_give_up(state, task, reason, None, sequence=place))
     return out
 
 

@@ -46,20 +46,18 @@ def read_verifier(value: str) -> VerifierKey:
     """A verifier key given as its text, or as the path of a file holding it."""
     path = Path(value)
     if "+" not in value or path.is_file():
-        try:
-            value = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise WitnessProofError(
-                f"cannot read verifier key {value}: {exc}", reason=ProofFailure.MALFORMED
-            ) from None
+        value = _read_key_file(path, "verifier key")
     return VerifierKey.parse(value)
 
 
 def read_signer(path: Path) -> SignerKey:
+    return SignerKey.parse(_read_key_file(path, "private key"))
+
+
+def _read_key_file(path: Path, what: str) -> str:
     try:
-        text = path.read_text()
+        return path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise WitnessProofError(
-            f"cannot read private key {path}: {exc}", reason=ProofFailure.MALFORMED
+            f"cannot read {what} {path}: {exc}", reason=ProofFailure.MALFORMED
         ) from None
-    return SignerKey.parse(text)
