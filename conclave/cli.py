@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conclave.cli_dev import dev_app
+from conclave.cli_tasks import dlq_app, list_tasks, task_app
 from conclave.cli_witness import witness_app
 from conclave.domain.events import Priority
 from conclave.errors import ConclaveError
@@ -40,11 +41,12 @@ app = typer.Typer(
 )
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 db_app = typer.Typer(help="PostgreSQL read models.", no_args_is_help=True)
-task_app = typer.Typer(help="Tasks: submit and inspect.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
 app.add_typer(task_app, name="task")
+app.add_typer(dlq_app, name="dlq")
+app.command("tasks")(list_tasks)
 app.add_typer(witness_app, name="witness")
 
 out = Console()
@@ -299,12 +301,25 @@ def submit(
     pool: str = typer.Option("default"),
     task_id: str | None = typer.Option(None, "--id", help="Idempotency: the same id runs once."),
     agent_id: str | None = typer.Option(None, "--agent", help="Run on this agent only."),
-    max_attempts: int = typer.Option(1, min=1),
+    max_attempts: int = typer.Option(1, min=1, help="Attempts before it is dead-lettered."),
+    retry_backoff: float = typer.Option(1.0, help="Seconds before the first retry (0: at once)."),
+    retry_multiplier: float = typer.Option(2.0, help="Each further retry waits this much longer."),
+    retry_backoff_max: float = typer.Option(60.0, help="No retry waits longer (seconds)."),
+    retry_jitter: float = typer.Option(0.2, help="Spread of each wait, 0 to 1."),
 ) -> None:
     """Submit a task; prints its id."""
     from conclave.client import Client
+    from conclave.domain.retry import RetryPolicy
 
     prio = _priority(priority)
+    retry = RetryPolicy(
+        backoff_ms=round(retry_backoff * 1000),
+        multiplier=retry_multiplier,
+        max_backoff_ms=round(retry_backoff_max * 1000),
+        jitter=retry_jitter,
+    )
+    if (reason := retry.invalid()) is not None:
+        raise typer.BadParameter(reason.replace("_ms", "").replace("_", "-"))
 
     async def go() -> str:
         async with Client(_settings()) as client:
@@ -315,6 +330,7 @@ def submit(
                 priority=prio,
                 agent_id=agent_id,
                 max_attempts=max_attempts,
+                retry=retry,
             )
 
     out.print(_run(go()))
@@ -344,42 +360,6 @@ def resume(reason: str = typer.Argument(...), operator: str = typer.Option("oper
 
     _run(go())
     out.print("resume sent")
-
-
-@task_app.command("show")
-def task_show(
-    task_id: str = typer.Argument(...),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-) -> None:
-    """Status, output (only once witnessed) and witness sequence of one task."""
-    from projections.database import connect
-    from projections.queries import get_task
-
-    async def go() -> Any:
-        pool = await connect(_settings())
-        try:
-            return await get_task(pool, task_id)
-        finally:
-            await pool.close()
-
-    view = _run(go())
-    if as_json:
-        out.print_json(json.dumps(dataclasses.asdict(view)))
-        return
-    table = Table(show_header=False, box=None)
-    table.add_row("task", view.task_id)
-    table.add_row("status", view.status)
-    table.add_row("pool / priority", f"{view.pool} / {view.priority}")
-    table.add_row("agent", view.agent_id or "-")
-    table.add_row("attempt", str(view.attempt))
-    if view.output is not None:
-        table.add_row("output", view.output.content)
-        table.add_row("witness sequence", str(view.output.witness_sequence))
-    for attempt, agent_id, error_type, message in view.failures:
-        table.add_row(f"failure (attempt {attempt})", f"{agent_id}: {error_type}: {message}")
-    if view.error:
-        table.add_row("error", view.error)
-    out.print(table)
 
 
 @witness_app.command("verify")

@@ -11,6 +11,7 @@ reads.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from opentelemetry import trace
 
 from conclave.bus import EventProducer, topics_for
 from conclave.domain.events import DeliberationRequested, Halt, Priority, Resume, TaskSubmitted
+from conclave.domain.retry import DEFAULT_RETRY, RetryPolicy
 from conclave.settings import Settings
 from conclave.topics import pool_partition
 from conclave.tracing import headers_for, tracer
@@ -54,17 +56,19 @@ class Client:
         priority: Priority = Priority.NORMAL,
         agent_id: str | None = None,
         max_attempts: int = 1,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        redrive_of: str | None = None,
     ) -> str:
-        """Submit one task; returns its id. Submitting the same id twice runs it once."""
+        """Submit one task; returns its id. Submitting the same id twice runs it once.
+
+        A failed attempt is retried while ``max_attempts`` allows, after the back-off of
+        ``retry`` (1 s, doubling, at most 60 s, +-20 % by default); ``ValueError`` for a
+        policy that makes no sense. ``redrive_of`` names the dead-lettered task this one
+        runs again (``conclave dlq redrive``)."""
         task_id = task_id or str(uuid.uuid4())
-        event = TaskSubmitted(
-            task_id=task_id,
-            pool=pool,
-            priority=priority,
-            input=input,
-            agent_id=agent_id,
-            max_attempts=max_attempts,
-        )
+        event = _submitted(task_id, input, pool, priority, agent_id, max_attempts, retry)
+        if redrive_of is not None:
+            event = dataclasses.replace(event, redrive_of=redrive_of)
         topic = self.topics.command(priority)
         with tracer().start_as_current_span("submit", kind=trace.SpanKind.PRODUCER) as span:
             span.set_attribute("conclave.task_id", task_id)
@@ -86,12 +90,15 @@ class Client:
         pool: str = "default",
         priority: Priority = Priority.NORMAL,
         max_attempts: int = 1,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> list[str]:
         """Submit one task per input, awaiting the broker's acknowledgements once per
         thousand rather than once per task; returns the task ids in order."""
         ids = list(task_ids) if task_ids is not None else [str(uuid.uuid4()) for _ in inputs]
         if len(ids) != len(inputs):
             raise ValueError("task_ids and inputs differ in length")
+        if (reason := retry.invalid()) is not None:
+            raise ValueError(reason)
         topic = self.topics.command(priority)
         partition = await self._partition(topic, pool)
         for start in range(0, len(ids), 1000):
@@ -99,13 +106,7 @@ class Client:
             for task_id, text in zip(
                 ids[start : start + 1000], inputs[start : start + 1000], strict=True
             ):
-                event = TaskSubmitted(
-                    task_id=task_id,
-                    pool=pool,
-                    priority=priority,
-                    input=text,
-                    max_attempts=max_attempts,
-                )
+                event = _submitted(task_id, text, pool, priority, None, max_attempts, retry)
                 with tracer().start_as_current_span("submit", kind=trace.SpanKind.PRODUCER):
                     _, record = self._producer.encode(
                         topic, partition, task_id, event, correlation_id=task_id
@@ -160,3 +161,28 @@ class Client:
         """Produce arbitrary bytes, ``None`` for a tombstone (tests and tooling: garbage must
         be dead-lettered); returns the offset."""
         return await self._producer.send_raw(topic, key, value, partition=partition)
+
+
+def _submitted(
+    task_id: str,
+    input: str,
+    pool: str,
+    priority: Priority,
+    agent_id: str | None,
+    max_attempts: int,
+    retry: RetryPolicy,
+) -> TaskSubmitted:
+    if (reason := retry.invalid()) is not None:
+        raise ValueError(reason)
+    return TaskSubmitted(
+        task_id=task_id,
+        pool=pool,
+        priority=priority,
+        input=input,
+        agent_id=agent_id,
+        max_attempts=max_attempts,
+        retry_backoff_ms=retry.backoff_ms,
+        retry_multiplier=retry.multiplier,
+        retry_backoff_max_ms=retry.max_backoff_ms,
+        retry_jitter=retry.jitter,
+    )

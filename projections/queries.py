@@ -15,10 +15,16 @@ from conclave.domain.events import WitnessEntry
 from conclave.errors import NotFound
 
 __all__ = [
+    "Failure",
     "OutputView",
+    "Page",
+    "TaskFilter",
+    "TaskSummary",
     "TaskView",
     "deliberation",
     "get_task",
+    "list_tasks",
+    "next_redrive_id",
     "visible_outputs",
     "witness_entries",
 ]
@@ -34,21 +40,79 @@ class OutputView:
 
 
 @dataclass(frozen=True, slots=True)
+class Failure:
+    """One failed attempt: the agent raised, timed out, or stalled (no answer in time)."""
+
+    attempt: int
+    agent_id: str
+    error_type: str
+    message: str
+    permanent: bool
+    failed_at: int
+
+
+@dataclass(frozen=True, slots=True)
 class TaskView:
     task_id: str
+    tenant: str
     status: str
     pool: str
     priority: str
+    input: str
     agent_id: str | None
     attempt: int
+    max_attempts: int
     deliberation_id: str | None
     error: str | None
     queued_at: int
     dispatched_at: int | None
     finished_at: int | None
+    next_attempt_at: int | None
+    redrive_of: str | None
     output: OutputView | None
-    failures: list[tuple[int, str, str, str]]
-    """(attempt, agent, error type, message) of every failed attempt, oldest first."""
+    failures: list[Failure]
+    """Every failed attempt, oldest first: the task's attempt history."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSummary:
+    """One line of a task listing."""
+
+    task_id: str
+    tenant: str
+    status: str
+    pool: str
+    priority: str
+    agent_id: str | None
+    attempt: int
+    max_attempts: int
+    error: str | None
+    queued_at: int
+    finished_at: int | None
+    next_attempt_at: int | None
+    redrive_of: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """Which tasks a listing shows; ``None`` matches anything."""
+
+    status: str | None = None
+    pool: str | None = None
+    priority: str | None = None
+    agent_id: str | None = None
+    tenant: str | None = None
+    since: int | None = None
+    """Queued at or after, µs since the epoch."""
+    until: int | None = None
+    """Queued before, µs since the epoch."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    tasks: list[TaskSummary]
+    cursor: str | None
+    """Pass it as ``after`` for the next page; ``None`` on the last page."""
 
 
 _VISIBLE_OUTPUT = """
@@ -65,27 +129,106 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
         _VISIBLE_OUTPUT + " WHERE o.task_id = $1 ORDER BY w.sequence DESC LIMIT 1", task_id
     )
     failures = await pool.fetch(
-        """SELECT attempt, agent_id, error_type, error_message FROM task_failures
-           WHERE task_id = $1 ORDER BY attempt""",
+        """SELECT attempt, agent_id, error_type, error_message, permanent, failed_at
+             FROM task_failures WHERE task_id = $1 ORDER BY attempt, failed_at""",
         task_id,
     )
     return TaskView(
         task_id=row["task_id"],
+        tenant=row["tenant"],
         status=row["status"],
         pool=row["pool"],
         priority=row["priority"],
+        input=row["input"],
         agent_id=row["agent_id"],
         attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
         deliberation_id=row["deliberation_id"],
         error=row["error"],
         queued_at=row["queued_at"],
         dispatched_at=row["dispatched_at"],
         finished_at=row["finished_at"],
+        next_attempt_at=row["next_attempt_at"],
+        redrive_of=row["redrive_of"],
         output=_output(outputs[0]) if outputs else None,
         failures=[
-            (f["attempt"], f["agent_id"], f["error_type"], f["error_message"]) for f in failures
+            Failure(
+                attempt=f["attempt"],
+                agent_id=f["agent_id"],
+                error_type=f["error_type"],
+                message=f["error_message"],
+                permanent=f["permanent"],
+                failed_at=f["failed_at"],
+            )
+            for f in failures
         ],
     )
+
+
+_SUMMARY_COLUMNS = tuple(TaskSummary.__dataclass_fields__)
+
+
+async def list_tasks(
+    pool: asyncpg.Pool,
+    where: TaskFilter = TaskFilter(),
+    *,
+    limit: int = 50,
+    after: str | None = None,
+) -> Page:
+    """Tasks matching ``where``, newest queued first (ties by id), ``limit`` per page.
+
+    Keyset pagination: ``after`` is the cursor of the previous page, so a page costs the
+    same however deep it is. A task that is retried moves up (its ``queued_at`` changes)."""
+    clauses: list[str] = []
+    args: list[object] = []
+
+    def arg(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    for column in ("status", "pool", "priority", "agent_id", "tenant"):
+        value = getattr(where, column)
+        if value is not None:
+            clauses.append(f"{column} = {arg(value)}")
+    if where.since is not None:
+        clauses.append(f"queued_at >= {arg(where.since)}")
+    if where.until is not None:
+        clauses.append(f"queued_at < {arg(where.until)}")
+    if after is not None:
+        queued_at, task_id = _parse_cursor(after)
+        clauses.append(f"(queued_at, task_id) < ({arg(queued_at)}, {arg(task_id)})")
+    sql = f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM tasks"
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += f" ORDER BY queued_at DESC, task_id DESC LIMIT {arg(limit + 1)}"
+    rows = await pool.fetch(sql, *args)
+    tasks = [TaskSummary(*r) for r in rows[:limit]]
+    last = tasks[-1] if len(rows) > limit else None
+    return Page(tasks, f"{last.queued_at}:{last.task_id}" if last is not None else None)
+
+
+def _parse_cursor(cursor: str) -> tuple[int, str]:
+    queued_at, sep, task_id = cursor.partition(":")
+    if not sep or not queued_at.isdigit():
+        raise ValueError(f"not a cursor of this listing: {cursor!r}")
+    return int(queued_at), task_id
+
+
+async def next_redrive_id(pool: asyncpg.Pool, task_id: str) -> str:
+    """The id under which a dead-lettered task runs again: ``<first id>~<n>``, one more
+    than any redrive of the same first task so far (a deliberation's ``d/agent`` becomes
+    ``d+agent~1``). Two operators redriving at once get
+    the same id, and the scheduler runs it once."""
+    root = task_id.rsplit("~", 1)[0] if _is_redrive(task_id) else task_id
+    root = root.replace("/", "+")  # a deliberation's task id; "/" is not for other ids
+    rows = await pool.fetch("SELECT task_id FROM tasks WHERE starts_with(task_id, $1)", root + "~")
+    taken = [int(r["task_id"].rsplit("~", 1)[1]) for r in rows if _is_redrive(r["task_id"])]
+    return f"{root}~{max(taken, default=0) + 1}"
+
+
+def _is_redrive(task_id: str) -> bool:
+    _, sep, n = task_id.rpartition("~")
+    return bool(sep) and n.isdigit()
 
 
 async def deliberation(pool: asyncpg.Pool, deliberation_id: str) -> list[TaskView]:

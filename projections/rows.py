@@ -41,6 +41,7 @@ from conclave.domain.events import (
     TaskDispatched,
     TaskFailed,
     TaskQueued,
+    TaskRetryScheduled,
     TaskStalled,
     WitnessEntry,
 )
@@ -79,7 +80,14 @@ class Consumed(Protocol):
         """``None`` for a null value (a tombstone), which is not the same as ``b""``."""
 
 
-TaskEvent = TaskQueued | TaskDispatched | TaskStalled | TaskCompleted | TaskDeadLettered
+TaskEvent = (
+    TaskQueued
+    | TaskDispatched
+    | TaskStalled
+    | TaskRetryScheduled
+    | TaskCompleted
+    | TaskDeadLettered
+)
 
 TERMINAL = frozenset({"completed", "dead_lettered"})
 """Task statuses that no later event changes: the first terminal event wins."""
@@ -123,6 +131,10 @@ class TaskRow:
     queued_at: int
     dispatched_at: int | None
     finished_at: int | None
+    next_attempt_at: int | None
+    """While ``retrying``: when the task is queued again, µs since the epoch."""
+    redrive_of: str | None
+    """The dead-lettered task this one runs again."""
 
 
 @dataclass(slots=True)
@@ -164,6 +176,8 @@ TASKS = _table(
         "queued_at": "bigint",
         "dispatched_at": "bigint",
         "finished_at": "bigint",
+        "next_attempt_at": "bigint",
+        "redrive_of": "text",
     },
     "task_id",
 )
@@ -206,6 +220,7 @@ TASK_FAILURES = Table(
         ("error_type", "text"),
         ("error_message", "text"),
         ("failed_at", "bigint"),
+        ("permanent", "boolean"),
     ),
 )
 WITNESS_ENTRIES = Table(
@@ -277,10 +292,13 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
                 queued_at=envelope.occurred_at,
                 dispatched_at=None,
                 finished_at=None,
+                next_attempt_at=None,
+                redrive_of=event.redrive_of,
             )
         if row.status not in TERMINAL:  # a retry: back in the queue
             row.status = "queued"
             row.queued_at = envelope.occurred_at
+            row.next_attempt_at = None
         return row
     if row is None or row.status in TERMINAL:
         return row
@@ -291,6 +309,10 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
         row.dispatched_at = envelope.occurred_at
     elif isinstance(event, TaskStalled):
         row.error = event.reason  # a retry or a dead letter follows
+    elif isinstance(event, TaskRetryScheduled):
+        row.status = "retrying"
+        row.error = event.reason
+        row.next_attempt_at = event.due
     elif isinstance(event, TaskCompleted):
         row.status = "completed"
         row.output_event_id = event.output_event_id
@@ -347,6 +369,7 @@ KEYED: Mapping[type[Any], tuple[Table, Callable[[Any], str], Fold]] = {
     TaskCompleted: (TASKS, attrgetter("task_id"), fold_task),
     TaskDeadLettered: (TASKS, attrgetter("task_id"), fold_task),
     TaskStalled: (TASKS, attrgetter("task_id"), fold_task),
+    TaskRetryScheduled: (TASKS, attrgetter("task_id"), fold_task),
     AgentRegistered: (AGENTS, attrgetter("agent_id"), fold_agent),
     AgentReinstated: (AGENTS, attrgetter("agent_id"), fold_agent),
     Heartbeat: (AGENTS, attrgetter("agent_id"), fold_agent),
@@ -382,6 +405,20 @@ APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
             e.error_type,
             e.error_message,
             env.occurred_at,
+            e.permanent,
+        ),
+    ),
+    TaskStalled: (  # a stalled attempt is a failed one too, in the attempt history
+        TASK_FAILURES,
+        lambda env, e: (
+            env.event_id,
+            e.task_id,
+            e.agent_id,
+            e.attempt,
+            "Stalled",
+            e.reason,
+            env.occurred_at,
+            False,
         ),
     ),
     WitnessEntry: (
@@ -416,7 +453,8 @@ APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
         ),
     ),
 }
-"""Events that add one row to an append-only table, and that row."""
+"""Events that add one row to an append-only table, and that row (a task's stall also
+changes its ``tasks`` row)."""
 
 PROJECTED = frozenset(KEYED) | frozenset(APPENDED)
 
@@ -456,9 +494,10 @@ class Changes:
             table, key, _ = keyed
             by_key = self.keyed.setdefault(table, {})
             by_key.setdefault(key(event), []).append((envelope, event))
-            return
-        table, row = APPENDED[type(event)]
-        self.appends.setdefault(table, []).append(row(envelope, event))
+        appended = APPENDED.get(type(event))
+        if appended is not None:
+            table, row = appended
+            self.appends.setdefault(table, []).append(row(envelope, event))
 
     def reject(self, record: Consumed, reason: str, error_type: str) -> None:
         """A record the projector cannot fold: kept in ``dead_letters`` with its bytes

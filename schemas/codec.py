@@ -43,6 +43,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.TaskQueued,
     ev.TaskDispatched,
     ev.TaskStalled,
+    ev.TaskRetryScheduled,
     ev.AgentReinstated,
     ev.AgentRegistered,
     ev.Heartbeat,

@@ -3,8 +3,9 @@
 One shard per pool partition (see :func:`conclave.topics.pool_partition`): shard ``i``
 consumes partition ``i`` of the four command topics and of the agents topic, plus the
 control topic (halt/resume) and the witness entries of its own tasks, and appends
-queued / dispatched / stalled / completed / dead-lettered (and agent-reinstated) events
-to partition ``i`` of the tasks topic; it also steps at the earliest answer deadline.
+queued / dispatched / stalled / retry-scheduled / completed / dead-lettered (and
+agent-reinstated) events to partition ``i`` of the tasks topic; it also steps at its
+earliest timer (an answer deadline, or the end of a retry's back-off).
 A pool lives in exactly one shard, so its capacity is exact however many workers run
 the shards.
 

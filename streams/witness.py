@@ -173,7 +173,7 @@ class WitnessShard:
 def _detail(event: Event) -> str:
     match event:
         case TaskFailed():
-            return event.error_type
+            return witness.failure_detail(event.error_type, permanent=event.permanent)
         case Halt() | Resume():
             return event.reason
         case _:

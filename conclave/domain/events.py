@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import ClassVar
 
+from conclave.domain.retry import DEFAULT_RETRY, RetryPolicy
+
 __all__ = [
     "TASKS_TOPIC_EVENTS",
     "AgentOutput",
@@ -34,6 +36,7 @@ __all__ = [
     "TaskDispatched",
     "TaskFailed",
     "TaskQueued",
+    "TaskRetryScheduled",
     "TaskStalled",
     "TaskSubmitted",
     "WitnessEntry",
@@ -124,6 +127,22 @@ class TaskSubmitted:
     """Run on this agent only; ``None`` lets the scheduler choose an idle agent of the pool."""
     max_attempts: int = 1
     """How many times the task may be dispatched before it is dead-lettered (schema v2)."""
+    retry_backoff_ms: int = DEFAULT_RETRY.backoff_ms
+    """Retry policy (schema v3), see :class:`conclave.domain.retry.RetryPolicy`."""
+    retry_multiplier: float = DEFAULT_RETRY.multiplier
+    retry_backoff_max_ms: int = DEFAULT_RETRY.max_backoff_ms
+    retry_jitter: float = DEFAULT_RETRY.jitter
+    redrive_of: str | None = None
+    """The dead-lettered task this one runs again, with a fresh attempt budget."""
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(
+            self.retry_backoff_ms,
+            self.retry_multiplier,
+            self.retry_backoff_max_ms,
+            self.retry_jitter,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +172,39 @@ class TaskQueued:
     deliberation_id: str | None
     sequence: int
     """The scheduler's arrival order; ties within one priority go to the lower sequence."""
+    retry_backoff_ms: int = DEFAULT_RETRY.backoff_ms
+    """The task's retry policy (schema v2), as submitted."""
+    retry_multiplier: float = DEFAULT_RETRY.multiplier
+    retry_backoff_max_ms: int = DEFAULT_RETRY.max_backoff_ms
+    retry_jitter: float = DEFAULT_RETRY.jitter
+    redrive_of: str | None = None
+    """The dead-lettered task this one runs again, with a fresh attempt budget."""
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(
+            self.retry_backoff_ms,
+            self.retry_multiplier,
+            self.retry_backoff_max_ms,
+            self.retry_jitter,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRetryScheduled:
+    """An attempt failed (transiently) or stalled, and attempts remain: the task waits
+    until ``due``, holding no agent and no capacity, then the scheduler queues it again
+    (``TaskQueued``). A due time in the log, not recomputed on replay."""
+
+    TYPE: ClassVar[str] = "task.retry_scheduled"
+    task_id: str
+    agent_id: str
+    """The agent of the attempt that failed."""
+    attempt: int
+    """The attempt that failed."""
+    due: int
+    """When the task is queued again, µs since the epoch."""
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -248,6 +300,9 @@ class TaskFailed:
     error_type: str
     error_message: str
     deliberation_id: str | None
+    permanent: bool = False
+    """Retrying cannot help (the agent raised ``PermanentFailure``, or its answer was
+    refused): the task is dead-lettered at once, whatever attempts remain (schema v2)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -359,6 +414,7 @@ Event = (
     | TaskQueued
     | TaskDispatched
     | TaskStalled
+    | TaskRetryScheduled
     | AgentReinstated
     | AgentRegistered
     | Heartbeat
@@ -377,6 +433,7 @@ TASKS_TOPIC_EVENTS = (
     TaskQueued,
     TaskDispatched,
     TaskStalled,
+    TaskRetryScheduled,
     AgentReinstated,
     TaskCompleted,
     TaskDeadLettered,

@@ -18,6 +18,7 @@ from typing import Any
 
 from conclave.domain.events import Priority
 from conclave.domain.ordered import Rank, RankedSet, Recent
+from conclave.domain.retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -34,12 +35,15 @@ __all__ = [
 
 DEFAULT_CAPACITY = 72
 DEFAULT_DEDUP_WINDOW = 100_000
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+"""2: tasks carry their retry policy; a task may wait out a retry back-off."""
 
 
 class TaskStatus(enum.Enum):
     QUEUED = "queued"
     DISPATCHED = "dispatched"
+    RETRYING = "retrying"
+    """Waiting out the back-off after a failed attempt: no agent, no capacity, a timer."""
     COMPLETED = "completed"
     DEAD_LETTERED = "dead_lettered"
 
@@ -50,7 +54,8 @@ class TaskStatus(enum.Enum):
 
 @dataclass(slots=True)
 class TaskState:
-    """A live task: queued or dispatched. Finished tasks are only in the dedup window."""
+    """A live task: queued, dispatched or retrying. Finished tasks are only in the dedup
+    window."""
 
     task_id: str
     pool: str
@@ -64,11 +69,24 @@ class TaskState:
     sequence: int
     status: TaskStatus = TaskStatus.QUEUED
     attempt: int = 0
+    retry_backoff_ms: int = DEFAULT_RETRY.backoff_ms
+    retry_multiplier: float = DEFAULT_RETRY.multiplier
+    retry_backoff_max_ms: int = DEFAULT_RETRY.max_backoff_ms
+    retry_jitter: float = DEFAULT_RETRY.jitter
 
     @property
     def rank(self) -> Rank:
         """Served in this order within a pool: priority, then arrival."""
         return (int(self.priority), self.sequence)
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(
+            self.retry_backoff_ms,
+            self.retry_multiplier,
+            self.retry_backoff_max_ms,
+            self.retry_jitter,
+        )
 
 
 @dataclass(slots=True)
@@ -117,7 +135,7 @@ class SchedulerState:
     halted: bool = False
     next_sequence: int = 1
     tasks: dict[str, TaskState] = field(default_factory=dict)
-    """Live tasks only: queued or dispatched."""
+    """Live tasks only: queued, dispatched or retrying."""
     agents: dict[str, AgentSlot] = field(default_factory=dict)
     assignments: dict[str, str] = field(default_factory=dict)
     """Agent id -> the dispatched task it works on. Kept apart from the agent registry
@@ -126,9 +144,9 @@ class SchedulerState:
     ready: set[str] = field(default_factory=set)
     """Pools where a dispatch is possible now (halt aside): all that schedule() reads."""
     timers: RankedSet = field(default_factory=RankedSet)
-    """Deadlines by key, ranked ``(due,)`` in µs since the epoch; rules that wait
-    (retry back-off, leases) add and discard them when they fold their events. Today:
-    the answer deadline of each dispatched task, keyed by task id."""
+    """Deadlines by task id, ranked ``(due,)`` in µs since the epoch, added and discarded
+    by the folds: the answer deadline of a dispatched attempt, or the end of a retrying
+    task's back-off (a task is never both)."""
     suspects: set[str] = field(default_factory=set)
     """Agents whose last attempt stalled: given no work until they register again."""
     finished: Recent[TaskStatus] = field(init=False)
@@ -256,6 +274,10 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
                 t.sequence,
                 t.status.value,
                 t.attempt,
+                t.retry_backoff_ms,
+                t.retry_multiplier,
+                t.retry_backoff_max_ms,
+                t.retry_jitter,
             ]
             for t in state.tasks.values()
         ],
@@ -293,7 +315,7 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
             state.tasks[task.task_id] = task
             if task.status is TaskStatus.DISPATCHED:
                 state.pool(task.pool).in_flight += 1
-            else:
+            elif task.status is TaskStatus.QUEUED:  # a retrying task is in no queue
                 target = task.agent_id if task.targeted else None
                 queues.setdefault((task.pool, target), []).append((task.rank, task.task_id))
         for (name, target), members in queues.items():

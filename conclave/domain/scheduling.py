@@ -21,8 +21,9 @@ submission is guaranteed within that window: a ``TaskSubmitted`` repeated after
 ``dedup_window`` more tasks have finished runs the task again.
 
 Time enters as ``now`` (microseconds since the epoch); nothing here reads a clock.
-Rules that wait (retry back-off, leases) will keep their deadlines in ``timers``;
-:func:`next_due` says when the caller must come back even without input.
+Rules that wait (answer deadlines, retry back-off) keep their due times in ``timers``;
+:func:`next_due` says when the caller must come back even without input, and
+:func:`expire` what the timers due at ``now`` imply.
 
 Rules enforced here (each has a test):
 
@@ -34,6 +35,9 @@ Rules enforced here (each has a test):
 * One task per agent at a time: an agent's context belongs to one task.
 * Deadlines: an attempt with no answer by its dispatch's deadline is stalled (the
   attempt counts) and its agent gets no work until it registers again.
+* Retries: a failed or stalled attempt with attempts left waits out its back-off
+  (:class:`~conclave.domain.retry.RetryPolicy`) holding no agent and no capacity, then
+  is queued again; a permanent failure is dead-lettered at once.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDispatched,
     TaskQueued,
+    TaskRetryScheduled,
     TaskStalled,
     TaskSubmitted,
     WitnessEntry,
@@ -68,6 +73,7 @@ from conclave.domain.scheduler_state import (
     from_snapshot,
     to_snapshot,
 )
+from conclave.domain.witness import is_permanent_failure
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -93,8 +99,16 @@ __all__ = [
 ]
 
 SchedulerEvent = (
-    TaskQueued | TaskDispatched | TaskStalled | AgentReinstated | TaskCompleted | TaskDeadLettered
+    TaskQueued
+    | TaskDispatched
+    | TaskStalled
+    | TaskRetryScheduled
+    | AgentReinstated
+    | TaskCompleted
+    | TaskDeadLettered
 )
+Outcome = TaskQueued | TaskRetryScheduled | TaskCompleted | TaskDeadLettered
+"""What a command or a witnessed fact may lead to."""
 
 
 def deliberation_task_id(deliberation_id: str, agent_id: str) -> str:
@@ -124,11 +138,9 @@ def decide(
     state: SchedulerState,
     cause: TaskSubmitted | DeliberationRequested | WitnessEntry,
     now: int,
-) -> list[TaskQueued | TaskCompleted | TaskDeadLettered]:
+) -> list[Outcome]:
     """Events that a command or a witnessed fact implies at ``now``; ``[]`` for duplicates.
-
-    No rule depends on ``now`` yet; it is an argument so that the ones that will
-    (deadlines, back-off) get time from the caller and replay the same way."""
+    ``now`` sets the due time of a retry."""
     if isinstance(cause, TaskSubmitted):
         if _known(state, cause.task_id):
             return []
@@ -142,6 +154,11 @@ def decide(
                 max_attempts=max(1, cause.max_attempts),
                 deliberation_id=None,
                 sequence=state.next_sequence,
+                retry_backoff_ms=cause.retry_backoff_ms,
+                retry_multiplier=cause.retry_multiplier,
+                retry_backoff_max_ms=cause.retry_backoff_max_ms,
+                retry_jitter=cause.retry_jitter,
+                redrive_of=cause.redrive_of,
             )
         ]
     if isinstance(cause, DeliberationRequested):
@@ -149,7 +166,7 @@ def decide(
             return []
         pool = state.pools.get(cause.pool)
         agent_ids = cause.agent_ids or sorted(pool.members if pool is not None else ())
-        queued: list[TaskQueued | TaskCompleted | TaskDeadLettered] = []
+        queued: list[Outcome] = []
         for agent_id in agent_ids:
             task_id = deliberation_task_id(cause.deliberation_id, agent_id)
             if _known(state, task_id):
@@ -167,7 +184,7 @@ def decide(
                 )
             )
         return queued
-    return _decide_witnessed(state, cause)
+    return _decide_witnessed(state, cause, now)
 
 
 def reinstate(state: SchedulerState, registration: AgentRegistered) -> list[AgentReinstated]:
@@ -184,9 +201,7 @@ def _known(state: SchedulerState, task_id: str) -> bool:
     return task_id in state.tasks or task_id in state.finished
 
 
-def _decide_witnessed(
-    state: SchedulerState, entry: WitnessEntry
-) -> list[TaskQueued | TaskCompleted | TaskDeadLettered]:
+def _decide_witnessed(state: SchedulerState, entry: WitnessEntry, now: int) -> list[Outcome]:
     task = state.tasks.get(entry.task_id or "")
     if task is None or task.status is not TaskStatus.DISPATCHED or entry.agent_id != task.agent_id:
         return []
@@ -204,7 +219,10 @@ def _decide_witnessed(
             )
         ]
     if entry.subject_type == "task.failed":
-        return [_retry_or_give_up(state, task, entry.detail or "agent failed", entry.sequence)]
+        detail = entry.detail or "agent failed"
+        if is_permanent_failure(detail):
+            return [_dead(task, f"permanent failure: {detail}", entry.sequence)]
+        return [_retry_or_give_up(state, task, detail, entry.sequence, now)]
     return []
 
 
@@ -213,21 +231,46 @@ def _retry_or_give_up(
     task: TaskState,
     reason: str,
     witness_sequence: int | None,
+    now: int,
     *,
     sequence: int | None = None,
-) -> TaskQueued | TaskDeadLettered:
-    """After a failed attempt: back in the queue while attempts remain, else dead."""
-    if task.attempt < task.max_attempts:
-        return TaskQueued(
+) -> TaskQueued | TaskRetryScheduled | TaskDeadLettered:
+    """After a failed attempt: dead when no attempt remains; else back in the queue, at
+    once or (``TaskRetryScheduled``) after the back-off of its retry policy."""
+    if task.attempt >= task.max_attempts:
+        return _dead(task, reason, witness_sequence)
+    assert task.agent_id is not None  # a dispatched task has its agent
+    delay = task.retry.delay_us(task.task_id, task.attempt)
+    if delay > 0:
+        return TaskRetryScheduled(
             task_id=task.task_id,
-            pool=task.pool,
-            priority=task.priority,
-            input=task.input,
-            agent_id=task.agent_id if task.targeted else None,
-            max_attempts=task.max_attempts,
-            deliberation_id=task.deliberation_id,
-            sequence=state.next_sequence if sequence is None else sequence,
+            agent_id=task.agent_id,
+            attempt=task.attempt,
+            due=now + delay,
+            reason=reason,
         )
+    return _requeued(task, state.next_sequence if sequence is None else sequence)
+
+
+def _requeued(task: TaskState, sequence: int) -> TaskQueued:
+    """The task back in the queue for its next attempt, at the end of its priority."""
+    return TaskQueued(
+        task_id=task.task_id,
+        pool=task.pool,
+        priority=task.priority,
+        input=task.input,
+        agent_id=task.agent_id if task.targeted else None,
+        max_attempts=task.max_attempts,
+        deliberation_id=task.deliberation_id,
+        sequence=sequence,
+        retry_backoff_ms=task.retry_backoff_ms,
+        retry_multiplier=task.retry_multiplier,
+        retry_backoff_max_ms=task.retry_backoff_max_ms,
+        retry_jitter=task.retry_jitter,
+    )
+
+
+def _dead(task: TaskState, reason: str, witness_sequence: int | None) -> TaskDeadLettered:
     assert task.agent_id is not None  # a dispatched task has its agent
     return TaskDeadLettered(
         task_id=task.task_id,
@@ -238,16 +281,25 @@ def _retry_or_give_up(
     )
 
 
-def expire(state: SchedulerState, now: int) -> list[TaskStalled | TaskQueued | TaskDeadLettered]:
-    """Attempts whose answer deadline has passed at ``now``: each is stalled, then its
-    task retried or dead-lettered like a failed attempt. Pure: fold the events in order
-    (the retry numbers its queue place after the one before it).
+Expired = TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered
 
-    Each due attempt yields its pair of events; the caller folds them before the next
-    call, which is what removes the timers."""
-    out: list[TaskStalled | TaskQueued | TaskDeadLettered] = []
+
+def expire(state: SchedulerState, now: int) -> list[Expired]:
+    """What the timers due at ``now`` imply, earliest first. A dispatched attempt past its
+    answer deadline is stalled, then its task retried (at once or after its back-off) or
+    dead-lettered like a failed attempt: a pair of events. A retrying task whose back-off
+    is over is queued again. Pure: fold the events in order (each ``TaskQueued`` numbers
+    its queue place after the one before it); folding them removes the timers."""
+    out: list[Expired] = []
+
+    def place() -> int:  # several tasks queued in one call: each its own place, in order
+        return state.next_sequence + sum(isinstance(e, TaskQueued) for e in out)
+
     for task_id in due_timers(state, now):
         task = state.tasks.get(task_id)
+        if task is not None and task.status is TaskStatus.RETRYING:
+            out.append(_requeued(task, place()))
+            continue
         if task is None or task.status is not TaskStatus.DISPATCHED or task.agent_id is None:
             continue  # not a deadline a live attempt waits on (folding removes those)
         slot = state.agents.get(task.agent_id)
@@ -261,9 +313,7 @@ def expire(state: SchedulerState, now: int) -> list[TaskStalled | TaskQueued | T
                 reason=reason,
             )
         )
-        # Several retries in one call: each its own place in the queue, in order.
-        place = state.next_sequence + sum(isinstance(e, TaskQueued) for e in out)
-        out.append(_retry_or_give_up(state, task, reason, None, sequence=place))
+        out.append(_retry_or_give_up(state, task, reason, None, now, sequence=place()))
     return out
 
 
@@ -353,6 +403,8 @@ def evolve(
             _fold_dispatched(state, event)
         case TaskStalled():
             _fold_stalled(state, event)
+        case TaskRetryScheduled():
+            _fold_retry_scheduled(state, event)
         case AgentReinstated():
             state.suspects.discard(event.agent_id)
             state.place(event.agent_id)
@@ -386,14 +438,20 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
             max_attempts=event.max_attempts,
             deliberation_id=event.deliberation_id,
             sequence=event.sequence,
+            retry_backoff_ms=event.retry_backoff_ms,
+            retry_multiplier=event.retry_multiplier,
+            retry_backoff_max_ms=event.retry_backoff_max_ms,
+            retry_jitter=event.retry_jitter,
         )
         state.tasks[event.task_id] = task
         if event.deliberation_id is not None:
             state.deliberations.add(event.deliberation_id, None)
-    elif task.status is not TaskStatus.DISPATCHED:
+    elif task.status is TaskStatus.QUEUED:
         return  # a duplicate
-    else:  # a retry: back in the queue, keeping its attempts
-        state.release(task)
+    else:  # a retry, at once or after its back-off: back in the queue, keeping its attempts
+        if task.status is TaskStatus.DISPATCHED:
+            state.release(task)
+        state.timers.discard(task.task_id)
         task.status = TaskStatus.QUEUED
         task.sequence = event.sequence
         if not task.targeted:
@@ -430,12 +488,26 @@ def _fold_stalled(state: SchedulerState, event: TaskStalled) -> None:
         state.unplace(slot)
 
 
+def _fold_retry_scheduled(state: SchedulerState, event: TaskRetryScheduled) -> None:
+    """The attempt is over: its agent and capacity are free while the task waits."""
+    task = state.tasks.get(event.task_id)
+    if task is None or task.status is not TaskStatus.DISPATCHED or task.attempt != event.attempt:
+        return  # a duplicate, or about an attempt already dealt with
+    state.release(task)
+    task.status = TaskStatus.RETRYING
+    if not task.targeted:
+        task.agent_id = None
+    state.timers.add(task.task_id, (event.due,))
+
+
 def _fold_finished(state: SchedulerState, task_id: str, status: TaskStatus) -> None:
     task = state.tasks.pop(task_id, None)
     if task is None:
         return  # finished already, or never seen
     if task.status is TaskStatus.DISPATCHED:
         state.release(task)
+    elif task.status is TaskStatus.RETRYING:  # not something decide() yields yet
+        state.timers.discard(task_id)
     else:  # not something decide() yields, but the indexes must still agree
         state.unqueue(task)
     state.finished.add(task_id, status)

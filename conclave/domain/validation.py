@@ -23,7 +23,9 @@ def invalid_command(event: Event) -> str | None:
                 return "input must not contain NUL characters"
             if event.max_attempts < 1:
                 return "max_attempts must be at least 1"
-            return None
+            if event.redrive_of is not None and (reason := _bad_id("redrive_of", event.redrive_of)):
+                return reason
+            return event.retry.invalid()
         case DeliberationRequested():
             if (reason := _bad_id("deliberation_id", event.deliberation_id)) is not None:
                 return reason

@@ -34,7 +34,9 @@ __all__ = [
     "digest",
     "entry_bytes",
     "entry_hash",
+    "failure_detail",
     "first_violation",
+    "is_permanent_failure",
     "leaf_bytes",
     "next_entry",
     "parse_entry_bytes",
@@ -45,6 +47,19 @@ GENESIS_HASH = bytes(32)
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _I64 = struct.Struct(">q")
+
+
+PERMANENT_MARK = " (permanent)"
+
+
+def failure_detail(error_type: str, *, permanent: bool) -> str:
+    """The ``detail`` of a ``task.failed`` entry: the error type, marked when the agent
+    said retrying cannot help. The scheduler decides a retry from the entry alone."""
+    return error_type + PERMANENT_MARK if permanent else error_type
+
+
+def is_permanent_failure(detail: str) -> bool:
+    return detail.endswith(PERMANENT_MARK)
 
 
 def digest(record: bytes) -> bytes:

@@ -17,7 +17,15 @@ from typing import Any
 
 from conclave.errors import AgentLoadError
 
-__all__ = ["AgentContext", "AgentFn", "SimulatedAgent", "SimulatedFailure", "load_agent"]
+__all__ = [
+    "AgentContext",
+    "AgentFn",
+    "PermanentFailure",
+    "SimulatedAgent",
+    "SimulatedFailure",
+    "TransientFailure",
+    "load_agent",
+]
 
 
 @dataclass(slots=True)
@@ -34,6 +42,17 @@ class AgentContext:
 
 
 AgentFn = Callable[[AgentContext], Awaitable[str]]
+
+
+class PermanentFailure(Exception):
+    """Raised by an agent when retrying cannot help (bad input, a refusal): the task is
+    dead-lettered at once, whatever attempts it has left."""
+
+
+class TransientFailure(Exception):
+    """Raised by an agent when another attempt may succeed (a rate limit, an outage): the
+    task is retried after its back-off while attempts remain. Any other exception, and a
+    timeout, counts as transient too; raise this one to say so explicitly."""
 
 
 class SimulatedFailure(RuntimeError):

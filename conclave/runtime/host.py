@@ -47,7 +47,7 @@ from conclave.domain.events import (
 from conclave.errors import BrokerUnavailable, SchemaError
 from conclave.outage import Backoff, Outage
 from conclave.records import Record
-from conclave.runtime.agents import AgentContext, AgentFn
+from conclave.runtime.agents import AgentContext, AgentFn, PermanentFailure
 from conclave.settings import Settings
 from conclave.topics import HOST_HEADER, pool_partition
 from conclave.tracing import hop
@@ -62,8 +62,9 @@ _MAX_DONE_LISTED = 400
 """Answered dispatches above the committed position listed in the offset metadata."""
 
 
-class OutputRejected(ValueError):
-    """An agent's answer that cannot be recorded: not text, or too large."""
+class OutputRejected(PermanentFailure):
+    """An agent's answer that cannot be recorded: not text, or too large. Permanent: the
+    same agent would answer the same way again."""
 
 
 def _checked(content: object) -> str:
@@ -345,13 +346,26 @@ class RuntimeHost:
             try:
                 content = _checked(await asyncio.wait_for(self.agent(ctx), self._task_timeout_s))
             except Exception as exc:  # any agent error is reported, with attribution
+                message = str(exc)
+                if isinstance(exc, TimeoutError) and not message:
+                    message = f"no answer within the task timeout of {self._task_timeout_s:g} s"
                 outcome: AgentOutput | TaskFailed = TaskFailed(
                     task_id=event.task_id,
                     agent_id=event.agent_id,
                     attempt=event.attempt,
                     error_type=type(exc).__name__,
-                    error_message=str(exc)[:2000],
+                    error_message=message[:2000],
                     deliberation_id=event.deliberation_id,
+                    permanent=isinstance(exc, PermanentFailure),
+                )
+                log.warning(
+                    "%s: task %s attempt %d failed on %s: %s: %s",
+                    self.name,
+                    event.task_id,
+                    event.attempt,
+                    event.agent_id,
+                    type(exc).__name__,
+                    message[:200],
                 )
             else:
                 outcome = AgentOutput(

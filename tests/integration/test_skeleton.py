@@ -149,8 +149,12 @@ async def test_failing_agent_is_dead_lettered_with_attribution_after_retries(
         await eventually(lambda: _is(db, task_id, "dead_lettered"))
     view = await queries.get_task(db, task_id)
     assert view.attempt == 2
-    assert [(a, e) for a, _, e, _ in view.failures] == [(1, "RuntimeError"), (2, "RuntimeError")]
-    assert view.failures[0][3] == "model refused"
+    assert [(f.attempt, f.error_type) for f in view.failures] == [
+        (1, "RuntimeError"),
+        (2, "RuntimeError"),
+    ]
+    assert view.failures[0].message == "model refused"
+    assert not any(f.permanent for f in view.failures)
     assert view.output is None
     assert view.error == "RuntimeError"
 
@@ -238,8 +242,9 @@ async def test_answers_that_cannot_be_recorded_fail_with_attribution(system: Sys
         return 42 if ctx.input == "number" else "x" * 1_000_000  # type: ignore[return-value]
 
     async with system.running(1, odd):
-        number = await client.submit("number", pool=pool_name)
-        huge = await client.submit("huge", pool=pool_name)
+        # Permanent: the same agent would answer the same way, so attempts left are not used.
+        number = await client.submit("number", pool=pool_name, max_attempts=3)
+        huge = await client.submit("huge", pool=pool_name, max_attempts=3)
         for task_id in (number, huge):
             await eventually(lambda t=task_id: _is(db, t, "dead_lettered"))  # type: ignore[misc]
     for task_id, message in (
@@ -247,7 +252,10 @@ async def test_answers_that_cannot_be_recorded_fail_with_attribution(system: Sys
         (huge, "answer of 1000000 bytes exceeds 900000"),
     ):
         view = await queries.get_task(db, task_id)
-        assert view.failures == [(1, f"{pool_name}-agent-000", "OutputRejected", message)]
+        assert [
+            (f.attempt, f.agent_id, f.error_type, f.message, f.permanent) for f in view.failures
+        ] == [(1, f"{pool_name}-agent-000", "OutputRejected", message, True)]
+        assert view.error == "permanent failure: OutputRejected (permanent)"
 
 
 async def test_an_answer_with_a_nul_character_fails_with_attribution(system: System) -> None:
@@ -260,7 +268,7 @@ async def test_an_answer_with_a_nul_character_fails_with_attribution(system: Sys
         task_id = await client.submit("say it", pool=pool_name)
         await eventually(lambda: _is(db, task_id, "dead_lettered"))
     view = await queries.get_task(db, task_id)
-    assert view.failures == [
+    assert [(f.attempt, f.agent_id, f.error_type, f.message) for f in view.failures] == [
         (
             1,
             f"{pool_name}-agent-000",

@@ -201,6 +201,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
         return LONG
     if tp is bool:
         return st.booleans()
+    if tp is float:
+        return st.floats(allow_nan=False)
     if tp is bytes:
         return st.binary(max_size=40)
     if tp is ev.Priority:
@@ -264,14 +266,18 @@ def _simple(tp: Any) -> Any:
         return None
     if typing.get_origin(tp) is list:
         return ["a", "b"]
-    return {str: "x", int: 7, bool: True, bytes: b"\x00\xff", ev.Priority: ev.Priority.HIGH}[tp]
+    simple = {str: "x", int: 7, float: 1.5, bool: True, bytes: b"\x00\xff"}
+    return {**simple, ev.Priority: ev.Priority.HIGH}[tp]
 
 
-def test_registry_knows_both_task_submitted_versions() -> None:
+def test_registry_knows_every_task_submitted_version() -> None:
     versions = default_codec().registry.fingerprints()["conclave.events.TaskSubmitted"]
-    v1 = crc64_avro(canonical_form(full_schema(SCHEMA_DIR / "history/task_submitted.v1.avsc")))
-    v2 = crc64_avro(canonical_form(full_schema(SCHEMA_DIR / "task_submitted.avsc")))
-    assert versions == [v1.to_bytes(8, "little").hex(), v2.to_bytes(8, "little").hex()]
+    paths = ["history/task_submitted.v1.avsc", "history/task_submitted.v2.avsc"]
+    fingerprints = [
+        crc64_avro(canonical_form(full_schema(SCHEMA_DIR / path))).to_bytes(8, "little").hex()
+        for path in [*paths, "task_submitted.avsc"]
+    ]
+    assert versions == fingerprints
 
 
 @settings(max_examples=50)

@@ -41,11 +41,13 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDispatched,
     TaskQueued,
+    TaskRetryScheduled,
     TaskStalled,
     TaskSubmitted,
     WitnessEntry,
 )
 from conclave.domain.ordered import RankedSet, Recent
+from conclave.domain.retry import RetryPolicy
 from conclave.domain.scheduling import (
     DEFAULT_CAPACITY,
     DEFAULT_DEDUP_WINDOW,
@@ -73,12 +75,27 @@ POOLS = st.sampled_from(sorted(AGENTS_BY_POOL))
 PRIORITIES = st.sampled_from(Priority)
 
 Emitted = (
-    TaskQueued | TaskDispatched | TaskStalled | AgentReinstated | TaskCompleted | TaskDeadLettered
+    TaskQueued
+    | TaskDispatched
+    | TaskStalled
+    | TaskRetryScheduled
+    | AgentReinstated
+    | TaskCompleted
+    | TaskDeadLettered
 )
 TERMINAL = (TaskStatus.COMPLETED, TaskStatus.DEAD_LETTERED)
 Folded = Emitted | AgentRegistered | Halt | Resume
 ANSWER_US = 20_000
 """The harness's answer deadline: 20 commands' worth of its clock (1 ms each)."""
+
+RETRY_POLICIES = st.builds(
+    RetryPolicy,
+    backoff_ms=st.sampled_from([0, 1, 10, 50]),
+    multiplier=st.sampled_from([1.0, 3.0]),
+    max_backoff_ms=st.just(60),
+    jitter=st.sampled_from([0.0, 0.5]),
+)
+"""Back-offs of the order of the harness's clock (1 ms per command, 20 ms deadlines)."""
 
 
 def _better(a: TaskState, b: TaskState) -> bool:
@@ -112,6 +129,8 @@ class Harness:
         self.replica: SchedulerState | None = None
         """Restored from the last snapshot, it gets every later input; its outputs must
         be the live state's."""
+        self.retry_due: dict[str, int] = {}
+        """Task id -> when its pending retry may be dispatched, at the earliest."""
 
     def take_snapshot(self) -> None:
         snapshot, self.replica = _round_trip(self.state)
@@ -120,6 +139,15 @@ class Harness:
 
     def _fold(self, events: list[Any]) -> None:
         for event in events:
+            if isinstance(event, TaskRetryScheduled):
+                task = self.state.tasks[event.task_id]
+                delay = task.retry.delay_us(task.task_id, task.attempt)
+                assert event.due == self.now + delay > self.now
+                assert event.attempt == task.attempt < task.max_attempts
+                self.retry_due[event.task_id] = event.due
+            elif isinstance(event, TaskDispatched):
+                due = self.retry_due.pop(event.task_id, None)
+                assert due is None or self.now >= due, "a retry waits for its due time"
             evolve(self.state, event)
             if self.replica is not None:
                 evolve(self.replica, event)
@@ -172,27 +200,39 @@ class Harness:
         return self.schedule()
 
     def tick(self, elapsed_us: int) -> list[Emitted]:
-        """Time passes: attempts past their deadline are stalled, then the schedule."""
+        """Time passes: attempts past their deadline are stalled, retries whose back-off
+        is over are queued again, then the schedule."""
         self.now += elapsed_us
         state = self.state
-        due = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.DISPATCHED}
-        due &= set(due_timers(state, self.now))
+        due = set(due_timers(state, self.now))
+        running = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.DISPATCHED}
+        waiting = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.RETRYING}
         snapshot = copy.deepcopy(state)
         expired = expire(state, self.now)
         assert state == snapshot, "expire() must not change the state"
         if self.replica is not None:
             assert expire(self.replica, self.now) == expired
         stalled = [e for e in expired if isinstance(e, TaskStalled)]
-        assert {e.task_id for e in stalled} == due
-        for stall, then in zip(expired[::2], expired[1::2], strict=True):
-            assert isinstance(stall, TaskStalled)
-            assert isinstance(then, TaskQueued | TaskDeadLettered)
-            assert then.task_id == stall.task_id
+        assert {e.task_id for e in stalled} == due & running
+        events = iter(expired)
+        requeued = set()
+        for event in events:
+            if isinstance(event, TaskQueued):  # a back-off is over
+                assert event.task_id in waiting
+                requeued.add(event.task_id)
+                continue
+            assert isinstance(event, TaskStalled)
+            then = next(events)
+            assert isinstance(then, TaskQueued | TaskRetryScheduled | TaskDeadLettered)
+            assert then.task_id == event.task_id
             if isinstance(then, TaskDeadLettered):
                 assert then.witness_sequence is None
                 assert "stalled" in then.reason
+        assert requeued == due & waiting
+        queued = [e.sequence for e in expired if isinstance(e, TaskQueued)]
+        assert queued == list(range(state.next_sequence, state.next_sequence + len(queued)))
         self._fold(expired)
-        assert due_timers(self.state, self.now) == [], "folding the stalls ends their timers"
+        assert not set(due_timers(self.state, self.now)) & due, "folding ends the due timers"
         return [*expired, *self.schedule()]
 
     def register(
@@ -259,17 +299,21 @@ class Harness:
 
     def drive(self, failed: Any = lambda task: False) -> None:
         """Resume, register every agent and witness outcomes until nothing is live. A task
-        stuck for want of an agent in its pool (agents move) gets one moved there."""
+        stuck for want of an agent in its pool (agents move) gets one moved there; time
+        passes while every live task waits out a back-off."""
         if self.state.halted:
             self.resume()
         for agent_id in sorted(POOL_OF):
             if agent_id not in self.state.agents:
                 self.register(agent_id)
         for _ in range(1000):
+            queued = [t for t in self.state.tasks.values() if t.status is TaskStatus.QUEUED]
             if running := self.dispatched():
                 for task in running:
                     self.finish(task, failed=failed(task))
-            elif stuck := min(self.state.tasks.values(), key=lambda t: t.rank, default=None):
+            elif not queued and (due := next_due(self.state)) is not None:
+                self.tick(max(0, due - self.now))
+            elif stuck := min(queued, key=lambda t: t.rank, default=None):
                 movers = [stuck.agent_id or ""] if stuck.targeted else AGENTS_BY_POOL[stuck.pool]
                 for agent_id in movers:
                     self.register(agent_id, pool=stuck.pool)
@@ -417,6 +461,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self, task_id: str, pool: str, priority: Priority, max_attempts: int, data: st.DataObject
     ) -> None:
         agent_id = data.draw(st.none() | st.sampled_from(AGENTS_BY_POOL[pool]), label="target")
+        retry = data.draw(RETRY_POLICIES, label="retry")
         command = TaskSubmitted(
             task_id=task_id,
             pool=pool,
@@ -424,6 +469,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             input=task_id,
             agent_id=agent_id,
             max_attempts=max_attempts,
+            retry_backoff_ms=retry.backoff_ms,
+            retry_multiplier=retry.multiplier,
+            retry_backoff_max_ms=retry.max_backoff_ms,
+            retry_jitter=retry.jitter,
         )
         known = status_of(self.state, task_id) is not None
         sequence = self.state.next_sequence
@@ -443,6 +492,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_attempts=max_attempts,
             deliberation_id=None,
             sequence=sequence,
+            retry_backoff_ms=retry.backoff_ms,
+            retry_multiplier=retry.multiplier,
+            retry_backoff_max_ms=retry.max_backoff_ms,
+            retry_jitter=retry.jitter,
         )
         assert all(isinstance(e, TaskDispatched) for e in events[1:])
 
@@ -522,10 +575,13 @@ class SchedulerMachine(RuleBasedStateMachine):
                 output_event_id=entry.subject_event_id,
                 witness_sequence=entry.sequence,
             )
-        elif attempt < task.max_attempts:
+        elif attempt < task.max_attempts and task.retry_backoff_ms == 0:
             assert isinstance(first, TaskQueued)
             assert (first.task_id, first.sequence) == (task.task_id, sequence)
             assert first.agent_id == self.targets[task.task_id]
+        elif attempt < task.max_attempts:
+            assert isinstance(first, TaskRetryScheduled)
+            assert (first.task_id, first.attempt, first.reason) == (task.task_id, attempt, "Boom")
         else:
             assert first == TaskDeadLettered(
                 task_id=task.task_id,
@@ -556,7 +612,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         entry = data.draw(st.sampled_from(self.h.witnessed), label="redelivered")
         assert self.h.command(entry) == []
 
-    @precondition(lambda self: bool(self.h.dispatched()))
+    @precondition(lambda self: self.state.timers.first() is not None)
     @rule(elapsed=st.integers(0, 2 * ANSWER_US))
     def time_passes(self, elapsed: int) -> None:
         for event in self.h.tick(elapsed):
@@ -640,10 +696,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert entries == queued
 
     @invariant()
-    def every_dispatched_attempt_and_only_those_has_its_deadline(self) -> None:
-        assert sorted(key for _, key in self.state.timers) == [
-            t.task_id for t in self.h.dispatched()
-        ]
+    def every_dispatched_or_retrying_task_and_only_those_has_its_timer(self) -> None:
+        waiting = (TaskStatus.DISPATCHED, TaskStatus.RETRYING)
+        assert sorted(key for _, key in self.state.timers) == sorted(
+            t.task_id for t in self.state.tasks.values() if t.status in waiting
+        )
+        for task in self.state.tasks.values():
+            if task.status is TaskStatus.RETRYING:
+                assert self.state.timers.rank(task.task_id) == (self.h.retry_due[task.task_id],)
 
     @invariant()
     def an_agent_that_stalled_gets_no_work_until_it_registers_again(self) -> None:
@@ -729,13 +789,18 @@ TestScheduler = SchedulerMachine.TestCase
 # -- Focused examples and properties -------------------------------------------------------
 
 
+AT_ONCE = RetryPolicy(backoff_ms=0)
+
+
 def submit(
     task_id: str,
     pool: str = "p0",
     priority: Priority = Priority.NORMAL,
     agent_id: str | None = None,
     max_attempts: int = 1,
+    retry: RetryPolicy = AT_ONCE,
 ) -> TaskSubmitted:
+    """A submission; retries at once unless a retry policy is given."""
     return TaskSubmitted(
         task_id=task_id,
         pool=pool,
@@ -743,6 +808,10 @@ def submit(
         input=f"in {task_id}",
         agent_id=agent_id,
         max_attempts=max_attempts,
+        retry_backoff_ms=retry.backoff_ms,
+        retry_multiplier=retry.multiplier,
+        retry_backoff_max_ms=retry.max_backoff_ms,
+        retry_jitter=retry.jitter,
     )
 
 
@@ -903,6 +972,7 @@ def test_an_agent_that_stalled_works_again_once_registered_again() -> None:
             max_attempts=1,
             deliberation_id=None,
             sequence=3,
+            retry_backoff_ms=0,
         )
     ]
     dispatched = h.register("a0", host_id="h0-restarted")
@@ -924,6 +994,110 @@ def test_third_failure_of_three_attempts_dead_letters_with_attribution() -> None
     ]
     assert status_of(h.state, "t") is TaskStatus.DEAD_LETTERED
     assert h.command(entry) == []
+
+
+def test_a_failed_attempt_waits_out_its_backoff_without_holding_its_agent() -> None:
+    h = Harness()
+    h.register("a0")
+    policy = RetryPolicy(backoff_ms=100, multiplier=2.0, max_backoff_ms=150, jitter=0.0)
+    h.command(submit("t", max_attempts=4, retry=policy))
+    decided_at = h.now + 1000  # the harness's clock moves 1 ms per command
+    _, events = h.finish(h.state.tasks["t"], failed=True)
+    assert events == [
+        TaskRetryScheduled(
+            task_id="t", agent_id="a0", attempt=1, due=decided_at + 100_000, reason="Boom"
+        )
+    ]
+    assert isinstance(events[0], TaskRetryScheduled)
+    due = events[0].due
+    assert next_due(h.state) == due
+    other = h.command(submit("other"))  # the agent and the capacity are free meanwhile
+    assert [(d.task_id, d.agent_id) for d in other[1:]] == [("other", "a0")]
+    h.finish(h.state.tasks["other"], failed=False)
+    assert h.tick(due - 1 - h.now) == []  # not yet
+    requeued, dispatched = h.tick(1)
+    assert isinstance(requeued, TaskQueued)
+    assert requeued.task_id == "t"
+    assert isinstance(dispatched, TaskDispatched)
+    assert (dispatched.task_id, dispatched.attempt) == ("t", 2)
+    decided_at = h.now + 1000
+    _, events = h.finish(h.state.tasks["t"], failed=True)
+    assert events[0] == TaskRetryScheduled(
+        task_id="t", agent_id="a0", attempt=2, due=decided_at + 150_000, reason="Boom"
+    ), "200 ms capped at 150"
+    _, restored = _round_trip(h.state)  # the wait survives a restart
+    assert next_due(restored) == decided_at + 150_000
+    assert restored.tasks["t"].status is TaskStatus.RETRYING
+
+
+def test_a_permanent_failure_is_dead_lettered_at_once_whatever_attempts_remain() -> None:
+    h = Harness()
+    h.register("a0")
+    h.command(submit("t", max_attempts=5))
+    entry = h.entry("task.failed", "t", "a0", "OutputRejected (permanent)", attempt=1)
+    assert h.command(entry) == [
+        TaskDeadLettered(
+            task_id="t",
+            agent_id="a0",
+            attempts=1,
+            reason="permanent failure: OutputRejected (permanent)",
+            witness_sequence=entry.sequence,
+        )
+    ]
+
+
+def test_a_stalled_attempt_is_retried_after_its_backoff() -> None:
+    h = Harness()
+    h.register("a0")
+    h.register("a1")
+    h.command(submit("t", max_attempts=2, retry=RetryPolicy(backoff_ms=5, jitter=0.0)))
+    decided_at = h.now + ANSWER_US
+    stall, retry = h.tick(ANSWER_US)
+    assert isinstance(stall, TaskStalled)
+    assert retry == TaskRetryScheduled(
+        task_id="t", agent_id=stall.agent_id, attempt=1, due=decided_at + 5_000, reason=stall.reason
+    )
+    assert h.tick(decided_at + 4_999 - h.now) == []
+    requeued, dispatched = h.tick(1)
+    assert isinstance(requeued, TaskQueued)
+    assert isinstance(dispatched, TaskDispatched)
+    assert (dispatched.attempt, dispatched.agent_id) == (2, "a1"), "not on the stalled agent"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    policy=st.builds(
+        RetryPolicy,
+        backoff_ms=st.integers(0, 10_000),
+        multiplier=st.floats(1.0, 10.0),
+        max_backoff_ms=st.integers(10_000, 100_000),
+        jitter=st.floats(0.0, 1.0),
+    ),
+    task_id=st.text(max_size=8),
+    attempt=st.integers(1, 200),
+)
+def test_backoff_grows_to_its_cap_within_its_jitter(
+    policy: RetryPolicy, task_id: str, attempt: int
+) -> None:
+    assert policy.invalid() is None
+    delay = policy.delay_us(task_id, attempt)
+    assert delay == policy.delay_us(task_id, attempt), "deterministic: replays decide the same"
+    if policy.backoff_ms == 0:
+        assert delay == 0
+        return
+    base = min(policy.max_backoff_ms, policy.backoff_ms * policy.multiplier ** min(attempt - 1, 60))
+    assert base * 1000 * (1 - policy.jitter) - 1 <= delay <= base * 1000 * (1 + policy.jitter) + 1
+
+
+def test_retry_policies_that_make_no_sense_are_refused() -> None:
+    assert RetryPolicy(backoff_ms=-1).invalid() == "retry_backoff_ms must not be negative"
+    assert RetryPolicy(multiplier=0.5).invalid() == "retry_multiplier must be between 1 and 1000"
+    assert RetryPolicy(backoff_ms=5000, max_backoff_ms=10).invalid() == (
+        "retry_backoff_max_ms must be at least retry_backoff_ms"
+    )
+    assert RetryPolicy(jitter=1.5).invalid() == "retry_jitter must be between 0 and 1"
+    spread = {RetryPolicy(jitter=0.5).delay_us(f"t{i}", 1) for i in range(50)}
+    assert len(spread) > 40, "tasks that failed together come back spread out"
 
 
 @settings(max_examples=40, deadline=None)
@@ -1086,10 +1260,10 @@ def test_a_snapshot_is_versioned_and_anything_else_is_refused() -> None:
     h.command(submit("t0"))
     h.command(submit("t1", priority=Priority.HIGH, agent_id="a1"))
     snapshot, restored = _round_trip(h.state)
-    assert snapshot["version"] == SNAPSHOT_VERSION == 1
+    assert snapshot["version"] == SNAPSHOT_VERSION == 2
     assert_same_state(h.state, restored)
-    with pytest.raises(ValueError, match="version 2"):
-        from_snapshot({**snapshot, "version": 2})
+    with pytest.raises(ValueError, match="version 1"):
+        from_snapshot({**snapshot, "version": 1})  # before retry policies
     with pytest.raises(ValueError, match="not a scheduler snapshot"):
         from_snapshot({"version": SNAPSHOT_VERSION, "capacity": 72})
     with pytest.raises(ValueError, match="task fields"):

@@ -1,0 +1,321 @@
+"""``conclave tasks``, ``conclave task show`` and ``conclave dlq list|show|redrive``: the
+task schedule from the shell. Thin: the queries live in :mod:`projections.queries`, the
+commands in :class:`conclave.client.Client`. Tables by default, ``--json`` for scripts;
+every refusal is one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+import asyncpg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from conclave.domain.events import Priority
+from conclave.errors import ConclaveError
+from conclave.settings import Settings
+from projections.queries import Page, TaskFilter, TaskSummary, TaskView
+
+__all__ = ["dlq_app", "list_tasks", "task_app"]
+
+T = TypeVar("T")
+
+task_app = typer.Typer(help="One task: inspect it.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead-lettered tasks: list, inspect, run again.", no_args_is_help=True)
+
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+STATUSES = ("queued", "dispatched", "retrying", "completed", "dead_lettered")
+
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Limit = Annotated[int, typer.Option(min=1, max=10_000, help="At most this many rows.")]
+After = Annotated[
+    str | None, typer.Option(help="The cursor a previous page printed: the page after it.")
+]
+PoolOption = Annotated[str | None, typer.Option("--pool", help="Only this pool.")]
+
+
+def _query(run: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    from projections.database import connect
+
+    async def go() -> T:
+        pool = await connect(Settings.from_env())
+        try:
+            return await run(pool)
+        finally:
+            await pool.close()
+
+    try:
+        return asyncio.run(go())
+    except ValueError as exc:  # a cursor from elsewhere, a malformed argument
+        raise ConclaveError(str(exc)) from None
+
+
+def _when(us: int | None) -> str:
+    if us is None:
+        return "-"
+    return datetime.fromtimestamp(us / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _in(us: int | None) -> str:
+    """A due time as people read it: how far from now."""
+    if us is None:
+        return "-"
+    seconds = us / 1e6 - time.time()
+    return f"in {seconds:.1f} s" if seconds >= 0 else f"{-seconds:.1f} s ago"
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str) -> int:
+    """``15m``, ``2h``, ``1d`` (that long ago) or an ISO 8601 time (UTC unless it says
+    otherwise), as µs since the epoch."""
+    match = _RELATIVE.match(text.strip())
+    if match is not None:
+        return int((time.time() - float(match[1]) * _UNIT_S[match[2]]) * 1e6)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is neither a duration (15m, 2h, 1d) nor an ISO 8601 time"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1e6)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _summary_table(page: Page, *, dead: bool = False) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("task", "status", "pool", "priority", "agent", "attempts", "queued"):
+        table.add_column(column)
+    table.add_column("error" if dead else "next attempt / error", overflow="fold")
+    for t in page.tasks:
+        note = t.error or ""
+        if t.status == "retrying":
+            note = f"{_in(t.next_attempt_at)} ({t.error})"
+        table.add_row(
+            t.task_id,
+            t.status,
+            t.pool,
+            t.priority,
+            t.agent_id or "-",
+            f"{t.attempt}/{t.max_attempts}",
+            _when(t.queued_at),
+            note,
+        )
+    return table
+
+
+def _print_page(page: Page, as_json: bool, *, dead: bool = False) -> None:
+    if as_json:
+        _print_json({"tasks": [dataclasses.asdict(t) for t in page.tasks], "cursor": page.cursor})
+        return
+    if not page.tasks:
+        out.print("no tasks")
+        return
+    out.print(_summary_table(page, dead=dead))
+    if page.cursor is not None:
+        out.print(f"more: --after {page.cursor}")
+
+
+def list_tasks(
+    status: Annotated[
+        str | None, typer.Option(help=f"Only tasks with this status: {', '.join(STATUSES)}.")
+    ] = None,
+    pool: PoolOption = None,
+    priority: Annotated[
+        str | None, typer.Option(help="Only this priority: critical, high, normal, low.")
+    ] = None,
+    agent: Annotated[str | None, typer.Option(help="Only tasks run last by this agent.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's tasks.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Queued since: 15m, 2h, 1d or an ISO 8601 time.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Queued before (same forms).")] = None,
+    limit: Limit = 50,
+    after: After = None,
+    as_json: AsJson = False,
+) -> None:
+    """List tasks, newest first, with filters; a page at a time."""
+    from projections.queries import list_tasks as query
+
+    if status is not None and status not in STATUSES:
+        raise typer.BadParameter(f"status must be one of {', '.join(STATUSES)}")
+    try:
+        label = Priority.parse(priority).label if priority is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    where = TaskFilter(
+        status=status,
+        pool=pool,
+        priority=label,
+        agent_id=agent,
+        tenant=tenant,
+        since=parse_time(since) if since is not None else None,
+        until=parse_time(until) if until is not None else None,
+    )
+    page = _query(lambda db: query(db, where, limit=limit, after=after))
+    _print_page(page, as_json)
+
+
+@task_app.command("show")
+def task_show(
+    task_id: Annotated[str, typer.Argument()],
+    as_json: AsJson = False,
+) -> None:
+    """Status, output (only once witnessed), witness sequence and attempt history."""
+    from projections.queries import get_task
+
+    view = _query(lambda db: get_task(db, task_id))
+    if as_json:
+        _print_json(dataclasses.asdict(view))
+        return
+    out.print(_task_table(view))
+
+
+def _task_table(view: TaskView) -> Table:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("task", view.task_id)
+    table.add_row("status", view.status)
+    table.add_row("tenant", view.tenant)
+    table.add_row("pool / priority", f"{view.pool} / {view.priority}")
+    table.add_row("agent", view.agent_id or "-")
+    table.add_row("attempts", f"{view.attempt} of {view.max_attempts}")
+    table.add_row("queued", _when(view.queued_at))
+    if view.finished_at is not None:
+        table.add_row("finished", _when(view.finished_at))
+    if view.status == "retrying":
+        table.add_row(
+            "next attempt", f"{_when(view.next_attempt_at)} ({_in(view.next_attempt_at)})"
+        )
+    if view.redrive_of is not None:
+        table.add_row("redrive of", view.redrive_of)
+    if view.output is not None:
+        table.add_row("output", view.output.content)
+        table.add_row("witness sequence", str(view.output.witness_sequence))
+    for f in view.failures:
+        kind = "permanent" if f.permanent else "failed"
+        table.add_row(
+            f"attempt {f.attempt} {kind}",
+            f"{_when(f.failed_at)} {f.agent_id}: {f.error_type}: {f.message}",
+        )
+    if view.error:
+        table.add_row("error", view.error)
+    return table
+
+
+@dlq_app.command("list")
+def dlq_list(
+    pool: PoolOption = None, limit: Limit = 50, after: After = None, as_json: AsJson = False
+) -> None:
+    """Dead-lettered tasks, newest first."""
+    from projections.queries import list_tasks as query
+
+    where = TaskFilter(status="dead_lettered", pool=pool)
+    _print_page(_query(lambda db: query(db, where, limit=limit, after=after)), as_json, dead=True)
+
+
+@dlq_app.command("show")
+def dlq_show(task_id: Annotated[str, typer.Argument()], as_json: AsJson = False) -> None:
+    """One dead-lettered task with every attempt: agent, error, time."""
+    task_show(task_id, as_json)
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    task_ids: Annotated[list[str] | None, typer.Argument(help="Dead-lettered tasks.")] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Every dead-lettered task (with --pool: of it).")
+    ] = False,
+    pool: PoolOption = None,
+    max_attempts: Annotated[
+        int | None, typer.Option(min=1, help="Attempts of the new run (default: as before).")
+    ] = None,
+) -> None:
+    """Run dead-lettered tasks again, each as a new task ``<id>~<n>`` with a fresh attempt
+    budget, linked to the one it redrives; prints the new ids."""
+    if bool(task_ids) == all_:
+        raise typer.BadParameter("name dead-lettered tasks, or --all (not both)")
+    if pool is not None and not all_:
+        raise typer.BadParameter("--pool goes with --all")
+    redriven = _query(
+        lambda db: _redrive(db, task_ids or [], pool if all_ else None, all_, max_attempts)
+    )
+    for old, new in redriven:
+        out.print(f"{old} -> {new}")
+    err.print(f"redriven {len(redriven)} task(s)")
+
+
+async def _redrive(
+    db: asyncpg.Pool,
+    task_ids: list[str],
+    pool: str | None,
+    all_: bool,
+    max_attempts: int | None,
+) -> list[tuple[str, str]]:
+    from conclave.client import Client
+    from projections.queries import get_task, list_tasks, next_redrive_id
+
+    views: list[TaskView] = []
+    if all_:
+        after: str | None = None
+        while True:
+            page = await list_tasks(
+                db, TaskFilter(status="dead_lettered", pool=pool), limit=500, after=after
+            )
+            views += [
+                await get_task(db, t.task_id) for t in page.tasks if not await _redriven(db, t)
+            ]
+            if page.cursor is None:
+                break
+            after = page.cursor
+    else:
+        for task_id in task_ids:
+            view = await get_task(db, task_id)
+            if view.status != "dead_lettered":
+                raise ConclaveError(f"task {task_id!r} is {view.status}, not dead-lettered")
+            views.append(view)
+    redriven: list[tuple[str, str]] = []
+    settings = Settings.from_env()
+    for tenant in sorted({v.tenant for v in views}):
+        # The new task is the tenant's, like the one it runs again.
+        async with Client(
+            dataclasses.replace(settings, tenant=tenant), producer_name="dlq"
+        ) as client:
+            for view in (v for v in views if v.tenant == tenant):
+                new_id = await client.submit(
+                    view.input,
+                    task_id=await next_redrive_id(db, view.task_id),
+                    pool=view.pool,
+                    priority=Priority.parse(view.priority),
+                    # a deliberation's task is its agent's; any other runs on any agent
+                    agent_id=view.agent_id if view.deliberation_id is not None else None,
+                    max_attempts=max_attempts or view.max_attempts,
+                    redrive_of=view.task_id,
+                )
+                redriven.append((view.task_id, new_id))
+    return redriven
+
+
+async def _redriven(db: asyncpg.Pool, task: TaskSummary) -> bool:
+    """Whether a redrive of ``task`` exists already (``--all`` runs each once)."""
+    row = await db.fetchval("SELECT 1 FROM tasks WHERE redrive_of = $1 LIMIT 1", task.task_id)
+    return row is not None

@@ -1,0 +1,57 @@
+"""Retry policy: how long a task waits before its next attempt. Pure, stdlib only.
+
+The wait after failed attempt ``n`` is ``min(cap, initial * multiplier ** (n - 1))``,
+spread by up to ``jitter`` of itself either way. The spread is drawn from a hash of the
+task id and the attempt, not from a random generator: the scheduler decides the same
+due time however often the decision is replayed, and tasks that failed together (one
+outage) still come back spread out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_RETRY", "RetryPolicy"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """A task's retry policy; the defaults are those of Temporal's (1 s, x2, 60 s cap)."""
+
+    backoff_ms: int = 1000
+    """Wait before the first retry; 0 retries at once (and ignores the rest)."""
+    multiplier: float = 2.0
+    """Each further retry waits this many times longer than the one before."""
+    max_backoff_ms: int = 60_000
+    """No wait is longer than this, before jitter."""
+    jitter: float = 0.2
+    """Each wait is spread by up to this fraction of itself, either way (0 to 1)."""
+
+    def invalid(self) -> str | None:
+        """Why this policy cannot be used, or ``None``."""
+        if self.backoff_ms < 0:
+            return "retry_backoff_ms must not be negative"
+        if not 1.0 <= self.multiplier <= 1000.0:
+            return "retry_multiplier must be between 1 and 1000"
+        if self.max_backoff_ms < self.backoff_ms:
+            return "retry_backoff_max_ms must be at least retry_backoff_ms"
+        if not 0.0 <= self.jitter <= 1.0:
+            return "retry_jitter must be between 0 and 1"
+        return None
+
+    def delay_us(self, task_id: str, failed_attempt: int) -> int:
+        """Microseconds to wait after attempt ``failed_attempt`` (1, 2, ...) failed."""
+        if self.backoff_ms == 0:
+            return 0
+        try:
+            grown = self.backoff_ms * self.multiplier ** max(0, failed_attempt - 1)
+        except OverflowError:  # long past the cap
+            grown = float(self.max_backoff_ms)
+        base_ms = min(float(self.max_backoff_ms), grown)
+        seed = hashlib.sha256(f"{task_id}/{failed_attempt}".encode()).digest()
+        spread = int.from_bytes(seed[:8], "big") / 2**64 * 2.0 - 1.0  # in [-1, 1)
+        return max(0, round(base_ms * 1000.0 * (1.0 + self.jitter * spread)))
+
+
+DEFAULT_RETRY = RetryPolicy()
