@@ -20,6 +20,8 @@ from opentelemetry import trace
 from conclave.bus import EventProducer, topics_for
 from conclave.domain.events import DeliberationRequested, Halt, Priority, Resume, TaskSubmitted
 from conclave.domain.retry import DEFAULT_RETRY, RetryPolicy
+from conclave.domain.validation import invalid_command
+from conclave.errors import InvalidCommand
 from conclave.settings import Settings
 from conclave.topics import pool_partition
 from conclave.tracing import headers_for, tracer
@@ -62,13 +64,16 @@ class Client:
         """Submit one task; returns its id. Submitting the same id twice runs it once.
 
         A failed attempt is retried while ``max_attempts`` allows, after the back-off of
-        ``retry`` (1 s, doubling, at most 60 s, +-20 % by default); ``ValueError`` for a
-        policy that makes no sense. ``redrive_of`` names the dead-lettered task this one
-        runs again (``conclave dlq redrive``)."""
+        ``retry`` (1 s, doubling, at most 60 s, +-20 % by default). Anything the scheduler
+        would refuse (a bad id, a policy that makes no sense) raises
+        :class:`~conclave.errors.InvalidCommand`, a ``ValueError``, before it is sent.
+        ``redrive_of`` names the dead-lettered task this one runs again
+        (``conclave dlq redrive``)."""
         task_id = task_id or str(uuid.uuid4())
         event = _submitted(task_id, input, pool, priority, agent_id, max_attempts, retry)
         if redrive_of is not None:
             event = dataclasses.replace(event, redrive_of=redrive_of)
+        _check(event)
         topic = self.topics.command(priority)
         with tracer().start_as_current_span("submit", kind=trace.SpanKind.PRODUCER) as span:
             span.set_attribute("conclave.task_id", task_id)
@@ -97,8 +102,6 @@ class Client:
         ids = list(task_ids) if task_ids is not None else [str(uuid.uuid4()) for _ in inputs]
         if len(ids) != len(inputs):
             raise ValueError("task_ids and inputs differ in length")
-        if (reason := retry.invalid()) is not None:
-            raise ValueError(reason)
         topic = self.topics.command(priority)
         partition = await self._partition(topic, pool)
         for start in range(0, len(ids), 1000):
@@ -107,6 +110,7 @@ class Client:
                 ids[start : start + 1000], inputs[start : start + 1000], strict=True
             ):
                 event = _submitted(task_id, text, pool, priority, None, max_attempts, retry)
+                _check(event)
                 with tracer().start_as_current_span("submit", kind=trace.SpanKind.PRODUCER):
                     _, record = self._producer.encode(
                         topic, partition, task_id, event, correlation_id=task_id
@@ -133,6 +137,7 @@ class Client:
             motion=motion,
             agent_ids=list(agent_ids),
         )
+        _check(event)
         topic = self.topics.command(priority)
         with tracer().start_as_current_span("deliberate", kind=trace.SpanKind.PRODUCER):
             await self._producer.send(
@@ -172,8 +177,6 @@ def _submitted(
     max_attempts: int,
     retry: RetryPolicy,
 ) -> TaskSubmitted:
-    if (reason := retry.invalid()) is not None:
-        raise ValueError(reason)
     return TaskSubmitted(
         task_id=task_id,
         pool=pool,
@@ -186,3 +189,9 @@ def _submitted(
         retry_backoff_max_ms=retry.max_backoff_ms,
         retry_jitter=retry.jitter,
     )
+
+
+def _check(command: TaskSubmitted | DeliberationRequested) -> None:
+    """Refuse here, with the scheduler's own words, what the scheduler would reject."""
+    if (reason := invalid_command(command)) is not None:
+        raise InvalidCommand(reason)

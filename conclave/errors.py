@@ -79,6 +79,14 @@ class NotFound(ConclaveError):
     """A queried entity (task, agent, witness entry) does not exist."""
 
 
+class Rejected(NotFound):
+    """The command for a queried task was refused by the scheduler: there is no task."""
+
+
+class InvalidCommand(ConclaveError, ValueError):
+    """A command the scheduler would refuse, caught by the client before sending it."""
+
+
 class AgentLoadError(ConclaveError):
     """An agent reference ``module:function`` does not name an async callable."""
 

@@ -66,6 +66,7 @@ READ_MODEL_TABLES = (
     "agents",
     "system_events",
     "dead_letters",
+    "rejections",
     "projection_offsets",
 )
 

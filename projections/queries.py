@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from conclave.domain.events import WitnessEntry
-from conclave.errors import NotFound
+from conclave.errors import NotFound, Rejected
 
 __all__ = [
     "Failure",
@@ -124,6 +124,14 @@ _VISIBLE_OUTPUT = """
 async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
     row = await pool.fetchrow("SELECT * FROM tasks WHERE task_id = $1", task_id)
     if row is None:
+        reason = await pool.fetchval(
+            "SELECT reason FROM rejections WHERE subject_id = $1 AND command_type = $2"
+            " ORDER BY rejected_at LIMIT 1",
+            task_id,
+            "task.submitted",
+        )
+        if reason is not None:
+            raise Rejected(f"task {task_id!r} was rejected: {reason}")
         raise NotFound(f"no task {task_id!r}")
     outputs = await pool.fetch(
         _VISIBLE_OUTPUT + " WHERE o.task_id = $1 ORDER BY w.sequence DESC LIMIT 1", task_id

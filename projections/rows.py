@@ -30,6 +30,7 @@ from conclave.domain.events import (
     AgentOutput,
     AgentRegistered,
     AgentReinstated,
+    CommandRejected,
     DeadLetterRecord,
     Envelope,
     Event,
@@ -262,7 +263,18 @@ DEAD_LETTERS = Table(
         ("recorded_at", "bigint"),
     ),
 )
-APPENDS = (OUTPUTS, TASK_FAILURES, WITNESS_ENTRIES, SYSTEM_EVENTS, DEAD_LETTERS)
+REJECTIONS = Table(
+    "rejections",
+    (
+        ("command_event_id", "text"),
+        ("subject_id", "text"),
+        ("command_type", "text"),
+        ("reason", "text"),
+        ("tenant", "text"),
+        ("rejected_at", "bigint"),
+    ),
+)
+APPENDS = (OUTPUTS, TASK_FAILURES, WITNESS_ENTRIES, SYSTEM_EVENTS, DEAD_LETTERS, REJECTIONS)
 
 
 def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> TaskRow | None:
@@ -435,6 +447,17 @@ APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
             e.agent_id,
             e.detail,
             e.attempt,
+        ),
+    ),
+    CommandRejected: (
+        REJECTIONS,
+        lambda env, e: (
+            e.command_event_id,
+            e.subject_id,
+            e.command_type,
+            e.reason,
+            env.tenant,
+            env.occurred_at,
         ),
     ),
     Halt: (SYSTEM_EVENTS, _system),

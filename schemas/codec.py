@@ -44,6 +44,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.TaskDispatched,
     ev.TaskStalled,
     ev.TaskRetryScheduled,
+    ev.CommandRejected,
     ev.AgentReinstated,
     ev.AgentRegistered,
     ev.Heartbeat,

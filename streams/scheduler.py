@@ -16,6 +16,7 @@ recovered, and :mod:`conclave.domain.scheduling` for the rules.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +29,12 @@ from conclave.domain.events import (
     TASKS_TOPIC_EVENTS,
     AgentRegistered,
     AgentReinstated,
+    CommandRejected,
     DeliberationRequested,
     Envelope,
     Event,
     Halt,
+    Priority,
     Resume,
     TaskCompleted,
     TaskDeadLettered,
@@ -49,6 +52,8 @@ from conclave.tracing import TRACEPARENT, hop
 from streams.core import Emitter, Source
 
 __all__ = ["SchedulerShard"]
+
+log = logging.getLogger(__name__)
 
 _CHANGELOG = TASKS_TOPIC_EVENTS
 
@@ -91,6 +96,7 @@ class SchedulerShard:
         self.origins: dict[str, _Origin] = {}
         self._shard_header = b"%d" % index
         self._commands = set(topics.commands)
+        self._priority_of = {topics.command(p): p for p in Priority}
         # What each non-command input topic may carry (commands are checked by
         # invalid_command). Anything else is dead-lettered, not ignored.
         self.accepts: dict[str, tuple[type[Any], ...]] = {
@@ -162,6 +168,8 @@ class SchedulerShard:
                 self.emitter.dead_letter(record, reason=reason, error_type="InvalidEvent", now=0)
             ]
         assert isinstance(event, (*_CHANGELOG, AgentRegistered, Halt, Resume))
+        if isinstance(event, CommandRejected):
+            return []  # changes no state: the command never became a task
         scheduling.evolve(self.state, event)
         if isinstance(event, TaskQueued) and event.task_id not in self.origins:
             traceparent = dict(record.headers).get(TRACEPARENT)
@@ -182,6 +190,11 @@ class SchedulerShard:
             if decoded is None:
                 continue
             envelope, event = decoded
+            if isinstance(event, TaskSubmitted | DeliberationRequested) and (
+                refusal := self._refusal(record.topic, event)
+            ):
+                out.append(self._reject(envelope, event, refusal, now))
+                continue
             if (rejection := self._rejection(record.topic, event)) is not None:
                 reason, error_type = rejection
                 out.append(
@@ -245,6 +258,35 @@ class SchedulerShard:
             headers=headers,
             tenant=origin.tenant if origin is not None else None,
             correlation_id=origin.correlation_id if origin is not None else None,
+        )
+
+    def _refusal(self, topic: str, command: TaskSubmitted | DeliberationRequested) -> str | None:
+        """Why a well-formed command is refused, if it is. The topic decides the priority:
+        a command whose priority field says otherwise is refused, not re-ranked."""
+        if topic in self._priority_of and command.priority is not self._priority_of[topic]:
+            return (
+                f"priority {command.priority.label} does not match the topic it was sent on "
+                f"({topic}, {self._priority_of[topic].label})"
+            )
+        return invalid_command(command)
+
+    def _reject(
+        self,
+        cause: Envelope,
+        command: TaskSubmitted | DeliberationRequested,
+        reason: str,
+        now: int,
+    ) -> Outgoing:
+        subject = command.task_id if isinstance(command, TaskSubmitted) else command.deliberation_id
+        log.warning("%s rejected %s %r: %s", self.name, command.TYPE, subject[:200], reason)
+        rejected = CommandRejected(
+            command_type=command.TYPE,
+            subject_id=subject,
+            command_event_id=cause.event_id,
+            reason=reason,
+        )
+        return self.emitter.event(
+            self.topics.tasks, self.index, subject[:200], rejected, now=now, causation=cause
         )
 
     def _concerns_me(self, record: Record) -> bool:

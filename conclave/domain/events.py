@@ -23,6 +23,7 @@ __all__ = [
     "AgentOutput",
     "AgentRegistered",
     "AgentReinstated",
+    "CommandRejected",
     "DeadLetterRecord",
     "DeliberationRequested",
     "Envelope",
@@ -241,6 +242,22 @@ class TaskStalled:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CommandRejected:
+    """The scheduler refused a well-formed command: an invalid field, or a priority that
+    is not its topic's. Nothing else happened; ``conclave task show ID`` says why.
+    Written on the tasks topic, so the submitter finds it where the task would be."""
+
+    TYPE: ClassVar[str] = "command.rejected"
+    command_type: str
+    """``task.submitted`` or ``deliberation.requested``."""
+    subject_id: str
+    """The task or deliberation id, as given (possibly the invalid field itself)."""
+    command_event_id: str
+    """The rejected command's event id: a redelivered command is rejected once."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AgentReinstated:
     """An agent that had stalled registered again: the scheduler gives it work again.
     Written by the scheduler on the tasks topic, after its ``TaskStalled``, so that a
@@ -415,6 +432,7 @@ Event = (
     | TaskDispatched
     | TaskStalled
     | TaskRetryScheduled
+    | CommandRejected
     | AgentReinstated
     | AgentRegistered
     | Heartbeat
@@ -437,5 +455,6 @@ TASKS_TOPIC_EVENTS = (
     AgentReinstated,
     TaskCompleted,
     TaskDeadLettered,
+    CommandRejected,
 )
 """What the scheduler writes on the tasks topic (its changelog), in no particular order."""

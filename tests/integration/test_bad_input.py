@@ -3,6 +3,7 @@ processing goes on."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import asyncpg
@@ -73,6 +74,63 @@ def test_cli_mistakes_are_one_line_and_non_zero(settings: Settings) -> None:
     assert bad_priority.returncode == 2
     assert "unknown priority 'urgent'" in bad_priority.stderr
     assert "Traceback" not in bad_priority.stderr
+
+    bad_id = cli(settings, "submit", "x", "--id", "../x")
+    assert bad_id.returncode == 1
+    assert bad_id.stderr.strip() == "error: task_id must not contain '/'"
+    assert bad_id.stdout == "", "no id is printed for a task that will not exist"
+
+    bad_retry = cli(settings, "submit", "x", "--retry-jitter", "3")
+    assert bad_retry.returncode == 2
+    assert "retry-jitter must be between 0 and 1" in bad_retry.stderr
+
+
+async def test_a_command_the_scheduler_refuses_is_rejected_visibly_and_once(
+    system: System,
+) -> None:
+    """From a producer that skips the client's checks: the submitter still finds out why."""
+    db, client, pool_name = system.db, system.client, system.pool
+    codec = default_codec()
+    normal = client.topics.command(Priority.NORMAL)
+    partition = await client._partition(normal, pool_name)
+
+    def encoded(command: TaskSubmitted) -> bytes:
+        return codec.encode(client._producer.envelope(command), command)
+
+    zero = TaskSubmitted(
+        task_id=f"{pool_name}-zero", pool=pool_name, priority=Priority.NORMAL, input="x",
+        max_attempts=0,
+    )  # fmt: skip
+    urgent = TaskSubmitted(
+        task_id=f"{pool_name}-urgent", pool=pool_name, priority=Priority.CRITICAL, input="x"
+    )
+    zero_bytes = encoded(zero)
+    async with system.running(1):
+        for _ in range(2):  # a redelivered command is rejected once
+            await client.send_raw(normal, zero.task_id, zero_bytes, partition=partition)
+        await client.send_raw(normal, urgent.task_id, encoded(urgent), partition=partition)
+        await system.submit_visible("valid work goes on")
+
+    async def reasons() -> dict[str, str]:
+        rows = await db.fetch(
+            "SELECT subject_id, reason FROM rejections WHERE subject_id = ANY($1::text[])",
+            [zero.task_id, urgent.task_id],
+        )
+        return {r["subject_id"]: r["reason"] for r in rows} if len(rows) >= 2 else {}
+
+    found = await eventually(reasons)
+    assert (
+        await db.fetchval("SELECT count(*) FROM rejections WHERE subject_id = $1", zero.task_id)
+        == 1
+    )
+    assert found[zero.task_id] == "max_attempts must be at least 1"
+    assert found[urgent.task_id].startswith("priority critical does not match the topic")
+    shown = await asyncio.to_thread(cli, system.settings, "task", "show", zero.task_id)
+    assert shown.returncode == 1
+    assert shown.stderr.strip() == (
+        f"error: task '{zero.task_id}' was rejected: max_attempts must be at least 1"
+    )
+    assert await db.fetchval("SELECT count(*) FROM tasks WHERE task_id = $1", zero.task_id) == 0
 
 
 def test_cli_without_a_stack_says_so() -> None:
