@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conclave.cli_dev import dev_app
-from conclave.cli_tasks import dlq_app, list_tasks, task_app
+from conclave.cli_tasks import dlq_app, list_pools, list_tasks, task_app
 from conclave.cli_witness import witness_app
 from conclave.domain.events import Priority
 from conclave.errors import ConclaveError
@@ -47,6 +47,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(task_app, name="task")
 app.add_typer(dlq_app, name="dlq")
 app.command("tasks")(list_tasks)
+app.command("pools")(list_pools)
 app.add_typer(witness_app, name="witness")
 
 out = Console()

@@ -25,7 +25,7 @@ from conclave.errors import ConclaveError
 from conclave.settings import Settings
 from projections.queries import Page, TaskFilter, TaskSummary, TaskView
 
-__all__ = ["dlq_app", "list_tasks", "task_app"]
+__all__ = ["dlq_app", "list_pools", "list_tasks", "task_app"]
 
 T = TypeVar("T")
 
@@ -319,3 +319,33 @@ async def _redriven(db: asyncpg.Pool, task: TaskSummary) -> bool:
     """Whether a redrive of ``task`` exists already (``--all`` runs each once)."""
     row = await db.fetchval("SELECT 1 FROM tasks WHERE redrive_of = $1 LIMIT 1", task.task_id)
     return row is not None
+
+
+def list_pools(as_json: AsJson = False) -> None:
+    """Pools: agents, capacity, tasks in flight, queued per priority, retrying, finished."""
+    from projections.queries import list_pools as query
+
+    settings = Settings.from_env()
+    views = _query(query)
+    if as_json:
+        _print_json([{**dataclasses.asdict(v), "capacity": settings.pool_capacity} for v in views])
+        return
+    if not views:
+        out.print("no pools")
+        return
+    table = Table(box=None, header_style="bold")
+    columns = ["pool", "agents", "in flight / capacity", *(p.label for p in Priority)]
+    for column in [*columns, "retrying", "completed", "dead"]:
+        table.add_column(column, justify="left" if column == "pool" else "right")
+    for v in views:
+        table.add_row(
+            v.pool,
+            str(v.agents),
+            f"{v.in_flight} / {settings.pool_capacity}",
+            *(str(v.queued[p.label]) for p in Priority),
+            str(v.retrying),
+            str(v.completed),
+            str(v.dead_lettered),
+        )
+    out.print(table)
+    err.print("queued per priority; capacity as configured here (CONCLAVE_POOL_CAPACITY)")

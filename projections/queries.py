@@ -11,18 +11,20 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from conclave.domain.events import WitnessEntry
+from conclave.domain.events import Priority, WitnessEntry
 from conclave.errors import NotFound, Rejected
 
 __all__ = [
     "Failure",
     "OutputView",
     "Page",
+    "PoolView",
     "TaskFilter",
     "TaskSummary",
     "TaskView",
     "deliberation",
     "get_task",
+    "list_pools",
     "list_tasks",
     "next_redrive_id",
     "visible_outputs",
@@ -282,3 +284,51 @@ def _output(row: asyncpg.Record) -> OutputView:
         latency_us=row["latency_us"],
         witness_sequence=row["sequence"],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    """One pool at a glance: its agents and its tasks by state."""
+
+    pool: str
+    agents: int
+    """Agents registered in the pool."""
+    in_flight: int
+    """Dispatched, not finished: what counts against the pool's capacity."""
+    queued: dict[str, int]
+    """Priority label -> tasks waiting for capacity or an agent."""
+    retrying: int
+    """Tasks waiting out a retry back-off (holding no capacity)."""
+    completed: int
+    dead_lettered: int
+
+
+async def list_pools(pool: asyncpg.Pool) -> list[PoolView]:
+    """Every pool that has agents or tasks, by name."""
+    counts = await pool.fetch(
+        "SELECT pool, status, priority, count(*) AS n FROM tasks GROUP BY pool, status, priority"
+    )
+    agents = await pool.fetch(
+        "SELECT pool, count(*) AS n FROM agents WHERE pool IS NOT NULL GROUP BY pool"
+    )
+    names = sorted({r["pool"] for r in counts} | {r["pool"] for r in agents})
+    by_status: dict[tuple[str, str], int] = {}
+    queued: dict[str, dict[str, int]] = {name: {} for name in names}
+    for r in counts:
+        key = (r["pool"], r["status"])
+        by_status[key] = by_status.get(key, 0) + r["n"]
+        if r["status"] == "queued":
+            queued[r["pool"]][r["priority"]] = r["n"]
+    registered = {r["pool"]: r["n"] for r in agents}
+    return [
+        PoolView(
+            pool=name,
+            agents=registered.get(name, 0),
+            in_flight=by_status.get((name, "dispatched"), 0),
+            queued={p.label: queued[name].get(p.label, 0) for p in Priority},
+            retrying=by_status.get((name, "retrying"), 0),
+            completed=by_status.get((name, "completed"), 0),
+            dead_lettered=by_status.get((name, "dead_lettered"), 0),
+        )
+        for name in names
+    ]

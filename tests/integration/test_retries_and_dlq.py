@@ -4,11 +4,16 @@ embedded stack: the Python client, the processors and the ``conclave`` CLI a use
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import pytest
 
+from conclave.client import Client
+from conclave.domain.events import Priority
 from conclave.domain.retry import RetryPolicy
 from conclave.runtime.agents import AgentContext, TransientFailure
 from projections import queries
@@ -130,3 +135,44 @@ async def test_dead_letters_are_listed_shown_and_redriven_from_the_cli(system: S
     assert bad.returncode != 0
     assert "status must be one of" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+async def test_pools_show_queues_per_priority_and_tasks_keep_their_tenant(system: System) -> None:
+    settings, db, pool = system.settings, system.db, system.pool
+
+    async def pools() -> dict[str, Any]:
+        shown = await asyncio.to_thread(cli, settings, "pools", "--json")
+        assert shown.returncode == 0, shown.stderr
+        return next((p for p in json.loads(shown.stdout) if p["pool"] == pool), {})
+
+    async with Client(dataclasses.replace(settings, tenant="acme"), producer_name="acme") as acme:
+        ids = [
+            await acme.submit("n1", pool=pool),
+            await acme.submit("n2", pool=pool),
+            await acme.submit("h1", pool=pool, priority=Priority.HIGH),
+        ]
+        waiting = await eventually(
+            lambda: _matching(pools(), lambda p: sum(p.get("queued", {}).values()) == 3)
+        )
+        assert waiting["queued"] == {"critical": 0, "high": 1, "normal": 2, "low": 0}
+        assert (waiting["agents"], waiting["in_flight"]) == (0, 0)
+        assert waiting["capacity"] == settings.pool_capacity
+        async with system.running(1):
+            for task_id in ids:
+                await eventually(lambda t=task_id: _is(db, t, "completed"))  # type: ignore[misc]
+            done = await eventually(lambda: _matching(pools(), lambda p: p["completed"] == 3))
+            assert (done["agents"], sum(done["queued"].values())) == (1, 0)
+    listed = await asyncio.to_thread(
+        cli, settings, "tasks", "--pool", pool, "--tenant", "acme", "--json"
+    )
+    assert sorted(t["task_id"] for t in json.loads(listed.stdout)["tasks"]) == sorted(ids)
+    assert {t["tenant"] for t in json.loads(listed.stdout)["tasks"]} == {"acme"}
+    other = await asyncio.to_thread(
+        cli, settings, "tasks", "--pool", pool, "--tenant", "default", "--json"
+    )
+    assert json.loads(other.stdout)["tasks"] == []
+
+
+async def _matching(view: Awaitable[dict[str, Any]], test: Callable[[dict[str, Any]], bool]) -> Any:
+    found = await view
+    return found if found and test(found) else None
