@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import ClassVar
 
-from conclave.domain.retry import DEFAULT_RETRY, RetryPolicy
+from conclave.domain.retry import DEFAULT_RETRY
 
 __all__ = [
     "TASKS_TOPIC_EVENTS",
@@ -136,15 +136,6 @@ class TaskSubmitted:
     redrive_of: str | None = None
     """The dead-lettered task this one runs again, with a fresh attempt budget."""
 
-    @property
-    def retry(self) -> RetryPolicy:
-        return RetryPolicy(
-            self.retry_backoff_ms,
-            self.retry_multiplier,
-            self.retry_backoff_max_ms,
-            self.retry_jitter,
-        )
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeliberationRequested:
@@ -180,15 +171,6 @@ class TaskQueued:
     retry_jitter: float = DEFAULT_RETRY.jitter
     redrive_of: str | None = None
     """The dead-lettered task this one runs again, with a fresh attempt budget."""
-
-    @property
-    def retry(self) -> RetryPolicy:
-        return RetryPolicy(
-            self.retry_backoff_ms,
-            self.retry_multiplier,
-            self.retry_backoff_max_ms,
-            self.retry_jitter,
-        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

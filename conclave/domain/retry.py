@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["DEFAULT_RETRY", "RetryPolicy"]
+__all__ = ["DEFAULT_RETRY", "RetryFields", "RetryPolicy", "retry_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +56,27 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
+
+
+class RetryFields(Protocol):
+    """Anything that carries a retry policy as its four flat fields (the submitted and
+    queued events, a task in the scheduler's state)."""
+
+    @property
+    def retry_backoff_ms(self) -> int: ...
+    @property
+    def retry_multiplier(self) -> float: ...
+    @property
+    def retry_backoff_max_ms(self) -> int: ...
+    @property
+    def retry_jitter(self) -> float: ...
+
+
+def retry_of(carrier: RetryFields) -> RetryPolicy:
+    """The retry policy ``carrier`` holds."""
+    return RetryPolicy(
+        carrier.retry_backoff_ms,
+        carrier.retry_multiplier,
+        carrier.retry_backoff_max_ms,
+        carrier.retry_jitter,
+    )

@@ -18,7 +18,7 @@ from typing import Any
 
 from conclave.domain.events import Priority
 from conclave.domain.ordered import Rank, RankedSet, Recent
-from conclave.domain.retry import DEFAULT_RETRY, RetryPolicy
+from conclave.domain.retry import DEFAULT_RETRY
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -78,15 +78,6 @@ class TaskState:
     def rank(self) -> Rank:
         """Served in this order within a pool: priority, then arrival."""
         return (int(self.priority), self.sequence)
-
-    @property
-    def retry(self) -> RetryPolicy:
-        return RetryPolicy(
-            self.retry_backoff_ms,
-            self.retry_multiplier,
-            self.retry_backoff_max_ms,
-            self.retry_jitter,
-        )
 
 
 @dataclass(slots=True)

@@ -61,6 +61,7 @@ from conclave.domain.events import (
     TaskSubmitted,
     WitnessEntry,
 )
+from conclave.domain.retry import retry_of
 from conclave.domain.scheduler_state import (
     DEFAULT_CAPACITY,
     DEFAULT_DEDUP_WINDOW,
@@ -240,7 +241,7 @@ def _retry_or_give_up(
     if task.attempt >= task.max_attempts:
         return _dead(task, reason, witness_sequence)
     assert task.agent_id is not None  # a dispatched task has its agent
-    delay = task.retry.delay_us(task.task_id, task.attempt)
+    delay = retry_of(task).delay_us(task.task_id, task.attempt)
     if delay > 0:
         return TaskRetryScheduled(
             task_id=task.task_id,

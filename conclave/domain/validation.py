@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conclave.domain.events import DeliberationRequested, Event, Halt, Resume, TaskSubmitted
+from conclave.domain.retry import retry_of
 
 __all__ = ["MAX_ID_LENGTH", "invalid_command"]
 
@@ -25,7 +26,7 @@ def invalid_command(event: Event) -> str | None:
                 return "max_attempts must be at least 1"
             if event.redrive_of is not None and (reason := _bad_id("redrive_of", event.redrive_of)):
                 return reason
-            return event.retry.invalid()
+            return retry_of(event).invalid()
         case DeliberationRequested():
             if (reason := _bad_id("deliberation_id", event.deliberation_id)) is not None:
                 return reason

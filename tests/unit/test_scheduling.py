@@ -47,7 +47,7 @@ from conclave.domain.events import (
     WitnessEntry,
 )
 from conclave.domain.ordered import RankedSet, Recent
-from conclave.domain.retry import RetryPolicy
+from conclave.domain.retry import RetryPolicy, retry_of
 from conclave.domain.scheduling import (
     DEFAULT_CAPACITY,
     DEFAULT_DEDUP_WINDOW,
@@ -141,7 +141,7 @@ class Harness:
         for event in events:
             if isinstance(event, TaskRetryScheduled):
                 task = self.state.tasks[event.task_id]
-                delay = task.retry.delay_us(task.task_id, task.attempt)
+                delay = retry_of(task).delay_us(task.task_id, task.attempt)
                 assert event.due == self.now + delay > self.now
                 assert event.attempt == task.attempt < task.max_attempts
                 self.retry_due[event.task_id] = event.due
