@@ -128,7 +128,11 @@ class Client:
         pool: str = "default",
         priority: Priority = Priority.HIGH,
     ) -> str:
-        """Put one motion to many agents; each answers in its own task and context."""
+        """Put one motion to many agents; each answers in its own task and context.
+
+        ``agent_ids`` empty means every agent registered in ``pool`` when the scheduler
+        takes the motion (none registered: nobody is asked). Named agents get a task
+        each, which waits until that agent is registered and idle."""
         deliberation_id = deliberation_id or f"delib-{uuid.uuid4().hex[:12]}"
         event = DeliberationRequested(
             deliberation_id=deliberation_id,
