@@ -23,9 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from conclave.cli_dev import dev_app
-from conclave.cli_tasks import dlq_app, list_pools, list_tasks, task_app
+from conclave.cli_tasks import dlq_app, list_pools, list_tasks, parse_priority, task_app
 from conclave.cli_witness import witness_app
-from conclave.domain.events import Priority
 from conclave.errors import ConclaveError
 from conclave.settings import Settings
 
@@ -288,13 +287,6 @@ def projector() -> None:
 # --- commands ---------------------------------------------------------------------------------
 
 
-def _priority(value: str) -> Priority:
-    try:
-        return Priority.parse(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
 @app.command()
 def submit(
     input: str = typer.Argument(..., help="The task's input."),
@@ -312,7 +304,7 @@ def submit(
     from conclave.client import Client
     from conclave.domain.retry import RetryPolicy
 
-    prio = _priority(priority)
+    prio = parse_priority(priority)
     retry = RetryPolicy(
         backoff_ms=round(retry_backoff * 1000),
         multiplier=retry_multiplier,

@@ -25,7 +25,7 @@ from conclave.errors import ConclaveError
 from conclave.settings import Settings
 from projections.queries import Page, TaskFilter, TaskSummary, TaskView
 
-__all__ = ["dlq_app", "list_pools", "list_tasks", "task_app"]
+__all__ = ["dlq_app", "list_pools", "list_tasks", "parse_priority", "task_app"]
 
 T = TypeVar("T")
 
@@ -96,6 +96,14 @@ def parse_time(text: str) -> int:
     return int(moment.timestamp() * 1e6)
 
 
+def parse_priority(value: str) -> Priority:
+    """A priority option, or the CLI's one-line refusal."""
+    try:
+        return Priority.parse(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
 
@@ -157,14 +165,10 @@ def list_tasks(
 
     if status is not None and status not in STATUSES:
         raise typer.BadParameter(f"status must be one of {', '.join(STATUSES)}")
-    try:
-        label = Priority.parse(priority).label if priority is not None else None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
     where = TaskFilter(
         status=status,
         pool=pool,
-        priority=label,
+        priority=parse_priority(priority).label if priority is not None else None,
         agent_id=agent,
         tenant=tenant,
         since=parse_time(since) if since is not None else None,

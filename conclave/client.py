@@ -188,10 +188,7 @@ def _submitted(
         input=input,
         agent_id=agent_id,
         max_attempts=max_attempts,
-        retry_backoff_ms=retry.backoff_ms,
-        retry_multiplier=retry.multiplier,
-        retry_backoff_max_ms=retry.max_backoff_ms,
-        retry_jitter=retry.jitter,
+        **retry.as_fields(),
     )
 
 

@@ -11,9 +11,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypedDict
 
-__all__ = ["DEFAULT_RETRY", "RetryFields", "RetryPolicy", "retry_of"]
+__all__ = ["DEFAULT_RETRY", "RetryFieldValues", "RetryFields", "RetryPolicy", "retry_of"]
+
+
+class RetryFieldValues(TypedDict):
+    """A policy as the four flat fields events and task states carry: ``**`` them in."""
+
+    retry_backoff_ms: int
+    retry_multiplier: float
+    retry_backoff_max_ms: int
+    retry_jitter: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +49,14 @@ class RetryPolicy:
         if not 0.0 <= self.jitter <= 1.0:
             return "retry_jitter must be between 0 and 1"
         return None
+
+    def as_fields(self) -> RetryFieldValues:
+        return RetryFieldValues(
+            retry_backoff_ms=self.backoff_ms,
+            retry_multiplier=self.multiplier,
+            retry_backoff_max_ms=self.max_backoff_ms,
+            retry_jitter=self.jitter,
+        )
 
     def delay_us(self, task_id: str, failed_attempt: int) -> int:
         """Microseconds to wait after attempt ``failed_attempt`` (1, 2, ...) failed."""

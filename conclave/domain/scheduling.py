@@ -155,10 +155,7 @@ def decide(
                 max_attempts=max(1, cause.max_attempts),
                 deliberation_id=None,
                 sequence=state.next_sequence,
-                retry_backoff_ms=cause.retry_backoff_ms,
-                retry_multiplier=cause.retry_multiplier,
-                retry_backoff_max_ms=cause.retry_backoff_max_ms,
-                retry_jitter=cause.retry_jitter,
+                **retry_of(cause).as_fields(),
                 redrive_of=cause.redrive_of,
             )
         ]
@@ -264,10 +261,7 @@ def _requeued(task: TaskState, sequence: int) -> TaskQueued:
         max_attempts=task.max_attempts,
         deliberation_id=task.deliberation_id,
         sequence=sequence,
-        retry_backoff_ms=task.retry_backoff_ms,
-        retry_multiplier=task.retry_multiplier,
-        retry_backoff_max_ms=task.retry_backoff_max_ms,
-        retry_jitter=task.retry_jitter,
+        **retry_of(task).as_fields(),
     )
 
 
@@ -439,10 +433,7 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
             max_attempts=event.max_attempts,
             deliberation_id=event.deliberation_id,
             sequence=event.sequence,
-            retry_backoff_ms=event.retry_backoff_ms,
-            retry_multiplier=event.retry_multiplier,
-            retry_backoff_max_ms=event.retry_backoff_max_ms,
-            retry_jitter=event.retry_jitter,
+            **retry_of(event).as_fields(),
         )
         state.tasks[event.task_id] = task
         if event.deliberation_id is not None:

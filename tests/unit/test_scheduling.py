@@ -52,6 +52,7 @@ from conclave.domain.scheduling import (
     DEFAULT_CAPACITY,
     DEFAULT_DEDUP_WINDOW,
     SNAPSHOT_VERSION,
+    SchedulerEvent,
     SchedulerState,
     TaskState,
     TaskStatus,
@@ -74,15 +75,7 @@ POOL_OF = {agent: pool for pool, agents in AGENTS_BY_POOL.items() for agent in a
 POOLS = st.sampled_from(sorted(AGENTS_BY_POOL))
 PRIORITIES = st.sampled_from(Priority)
 
-Emitted = (
-    TaskQueued
-    | TaskDispatched
-    | TaskStalled
-    | TaskRetryScheduled
-    | AgentReinstated
-    | TaskCompleted
-    | TaskDeadLettered
-)
+Emitted = SchedulerEvent
 TERMINAL = (TaskStatus.COMPLETED, TaskStatus.DEAD_LETTERED)
 Folded = Emitted | AgentRegistered | Halt | Resume
 ANSWER_US = 20_000
@@ -469,10 +462,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             input=task_id,
             agent_id=agent_id,
             max_attempts=max_attempts,
-            retry_backoff_ms=retry.backoff_ms,
-            retry_multiplier=retry.multiplier,
-            retry_backoff_max_ms=retry.max_backoff_ms,
-            retry_jitter=retry.jitter,
+            **retry.as_fields(),
         )
         known = status_of(self.state, task_id) is not None
         sequence = self.state.next_sequence
@@ -492,10 +482,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_attempts=max_attempts,
             deliberation_id=None,
             sequence=sequence,
-            retry_backoff_ms=retry.backoff_ms,
-            retry_multiplier=retry.multiplier,
-            retry_backoff_max_ms=retry.max_backoff_ms,
-            retry_jitter=retry.jitter,
+            **retry.as_fields(),
         )
         assert all(isinstance(e, TaskDispatched) for e in events[1:])
 
@@ -808,10 +795,7 @@ def submit(
         input=f"in {task_id}",
         agent_id=agent_id,
         max_attempts=max_attempts,
-        retry_backoff_ms=retry.backoff_ms,
-        retry_multiplier=retry.multiplier,
-        retry_backoff_max_ms=retry.max_backoff_ms,
-        retry_jitter=retry.jitter,
+        **retry.as_fields(),
     )
 
 
