@@ -39,6 +39,7 @@ _ENVELOPE_FIELDS = tuple(f.name for f in dataclasses.fields(ev.Envelope))
 
 EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.TaskSubmitted,
+    ev.CancelRequested,
     ev.DeliberationRequested,
     ev.TaskQueued,
     ev.TaskDispatched,
@@ -52,6 +53,8 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.TaskFailed,
     ev.TaskCompleted,
     ev.TaskDeadLettered,
+    ev.TaskCancelled,
+    ev.TaskDependencyFailed,
     ev.WitnessEntry,
     ev.DeadLetterRecord,
     ev.Halt,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from conclave.domain.retry import DEFAULT_RETRY
@@ -23,6 +23,7 @@ __all__ = [
     "AgentOutput",
     "AgentRegistered",
     "AgentReinstated",
+    "CancelRequested",
     "CommandRejected",
     "DeadLetterRecord",
     "DeliberationRequested",
@@ -32,8 +33,10 @@ __all__ = [
     "Heartbeat",
     "Priority",
     "Resume",
+    "TaskCancelled",
     "TaskCompleted",
     "TaskDeadLettered",
+    "TaskDependencyFailed",
     "TaskDispatched",
     "TaskFailed",
     "TaskQueued",
@@ -135,6 +138,21 @@ class TaskSubmitted:
     retry_jitter: float = DEFAULT_RETRY.jitter
     redrive_of: str | None = None
     """The dead-lettered task this one runs again, with a fresh attempt budget."""
+    depends_on: list[str] = field(default_factory=list)
+    """Tasks that must complete before this one is queued (schema v4). Each must be
+    known to the scheduler when this command arrives (so no cycle can form); if one is
+    dead-lettered or cancelled, this task ends as ``dependency_failed``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelRequested:
+    """A user asks to cancel one task (queued, waiting, retrying or running), or every
+    unfinished task of a deliberation: exactly one of the two ids is given."""
+
+    TYPE: ClassVar[str] = "task.cancel_requested"
+    task_id: str | None = None
+    deliberation_id: str | None = None
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,7 +170,9 @@ class DeliberationRequested:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskQueued:
-    """The scheduler accepted a task; it waits for capacity and an agent."""
+    """The scheduler accepted a task: it waits for the dependencies in ``waiting_for``,
+    then for capacity and an agent. When the last of them completes, the scheduler
+    writes the task's ``TaskQueued`` again with ``waiting_for`` empty."""
 
     TYPE: ClassVar[str] = "task.queued"
     task_id: str
@@ -171,6 +191,10 @@ class TaskQueued:
     retry_jitter: float = DEFAULT_RETRY.jitter
     redrive_of: str | None = None
     """The dead-lettered task this one runs again, with a fresh attempt budget."""
+    depends_on: list[str] = field(default_factory=list)
+    """The task's dependencies, as submitted (schema v3)."""
+    waiting_for: list[str] = field(default_factory=list)
+    """Those of them not completed yet: while any is, the task is ``waiting``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,6 +354,35 @@ class TaskDeadLettered:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TaskCancelled:
+    """Terminal: a user cancelled the task. If it was running, the host named here stops
+    its agent; a late answer of that attempt is witnessed and changes nothing."""
+
+    TYPE: ClassVar[str] = "task.cancelled"
+    task_id: str
+    agent_id: str | None
+    """The agent running it, if it was dispatched."""
+    host_id: str | None
+    attempt: int
+    """Attempts begun before the cancellation."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskDependencyFailed:
+    """Terminal: a task this one depends on was dead-lettered or cancelled (or failed a
+    dependency itself), so this one never runs."""
+
+    TYPE: ClassVar[str] = "task.dependency_failed"
+    task_id: str
+    dependency: str
+    """The dependency that failed."""
+    culprit: str
+    """Where the failure began: the dead-lettered or cancelled task."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WitnessEntry:
     """One link of the append-only, hash-chained witness log (see docs/witness.md)."""
 
@@ -409,6 +462,7 @@ class WorkerBeat:
 
 Event = (
     TaskSubmitted
+    | CancelRequested
     | DeliberationRequested
     | TaskQueued
     | TaskDispatched
@@ -422,6 +476,8 @@ Event = (
     | TaskFailed
     | TaskCompleted
     | TaskDeadLettered
+    | TaskCancelled
+    | TaskDependencyFailed
     | WitnessEntry
     | DeadLetterRecord
     | Halt
@@ -437,6 +493,8 @@ TASKS_TOPIC_EVENTS = (
     AgentReinstated,
     TaskCompleted,
     TaskDeadLettered,
+    TaskCancelled,
+    TaskDependencyFailed,
     CommandRejected,
 )
 """What the scheduler writes on the tasks topic (its changelog), in no particular order."""

@@ -35,27 +35,47 @@ __all__ = [
 
 DEFAULT_CAPACITY = 72
 DEFAULT_DEDUP_WINDOW = 100_000
-SNAPSHOT_VERSION = 2
-"""2: tasks carry their retry policy; a task may wait out a retry back-off."""
+SNAPSHOT_VERSION = 3
+"""2: tasks carry their retry policy; a task may wait out a retry back-off.
+3: tasks carry their dependencies; a task may wait for them."""
 
 
 class TaskStatus(enum.Enum):
+    WAITING = "waiting"
+    """Accepted, waiting for dependencies to complete: in no queue, holding nothing."""
     QUEUED = "queued"
     DISPATCHED = "dispatched"
     RETRYING = "retrying"
     """Waiting out the back-off after a failed attempt: no agent, no capacity, a timer."""
     COMPLETED = "completed"
     DEAD_LETTERED = "dead_lettered"
+    CANCELLED = "cancelled"
+    DEPENDENCY_FAILED = "dependency_failed"
 
     @property
     def terminal(self) -> bool:
-        return self in (TaskStatus.COMPLETED, TaskStatus.DEAD_LETTERED)
+        return self in _TERMINAL
+
+    @property
+    def failed(self) -> bool:
+        """Terminal without an answer: a task depending on it can never run."""
+        return self in _TERMINAL and self is not TaskStatus.COMPLETED
+
+
+_TERMINAL = frozenset(
+    {
+        TaskStatus.COMPLETED,
+        TaskStatus.DEAD_LETTERED,
+        TaskStatus.CANCELLED,
+        TaskStatus.DEPENDENCY_FAILED,
+    }
+)
 
 
 @dataclass(slots=True)
 class TaskState:
-    """A live task: queued, dispatched or retrying. Finished tasks are only in the dedup
-    window."""
+    """A live task: waiting, queued, dispatched or retrying. Finished tasks are only in
+    the dedup window."""
 
     task_id: str
     pool: str
@@ -73,6 +93,10 @@ class TaskState:
     retry_multiplier: float = DEFAULT_RETRY.multiplier
     retry_backoff_max_ms: int = DEFAULT_RETRY.max_backoff_ms
     retry_jitter: float = DEFAULT_RETRY.jitter
+    depends_on: list[str] = field(default_factory=list)
+    """As submitted."""
+    waiting_for: set[str] = field(default_factory=set)
+    """Dependencies not completed yet; non-empty exactly while ``WAITING``."""
 
     @property
     def rank(self) -> Rank:
@@ -126,7 +150,7 @@ class SchedulerState:
     halted: bool = False
     next_sequence: int = 1
     tasks: dict[str, TaskState] = field(default_factory=dict)
-    """Live tasks only: queued, dispatched or retrying."""
+    """Live tasks only: waiting, queued, dispatched or retrying."""
     agents: dict[str, AgentSlot] = field(default_factory=dict)
     assignments: dict[str, str] = field(default_factory=dict)
     """Agent id -> the dispatched task it works on. Kept apart from the agent registry
@@ -140,6 +164,10 @@ class SchedulerState:
     task's back-off (a task is never both)."""
     suspects: set[str] = field(default_factory=set)
     """Agents whose last attempt stalled: given no work until they register again."""
+    dependents: dict[str, set[str]] = field(default_factory=dict)
+    """Task id -> the waiting tasks that still wait for it."""
+    by_deliberation: dict[str, set[str]] = field(default_factory=dict)
+    """Deliberation id -> its live tasks: what cancelling the deliberation cancels."""
     finished: Recent[TaskStatus] = field(init=False)
     """Terminal status of the last ``dedup_window`` finished tasks, oldest first."""
     deliberations: Recent[None] = field(init=False)
@@ -179,6 +207,30 @@ class SchedulerState:
         else:
             pool.untargeted.discard(task.task_id)
         self.refresh(task.pool)
+
+    def wait(self, task: TaskState) -> None:
+        """Index a waiting task under each dependency it waits for."""
+        for dependency in task.waiting_for:
+            self.dependents.setdefault(dependency, set()).add(task.task_id)
+
+    def unwait(self, task: TaskState) -> None:
+        for dependency in task.waiting_for:
+            waiting = self.dependents.get(dependency)
+            if waiting is not None:
+                waiting.discard(task.task_id)
+                if not waiting:
+                    del self.dependents[dependency]
+
+    def track(self, task: TaskState) -> None:
+        if task.deliberation_id is not None:
+            self.by_deliberation.setdefault(task.deliberation_id, set()).add(task.task_id)
+
+    def untrack(self, task: TaskState) -> None:
+        members = self.by_deliberation.get(task.deliberation_id or "")
+        if members is not None:
+            members.discard(task.task_id)
+            if not members:
+                del self.by_deliberation[task.deliberation_id or ""]
 
     def release(self, task: TaskState) -> None:
         """Free the capacity and the agent a dispatched task held, and stop waiting."""
@@ -269,6 +321,8 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
                 t.retry_multiplier,
                 t.retry_backoff_max_ms,
                 t.retry_jitter,
+                t.depends_on,
+                sorted(t.waiting_for),
             ]
             for t in state.tasks.values()
         ],
@@ -301,12 +355,15 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
         # The queues enqueue() builds one task at a time, built whole (heapify is O(n)).
         queues: dict[tuple[str, str | None], list[tuple[Rank, str]]] = {}
         for row in data["tasks"]:
-            task = TaskState(*row)  # then the two enums, from their JSON values
+            task = TaskState(*row)  # then the two enums and the set, from JSON
             task.priority, task.status = _PRIORITIES[row[2]], _STATUSES[row[9]]
+            task.waiting_for = set(task.waiting_for)
             state.tasks[task.task_id] = task
+            state.wait(task)
+            state.track(task)
             if task.status is TaskStatus.DISPATCHED:
                 state.pool(task.pool).in_flight += 1
-            elif task.status is TaskStatus.QUEUED:  # a retrying task is in no queue
+            elif task.status is TaskStatus.QUEUED:  # a waiting or retrying one is in none
                 target = task.agent_id if task.targeted else None
                 queues.setdefault((task.pool, target), []).append((task.rank, task.task_id))
         for (name, target), members in queues.items():

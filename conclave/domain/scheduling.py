@@ -38,22 +38,34 @@ Rules enforced here (each has a test):
 * Retries: a failed or stalled attempt with attempts left waits out its back-off
   (:class:`~conclave.domain.retry.RetryPolicy`) holding no agent and no capacity, then
   is queued again; a permanent failure is dead-lettered at once.
+* Dependencies: a task waits, holding nothing, until every task it depends on has
+  completed; it ranks by its submission. If one is dead-lettered or cancelled, the
+  task and everything waiting on it end ``dependency_failed``, naming the dependency
+  and where the failure began. A dependency must be known when the dependent arrives
+  (:func:`refusal` says so otherwise), so the graph is acyclic by construction.
+* Cancellation: a waiting, queued, retrying or running task ends ``cancelled`` at once
+  (a running one frees its agent and capacity; its host stops the agent); cancelling a
+  deliberation cancels each of its unfinished tasks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import takewhile
+from typing import TypeVar
 
 from conclave.domain.events import (
     AgentRegistered,
     AgentReinstated,
+    CancelRequested,
     DeliberationRequested,
     Halt,
     Heartbeat,
     Resume,
+    TaskCancelled,
     TaskCompleted,
     TaskDeadLettered,
+    TaskDependencyFailed,
     TaskDispatched,
     TaskQueued,
     TaskRetryScheduled,
@@ -93,6 +105,7 @@ __all__ = [
     "expire",
     "from_snapshot",
     "next_due",
+    "refusal",
     "reinstate",
     "schedule",
     "status_of",
@@ -107,9 +120,20 @@ SchedulerEvent = (
     | AgentReinstated
     | TaskCompleted
     | TaskDeadLettered
+    | TaskCancelled
+    | TaskDependencyFailed
 )
-Outcome = TaskQueued | TaskRetryScheduled | TaskCompleted | TaskDeadLettered
+Outcome = (
+    TaskQueued
+    | TaskRetryScheduled
+    | TaskCompleted
+    | TaskDeadLettered
+    | TaskCancelled
+    | TaskDependencyFailed
+)
 """What a command or a witnessed fact may lead to."""
+Failure = TaskDeadLettered | TaskCancelled | TaskDependencyFailed
+"""Terminal without an answer: what a task depending on it can never get past."""
 
 
 def deliberation_task_id(deliberation_id: str, agent_id: str) -> str:
@@ -135,17 +159,44 @@ def due_timers(state: SchedulerState, now: int) -> list[str]:
     return [key for _, key in takewhile(lambda e: e[0][0] <= now, state.timers)]
 
 
+def refusal(state: SchedulerState, command: TaskSubmitted | CancelRequested) -> str | None:
+    """Why the scheduler refuses a command that is valid in itself (see
+    :func:`conclave.domain.validation.invalid_command`) in this state, if it does: a
+    dependency it does not know, or a cancellation of nothing that is still running."""
+    if isinstance(command, TaskSubmitted):
+        if _known(state, command.task_id):
+            return None  # a duplicate: decide() ignores it
+        unknown = [d for d in command.depends_on if not _known(state, d)]
+        if not unknown:
+            return None
+        listed = ", ".join(repr(d) for d in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        return f"depends on {len(unknown)} unknown task(s): {listed}; submit dependencies first"
+    if command.task_id is not None:
+        status = status_of(state, command.task_id)
+        if status is None:
+            return f"no task {command.task_id!r} is known to the scheduler"
+        return f"task {command.task_id!r} is already {status.value}" if status.terminal else None
+    deliberation_id = command.deliberation_id or ""
+    if deliberation_id in state.by_deliberation:
+        return None
+    if deliberation_id in state.deliberations:
+        return f"deliberation {deliberation_id!r} has no unfinished task"
+    return f"no deliberation {deliberation_id!r} is known to the scheduler"
+
+
 def decide(
     state: SchedulerState,
-    cause: TaskSubmitted | DeliberationRequested | WitnessEntry,
+    cause: TaskSubmitted | DeliberationRequested | CancelRequested | WitnessEntry,
     now: int,
 ) -> list[Outcome]:
     """Events that a command or a witnessed fact implies at ``now``; ``[]`` for duplicates.
-    ``now`` sets the due time of a retry."""
+    ``now`` sets the due time of a retry. A command :func:`refusal` refuses yields
+    nothing useful: a dependency unknown here fails its dependent at once."""
     if isinstance(cause, TaskSubmitted):
         if _known(state, cause.task_id):
             return []
-        return [
+        waiting = [d for d in cause.depends_on if status_of(state, d) is not TaskStatus.COMPLETED]
+        queued: list[Outcome] = [
             TaskQueued(
                 task_id=cause.task_id,
                 pool=cause.pool,
@@ -157,19 +208,45 @@ def decide(
                 sequence=state.next_sequence,
                 **retry_of(cause).as_fields(),
                 redrive_of=cause.redrive_of,
+                depends_on=list(cause.depends_on),
+                waiting_for=waiting,
             )
         ]
+        for dependency in waiting:
+            status = status_of(state, dependency)
+            if status is None or status.failed:
+                how = "is unknown" if status is None else f"ended {status.value}"
+                queued.append(
+                    TaskDependencyFailed(
+                        task_id=cause.task_id,
+                        dependency=dependency,
+                        culprit=dependency,
+                        reason=f"dependency {dependency!r} {how} before this task arrived",
+                    )
+                )
+                break
+        return queued
+    if isinstance(cause, CancelRequested):
+        if cause.task_id is not None:
+            ids = [cause.task_id]
+        else:
+            ids = sorted(state.by_deliberation.get(cause.deliberation_id or "", ()))
+        reason = f"cancelled: {cause.reason}" if cause.reason else "cancelled"
+        cancelled: list[Outcome] = [
+            _cancelled(state, state.tasks[i], reason) for i in ids if i in state.tasks
+        ]
+        return _with_dependents(state, cancelled)
     if isinstance(cause, DeliberationRequested):
         if cause.deliberation_id in state.deliberations:
             return []
         pool = state.pools.get(cause.pool)
         agent_ids = cause.agent_ids or sorted(pool.members if pool is not None else ())
-        queued: list[Outcome] = []
+        deliberating: list[Outcome] = []
         for agent_id in agent_ids:
             task_id = deliberation_task_id(cause.deliberation_id, agent_id)
             if _known(state, task_id):
                 continue
-            queued.append(
+            deliberating.append(
                 TaskQueued(
                     task_id=task_id,
                     pool=cause.pool,
@@ -178,10 +255,10 @@ def decide(
                     agent_id=agent_id,
                     max_attempts=1,
                     deliberation_id=cause.deliberation_id,
-                    sequence=state.next_sequence + len(queued),
+                    sequence=state.next_sequence + len(deliberating),
                 )
             )
-        return queued
+        return deliberating
     return _decide_witnessed(state, cause, now)
 
 
@@ -199,6 +276,69 @@ def _known(state: SchedulerState, task_id: str) -> bool:
     return task_id in state.tasks or task_id in state.finished
 
 
+def _cancelled(state: SchedulerState, task: TaskState, reason: str) -> TaskCancelled:
+    running = task.status is TaskStatus.DISPATCHED
+    slot = state.agents.get(task.agent_id or "") if running else None
+    return TaskCancelled(
+        task_id=task.task_id,
+        agent_id=task.agent_id if running else None,
+        host_id=slot.host_id if slot is not None else None,
+        attempt=task.attempt,
+        reason=reason,
+    )
+
+
+_E = TypeVar("_E", bound=Outcome | TaskStalled)
+_HOW = {
+    TaskDeadLettered: "was dead-lettered",
+    TaskCancelled: "was cancelled",
+    TaskDependencyFailed: "failed a dependency",
+}
+
+
+def _with_dependents(state: SchedulerState, events: list[_E]) -> list[_E | TaskDependencyFailed]:
+    """``events``, each failure followed by a ``TaskDependencyFailed`` for every task
+    waiting on the failed task, directly or through others (each task once)."""
+    out: list[_E | TaskDependencyFailed] = []
+    ended = {e.task_id for e in events if isinstance(e, Failure)}
+    for event in events:
+        out.append(event)
+        if not isinstance(event, Failure):
+            continue
+        culprit = event.culprit if isinstance(event, TaskDependencyFailed) else event.task_id
+        how = {event.task_id: _HOW[type(event)]}
+        stack = [event.task_id]
+        while stack:
+            failed = stack.pop()
+            for dependent in sorted(state.dependents.get(failed, ())):
+                if dependent in ended:
+                    continue
+                ended.add(dependent)
+                began = f"; it began at {culprit!r}" if culprit != failed else ""
+                out.append(
+                    TaskDependencyFailed(
+                        task_id=dependent,
+                        dependency=failed,
+                        culprit=culprit,
+                        reason=f"dependency {failed!r} {how[failed]}{began}",
+                    )
+                )
+                how[dependent] = _HOW[TaskDependencyFailed]
+                stack.append(dependent)
+    return out
+
+
+def _released(state: SchedulerState, completed: str) -> list[TaskQueued]:
+    """The waiting tasks whose last unfinished dependency is ``completed``, queued in
+    the place their submission gave them."""
+    out = []
+    for dependent in sorted(state.dependents.get(completed, ())):
+        task = state.tasks[dependent]
+        if task.waiting_for == {completed}:
+            out.append(_requeued(task, task.sequence))
+    return out
+
+
 def _decide_witnessed(state: SchedulerState, entry: WitnessEntry, now: int) -> list[Outcome]:
     task = state.tasks.get(entry.task_id or "")
     if task is None or task.status is not TaskStatus.DISPATCHED or entry.agent_id != task.agent_id:
@@ -208,19 +348,21 @@ def _decide_witnessed(state: SchedulerState, entry: WitnessEntry, now: int) -> l
     agent_id = entry.agent_id
     assert agent_id is not None  # equal to the agent of a dispatched task
     if entry.subject_type == "agent.output":
-        return [
-            TaskCompleted(
-                task_id=task.task_id,
-                agent_id=agent_id,
-                output_event_id=entry.subject_event_id,
-                witness_sequence=entry.sequence,
-            )
-        ]
+        completed = TaskCompleted(
+            task_id=task.task_id,
+            agent_id=agent_id,
+            output_event_id=entry.subject_event_id,
+            witness_sequence=entry.sequence,
+        )
+        return [completed, *_released(state, task.task_id)]
     if entry.subject_type == "task.failed":
         detail = entry.detail or "agent failed"
-        if is_permanent_failure(detail):
-            return [_dead(task, f"permanent failure: {detail}", entry.sequence)]
-        return [_retry_or_give_up(state, task, detail, entry.sequence, now)]
+        failed: list[Outcome] = [
+            _dead(task, f"permanent failure: {detail}", entry.sequence)
+            if is_permanent_failure(detail)
+            else _retry_or_give_up(state, task, detail, entry.sequence, now)
+        ]
+        return _with_dependents(state, failed)
     return []
 
 
@@ -262,6 +404,7 @@ def _requeued(task: TaskState, sequence: int) -> TaskQueued:
         deliberation_id=task.deliberation_id,
         sequence=sequence,
         **retry_of(task).as_fields(),
+        depends_on=task.depends_on,
     )
 
 
@@ -276,16 +419,17 @@ def _dead(task: TaskState, reason: str, witness_sequence: int | None) -> TaskDea
     )
 
 
-Expired = TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered
+Expired = TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered | TaskDependencyFailed
 
 
 def expire(state: SchedulerState, now: int) -> list[Expired]:
     """What the timers due at ``now`` imply, earliest first. A dispatched attempt past its
     answer deadline is stalled, then its task retried (at once or after its back-off) or
-    dead-lettered like a failed attempt: a pair of events. A retrying task whose back-off
-    is over is queued again. Pure: fold the events in order (each ``TaskQueued`` numbers
-    its queue place after the one before it); folding them removes the timers."""
-    out: list[Expired] = []
+    dead-lettered like a failed attempt (and its dependents failed). A retrying task
+    whose back-off is over is queued again. Pure: fold the events in order (each
+    ``TaskQueued`` numbers its queue place after the one before it); folding them
+    removes the timers."""
+    out: list[TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered] = []
 
     def place() -> int:  # several tasks queued in one call: each its own place, in order
         return state.next_sequence + sum(isinstance(e, TaskQueued) for e in out)
@@ -309,7 +453,7 @@ def expire(state: SchedulerState, now: int) -> list[Expired]:
             )
         )
         out.append(_retry_or_give_up(state, task, reason, None, now, sequence=place()))
-    return out
+    return _with_dependents(state, out)
 
 
 def schedule(
@@ -407,6 +551,10 @@ def evolve(
             _fold_finished(state, event.task_id, TaskStatus.COMPLETED)
         case TaskDeadLettered():
             _fold_finished(state, event.task_id, TaskStatus.DEAD_LETTERED)
+        case TaskCancelled():
+            _fold_finished(state, event.task_id, TaskStatus.CANCELLED)
+        case TaskDependencyFailed():
+            _fold_finished(state, event.task_id, TaskStatus.DEPENDENCY_FAILED)
         case AgentRegistered():
             _fold_registered(state, event)
         case Heartbeat():
@@ -434,10 +582,24 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
             deliberation_id=event.deliberation_id,
             sequence=event.sequence,
             **retry_of(event).as_fields(),
+            depends_on=list(event.depends_on),
+            waiting_for=set(event.waiting_for),
         )
         state.tasks[event.task_id] = task
+        state.track(task)
         if event.deliberation_id is not None:
             state.deliberations.add(event.deliberation_id, None)
+        state.next_sequence = max(state.next_sequence, event.sequence + 1)
+        if task.waiting_for:
+            task.status = TaskStatus.WAITING
+            state.wait(task)
+            return
+    elif task.status is TaskStatus.WAITING:
+        if event.waiting_for:
+            return  # a duplicate
+        state.unwait(task)  # its last dependency completed: on to the queue
+        task.waiting_for = set()
+        task.status = TaskStatus.QUEUED
     elif task.status is TaskStatus.QUEUED:
         return  # a duplicate
     else:  # a retry, at once or after its back-off: back in the queue, keeping its attempts
@@ -498,11 +660,17 @@ def _fold_finished(state: SchedulerState, task_id: str, status: TaskStatus) -> N
         return  # finished already, or never seen
     if task.status is TaskStatus.DISPATCHED:
         state.release(task)
-    elif task.status is TaskStatus.RETRYING:  # not something decide() yields yet
+    elif task.status is TaskStatus.RETRYING:
         state.timers.discard(task_id)
-    else:  # not something decide() yields, but the indexes must still agree
+    elif task.status is TaskStatus.WAITING:
+        state.unwait(task)
+    else:
         state.unqueue(task)
+    state.untrack(task)
     state.finished.add(task_id, status)
+    if status is TaskStatus.COMPLETED:  # one dependency fewer for those waiting on it
+        for dependent in state.dependents.pop(task_id, ()):
+            state.tasks[dependent].waiting_for.discard(task_id)
 
 
 def _fold_registered(state: SchedulerState, event: AgentRegistered) -> None:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from conclave.domain.events import DeliberationRequested, Event, Halt, Resume, TaskSubmitted
+from conclave.domain.events import (
+    CancelRequested,
+    DeliberationRequested,
+    Event,
+    Halt,
+    Resume,
+    TaskSubmitted,
+)
 from conclave.domain.retry import retry_of
 
-__all__ = ["MAX_ID_LENGTH", "invalid_command"]
+__all__ = ["MAX_DEPENDENCIES", "MAX_ID_LENGTH", "invalid_command"]
 
 MAX_ID_LENGTH = 200
+MAX_DEPENDENCIES = 1000
+"""Dependencies of one task, at most: a wider fan-in belongs in a workflow step."""
 
 
 def invalid_command(event: Event) -> str | None:
@@ -26,7 +35,7 @@ def invalid_command(event: Event) -> str | None:
                 return "max_attempts must be at least 1"
             if event.redrive_of is not None and (reason := _bad_id("redrive_of", event.redrive_of)):
                 return reason
-            return retry_of(event).invalid()
+            return retry_of(event).invalid() or _bad_dependencies(event)
         case DeliberationRequested():
             if (reason := _bad_id("deliberation_id", event.deliberation_id)) is not None:
                 return reason
@@ -40,6 +49,13 @@ def invalid_command(event: Event) -> str | None:
             if len(set(event.agent_ids)) != len(event.agent_ids):
                 return "agent_ids must not repeat"
             return None
+        case CancelRequested():
+            if (event.task_id is None) == (event.deliberation_id is None):
+                return "a cancellation names a task_id or a deliberation_id, not both or neither"
+            if event.task_id is not None:
+                return _bad_task_ref("task_id", event.task_id)
+            assert event.deliberation_id is not None
+            return _bad_id("deliberation_id", event.deliberation_id)
         case Halt() | Resume():
             return None
         case _:
@@ -52,4 +68,25 @@ def _bad_id(field: str, value: str) -> str | None:
         return f"{field} must be 1-{MAX_ID_LENGTH} characters"
     if "/" in value:
         return f"{field} must not contain '/'"
+    return None
+
+
+def _bad_task_ref(field: str, value: str) -> str | None:
+    """A reference to an existing task: a submitted task's id, or a deliberation's
+    task id (``deliberation/agent``)."""
+    if not 0 < len(value) <= 2 * MAX_ID_LENGTH + 1 or value.count("/") > 1:
+        return f"{field} {value[:MAX_ID_LENGTH]!r} is not a task id"
+    return None
+
+
+def _bad_dependencies(event: TaskSubmitted) -> str | None:
+    if len(event.depends_on) > MAX_DEPENDENCIES:
+        return f"depends_on lists {len(event.depends_on)} tasks; at most {MAX_DEPENDENCIES}"
+    if len(set(event.depends_on)) != len(event.depends_on):
+        return "depends_on must not repeat a task"
+    if event.task_id in event.depends_on:
+        return f"task {event.task_id!r} cannot depend on itself"
+    for dependency in event.depends_on:
+        if (reason := _bad_task_ref("depends_on", dependency)) is not None:
+            return reason
     return None

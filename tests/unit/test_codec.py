@@ -272,7 +272,7 @@ def _simple(tp: Any) -> Any:
 
 def test_registry_knows_every_task_submitted_version() -> None:
     versions = default_codec().registry.fingerprints()["conclave.events.TaskSubmitted"]
-    paths = ["history/task_submitted.v1.avsc", "history/task_submitted.v2.avsc"]
+    paths = [f"history/task_submitted.v{v}.avsc" for v in (1, 2, 3)]
     fingerprints = [
         crc64_avro(canonical_form(full_schema(SCHEMA_DIR / path))).to_bytes(8, "little").hex()
         for path in [*paths, "task_submitted.avsc"]
@@ -389,6 +389,13 @@ WRITTEN_FINGERPRINTS = [
     pytest.param("WitnessEntry", "f9cd34bfbbed81f1", id="WitnessEntry-v3"),
     ("WorkerBeat", "bb11252518812424"),
     pytest.param("DeadLetterRecord", "2694146afc0a2483", id="DeadLetterRecord-v2"),
+    pytest.param("TaskDispatched", "4d83e4bc5a3d2a7f", id="TaskDispatched-v2"),
+    pytest.param("TaskDeadLettered", "cd8de13959a8e0f5", id="TaskDeadLettered-v2"),
+    pytest.param("TaskFailed", "084237190765b577", id="TaskFailed-v2"),
+    pytest.param("TaskQueued", "7a96f8e1d15f84cf", id="TaskQueued-v2"),
+    pytest.param("TaskSubmitted", "94bb4815e7d72870", id="TaskSubmitted-v3"),
+    ("TaskRetryScheduled", "04521fc07f7b38df"),
+    ("CommandRejected", "5194ac345d06b881"),
 ]
 
 

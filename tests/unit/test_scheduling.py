@@ -2,8 +2,9 @@
 
 ``Harness`` is the scheduler processor's loop without Kafka (streams/scheduler.py):
 decide, fold what was decided, schedule, fold the dispatches. A hypothesis state
-machine drives it with random submissions, deliberations, registrations (and moves
-between pools), witnessed outputs and failures, halts, resumes, redeliveries and
+machine drives it with random submissions (some depending on earlier tasks),
+cancellations, deliberations, registrations (and moves between pools), witnessed
+outputs and failures, halts, resumes, redeliveries and
 snapshots, time passing beyond answer deadlines (stalled attempts, late answers,
 re-registrations), and checks the invariants after every step. Every schedule() is compared
 with :func:`reference_schedule`, the full scan the indexed scheduler replaced, and
@@ -33,12 +34,15 @@ from hypothesis.stateful import (
 from conclave.domain.events import (
     AgentRegistered,
     AgentReinstated,
+    CancelRequested,
     DeliberationRequested,
     Halt,
     Priority,
     Resume,
+    TaskCancelled,
     TaskCompleted,
     TaskDeadLettered,
+    TaskDependencyFailed,
     TaskDispatched,
     TaskQueued,
     TaskRetryScheduled,
@@ -63,11 +67,13 @@ from conclave.domain.scheduling import (
     expire,
     from_snapshot,
     next_due,
+    refusal,
     reinstate,
     schedule,
     status_of,
     to_snapshot,
 )
+from conclave.domain.validation import invalid_command
 from conclave.domain.witness import ChainHead, digest, next_entry
 
 AGENTS_BY_POOL = {"p0": ("a0", "a1", "a2"), "p1": ("a3", "a4")}
@@ -76,7 +82,8 @@ POOLS = st.sampled_from(sorted(AGENTS_BY_POOL))
 PRIORITIES = st.sampled_from(Priority)
 
 Emitted = SchedulerEvent
-TERMINAL = (TaskStatus.COMPLETED, TaskStatus.DEAD_LETTERED)
+TERMINAL = tuple(s for s in TaskStatus if s.terminal)
+TERMINAL_EVENTS = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskDependencyFailed)
 Folded = Emitted | AgentRegistered | Halt | Resume
 ANSWER_US = 20_000
 """The harness's answer deadline: 20 commands' worth of its clock (1 ms each)."""
@@ -173,7 +180,9 @@ class Harness:
         assert schedule(state, self.now) == [], "schedule() must reach a fixpoint in one call"
         return dispatched
 
-    def command(self, cause: TaskSubmitted | DeliberationRequested | WitnessEntry) -> list[Emitted]:
+    def command(
+        self, cause: TaskSubmitted | DeliberationRequested | CancelRequested | WitnessEntry
+    ) -> list[Emitted]:
         self.now += 1000
         snapshot = copy.deepcopy(self.state)
         decided = decide(self.state, cause, self.now)
@@ -210,6 +219,8 @@ class Harness:
         events = iter(expired)
         requeued = set()
         for event in events:
+            if isinstance(event, TaskDependencyFailed):  # after a dead letter
+                continue
             if isinstance(event, TaskQueued):  # a back-off is over
                 assert event.task_id in waiting
                 requeued.add(event.task_id)
@@ -455,6 +466,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     ) -> None:
         agent_id = data.draw(st.none() | st.sampled_from(AGENTS_BY_POOL[pool]), label="target")
         retry = data.draw(RETRY_POLICIES, label="retry")
+        # Mostly live tasks: those are the ones a dependent has to wait for.
+        live = sorted(t for t in self.state.tasks if t != task_id)
+        candidates = live or sorted(t for t in self.targets if t != task_id)
+        depends_on = data.draw(
+            st.lists(st.sampled_from(candidates), unique=True, max_size=3)
+            if candidates
+            else st.just([]),
+            label="depends_on",
+        )
         command = TaskSubmitted(
             task_id=task_id,
             pool=pool,
@@ -463,9 +483,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             agent_id=agent_id,
             max_attempts=max_attempts,
             **retry.as_fields(),
+            depends_on=depends_on,
         )
         known = status_of(self.state, task_id) is not None
+        assert refusal(self.state, command) is None, "its dependencies are all known"
         sequence = self.state.next_sequence
+        statuses = {d: status_of(self.state, d) for d in depends_on}
         events = self.h.command(command)
         self.commands.append(command)
         if known:
@@ -473,6 +496,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         self.submitted[task_id] = command
         self.targets[task_id] = agent_id
+        waiting = [d for d in depends_on if statuses[d] is not TaskStatus.COMPLETED]
         assert events[0] == TaskQueued(
             task_id=task_id,
             pool=pool,
@@ -483,8 +507,41 @@ class SchedulerMachine(RuleBasedStateMachine):
             deliberation_id=None,
             sequence=sequence,
             **retry.as_fields(),
+            depends_on=depends_on,
+            waiting_for=waiting,
         )
+        failed = [d for d in waiting if (s := statuses[d]) is not None and s.failed]
+        if failed:
+            assert isinstance(events[1], TaskDependencyFailed)
+            assert (events[1].task_id, events[1].dependency) == (task_id, failed[0])
+            events = events[1:]
         assert all(isinstance(e, TaskDispatched) for e in events[1:])
+        dispatched = {e.task_id for e in events if isinstance(e, TaskDispatched)}
+        assert not waiting or task_id not in dispatched, "a task waits for its dependencies"
+
+    @precondition(lambda self: bool(self.targets))
+    @rule(data=st.data(), whole_deliberation=st.booleans())
+    def cancel(self, data: st.DataObject, whole_deliberation: bool) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.targets)), label="cancelled")
+        task = self.state.tasks.get(task_id)
+        deliberation_id = task_id.split("/")[0] if "/" in task_id else None
+        if whole_deliberation and deliberation_id is not None:
+            command = CancelRequested(deliberation_id=deliberation_id, reason="enough")
+            live = sorted(self.state.by_deliberation.get(deliberation_id, ()))
+        else:
+            command = CancelRequested(task_id=task_id, reason="enough")
+            live = [task_id] if task is not None else []
+        refused = refusal(self.state, command)
+        waiting_on_them = {d for t in live for d in self.state.dependents.get(t, ())}
+        events = self.h.command(command)
+        assert (refused is None) == bool(live), refused
+        cancelled = [e for e in events if isinstance(e, TaskCancelled)]
+        assert [e.task_id for e in cancelled] == live
+        assert all(e.reason == "cancelled: enough" for e in cancelled)
+        failed = {e.task_id for e in events if isinstance(e, TaskDependencyFailed)}
+        assert waiting_on_them - set(live) <= failed, "their dependents fail with them"
+        for task_id in live:
+            assert status_of(self.state, task_id) is TaskStatus.CANCELLED
 
     @rule(
         deliberation_id=st.sampled_from(["d0", "d1", "d2"]),
@@ -554,7 +611,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         task = data.draw(st.sampled_from(self.h.dispatched()), label="task")
         attempt, agent_id, sequence = task.attempt, task.agent_id, self.state.next_sequence
         entry, events = self.h.finish(task, failed=failed)
-        first = events[0]
+        first, *after = events
         if not failed:
             assert first == TaskCompleted(
                 task_id=task.task_id,
@@ -577,7 +634,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 reason="Boom",
                 witness_sequence=entry.sequence,
             )
-        assert all(isinstance(e, TaskDispatched) for e in events[1:])
+        released = [e for e in after if isinstance(e, TaskQueued)]
+        failed_too = [e for e in after if isinstance(e, TaskDependencyFailed)]
+        assert not released or isinstance(first, TaskCompleted)
+        assert not failed_too or isinstance(first, TaskDeadLettered)
+        assert all(e.waiting_for == [] for e in released)
+        assert all(isinstance(e, TaskDispatched) for e in after[len(released + failed_too) :])
 
     @precondition(lambda self: bool(self.h.dispatched()))
     @rule(data=st.data())
@@ -629,9 +691,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._check_all_terminal()
 
     def _check_all_terminal(self) -> None:
-        terminal = Counter(
-            e.task_id for e in self.h.log if isinstance(e, TaskCompleted | TaskDeadLettered)
-        )
+        terminal = Counter(e.task_id for e in self.h.log if isinstance(e, TERMINAL_EVENTS))
         for task_id in self.targets:
             status = status_of(self.state, task_id)
             assert status is not None, f"{task_id} is forgotten"
@@ -728,10 +788,41 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def nothing_submitted_is_lost(self) -> None:
         assert all(status_of(self.state, task_id) is not None for task_id in self.targets)
-        terminal = Counter(
-            e.task_id for e in self.h.log if isinstance(e, TaskCompleted | TaskDeadLettered)
-        )
+        terminal = Counter(e.task_id for e in self.h.log if isinstance(e, TERMINAL_EVENTS))
         assert all(n == 1 for n in terminal.values())
+
+    @invariant()
+    def a_task_runs_only_after_its_dependencies_completed(self) -> None:
+        for task in self.state.tasks.values():
+            pending = {
+                d for d in task.depends_on if status_of(self.state, d) is not (TaskStatus.COMPLETED)
+            }
+            assert task.waiting_for == pending
+            assert (task.status is TaskStatus.WAITING) == bool(pending)
+            for dependency in pending:
+                assert dependency in self.state.tasks, "a failed dependency fails its dependents"
+        for task_id, command in self.submitted.items():
+            if status_of(self.state, task_id) is TaskStatus.COMPLETED:
+                assert all(
+                    status_of(self.state, d) is TaskStatus.COMPLETED for d in command.depends_on
+                )
+            if status_of(self.state, task_id) is TaskStatus.DEPENDENCY_FAILED:
+                assert any(
+                    (s := status_of(self.state, d)) is not None and s.failed
+                    for d in command.depends_on
+                )
+
+    @invariant()
+    def dependents_and_deliberations_are_indexed(self) -> None:
+        dependents: dict[str, set[str]] = defaultdict(set)
+        deliberations: dict[str, set[str]] = defaultdict(set)
+        for task in self.state.tasks.values():
+            for dependency in task.waiting_for:
+                dependents[dependency].add(task.task_id)
+            if task.deliberation_id is not None:
+                deliberations[task.deliberation_id].add(task.task_id)
+        assert self.state.dependents == dependents
+        assert self.state.by_deliberation == deliberations
 
     @invariant()
     def a_snapshot_restores_the_same_state(self) -> None:
@@ -786,6 +877,7 @@ def submit(
     agent_id: str | None = None,
     max_attempts: int = 1,
     retry: RetryPolicy = AT_ONCE,
+    depends_on: tuple[str, ...] = (),
 ) -> TaskSubmitted:
     """A submission; retries at once unless a retry policy is given."""
     return TaskSubmitted(
@@ -796,6 +888,7 @@ def submit(
         agent_id=agent_id,
         max_attempts=max_attempts,
         **retry.as_fields(),
+        depends_on=list(depends_on),
     )
 
 
@@ -1240,6 +1333,154 @@ def test_small_windows_forget_oldest_first_and_recovery_agrees(
             assert_same_state(h.state, recovered(tail, from_snapshot(snapshot)))
 
 
+# -- Dependencies and cancellation ---------------------------------------------------
+
+
+def test_a_task_waits_for_all_its_dependencies_then_runs_in_its_submission_place() -> None:
+    h = Harness(capacity=2)
+    h.register("a0")
+    h.register("a1")
+    h.command(submit("a"))
+    h.command(submit("b"))
+    [queued] = h.command(submit("c", depends_on=("a", "b")))
+    assert isinstance(queued, TaskQueued)
+    assert (queued.depends_on, queued.waiting_for, queued.sequence) == (["a", "b"], ["a", "b"], 3)
+    assert status_of(h.state, "c") is TaskStatus.WAITING
+    h.command(submit("d"))  # later, with nothing to wait for: queued behind the pool
+    _, events = h.finish(h.state.tasks["a"], failed=False)
+    assert [type(e) for e in events] == [TaskCompleted, TaskDispatched]  # d takes a0
+    assert h.state.tasks["c"].waiting_for == {"b"}
+    _, events = h.finish(h.state.tasks["b"], failed=False)
+    _completed, released, dispatched = events
+    assert isinstance(released, TaskQueued)
+    assert (released.task_id, released.waiting_for, released.sequence) == ("c", [], 3)
+    assert isinstance(dispatched, TaskDispatched)
+    assert dispatched.task_id == "c"
+
+
+def test_a_queued_task_ranks_by_its_submission_once_released() -> None:
+    h = Harness(capacity=1)
+    h.register("a0")
+    h.command(submit("a"))
+    h.command(submit("c", depends_on=("a",)))
+    h.command(submit("d"))
+    _, events = h.finish(h.state.tasks["a"], failed=False)
+    assert [(type(e), e.task_id) for e in events] == [
+        (TaskCompleted, "a"),
+        (TaskQueued, "c"),
+        (TaskDispatched, "c"),  # submitted before d
+    ]
+
+
+def test_a_dead_letter_fails_its_dependents_transitively_naming_where_it_began() -> None:
+    h = Harness(capacity=1)
+    h.register("a0")
+    h.command(submit("a"))
+    h.command(submit("b", depends_on=("a",)))
+    h.command(submit("c", depends_on=("b",)))
+    h.command(submit("other"))
+    _, events = h.finish(h.state.tasks["a"], failed=True)
+    dead, b_failed, c_failed, next_dispatch = events
+    assert isinstance(dead, TaskDeadLettered)
+    assert b_failed == TaskDependencyFailed(
+        task_id="b", dependency="a", culprit="a", reason="dependency 'a' was dead-lettered"
+    )
+    assert c_failed == TaskDependencyFailed(
+        task_id="c",
+        dependency="b",
+        culprit="a",
+        reason="dependency 'b' failed a dependency; it began at 'a'",
+    )
+    assert isinstance(next_dispatch, TaskDispatched)
+    assert next_dispatch.task_id == "other"
+    assert h.state.dependents == {}
+    # A task submitted later on a failed dependency fails at once.
+    late = h.command(submit("e", depends_on=("c",)))
+    assert [type(e) for e in late] == [TaskQueued, TaskDependencyFailed]
+    assert status_of(h.state, "e") is TaskStatus.DEPENDENCY_FAILED
+
+
+def test_a_completed_dependency_does_not_hold_back_a_later_submission() -> None:
+    h = Harness()
+    h.register("a0")
+    h.command(submit("a"))
+    h.finish(h.state.tasks["a"], failed=False)
+    queued, dispatched = h.command(submit("b", depends_on=("a",)))
+    assert isinstance(queued, TaskQueued)
+    assert queued.waiting_for == []
+    assert isinstance(dispatched, TaskDispatched)
+
+
+def test_unknown_dependencies_and_self_dependencies_are_refused() -> None:
+    h = Harness()
+    h.command(submit("a"))
+    assert refusal(h.state, submit("b", depends_on=("a",))) is None
+    assert refusal(h.state, submit("b", depends_on=("a", "nope"))) == (
+        "depends on 1 unknown task(s): 'nope'; submit dependencies first"
+    )
+    assert refusal(h.state, submit("a", depends_on=("nope",))) is None  # a duplicate
+    assert invalid_command(submit("b", depends_on=("b",))) == "task 'b' cannot depend on itself"
+    assert invalid_command(submit("b", depends_on=("a", "a"))) == (
+        "depends_on must not repeat a task"
+    )
+    # Without the refusal, decide() never lets an unknown dependency wait for ever.
+    events = h.command(submit("b", depends_on=("nope",)))
+    assert [type(e) for e in events] == [TaskQueued, TaskDependencyFailed]
+
+
+def test_cancelling_frees_a_running_tasks_agent_and_a_queued_tasks_place() -> None:
+    h = Harness(capacity=1)
+    h.register("a0", host_id="h7")
+    h.command(submit("run"))
+    h.command(submit("wait"))
+    h.command(submit("after", depends_on=("run",)))
+    events = h.command(CancelRequested(task_id="run", reason="user asked"))
+    cancelled, dependent, dispatched = events
+    assert cancelled == TaskCancelled(
+        task_id="run", agent_id="a0", host_id="h7", attempt=1, reason="cancelled: user asked"
+    )
+    assert isinstance(dependent, TaskDependencyFailed)
+    assert dependent.culprit == "run"
+    assert isinstance(dispatched, TaskDispatched)
+    assert dispatched.task_id == "wait"
+    assert h.command(CancelRequested(task_id="wait")) == [
+        TaskCancelled(task_id="wait", agent_id="a0", host_id="h7", attempt=1, reason="cancelled")
+    ]
+    h.command(submit("queued"))  # capacity is free again: it runs
+    assert status_of(h.state, "queued") is TaskStatus.DISPATCHED
+    # The cancelled attempt's late answer is witnessed and changes nothing.
+    assert h.command(h.entry("agent.output", "run", "a0", attempt=1)) == []
+    assert refusal(h.state, CancelRequested(task_id="run")) == "task 'run' is already cancelled"
+    assert refusal(h.state, CancelRequested(task_id="x")) == (
+        "no task 'x' is known to the scheduler"
+    )
+
+
+def test_cancelling_a_deliberation_cancels_each_of_its_unfinished_tasks() -> None:
+    h = Harness(capacity=1)
+    for agent in ("a0", "a1", "a2"):
+        h.register(agent)
+    h.command(
+        DeliberationRequested(
+            deliberation_id="d", pool="p0", priority=Priority.NORMAL, motion="m", agent_ids=[]
+        )
+    )
+    h.finish(h.state.tasks["d/a0"], failed=False)
+    assert sorted(h.state.by_deliberation["d"]) == ["d/a1", "d/a2"]
+    events = h.command(CancelRequested(deliberation_id="d"))
+    assert [(type(e), e.task_id) for e in events] == [
+        (TaskCancelled, "d/a1"),
+        (TaskCancelled, "d/a2"),
+    ]
+    assert status_of(h.state, "d/a0") is TaskStatus.COMPLETED
+    assert h.state.by_deliberation == {}
+    assert refusal(h.state, CancelRequested(deliberation_id="d")) == (
+        "deliberation 'd' has no unfinished task"
+    )
+    assert invalid_command(CancelRequested()) is not None
+    assert invalid_command(CancelRequested(task_id="d/a0")) is None
+
+
 # -- Snapshots and timers ------------------------------------------------------------
 
 
@@ -1249,10 +1490,10 @@ def test_a_snapshot_is_versioned_and_anything_else_is_refused() -> None:
     h.command(submit("t0"))
     h.command(submit("t1", priority=Priority.HIGH, agent_id="a1"))
     snapshot, restored = _round_trip(h.state)
-    assert snapshot["version"] == SNAPSHOT_VERSION == 2
+    assert snapshot["version"] == SNAPSHOT_VERSION == 3
     assert_same_state(h.state, restored)
-    with pytest.raises(ValueError, match="version 1"):
-        from_snapshot({**snapshot, "version": 1})  # before retry policies
+    with pytest.raises(ValueError, match="version 2"):
+        from_snapshot({**snapshot, "version": 2})  # before dependencies
     with pytest.raises(ValueError, match="not a scheduler snapshot"):
         from_snapshot({"version": SNAPSHOT_VERSION, "capacity": 72})
     with pytest.raises(ValueError, match="task fields"):
