@@ -299,6 +299,9 @@ def submit(
     retry_multiplier: float = typer.Option(2.0, help="Each further retry waits this much longer."),
     retry_backoff_max: float = typer.Option(60.0, help="No retry waits longer (seconds)."),
     retry_jitter: float = typer.Option(0.2, help="Spread of each wait, 0 to 1."),
+    depends_on: list[str] = typer.Option(  # noqa: B008 (typer's way of declaring options)
+        [], "--depends-on", help="A task that must complete first (repeatable)."
+    ),
 ) -> None:
     """Submit a task; prints its id."""
     from conclave.client import Client
@@ -324,9 +327,51 @@ def submit(
                 agent_id=agent_id,
                 max_attempts=max_attempts,
                 retry=retry,
+                depends_on=depends_on,
             )
 
     out.print(_run(go()))
+
+
+@app.command()
+def cancel(
+    task_id: str = typer.Argument(..., help="The task, or with --deliberation the deliberation."),
+    deliberation: bool = typer.Option(
+        False, "--deliberation", help="Cancel every unfinished task of this deliberation."
+    ),
+    reason: str = typer.Option("", help="Why: kept with the cancelled task."),
+    pool: str | None = typer.Option(
+        None, help="Its pool, if the read model does not know it yet (default: 'default')."
+    ),
+) -> None:
+    """Cancel a task (waiting, queued, retrying or running) or a whole deliberation."""
+    from conclave.client import Client
+
+    async def go() -> None:
+        target = pool or await _pool_of(task_id, deliberation) or "default"
+        async with Client(_settings()) as client:
+            if deliberation:
+                await client.cancel(deliberation_id=task_id, pool=target, reason=reason)
+            else:
+                await client.cancel(task_id, pool=target, reason=reason)
+
+    _run(go())
+    out.print(f"cancellation of {'deliberation' if deliberation else 'task'} {task_id} sent")
+
+
+async def _pool_of(subject: str, deliberation: bool) -> str | None:
+    """The pool the read model has for a task or a deliberation (its scheduler shard's)."""
+    from projections.database import connect
+
+    db = await connect(_settings())
+    try:
+        column = "deliberation_id" if deliberation else "task_id"
+        pool: str | None = await db.fetchval(
+            f"SELECT pool FROM tasks WHERE {column} = $1 LIMIT 1", subject
+        )
+        return pool
+    finally:
+        await db.close()
 
 
 @app.command()

@@ -35,7 +35,16 @@ dlq_app = typer.Typer(help="Dead-lettered tasks: list, inspect, run again.", no_
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
-STATUSES = ("queued", "dispatched", "retrying", "completed", "dead_lettered")
+STATUSES = (
+    "waiting",
+    "queued",
+    "dispatched",
+    "retrying",
+    "completed",
+    "dead_lettered",
+    "cancelled",
+    "dependency_failed",
+)
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Limit = Annotated[int, typer.Option(min=1, max=10_000, help="At most this many rows.")]
@@ -212,6 +221,8 @@ def _task_table(view: TaskView) -> Table:
         )
     if view.redrive_of is not None:
         table.add_row("redrive of", view.redrive_of)
+    if view.dependencies:
+        table.add_row("depends on", ", ".join(f"{d} ({s})" for d, s in view.dependencies.items()))
     if view.output is not None:
         table.add_row("output", view.output.content)
         table.add_row("witness sequence", str(view.output.witness_sequence))
@@ -339,7 +350,8 @@ def list_pools(as_json: AsJson = False) -> None:
         return
     table = Table(box=None, header_style="bold")
     columns = ["pool", "agents", "in flight / capacity", *(p.label for p in Priority)]
-    for column in [*columns, "retrying", "completed", "dead"]:
+    finished = ["completed", "dead", "cancelled", "dep. failed"]
+    for column in [*columns, "waiting", "retrying", *finished]:
         table.add_column(column, justify="left" if column == "pool" else "right")
     for v in views:
         table.add_row(
@@ -347,9 +359,12 @@ def list_pools(as_json: AsJson = False) -> None:
             str(v.agents),
             f"{v.in_flight} / {settings.pool_capacity}",
             *(str(v.queued[p.label]) for p in Priority),
+            str(v.waiting),
             str(v.retrying),
             str(v.completed),
             str(v.dead_lettered),
+            str(v.cancelled),
+            str(v.dependency_failed),
         )
     out.print(table)
     err.print("queued per priority; capacity as configured here (CONCLAVE_POOL_CAPACITY)")

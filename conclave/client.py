@@ -2,7 +2,9 @@
 
     async with Client(settings) as client:
         task_id = await client.submit("summarise the minutes", priority=Priority.HIGH)
+        report = await client.submit("write the report", depends_on=[task_id])
         deliberation_id = await client.deliberate("Shall we adjourn?", agent_ids=[...])
+        await client.cancel(report)
 
 Every call returns once the broker has acknowledged the command. Commands of one pool go
 to one partition (:func:`conclave.topics.pool_partition`), the one its scheduler shard
@@ -18,7 +20,14 @@ from collections.abc import Sequence
 from opentelemetry import trace
 
 from conclave.bus import EventProducer, topics_for
-from conclave.domain.events import DeliberationRequested, Halt, Priority, Resume, TaskSubmitted
+from conclave.domain.events import (
+    CancelRequested,
+    DeliberationRequested,
+    Halt,
+    Priority,
+    Resume,
+    TaskSubmitted,
+)
 from conclave.domain.retry import DEFAULT_RETRY, RetryPolicy
 from conclave.domain.validation import invalid_command
 from conclave.errors import InvalidCommand
@@ -60,6 +69,7 @@ class Client:
         max_attempts: int = 1,
         retry: RetryPolicy = DEFAULT_RETRY,
         redrive_of: str | None = None,
+        depends_on: Sequence[str] = (),
     ) -> str:
         """Submit one task; returns its id. Submitting the same id twice runs it once.
 
@@ -68,11 +78,17 @@ class Client:
         would refuse (a bad id, a policy that makes no sense) raises
         :class:`~conclave.errors.InvalidCommand`, a ``ValueError``, before it is sent.
         ``redrive_of`` names the dead-lettered task this one runs again
-        (``conclave dlq redrive``)."""
+        (``conclave dlq redrive``).
+
+        ``depends_on``: tasks that must complete first; the task waits (``waiting``)
+        until they have, and ends ``dependency_failed`` if one is dead-lettered or
+        cancelled. Each must have been submitted before (awaited), in a pool of the same
+        scheduler shard (any pool with one partition, the default); an unknown one gets
+        the task rejected."""
         task_id = task_id or str(uuid.uuid4())
         event = _submitted(task_id, input, pool, priority, agent_id, max_attempts, retry)
-        if redrive_of is not None:
-            event = dataclasses.replace(event, redrive_of=redrive_of)
+        if redrive_of is not None or depends_on:
+            event = dataclasses.replace(event, redrive_of=redrive_of, depends_on=list(depends_on))
         _check(event)
         topic = self.topics.command(priority)
         with tracer().start_as_current_span("submit", kind=trace.SpanKind.PRODUCER) as span:
@@ -154,6 +170,34 @@ class Client:
             )
         return deliberation_id
 
+    async def cancel(
+        self,
+        task_id: str | None = None,
+        *,
+        deliberation_id: str | None = None,
+        pool: str = "default",
+        reason: str = "",
+    ) -> None:
+        """Cancel one task, or every unfinished task of a deliberation, in ``pool``.
+
+        A waiting, queued or retrying task ends ``cancelled`` at once; a running one too,
+        and its host stops the agent (a late answer is witnessed but is not the task's
+        answer). Tasks depending on it end ``dependency_failed``. Cancelling a finished
+        or unknown task is rejected (``conclave task show`` says why); cancelling a
+        cancelled one again does nothing. Sent on the critical topic: it overtakes work."""
+        event = CancelRequested(task_id=task_id, deliberation_id=deliberation_id, reason=reason)
+        _check(event)
+        subject = task_id or deliberation_id or ""
+        topic = self.topics.command(Priority.CRITICAL)
+        await self._producer.send(
+            topic,
+            subject,
+            event,
+            partition=await self._partition(topic, pool),
+            correlation_id=subject,
+            headers=headers_for(),
+        )
+
     async def halt(self, reason: str, *, operator: str = "operator") -> None:
         await self._producer.send(
             self.topics.control, "system", Halt(reason=reason, operator=operator), partition=0
@@ -192,7 +236,7 @@ def _submitted(
     )
 
 
-def _check(command: TaskSubmitted | DeliberationRequested) -> None:
+def _check(command: TaskSubmitted | DeliberationRequested | CancelRequested) -> None:
     """Refuse here, with the scheduler's own words, what the scheduler would reject."""
     if (reason := invalid_command(command)) is not None:
         raise InvalidCommand(reason)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from conclave.domain.events import Priority, WitnessEntry
+from conclave.domain.events import Priority, TaskSubmitted, WitnessEntry
 from conclave.errors import NotFound, Rejected
 
 __all__ = [
@@ -74,6 +74,9 @@ class TaskView:
     output: OutputView | None
     failures: list[Failure]
     """Every failed attempt, oldest first: the task's attempt history."""
+    dependencies: dict[str, str]
+    """Each task it depends on, as submitted -> that task's status now (``unknown`` if
+    the read model does not have it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +133,7 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
             "SELECT reason FROM rejections WHERE subject_id = $1 AND command_type = $2"
             " ORDER BY rejected_at LIMIT 1",
             task_id,
-            "task.submitted",
+            TaskSubmitted.TYPE,
         )
         if reason is not None:
             raise Rejected(f"task {task_id!r} was rejected: {reason}")
@@ -143,6 +146,10 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
              FROM task_failures WHERE task_id = $1 ORDER BY attempt, failed_at""",
         task_id,
     )
+    statuses = await pool.fetch(
+        "SELECT task_id, status FROM tasks WHERE task_id = ANY($1::text[])", row["depends_on"]
+    )
+    known = {r["task_id"]: r["status"] for r in statuses}
     return TaskView(
         task_id=row["task_id"],
         tenant=row["tenant"],
@@ -172,6 +179,7 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
             )
             for f in failures
         ],
+        dependencies={d: known.get(d, "unknown") for d in row["depends_on"]},
     )
 
 
@@ -297,10 +305,14 @@ class PoolView:
     """Dispatched, not finished: what counts against the pool's capacity."""
     queued: dict[str, int]
     """Priority label -> tasks waiting for capacity or an agent."""
+    waiting: int
+    """Tasks waiting for their dependencies (holding nothing)."""
     retrying: int
     """Tasks waiting out a retry back-off (holding no capacity)."""
     completed: int
     dead_lettered: int
+    cancelled: int
+    dependency_failed: int
 
 
 async def list_pools(pool: asyncpg.Pool) -> list[PoolView]:
@@ -326,9 +338,12 @@ async def list_pools(pool: asyncpg.Pool) -> list[PoolView]:
             agents=registered.get(name, 0),
             in_flight=by_status.get((name, "dispatched"), 0),
             queued={p.label: queued[name].get(p.label, 0) for p in Priority},
+            waiting=by_status.get((name, "waiting"), 0),
             retrying=by_status.get((name, "retrying"), 0),
             completed=by_status.get((name, "completed"), 0),
             dead_lettered=by_status.get((name, "dead_lettered"), 0),
+            cancelled=by_status.get((name, "cancelled"), 0),
+            dependency_failed=by_status.get((name, "dependency_failed"), 0),
         )
         for name in names
     ]

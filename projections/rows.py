@@ -37,8 +37,10 @@ from conclave.domain.events import (
     Halt,
     Heartbeat,
     Resume,
+    TaskCancelled,
     TaskCompleted,
     TaskDeadLettered,
+    TaskDependencyFailed,
     TaskDispatched,
     TaskFailed,
     TaskQueued,
@@ -88,9 +90,11 @@ TaskEvent = (
     | TaskRetryScheduled
     | TaskCompleted
     | TaskDeadLettered
+    | TaskCancelled
+    | TaskDependencyFailed
 )
 
-TERMINAL = frozenset({"completed", "dead_lettered"})
+TERMINAL = frozenset({"completed", "dead_lettered", "cancelled", "dependency_failed"})
 """Task statuses that no later event changes: the first terminal event wins."""
 
 
@@ -136,6 +140,8 @@ class TaskRow:
     """While ``retrying``: when the task is queued again, µs since the epoch."""
     redrive_of: str | None
     """The dead-lettered task this one runs again."""
+    depends_on: list[str]
+    """Tasks it waits for (while ``waiting``), as submitted."""
 
 
 @dataclass(slots=True)
@@ -179,6 +185,7 @@ TASKS = _table(
         "finished_at": "bigint",
         "next_attempt_at": "bigint",
         "redrive_of": "text",
+        "depends_on": "text[]",
     },
     "task_id",
 )
@@ -292,7 +299,7 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
                 correlation_id=envelope.correlation_id,
                 pool=event.pool,
                 priority=event.priority.label,
-                status="queued",
+                status="waiting" if event.waiting_for else "queued",
                 input=event.input,
                 agent_id=event.agent_id,
                 attempt=0,
@@ -306,9 +313,10 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
                 finished_at=None,
                 next_attempt_at=None,
                 redrive_of=event.redrive_of,
+                depends_on=list(event.depends_on),
             )
-        if row.status not in TERMINAL:  # a retry: back in the queue
-            row.status = "queued"
+        if row.status not in TERMINAL:  # a retry, or its dependencies done: in the queue
+            row.status = "waiting" if event.waiting_for else "queued"
             row.queued_at = envelope.occurred_at
             row.next_attempt_at = None
         return row
@@ -329,6 +337,10 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
         row.status = "completed"
         row.output_event_id = event.output_event_id
         row.witness_sequence = event.witness_sequence
+        row.finished_at = envelope.occurred_at
+    elif isinstance(event, TaskCancelled | TaskDependencyFailed):
+        row.status = "cancelled" if isinstance(event, TaskCancelled) else "dependency_failed"
+        row.error = event.reason
         row.finished_at = envelope.occurred_at
     else:
         row.status = "dead_lettered"
@@ -382,6 +394,8 @@ KEYED: Mapping[type[Any], tuple[Table, Callable[[Any], str], Fold]] = {
     TaskDeadLettered: (TASKS, attrgetter("task_id"), fold_task),
     TaskStalled: (TASKS, attrgetter("task_id"), fold_task),
     TaskRetryScheduled: (TASKS, attrgetter("task_id"), fold_task),
+    TaskCancelled: (TASKS, attrgetter("task_id"), fold_task),
+    TaskDependencyFailed: (TASKS, attrgetter("task_id"), fold_task),
     AgentRegistered: (AGENTS, attrgetter("agent_id"), fold_agent),
     AgentReinstated: (AGENTS, attrgetter("agent_id"), fold_agent),
     Heartbeat: (AGENTS, attrgetter("agent_id"), fold_agent),

@@ -29,6 +29,7 @@ from conclave.domain.events import (
     TASKS_TOPIC_EVENTS,
     AgentRegistered,
     AgentReinstated,
+    CancelRequested,
     CommandRejected,
     DeliberationRequested,
     Envelope,
@@ -36,8 +37,10 @@ from conclave.domain.events import (
     Halt,
     Priority,
     Resume,
+    TaskCancelled,
     TaskCompleted,
     TaskDeadLettered,
+    TaskDependencyFailed,
     TaskDispatched,
     TaskQueued,
     TaskSubmitted,
@@ -56,6 +59,8 @@ __all__ = ["SchedulerShard"]
 log = logging.getLogger(__name__)
 
 _CHANGELOG = TASKS_TOPIC_EVENTS
+_FINISHED = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskDependencyFailed)
+Command = TaskSubmitted | DeliberationRequested | CancelRequested
 
 
 @dataclass(slots=True)
@@ -176,13 +181,14 @@ class SchedulerShard:
             self.origins[event.task_id] = _Origin(
                 envelope.tenant, envelope.correlation_id, traceparent
             )
-        elif isinstance(event, TaskCompleted | TaskDeadLettered):
+        elif isinstance(event, _FINISHED):
             self.origins.pop(event.task_id, None)
         return []
 
     def step(self, records: Sequence[Record], now: int) -> list[Outgoing]:
         out: list[Outgoing] = []
         decided: list[tuple[Envelope | None, SchedulerEvent]] = []
+        deferred: list[tuple[Record, Envelope, TaskSubmitted | CancelRequested]] = []
         for record in records:
             if record.topic == self.topics.witness and not self._concerns_me(record):
                 continue  # another shard's task: skipped without decoding
@@ -190,39 +196,17 @@ class SchedulerShard:
             if decoded is None:
                 continue
             envelope, event = decoded
-            if isinstance(event, TaskSubmitted | DeliberationRequested) and (
-                refusal := self._refusal(record.topic, event)
-            ):
-                out.append(self._reject(envelope, event, refusal, now))
+            if (
+                isinstance(event, CancelRequested)
+                or (isinstance(event, TaskSubmitted) and event.depends_on)
+            ) and scheduling.refusal(self.state, event) is not None:
+                # The task it names may be later in this batch (on another priority's
+                # topic): judged once the rest of the batch is in.
+                deferred.append((record, envelope, event))
                 continue
-            if (rejection := self._rejection(record.topic, event)) is not None:
-                reason, error_type = rejection
-                out.append(
-                    self.emitter.dead_letter(record, reason=reason, error_type=error_type, now=now)
-                )
-                continue
-            match event:
-                case TaskSubmitted() | DeliberationRequested() | WitnessEntry():
-                    with hop(f"schedule {event.TYPE}", record.headers) as onward:
-                        for outcome in scheduling.decide(self.state, event, now):
-                            scheduling.evolve(self.state, outcome)
-                            if isinstance(outcome, TaskQueued):
-                                self.origins.setdefault(
-                                    outcome.task_id,
-                                    _Origin(
-                                        envelope.tenant,
-                                        envelope.correlation_id,
-                                        dict(onward).get(TRACEPARENT),
-                                    ),
-                                )
-                            decided.append((envelope, outcome))
-                case AgentRegistered():
-                    scheduling.evolve(self.state, event)
-                    for reinstated in scheduling.reinstate(self.state, event):
-                        scheduling.evolve(self.state, reinstated)
-                        decided.append((envelope, reinstated))
-                case Halt() | Resume():
-                    scheduling.evolve(self.state, event)
+            self._take(record, envelope, event, now, out, decided)
+        for record, envelope, command in deferred:
+            self._take(record, envelope, command, now, out, decided)
         # Attempts past their deadline free their agents and places before scheduling.
         for expired in scheduling.expire(self.state, now):
             scheduling.evolve(self.state, expired)
@@ -237,6 +221,48 @@ class SchedulerShard:
             out.append(self._emit(decision, cause, now))
         return out
 
+    def _take(
+        self,
+        record: Record,
+        envelope: Envelope,
+        event: Event,
+        now: int,
+        out: list[Outgoing],
+        decided: list[tuple[Envelope | None, SchedulerEvent]],
+    ) -> None:
+        """One decoded input: refused, dead-lettered, decided on or folded."""
+        if isinstance(event, Command) and (refusal := self._refusal(record.topic, event)):
+            out.append(self._reject(envelope, event, refusal, now))
+            return
+        if (rejection := self._rejection(record.topic, event)) is not None:
+            reason, error_type = rejection
+            out.append(
+                self.emitter.dead_letter(record, reason=reason, error_type=error_type, now=now)
+            )
+            return
+        match event:
+            case TaskSubmitted() | DeliberationRequested() | CancelRequested() | WitnessEntry():
+                with hop(f"schedule {event.TYPE}", record.headers) as onward:
+                    for outcome in scheduling.decide(self.state, event, now):
+                        scheduling.evolve(self.state, outcome)
+                        if isinstance(outcome, TaskQueued):
+                            self.origins.setdefault(
+                                outcome.task_id,
+                                _Origin(
+                                    envelope.tenant,
+                                    envelope.correlation_id,
+                                    dict(onward).get(TRACEPARENT),
+                                ),
+                            )
+                        decided.append((envelope, outcome))
+            case AgentRegistered():
+                scheduling.evolve(self.state, event)
+                for reinstated in scheduling.reinstate(self.state, event):
+                    scheduling.evolve(self.state, reinstated)
+                    decided.append((envelope, reinstated))
+            case Halt() | Resume():
+                scheduling.evolve(self.state, event)
+
     def _emit(self, event: SchedulerEvent, cause: Envelope | None, now: int) -> Outgoing:
         if isinstance(event, AgentReinstated):
             return self.emitter.event(
@@ -246,7 +272,9 @@ class SchedulerShard:
         headers = origin.headers() if origin is not None else []
         if isinstance(event, TaskDispatched):
             headers = [*headers, (HOST_HEADER, event.host_id.encode())]
-        elif isinstance(event, TaskCompleted | TaskDeadLettered):
+        elif isinstance(event, TaskCancelled) and event.host_id is not None:
+            headers = [*headers, (HOST_HEADER, event.host_id.encode())]  # stop its agent
+        if isinstance(event, _FINISHED):
             self.origins.pop(event.task_id, None)
         return self.emitter.event(
             self.topics.tasks,
@@ -260,24 +288,37 @@ class SchedulerShard:
             correlation_id=origin.correlation_id if origin is not None else None,
         )
 
-    def _refusal(self, topic: str, command: TaskSubmitted | DeliberationRequested) -> str | None:
+    def _refusal(self, topic: str, command: Command) -> str | None:
         """Why a well-formed command is refused, if it is. The topic decides the priority:
-        a command whose priority field says otherwise is refused, not re-ranked."""
-        if topic in self._priority_of and command.priority is not self._priority_of[topic]:
+        a command whose priority field says otherwise is refused, not re-ranked. Then the
+        state: a dependency not known here, a cancellation of nothing unfinished."""
+        if (
+            not isinstance(command, CancelRequested)
+            and topic in self._priority_of
+            and command.priority is not self._priority_of[topic]
+        ):
             return (
                 f"priority {command.priority.label} does not match the topic it was sent on "
                 f"({topic}, {self._priority_of[topic].label})"
             )
-        return invalid_command(command)
+        invalid = invalid_command(command)
+        if invalid is not None or isinstance(command, DeliberationRequested):
+            return invalid
+        return scheduling.refusal(self.state, command)
 
     def _reject(
         self,
         cause: Envelope,
-        command: TaskSubmitted | DeliberationRequested,
+        command: Command,
         reason: str,
         now: int,
     ) -> Outgoing:
-        subject = command.task_id if isinstance(command, TaskSubmitted) else command.deliberation_id
+        if isinstance(command, TaskSubmitted):
+            subject = command.task_id
+        elif isinstance(command, DeliberationRequested):
+            subject = command.deliberation_id
+        else:
+            subject = command.task_id or command.deliberation_id or ""
         log.warning("%s rejected %s %r: %s", self.name, command.TYPE, subject[:200], reason)
         rejected = CommandRejected(
             command_type=command.TYPE,

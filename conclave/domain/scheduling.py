@@ -175,7 +175,9 @@ def refusal(state: SchedulerState, command: TaskSubmitted | CancelRequested) -> 
         status = status_of(state, command.task_id)
         if status is None:
             return f"no task {command.task_id!r} is known to the scheduler"
-        return f"task {command.task_id!r} is already {status.value}" if status.terminal else None
+        if not status.terminal or status is TaskStatus.CANCELLED:
+            return None  # an idempotent repeat, if cancelled already
+        return f"task {command.task_id!r} is already {status.value}"
     deliberation_id = command.deliberation_id or ""
     if deliberation_id in state.by_deliberation:
         return None

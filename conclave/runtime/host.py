@@ -41,6 +41,7 @@ from conclave.domain.events import (
     DeadLetterRecord,
     Envelope,
     Heartbeat,
+    TaskCancelled,
     TaskDispatched,
     TaskFailed,
 )
@@ -130,6 +131,10 @@ class RuntimeHost:
         """(dispatch offset, outcome record) waiting for the next transaction."""
         self._flushed = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
+        self._attempts: dict[str, tuple[int, asyncio.Task[None]]] = {}
+        """Task id -> the attempt this host runs for it, and the coroutine running it."""
+        self._cancelled: dict[str, str] = {}
+        """Task id -> why the scheduler cancelled it, while its coroutine is stopping."""
         self._consumer: AIOKafkaConsumer | None = None
         self._writer: TransactionalProducer | None = None
         self._loops: list[asyncio.Task[None]] = []
@@ -297,6 +302,9 @@ class RuntimeHost:
         except SchemaError as exc:
             await self._dead_letter(record, str(exc))
             return
+        if isinstance(event, TaskCancelled):
+            self._cancel(event)
+            return
         if not isinstance(event, TaskDispatched):
             await self._dead_letter(record, f"{event.TYPE} carries a dispatch header")
             return
@@ -309,7 +317,25 @@ class RuntimeHost:
         self._progress.running.add(record.offset)
         task = asyncio.create_task(self._run(envelope, event, record))
         self._running.add(task)
+        self._attempts[event.task_id] = (event.attempt, task)
         task.add_done_callback(self._running.discard)
+        task.add_done_callback(lambda _: self._forget(event.task_id, task))
+
+    def _forget(self, task_id: str, task: asyncio.Task[None]) -> None:
+        if self._attempts.get(task_id, (0, None))[1] is task:
+            del self._attempts[task_id]
+        self._cancelled.pop(task_id, None)
+
+    def _cancel(self, event: TaskCancelled) -> None:
+        """Stop the agent working on a cancelled task: its coroutine is cancelled, and
+        the attempt reported as a permanent ``Cancelled`` failure (witnessed, and ignored
+        by the scheduler, for which the task is over already)."""
+        running = self._attempts.get(event.task_id)
+        if running is None or running[0] != event.attempt or running[1].done():
+            return  # finished meanwhile, or an attempt this host does not run
+        log.info("%s: cancelling task %s attempt %d", self.name, event.task_id, event.attempt)
+        self._cancelled[event.task_id] = event.reason
+        running[1].cancel()
 
     async def _dead_letter(self, record: Record, reason: str) -> None:
         log.warning("%s dead-lettered %s@%d: %s", self.name, record.topic, record.offset, reason)
@@ -343,13 +369,29 @@ class RuntimeHost:
             span.set_attribute("conclave.task_id", event.task_id)
             span.set_attribute("conclave.agent_id", event.agent_id)
             started = time.perf_counter()
+            outcome: AgentOutput | TaskFailed
             try:
                 content = _checked(await asyncio.wait_for(self.agent(ctx), self._task_timeout_s))
+            except asyncio.CancelledError:
+                if event.task_id not in self._cancelled:
+                    raise  # the host is stopping
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+                outcome = TaskFailed(
+                    task_id=event.task_id,
+                    agent_id=event.agent_id,
+                    attempt=event.attempt,
+                    error_type="Cancelled",
+                    error_message=self._cancelled[event.task_id][:2000],
+                    deliberation_id=event.deliberation_id,
+                    permanent=True,
+                )
             except Exception as exc:  # any agent error is reported, with attribution
                 message = str(exc)
                 if isinstance(exc, TimeoutError) and not message:
                     message = f"no answer within the task timeout of {self._task_timeout_s:g} s"
-                outcome: AgentOutput | TaskFailed = TaskFailed(
+                outcome = TaskFailed(
                     task_id=event.task_id,
                     agent_id=event.agent_id,
                     attempt=event.attempt,

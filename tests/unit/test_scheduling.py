@@ -532,9 +532,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             command = CancelRequested(task_id=task_id, reason="enough")
             live = [task_id] if task is not None else []
         refused = refusal(self.state, command)
+        repeated = command.task_id is not None and (
+            status_of(self.state, command.task_id) is TaskStatus.CANCELLED
+        )
         waiting_on_them = {d for t in live for d in self.state.dependents.get(t, ())}
         events = self.h.command(command)
-        assert (refused is None) == bool(live), refused
+        assert (refused is None) == bool(live or repeated), refused
         cancelled = [e for e in events if isinstance(e, TaskCancelled)]
         assert [e.task_id for e in cancelled] == live
         assert all(e.reason == "cancelled: enough" for e in cancelled)
@@ -1450,7 +1453,12 @@ def test_cancelling_frees_a_running_tasks_agent_and_a_queued_tasks_place() -> No
     assert status_of(h.state, "queued") is TaskStatus.DISPATCHED
     # The cancelled attempt's late answer is witnessed and changes nothing.
     assert h.command(h.entry("agent.output", "run", "a0", attempt=1)) == []
-    assert refusal(h.state, CancelRequested(task_id="run")) == "task 'run' is already cancelled"
+    assert refusal(h.state, CancelRequested(task_id="run")) is None  # idempotent
+    assert h.command(CancelRequested(task_id="run")) == []
+    h.finish(h.state.tasks["queued"], failed=False)
+    assert refusal(h.state, CancelRequested(task_id="queued")) == (
+        "task 'queued' is already completed"
+    )
     assert refusal(h.state, CancelRequested(task_id="x")) == (
         "no task 'x' is known to the scheduler"
     )

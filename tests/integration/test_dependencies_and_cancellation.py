@@ -1,0 +1,179 @@
+"""Dependencies and cancellation on the embedded stack: the Python client, the
+processors, a runtime host and the ``conclave`` CLI a user runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from conclave.domain.retry import RetryPolicy
+from conclave.errors import NotFound, Rejected
+from conclave.runtime.agents import AgentContext, PermanentFailure
+from projections import queries
+from tests.integration.conftest import System, eventually, task_status
+from tests.integration.test_skeleton import cli
+
+pytestmark = pytest.mark.integration
+
+
+async def _is(db: asyncpg.Pool, task_id: str, status: str) -> bool:
+    return await task_status(db, task_id) == status
+
+
+async def test_a_chain_runs_in_order_and_a_dead_letter_fails_what_depends_on_it(
+    system: System,
+) -> None:
+    settings, db, client, pool = system.settings, system.db, system.client, system.pool
+    started: list[str] = []
+
+    async def agent(ctx: AgentContext) -> str:
+        started.append(ctx.task_id)
+        await asyncio.sleep(0.05)
+        if ctx.input == "fail":
+            raise PermanentFailure("cannot")
+        return f"did {ctx.input}"
+
+    ids = {name: f"{pool}-{name}" for name in ("a", "b", "c", "bad", "d", "e")}
+    async with system.running(4, agent):
+        # Submitted all at once: with four idle agents, only the order of the chain
+        # keeps b and c from starting at once.
+        await client.submit("a", task_id=ids["a"], pool=pool)
+        await client.submit("b", task_id=ids["b"], pool=pool, depends_on=[ids["a"]])
+        await client.submit("c", task_id=ids["c"], pool=pool, depends_on=[ids["b"], ids["a"]])
+        await client.submit("fail", task_id=ids["bad"], pool=pool, retry=RetryPolicy(0))
+        await client.submit("d", task_id=ids["d"], pool=pool, depends_on=[ids["bad"]])
+        await client.submit("e", task_id=ids["e"], pool=pool, depends_on=[ids["d"], ids["a"]])
+        await eventually(lambda: _is(db, ids["c"], "completed"))
+        await eventually(lambda: _is(db, ids["e"], "dependency_failed"))
+
+    chain = [t for t in started if t in (ids["a"], ids["b"], ids["c"])]
+    assert chain == [ids["a"], ids["b"], ids["c"]]
+    assert ids["d"] not in started
+    assert ids["e"] not in started
+    a, b, c = [await queries.get_task(db, ids[n]) for n in "abc"]
+    assert a.finished_at is not None
+    assert b.dispatched_at is not None
+    assert b.dispatched_at >= a.finished_at
+    assert c.dependencies == {ids["b"]: "completed", ids["a"]: "completed"}
+    d = await queries.get_task(db, ids["d"])
+    assert d.status == "dependency_failed"
+    assert d.error == f"dependency {ids['bad']!r} was dead-lettered"
+    e = await queries.get_task(db, ids["e"])
+    assert e.error == (f"dependency {ids['d']!r} failed a dependency; it began at {ids['bad']!r}")
+    shown = await asyncio.to_thread(cli, settings, "task", "show", ids["c"])
+    assert f"{ids['b']} (completed)" in shown.stdout, shown.stdout
+    listed = await asyncio.to_thread(
+        cli, settings, "tasks", "--pool", pool, "--status", "dependency_failed", "--json"
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert f'"{ids["e"]}"' in listed.stdout
+
+
+async def test_a_task_depending_on_an_unknown_task_is_rejected_and_says_so(
+    system: System,
+) -> None:
+    settings, db, client, pool = system.settings, system.db, system.client, system.pool
+    task_id = await client.submit("x", pool=pool, depends_on=[f"{pool}-never-submitted"])
+
+    async def rejected() -> bool:
+        try:
+            await queries.get_task(db, task_id)
+        except Rejected:
+            return True
+        except NotFound:
+            return False  # not folded yet
+        return False
+
+    await eventually(rejected)
+    shown = await asyncio.to_thread(cli, settings, "task", "show", task_id)
+    assert shown.returncode != 0
+    assert "unknown task(s)" in shown.stderr, shown.stderr
+    refused = await asyncio.to_thread(
+        cli, settings, "submit", "x", "--pool", pool, "--id", "self", "--depends-on", "self"
+    )
+    assert refused.returncode != 0
+    assert "cannot depend on itself" in refused.stderr, refused.stderr
+
+
+async def test_cancelling_a_running_task_stops_its_agent_and_frees_its_place(
+    system: System,
+) -> None:
+    settings, db, client, pool = system.settings, system.db, system.client, system.pool
+    stopped = asyncio.Event()
+
+    async def agent(ctx: AgentContext) -> str:
+        if ctx.input != "slow":
+            return f"did {ctx.input}"
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        return "never"
+
+    async with system.running(1, agent):
+        slow = await client.submit("slow", pool=pool)
+        after = await client.submit("after", pool=pool, depends_on=[slow])
+        queued = await client.submit("next", pool=pool)  # waits for the only agent
+        await eventually(lambda: _is(db, slow, "dispatched"))
+        assert await task_status(db, after) == "waiting"
+        sent = await asyncio.to_thread(
+            cli, settings, "cancel", slow, "--reason", "no longer needed"
+        )
+        assert sent.returncode == 0, sent.stderr
+        await asyncio.wait_for(stopped.wait(), 30)
+        await eventually(lambda: _is(db, slow, "cancelled"))
+        await eventually(lambda: _is(db, queued, "completed"))  # the agent is free again
+        await eventually(lambda: _is(db, after, "dependency_failed"))
+        # The stopped attempt is reported, witnessed, and is not the task's answer.
+        view = await eventually(lambda: _with_failure(db, slow))
+    assert view.status == "cancelled"
+    assert view.error == "cancelled: no longer needed"
+    assert view.output is None
+    assert [(f.error_type, f.permanent) for f in view.failures] == [("Cancelled", True)]
+    again = await asyncio.to_thread(cli, settings, "cancel", queued)
+    assert again.returncode == 0  # sent; the scheduler rejects it, and says why
+    await eventually(lambda: _rejected_cancel(db, queued))
+
+
+async def test_cancelling_a_deliberation_cancels_the_answers_still_outstanding(
+    system: System,
+) -> None:
+    db, client, pool = system.db, system.client, system.pool
+    release = asyncio.Event()
+
+    async def agent(ctx: AgentContext) -> str:
+        if not ctx.agent_id.endswith("0"):
+            await release.wait()  # all but one agent think for ever
+        return f"{ctx.agent_id} says aye"
+
+    async with system.running(3, agent) as host:
+        agents = sorted(host.config.agent_ids)
+        deliberation_id = await client.deliberate("motion", agent_ids=agents, pool=pool)
+        first = f"{deliberation_id}/{agents[0]}"
+        await eventually(lambda: _is(db, first, "completed"))
+        await client.cancel(deliberation_id=deliberation_id, pool=pool)
+        views = await eventually(lambda: _all_finished(db, deliberation_id))
+        release.set()
+    assert [v.status for v in views] == ["completed", "cancelled", "cancelled"]
+
+
+async def _with_failure(db: asyncpg.Pool, task_id: str) -> queries.TaskView | None:
+    view = await queries.get_task(db, task_id)
+    return view if view.failures else None
+
+
+async def _rejected_cancel(db: asyncpg.Pool, task_id: str) -> bool:
+    reason = await db.fetchval(
+        "SELECT reason FROM rejections WHERE subject_id = $1 AND command_type = $2",
+        task_id,
+        "task.cancel_requested",
+    )
+    return reason == f"task {task_id!r} is already completed"
+
+
+async def _all_finished(db: asyncpg.Pool, deliberation_id: str) -> list[queries.TaskView] | None:
+    views = await queries.deliberation(db, deliberation_id)
+    return views if views and all(v.finished_at is not None for v in views) else None
