@@ -17,7 +17,10 @@ Measured in one run, each part on a fresh embedded stack (its own broker and Pos
   output -> witnessed -> visible to readers;
 * peak resident memory of the Conclave processes (worker, runtime host, demo
   process with the projector);
-* the codec and the witness chain per event (CPU cost, no I/O).
+* the codec and the witness chain per event (CPU cost, no I/O);
+* scheduling workloads (:mod:`bench.workloads`): 20,000 tasks as chains of 10 and
+  with 10 % transient failures against the same number of independent tasks, and
+  400 sequential steps.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import peers, throughput
+from bench import peers, throughput, workloads
 from conclave.demo import DemoConfig, DemoReport, percentiles, run_demo
 from conclave.devstack import EmbeddedStack
 from conclave.domain import witness
@@ -299,7 +302,7 @@ def main() -> None:
         help="tasks of history before each restart (200000 works, but the embedded "
         "broker rewrites its whole file every ~2 s; see docs/processing.md)",
     )
-    parser.add_argument("--only", choices=["demo", "scale"], default=None)
+    parser.add_argument("--only", choices=["demo", "scale", "workloads"], default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result: dict[str, Any] = {}
@@ -313,6 +316,8 @@ def main() -> None:
         # Blocking (they start workers of their own): outside any event loop.
         peer_rows = peers.run_all(None, args.tasks)
         result["peers"] = [asdict(p) for p in peer_rows]
+    if args.only in (None, "workloads"):
+        result["workloads"] = [asdict(w) for w in asyncio.run(workloads.run_all(args.tasks))]
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -320,6 +325,8 @@ def main() -> None:
         show(result["demo"])
     if "scale" in result:
         show_scale(result["scale"], peer_rows)
+    if "workloads" in result:
+        workloads.show([workloads.WorkloadFigures(**w) for w in result["workloads"]])
 
 
 def _ints(text: str) -> list[int]:

@@ -75,10 +75,13 @@ async def stack() -> AsyncIterator[tuple[Settings, EmbeddedStack]]:
 class _System:
     """Worker, runtime host(s) and projector as child processes."""
 
-    def __init__(self, settings: Settings, agents: int, hosts: int) -> None:
+    def __init__(
+        self, settings: Settings, agents: int, hosts: int, *, failure_rate: float = 0.0
+    ) -> None:
         self.settings = settings.with_(pool_capacity=agents)
         self.agents = agents
         self.hosts = hosts
+        self.failure_rate = failure_rate
         self.children = ChildProcesses(self.settings)
 
     async def start(self) -> None:
@@ -102,6 +105,8 @@ class _System:
                     f"h{h}-agent",
                     "--latency-ms",
                     "0",
+                    "--failure-rate",
+                    str(self.failure_rate),
                 ],
                 ready_marker=b"running",
             )

@@ -112,20 +112,28 @@ class Client:
         priority: Priority = Priority.NORMAL,
         max_attempts: int = 1,
         retry: RetryPolicy = DEFAULT_RETRY,
+        depends_on: Sequence[Sequence[str]] | None = None,
     ) -> list[str]:
         """Submit one task per input, awaiting the broker's acknowledgements once per
-        thousand rather than once per task; returns the task ids in order."""
+        thousand rather than once per task; returns the task ids in order.
+
+        ``depends_on[i]``: the dependencies of the ``i``-th task (see :meth:`submit`).
+        Tasks of one call go to one topic partition in order, so a task may depend on
+        one earlier in the same call."""
         ids = list(task_ids) if task_ids is not None else [str(uuid.uuid4()) for _ in inputs]
         if len(ids) != len(inputs):
             raise ValueError("task_ids and inputs differ in length")
+        if depends_on is not None and len(depends_on) != len(inputs):
+            raise ValueError("depends_on and inputs differ in length")
         topic = self.topics.command(priority)
         partition = await self._partition(topic, pool)
         for start in range(0, len(ids), 1000):
             records = []
-            for task_id, text in zip(
-                ids[start : start + 1000], inputs[start : start + 1000], strict=True
-            ):
-                event = _submitted(task_id, text, pool, priority, None, max_attempts, retry)
+            for i in range(start, min(start + 1000, len(ids))):
+                task_id = ids[i]
+                event = _submitted(task_id, inputs[i], pool, priority, None, max_attempts, retry)
+                if depends_on is not None and depends_on[i]:
+                    event = dataclasses.replace(event, depends_on=list(depends_on[i]))
                 _check(event)
                 with tracer().start_as_current_span("submit", kind=trace.SpanKind.PRODUCER):
                     _, record = self._producer.encode(
