@@ -29,8 +29,10 @@ from aiokafka import TopicPartition
 from conclave.bus import ensure_topics, new_consumer, read_history, topics_for
 from conclave.client import Client
 from conclave.domain.events import (
+    TaskCancelled,
     TaskCompleted,
     TaskDeadLettered,
+    TaskDependencyFailed,
     TaskDispatched,
     TaskQueued,
 )
@@ -171,6 +173,23 @@ def _print_logs(home: Path) -> None:
             shutil.copy(log, Path(keep) / log.name)
 
 
+async def submit_chains(
+    settings: Settings, pool: str, chains: int, length: int, *, prefix: str = "c"
+) -> dict[str, str]:
+    """``chains`` chains of ``length`` tasks, each depending on the one before it;
+    returns task id -> the id it depends on (``""`` for a chain's first task)."""
+    ids = [f"{prefix}-{c:03d}-{i:03d}" for c in range(chains) for i in range(length)]
+    after = {t: "" if i % length == 0 else ids[i - 1] for i, t in enumerate(ids)}
+    async with Client(settings, producer_name="faults") as client:
+        await client.submit_many(
+            [f"job {t}" for t in ids],
+            task_ids=ids,
+            pool=pool,
+            depends_on=[[after[t]] if after[t] else [] for t in ids],
+        )
+    return after
+
+
 async def submit(
     settings: Settings, pool: str, count: int, *, prefix: str = "t", max_attempts: int = 1
 ) -> list[str]:
@@ -188,7 +207,11 @@ class Ledger:
     """The scheduler's decisions, read back from the tasks topic."""
 
     terminal: Counter[str] = field(default_factory=Counter)
-    """Task id -> how many terminal events (completed or dead-lettered) it has."""
+    """Task id -> how many terminal events (completed, dead-lettered, cancelled or
+    dependency-failed) it has."""
+    completed_at: dict[str, int] = field(default_factory=dict)
+    """Task id -> the tasks-topic offset of its completion (one partition per pool)."""
+    first_dispatched_at: dict[str, int] = field(default_factory=dict)
     peak_in_flight: dict[str, int] = field(default_factory=dict)
     """Pool -> the most tasks it ever had dispatched and unfinished at once."""
     dispatches: int = 0
@@ -207,15 +230,24 @@ async def ledger(settings: Settings) -> Ledger:
         match event:
             case TaskDispatched():
                 found.dispatches += 1
+                found.first_dispatched_at.setdefault(event.task_id, record.offset)
                 if event.task_id not in holding:
                     holding[event.task_id] = event.pool
                     in_flight[event.pool] += 1
                     found.peak_in_flight[event.pool] = max(
                         found.peak_in_flight.get(event.pool, 0), in_flight[event.pool]
                     )
-            case TaskQueued() | TaskCompleted() | TaskDeadLettered():
-                if isinstance(event, TaskCompleted | TaskDeadLettered):
+            case (
+                TaskQueued()
+                | TaskCompleted()
+                | TaskDeadLettered()
+                | TaskCancelled()
+                | TaskDependencyFailed()
+            ):
+                if not isinstance(event, TaskQueued):
                     found.terminal[event.task_id] += 1
+                if isinstance(event, TaskCompleted):
+                    found.completed_at.setdefault(event.task_id, record.offset)
                 pool = holding.pop(event.task_id, None)
                 if pool is not None:
                     in_flight[pool] -= 1

@@ -16,7 +16,13 @@ from conclave.bus import ensure_topics, read_history, topics_for
 from conclave.domain.events import TaskDeadLettered, TaskDispatched, TaskStalled
 from conclave.topics import pool_partition
 from schemas.codec import default_codec
-from tests.faults.conftest import Cluster, check_invariants, submit, until_all_terminal
+from tests.faults.conftest import (
+    Cluster,
+    check_invariants,
+    submit,
+    submit_chains,
+    until_all_terminal,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -45,6 +51,27 @@ async def test_worker_killed_again_and_again_resumes_each_time(cluster: Cluster)
         task_ids += await submit(cluster.settings, "fpool", 40, prefix=f"{name}-{len(task_ids)}")
     found = await check_invariants(cluster, task_ids)
     assert found.peak_in_flight == {"fpool": cluster.settings.pool_capacity}  # full, never over
+
+
+async def test_worker_killed_while_chains_run_keeps_every_dependency_first(
+    cluster: Cluster,
+) -> None:
+    """Waiting tasks, and the completions that release them, survive kill -9 of the
+    scheduler's worker: nothing runs before its dependency completed, nothing twice."""
+    rng = random.Random(11)
+    cluster.worker("w1")
+    cluster.runtime("h1", "cpool", agents=12, latency_ms=40)
+    cluster.projector()
+    after = await submit_chains(cluster.settings, "cpool", chains=24, length=10)
+    for _ in range(3):
+        await asyncio.sleep(rng.uniform(0.3, 1.2))
+        cluster.kill("w1")
+        cluster.worker("w1")
+    found = await check_invariants(cluster, after)
+    assert set(found.completed_at) == set(after), "every task of every chain completed"
+    for task_id, dependency in after.items():
+        if dependency:
+            assert found.first_dispatched_at[task_id] > found.completed_at[dependency], task_id
 
 
 async def test_two_workers_share_four_partitions_and_one_survives_the_other(
