@@ -226,6 +226,11 @@ def _task_table(view: TaskView) -> Table:
     if view.output is not None:
         table.add_row("output", view.output.content)
         table.add_row("witness sequence", str(view.output.witness_sequence))
+    if view.unsolicited_outputs:
+        table.add_row(
+            "unsolicited",
+            f"{view.unsolicited_outputs} other witnessed output(s), not the task's answer",
+        )
     for f in view.failures:
         kind = "permanent" if f.permanent else "failed"
         table.add_row(

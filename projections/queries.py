@@ -3,6 +3,12 @@
 Witnessed before visible: every query that returns an agent's output joins
 ``witness_entries``; an output whose witness entry is not projected yet does
 not exist for readers.
+
+Only accepted answers are answers: a task's output is the one its completion names
+(``tasks.output_event_id``, the attempt the scheduler accepted). Any other output
+about the task -- a late answer of a stalled or cancelled attempt, or one written by
+somebody else -- is witnessed like everything, but *unsolicited*: counted, never shown
+as the task's answer.
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ class TaskView:
     output: OutputView | None
     failures: list[Failure]
     """Every failed attempt, oldest first: the task's attempt history."""
+    unsolicited_outputs: int
+    """Witnessed outputs about this task that are not its accepted answer."""
     dependencies: dict[str, str]
     """Each task it depends on, as submitted -> that task's status now (``unknown`` if
     the read model does not have it)."""
@@ -138,9 +146,8 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
         if reason is not None:
             raise Rejected(f"task {task_id!r} was rejected: {reason}")
         raise NotFound(f"no task {task_id!r}")
-    outputs = await pool.fetch(
-        _VISIBLE_OUTPUT + " WHERE o.task_id = $1 ORDER BY w.sequence DESC LIMIT 1", task_id
-    )
+    outputs = await pool.fetch(_VISIBLE_OUTPUT + " WHERE o.task_id = $1", task_id)
+    accepted = [o for o in outputs if o["event_id"] == row["output_event_id"]]
     failures = await pool.fetch(
         """SELECT attempt, agent_id, error_type, error_message, permanent, failed_at
              FROM task_failures WHERE task_id = $1 ORDER BY attempt, failed_at""",
@@ -167,7 +174,8 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
         finished_at=row["finished_at"],
         next_attempt_at=row["next_attempt_at"],
         redrive_of=row["redrive_of"],
-        output=_output(outputs[0]) if outputs else None,
+        output=_output(accepted[0]) if accepted else None,
+        unsolicited_outputs=len(outputs) - len(accepted),
         failures=[
             Failure(
                 attempt=f["attempt"],
@@ -258,8 +266,11 @@ async def deliberation(pool: asyncpg.Pool, deliberation_id: str) -> list[TaskVie
 
 
 async def visible_outputs(pool: asyncpg.Pool, deliberation_id: str) -> list[OutputView]:
+    """The accepted, witnessed answers of a deliberation's tasks, by agent id."""
     rows = await pool.fetch(
-        _VISIBLE_OUTPUT + " WHERE o.deliberation_id = $1 ORDER BY o.agent_id", deliberation_id
+        _VISIBLE_OUTPUT + " JOIN tasks t ON t.output_event_id = o.event_id"
+        " WHERE t.deliberation_id = $1 ORDER BY o.agent_id",
+        deliberation_id,
     )
     return [_output(r) for r in rows]
 

@@ -10,7 +10,9 @@ import asyncpg
 import pytest
 
 from conclave.domain.events import AgentOutput, Halt, Priority, TaskCompleted, TaskSubmitted
+from conclave.errors import NotFound
 from conclave.settings import Settings
+from projections import queries
 from schemas.codec import MAGIC, default_codec
 from tests.integration.conftest import (
     System,
@@ -234,3 +236,48 @@ async def test_an_event_on_the_wrong_history_topic_is_dead_lettered_not_projecte
         await db.fetchval("SELECT count(*) FROM system_events WHERE reason = $1", misplaced.reason)
         == 0
     )
+
+
+async def test_only_the_accepted_output_is_a_tasks_answer(system: System) -> None:
+    """Anyone who can write to the outputs topic can get a record witnessed; it is never
+    shown as a task's answer unless the scheduler accepted it."""
+    settings, db, client, pool = system.settings, system.db, system.client, system.pool
+    async with system.running(1):
+        task_id = await system.submit_visible("the real question")
+    real = await queries.get_task(db, task_id)
+    assert real.output is not None
+    forged = [
+        AgentOutput(
+            task_id=target,
+            agent_id=real.agent_id or "",
+            attempt=1,
+            content="forged answer",
+            latency_us=1,
+            deliberation_id=None,
+        )
+        for target in (task_id, f"{pool}-never-submitted")
+    ]
+    event_ids = []
+    for output in forged:
+        envelope = client._producer.envelope(output)
+        event_ids.append(envelope.event_id)
+        await client.send_raw(
+            client.topics.outputs, output.task_id, default_codec().encode(envelope, output)
+        )
+
+    async def witnessed() -> bool:
+        n = await db.fetchval(
+            "SELECT count(*) FROM witness_entries WHERE subject_event_id = ANY($1::text[])",
+            event_ids,
+        )
+        return bool(n == len(event_ids))
+
+    await eventually(witnessed)  # witnessed like everything ...
+    view = await queries.get_task(db, task_id)
+    assert view.output == real.output  # ... but not the answer
+    assert view.unsolicited_outputs == 1
+    shown = await asyncio.to_thread(cli, settings, "task", "show", task_id)
+    assert "forged" not in shown.stdout, shown.stdout
+    assert "1 other witnessed output(s)" in shown.stdout
+    with pytest.raises(NotFound):
+        await queries.get_task(db, f"{pool}-never-submitted")
