@@ -302,9 +302,16 @@ def submit(
     depends_on: list[str] = typer.Option(  # noqa: B008 (typer's way of declaring options)
         [], "--depends-on", help="A task that must complete first (repeatable)."
     ),
+    start_within: float | None = typer.Option(
+        None, min=0.001, help="Expire unless dispatched within this many seconds."
+    ),
+    finish_within: float | None = typer.Option(
+        None, min=0.001, help="Expire unless finished within this many seconds from now."
+    ),
 ) -> None:
     """Submit a task; prints its id."""
     from conclave.client import Client
+    from conclave.domain.events import now_us
     from conclave.domain.retry import RetryPolicy
 
     prio = parse_priority(priority)
@@ -328,6 +335,8 @@ def submit(
                 max_attempts=max_attempts,
                 retry=retry,
                 depends_on=depends_on,
+                start_within_ms=round(start_within * 1000) if start_within else None,
+                finish_by=now_us() + round(finish_within * 1e6) if finish_within else None,
             )
 
     out.print(_run(go()))

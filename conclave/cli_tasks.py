@@ -43,6 +43,7 @@ STATUSES = (
     "completed",
     "dead_lettered",
     "cancelled",
+    "expired",
     "dependency_failed",
 )
 
@@ -221,6 +222,10 @@ def _task_table(view: TaskView) -> Table:
         )
     if view.redrive_of is not None:
         table.add_row("redrive of", view.redrive_of)
+    if view.start_by is not None and view.attempt == 0:
+        table.add_row("start by", _when(view.start_by))
+    if view.finish_by is not None:
+        table.add_row("finish by", _when(view.finish_by))
     if view.dependencies:
         table.add_row("depends on", ", ".join(f"{d} ({s})" for d, s in view.dependencies.items()))
     if view.output is not None:
@@ -355,7 +360,7 @@ def list_pools(as_json: AsJson = False) -> None:
         return
     table = Table(box=None, header_style="bold")
     columns = ["pool", "agents", "in flight / capacity", *(p.label for p in Priority)]
-    finished = ["completed", "dead", "cancelled", "dep. failed"]
+    finished = ["completed", "dead", "cancelled", "expired", "dep. failed"]
     for column in [*columns, "waiting", "retrying", *finished]:
         table.add_column(column, justify="left" if column == "pool" else "right")
     for v in views:
@@ -369,6 +374,7 @@ def list_pools(as_json: AsJson = False) -> None:
             str(v.completed),
             str(v.dead_lettered),
             str(v.cancelled),
+            str(v.expired),
             str(v.dependency_failed),
         )
     out.print(table)

@@ -70,6 +70,8 @@ class Client:
         retry: RetryPolicy = DEFAULT_RETRY,
         redrive_of: str | None = None,
         depends_on: Sequence[str] = (),
+        start_within_ms: int | None = None,
+        finish_by: int | None = None,
     ) -> str:
         """Submit one task; returns its id. Submitting the same id twice runs it once.
 
@@ -84,11 +86,21 @@ class Client:
         until they have, and ends ``dependency_failed`` if one is dead-lettered or
         cancelled. Each must have been submitted before (awaited), in a pool of the same
         scheduler shard (any pool with one partition, the default); an unknown one gets
-        the task rejected."""
+        the task rejected.
+
+        ``start_within_ms``: not dispatched within this long of being accepted (waiting
+        for dependencies included), the task ends ``expired``. ``finish_by`` (µs since the
+        epoch, see :func:`conclave.domain.events.now_us`): not finished by then, it ends
+        ``expired``, a running attempt stopped."""
         task_id = task_id or str(uuid.uuid4())
         event = _submitted(task_id, input, pool, priority, agent_id, max_attempts, retry)
-        if redrive_of is not None or depends_on:
-            event = dataclasses.replace(event, redrive_of=redrive_of, depends_on=list(depends_on))
+        event = dataclasses.replace(
+            event,
+            redrive_of=redrive_of,
+            depends_on=list(depends_on),
+            start_within_ms=start_within_ms,
+            finish_by=finish_by,
+        )
         _check(event)
         topic = self.topics.command(priority)
         with tracer().start_as_current_span("submit", kind=trace.SpanKind.PRODUCER) as span:

@@ -82,6 +82,10 @@ class TaskView:
     """Every failed attempt, oldest first: the task's attempt history."""
     unsolicited_outputs: int
     """Witnessed outputs about this task that are not its accepted answer."""
+    start_by: int | None
+    """Not dispatched by then (µs since the epoch), it expires."""
+    finish_by: int | None
+    """Not finished by then, it expires."""
     dependencies: dict[str, str]
     """Each task it depends on, as submitted -> that task's status now (``unknown`` if
     the read model does not have it)."""
@@ -176,6 +180,8 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
         redrive_of=row["redrive_of"],
         output=_output(accepted[0]) if accepted else None,
         unsolicited_outputs=len(outputs) - len(accepted),
+        start_by=row["start_by"],
+        finish_by=row["finish_by"],
         failures=[
             Failure(
                 attempt=f["attempt"],
@@ -323,6 +329,7 @@ class PoolView:
     completed: int
     dead_lettered: int
     cancelled: int
+    expired: int
     dependency_failed: int
 
 
@@ -354,6 +361,7 @@ async def list_pools(pool: asyncpg.Pool) -> list[PoolView]:
             completed=by_status.get((name, "completed"), 0),
             dead_lettered=by_status.get((name, "dead_lettered"), 0),
             cancelled=by_status.get((name, "cancelled"), 0),
+            expired=by_status.get((name, "expired"), 0),
             dependency_failed=by_status.get((name, "dependency_failed"), 0),
         )
         for name in names

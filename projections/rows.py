@@ -42,6 +42,7 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDependencyFailed,
     TaskDispatched,
+    TaskExpired,
     TaskFailed,
     TaskQueued,
     TaskRetryScheduled,
@@ -91,10 +92,11 @@ TaskEvent = (
     | TaskCompleted
     | TaskDeadLettered
     | TaskCancelled
+    | TaskExpired
     | TaskDependencyFailed
 )
 
-TERMINAL = frozenset({"completed", "dead_lettered", "cancelled", "dependency_failed"})
+TERMINAL = frozenset({"completed", "dead_lettered", "cancelled", "expired", "dependency_failed"})
 """Task statuses that no later event changes: the first terminal event wins."""
 
 
@@ -142,6 +144,10 @@ class TaskRow:
     """The dead-lettered task this one runs again."""
     depends_on: list[str]
     """Tasks it waits for (while ``waiting``), as submitted."""
+    start_by: int | None
+    """Not dispatched by then (µs since the epoch), it expires."""
+    finish_by: int | None
+    """Not finished by then, it expires."""
 
 
 @dataclass(slots=True)
@@ -186,6 +192,8 @@ TASKS = _table(
         "next_attempt_at": "bigint",
         "redrive_of": "text",
         "depends_on": "text[]",
+        "start_by": "bigint",
+        "finish_by": "bigint",
     },
     "task_id",
 )
@@ -284,6 +292,13 @@ REJECTIONS = Table(
 APPENDS = (OUTPUTS, TASK_FAILURES, WITNESS_ENTRIES, SYSTEM_EVENTS, DEAD_LETTERS, REJECTIONS)
 
 
+_ENDED = {
+    TaskCancelled: "cancelled",
+    TaskExpired: "expired",
+    TaskDependencyFailed: "dependency_failed",
+}
+
+
 def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> TaskRow | None:
     """The ``tasks`` row after one task event (``row`` is changed in place).
 
@@ -314,6 +329,8 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
                 next_attempt_at=None,
                 redrive_of=event.redrive_of,
                 depends_on=list(event.depends_on),
+                start_by=event.start_by,
+                finish_by=event.finish_by,
             )
         if row.status not in TERMINAL:  # a retry, or its dependencies done: in the queue
             row.status = "waiting" if event.waiting_for else "queued"
@@ -338,8 +355,8 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
         row.output_event_id = event.output_event_id
         row.witness_sequence = event.witness_sequence
         row.finished_at = envelope.occurred_at
-    elif isinstance(event, TaskCancelled | TaskDependencyFailed):
-        row.status = "cancelled" if isinstance(event, TaskCancelled) else "dependency_failed"
+    elif isinstance(event, TaskCancelled | TaskExpired | TaskDependencyFailed):
+        row.status = _ENDED[type(event)]
         row.error = event.reason
         row.finished_at = envelope.occurred_at
     else:
@@ -395,6 +412,7 @@ KEYED: Mapping[type[Any], tuple[Table, Callable[[Any], str], Fold]] = {
     TaskStalled: (TASKS, attrgetter("task_id"), fold_task),
     TaskRetryScheduled: (TASKS, attrgetter("task_id"), fold_task),
     TaskCancelled: (TASKS, attrgetter("task_id"), fold_task),
+    TaskExpired: (TASKS, attrgetter("task_id"), fold_task),
     TaskDependencyFailed: (TASKS, attrgetter("task_id"), fold_task),
     AgentRegistered: (AGENTS, attrgetter("agent_id"), fold_agent),
     AgentReinstated: (AGENTS, attrgetter("agent_id"), fold_agent),

@@ -54,6 +54,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.TaskCompleted,
     ev.TaskDeadLettered,
     ev.TaskCancelled,
+    ev.TaskExpired,
     ev.TaskDependencyFailed,
     ev.WitnessEntry,
     ev.DeadLetterRecord,

@@ -42,6 +42,7 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDependencyFailed,
     TaskDispatched,
+    TaskExpired,
     TaskQueued,
     TaskSubmitted,
     WitnessEntry,
@@ -59,7 +60,7 @@ __all__ = ["SchedulerShard"]
 log = logging.getLogger(__name__)
 
 _CHANGELOG = TASKS_TOPIC_EVENTS
-_FINISHED = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskDependencyFailed)
+_FINISHED = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)
 Command = TaskSubmitted | DeliberationRequested | CancelRequested
 
 
@@ -272,7 +273,7 @@ class SchedulerShard:
         headers = origin.headers() if origin is not None else []
         if isinstance(event, TaskDispatched):
             headers = [*headers, (HOST_HEADER, event.host_id.encode())]
-        elif isinstance(event, TaskCancelled) and event.host_id is not None:
+        elif isinstance(event, TaskCancelled | TaskExpired) and event.host_id is not None:
             headers = [*headers, (HOST_HEADER, event.host_id.encode())]  # stop its agent
         if isinstance(event, _FINISHED):
             self.origins.pop(event.task_id, None)

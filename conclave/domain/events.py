@@ -38,6 +38,7 @@ __all__ = [
     "TaskDeadLettered",
     "TaskDependencyFailed",
     "TaskDispatched",
+    "TaskExpired",
     "TaskFailed",
     "TaskQueued",
     "TaskRetryScheduled",
@@ -142,6 +143,12 @@ class TaskSubmitted:
     """Tasks that must complete before this one is queued (schema v4). Each must be
     known to the scheduler when this command arrives (so no cycle can form); if one is
     dead-lettered or cancelled, this task ends as ``dependency_failed``."""
+    start_within_ms: int | None = None
+    """Schedule-to-start: not dispatched within this long of being accepted (waiting for
+    dependencies included), the task ends ``expired``."""
+    finish_by: int | None = None
+    """Absolute deadline, µs since the epoch: not finished by then, the task ends
+    ``expired`` (a running attempt is stopped)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,6 +202,10 @@ class TaskQueued:
     """The task's dependencies, as submitted (schema v3)."""
     waiting_for: list[str] = field(default_factory=list)
     """Those of them not completed yet: while any is, the task is ``waiting``."""
+    start_by: int | None = None
+    """Not dispatched by then (µs since the epoch), the task expires."""
+    finish_by: int | None = None
+    """Not finished by then (µs since the epoch), the task expires."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -369,6 +380,21 @@ class TaskCancelled:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TaskExpired:
+    """Terminal: the task was not dispatched by its ``start_by`` or not finished by its
+    ``finish_by``. If it was running, the host named here stops its agent."""
+
+    TYPE: ClassVar[str] = "task.expired"
+    task_id: str
+    agent_id: str | None
+    """The agent running it, if it was dispatched."""
+    host_id: str | None
+    attempt: int
+    """Attempts begun before it expired."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TaskDependencyFailed:
     """Terminal: a task this one depends on was dead-lettered or cancelled (or failed a
     dependency itself), so this one never runs."""
@@ -477,6 +503,7 @@ Event = (
     | TaskCompleted
     | TaskDeadLettered
     | TaskCancelled
+    | TaskExpired
     | TaskDependencyFailed
     | WitnessEntry
     | DeadLetterRecord
@@ -494,6 +521,7 @@ TASKS_TOPIC_EVENTS = (
     TaskCompleted,
     TaskDeadLettered,
     TaskCancelled,
+    TaskExpired,
     TaskDependencyFailed,
     CommandRejected,
 )

@@ -37,7 +37,7 @@ DEFAULT_CAPACITY = 72
 DEFAULT_DEDUP_WINDOW = 100_000
 SNAPSHOT_VERSION = 3
 """2: tasks carry their retry policy; a task may wait out a retry back-off.
-3: tasks carry their dependencies; a task may wait for them."""
+3: tasks carry their dependencies (a task may wait for them) and their deadlines."""
 
 
 class TaskStatus(enum.Enum):
@@ -50,6 +50,7 @@ class TaskStatus(enum.Enum):
     COMPLETED = "completed"
     DEAD_LETTERED = "dead_lettered"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
     DEPENDENCY_FAILED = "dependency_failed"
 
     @property
@@ -67,6 +68,7 @@ _TERMINAL = frozenset(
         TaskStatus.COMPLETED,
         TaskStatus.DEAD_LETTERED,
         TaskStatus.CANCELLED,
+        TaskStatus.EXPIRED,
         TaskStatus.DEPENDENCY_FAILED,
     }
 )
@@ -97,6 +99,19 @@ class TaskState:
     """As submitted."""
     waiting_for: set[str] = field(default_factory=set)
     """Dependencies not completed yet; non-empty exactly while ``WAITING``."""
+    start_by: int | None = None
+    """Not dispatched by then (µs since the epoch): expired."""
+    finish_by: int | None = None
+    """Not finished by then: expired."""
+
+    @property
+    def expires_at(self) -> int | None:
+        """When the task expires unless something happens first: its ``start_by`` until
+        its first dispatch, its ``finish_by`` in any case."""
+        due = [self.finish_by]
+        if self.attempt == 0:
+            due.append(self.start_by)
+        return min((d for d in due if d is not None), default=None)
 
     @property
     def rank(self) -> Rank:
@@ -168,6 +183,10 @@ class SchedulerState:
     """Task id -> the waiting tasks that still wait for it."""
     by_deliberation: dict[str, set[str]] = field(default_factory=dict)
     """Deliberation id -> its live tasks: what cancelling the deliberation cancels."""
+    expiries: RankedSet = field(default_factory=RankedSet)
+    """Task id -> when it expires (:attr:`TaskState.expires_at`), ranked ``(due,)``:
+    apart from ``timers``, since a task may have both an expiry and an answer deadline
+    or a back-off."""
     finished: Recent[TaskStatus] = field(init=False)
     """Terminal status of the last ``dedup_window`` finished tasks, oldest first."""
     deliberations: Recent[None] = field(init=False)
@@ -224,8 +243,18 @@ class SchedulerState:
     def track(self, task: TaskState) -> None:
         if task.deliberation_id is not None:
             self.by_deliberation.setdefault(task.deliberation_id, set()).add(task.task_id)
+        self.reckon(task)
+
+    def reckon(self, task: TaskState) -> None:
+        """Keep the task's expiry in ``expiries`` (or none) as its state changes."""
+        due = task.expires_at
+        if due is None:
+            self.expiries.discard(task.task_id)
+        else:
+            self.expiries.add(task.task_id, (due,))
 
     def untrack(self, task: TaskState) -> None:
+        self.expiries.discard(task.task_id)
         members = self.by_deliberation.get(task.deliberation_id or "")
         if members is not None:
             members.discard(task.task_id)
@@ -323,6 +352,8 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
                 t.retry_jitter,
                 t.depends_on,
                 sorted(t.waiting_for),
+                t.start_by,
+                t.finish_by,
             ]
             for t in state.tasks.values()
         ],

@@ -46,6 +46,8 @@ Rules enforced here (each has a test):
 * Cancellation: a waiting, queued, retrying or running task ends ``cancelled`` at once
   (a running one frees its agent and capacity; its host stops the agent); cancelling a
   deliberation cancels each of its unfinished tasks.
+* Expiry: a task not dispatched by its ``start_by`` (schedule-to-start) or not finished
+  by its ``finish_by`` (absolute deadline) ends ``expired``, like a cancellation.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDependencyFailed,
     TaskDispatched,
+    TaskExpired,
     TaskQueued,
     TaskRetryScheduled,
     TaskStalled,
@@ -121,6 +124,7 @@ SchedulerEvent = (
     | TaskCompleted
     | TaskDeadLettered
     | TaskCancelled
+    | TaskExpired
     | TaskDependencyFailed
 )
 Outcome = (
@@ -132,7 +136,7 @@ Outcome = (
     | TaskDependencyFailed
 )
 """What a command or a witnessed fact may lead to."""
-Failure = TaskDeadLettered | TaskCancelled | TaskDependencyFailed
+Failure = TaskDeadLettered | TaskCancelled | TaskExpired | TaskDependencyFailed
 """Terminal without an answer: what a task depending on it can never get past."""
 
 
@@ -148,9 +152,9 @@ def status_of(state: SchedulerState, task_id: str) -> TaskStatus | None:
 
 
 def next_due(state: SchedulerState) -> int | None:
-    """The earliest time (µs since the epoch) at which a timer is due, if any."""
-    first = state.timers.first()
-    return None if first is None else first[0][0]
+    """The earliest time (µs since the epoch) at which a timer or an expiry is due."""
+    firsts = [f[0][0] for f in (state.timers.first(), state.expiries.first()) if f is not None]
+    return min(firsts, default=None)
 
 
 def due_timers(state: SchedulerState, now: int) -> list[str]:
@@ -212,6 +216,12 @@ def decide(
                 redrive_of=cause.redrive_of,
                 depends_on=list(cause.depends_on),
                 waiting_for=waiting,
+                start_by=(
+                    now + cause.start_within_ms * 1000
+                    if cause.start_within_ms is not None
+                    else None
+                ),
+                finish_by=cause.finish_by,
             )
         ]
         for dependency in waiting:
@@ -235,7 +245,7 @@ def decide(
             ids = sorted(state.by_deliberation.get(cause.deliberation_id or "", ()))
         reason = f"cancelled: {cause.reason}" if cause.reason else "cancelled"
         cancelled: list[Outcome] = [
-            _cancelled(state, state.tasks[i], reason) for i in ids if i in state.tasks
+            _ended(state, state.tasks[i], TaskCancelled, reason) for i in ids if i in state.tasks
         ]
         return _with_dependents(state, cancelled)
     if isinstance(cause, DeliberationRequested):
@@ -278,10 +288,14 @@ def _known(state: SchedulerState, task_id: str) -> bool:
     return task_id in state.tasks or task_id in state.finished
 
 
-def _cancelled(state: SchedulerState, task: TaskState, reason: str) -> TaskCancelled:
+_Ended = TypeVar("_Ended", TaskCancelled, TaskExpired)
+
+
+def _ended(state: SchedulerState, task: TaskState, kind: type[_Ended], reason: str) -> _Ended:
+    """The task cancelled or expired; if it runs, the host that must stop its agent."""
     running = task.status is TaskStatus.DISPATCHED
     slot = state.agents.get(task.agent_id or "") if running else None
-    return TaskCancelled(
+    return kind(
         task_id=task.task_id,
         agent_id=task.agent_id if running else None,
         host_id=slot.host_id if slot is not None else None,
@@ -290,10 +304,11 @@ def _cancelled(state: SchedulerState, task: TaskState, reason: str) -> TaskCance
     )
 
 
-_E = TypeVar("_E", bound=Outcome | TaskStalled)
+_E = TypeVar("_E", bound=Outcome | TaskStalled | TaskExpired)
 _HOW = {
     TaskDeadLettered: "was dead-lettered",
     TaskCancelled: "was cancelled",
+    TaskExpired: "expired",
     TaskDependencyFailed: "failed a dependency",
 }
 
@@ -407,6 +422,8 @@ def _requeued(task: TaskState, sequence: int) -> TaskQueued:
         sequence=sequence,
         **retry_of(task).as_fields(),
         depends_on=task.depends_on,
+        start_by=task.start_by,
+        finish_by=task.finish_by,
     )
 
 
@@ -421,22 +438,41 @@ def _dead(task: TaskState, reason: str, witness_sequence: int | None) -> TaskDea
     )
 
 
-Expired = TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered | TaskDependencyFailed
+Expired = (
+    TaskExpired
+    | TaskStalled
+    | TaskQueued
+    | TaskRetryScheduled
+    | TaskDeadLettered
+    | TaskDependencyFailed
+)
 
 
 def expire(state: SchedulerState, now: int) -> list[Expired]:
-    """What the timers due at ``now`` imply, earliest first. A dispatched attempt past its
-    answer deadline is stalled, then its task retried (at once or after its back-off) or
-    dead-lettered like a failed attempt (and its dependents failed). A retrying task
-    whose back-off is over is queued again. Pure: fold the events in order (each
-    ``TaskQueued`` numbers its queue place after the one before it); folding them
-    removes the timers."""
-    out: list[TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered] = []
+    """What the expiries and timers due at ``now`` imply, earliest first. A task past its
+    ``start_by`` (never dispatched) or its ``finish_by`` expires. Then a dispatched
+    attempt past its answer deadline is stalled, and its task retried (at once or after
+    its back-off) or dead-lettered like a failed attempt. A retrying task whose back-off
+    is over is queued again. Every failure fails the tasks waiting on it. Pure: fold the
+    events in order (each ``TaskQueued`` numbers its queue place after the one before
+    it); folding them removes the timers."""
+    out: list[TaskExpired | TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered]
+    out = []
 
     def place() -> int:  # several tasks queued in one call: each its own place, in order
         return state.next_sequence + sum(isinstance(e, TaskQueued) for e in out)
 
+    expired = [key for _, key in takewhile(lambda e: e[0][0] <= now, state.expiries)]
+    for task_id in expired:
+        late = state.tasks[task_id]
+        if late.attempt == 0 and late.start_by is not None and late.start_by <= now:
+            reason = "expired: not started within its schedule-to-start limit"
+        else:
+            reason = "expired: not finished by its deadline"
+        out.append(_ended(state, late, TaskExpired, reason))
     for task_id in due_timers(state, now):
+        if task_id in expired:
+            continue
         task = state.tasks.get(task_id)
         if task is not None and task.status is TaskStatus.RETRYING:
             out.append(_requeued(task, place()))
@@ -555,6 +591,8 @@ def evolve(
             _fold_finished(state, event.task_id, TaskStatus.DEAD_LETTERED)
         case TaskCancelled():
             _fold_finished(state, event.task_id, TaskStatus.CANCELLED)
+        case TaskExpired():
+            _fold_finished(state, event.task_id, TaskStatus.EXPIRED)
         case TaskDependencyFailed():
             _fold_finished(state, event.task_id, TaskStatus.DEPENDENCY_FAILED)
         case AgentRegistered():
@@ -586,6 +624,8 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
             **retry_of(event).as_fields(),
             depends_on=list(event.depends_on),
             waiting_for=set(event.waiting_for),
+            start_by=event.start_by,
+            finish_by=event.finish_by,
         )
         state.tasks[event.task_id] = task
         state.track(task)
@@ -626,6 +666,7 @@ def _fold_dispatched(state: SchedulerState, event: TaskDispatched) -> None:
     state.unqueue(task)  # from the queue of its target, if it has one
     task.agent_id = event.agent_id
     task.attempt = event.attempt
+    state.reckon(task)  # started: only its finish_by is left
     if event.deadline is not None:
         state.timers.add(task.task_id, (event.deadline,))
     state.place(event.agent_id)

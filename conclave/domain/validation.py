@@ -35,7 +35,7 @@ def invalid_command(event: Event) -> str | None:
                 return "max_attempts must be at least 1"
             if event.redrive_of is not None and (reason := _bad_id("redrive_of", event.redrive_of)):
                 return reason
-            return retry_of(event).invalid() or _bad_dependencies(event)
+            return retry_of(event).invalid() or _bad_dependencies(event) or _bad_deadlines(event)
         case DeliberationRequested():
             if (reason := _bad_id("deliberation_id", event.deliberation_id)) is not None:
                 return reason
@@ -89,4 +89,12 @@ def _bad_dependencies(event: TaskSubmitted) -> str | None:
     for dependency in event.depends_on:
         if (reason := _bad_task_ref("depends_on", dependency)) is not None:
             return reason
+    return None
+
+
+def _bad_deadlines(event: TaskSubmitted) -> str | None:
+    if event.start_within_ms is not None and event.start_within_ms <= 0:
+        return "start_within_ms must be positive"
+    if event.finish_by is not None and event.finish_by <= 0:
+        return "finish_by must be a time (µs since the epoch)"
     return None

@@ -43,6 +43,7 @@ from conclave.domain.events import (
     Heartbeat,
     TaskCancelled,
     TaskDispatched,
+    TaskExpired,
     TaskFailed,
 )
 from conclave.errors import BrokerUnavailable, SchemaError
@@ -302,7 +303,7 @@ class RuntimeHost:
         except SchemaError as exc:
             await self._dead_letter(record, str(exc))
             return
-        if isinstance(event, TaskCancelled):
+        if isinstance(event, TaskCancelled | TaskExpired):
             self._cancel(event)
             return
         if not isinstance(event, TaskDispatched):
@@ -326,10 +327,10 @@ class RuntimeHost:
             del self._attempts[task_id]
         self._cancelled.pop(task_id, None)
 
-    def _cancel(self, event: TaskCancelled) -> None:
-        """Stop the agent working on a cancelled task: its coroutine is cancelled, and
-        the attempt reported as a permanent ``Cancelled`` failure (witnessed, and ignored
-        by the scheduler, for which the task is over already)."""
+    def _cancel(self, event: TaskCancelled | TaskExpired) -> None:
+        """Stop the agent working on a cancelled or expired task: its coroutine is
+        cancelled, and the attempt reported as a permanent ``Cancelled`` failure
+        (witnessed, and ignored by the scheduler, for which the task is over already)."""
         running = self._attempts.get(event.task_id)
         if running is None or running[0] != event.attempt or running[1].done():
             return  # finished meanwhile, or an attempt this host does not run

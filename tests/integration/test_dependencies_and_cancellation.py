@@ -177,3 +177,39 @@ async def _rejected_cancel(db: asyncpg.Pool, task_id: str) -> bool:
 async def _all_finished(db: asyncpg.Pool, deliberation_id: str) -> list[queries.TaskView] | None:
     views = await queries.deliberation(db, deliberation_id)
     return views if views and all(v.finished_at is not None for v in views) else None
+
+
+async def test_tasks_expire_when_not_started_in_time_or_not_finished_by_their_deadline(
+    system: System,
+) -> None:
+    settings, db, client, pool = system.settings, system.db, system.client, system.pool
+    stopped = asyncio.Event()
+
+    async def agent(ctx: AgentContext) -> str:
+        try:
+            await asyncio.sleep(3600)  # never answers in time
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        return "never"
+
+    # No agent in the pool yet: the task cannot start within its limit.
+    unstarted = await client.submit("x", pool=pool, start_within_ms=300)
+    await eventually(lambda: _is(db, unstarted, "expired"))
+    view = await queries.get_task(db, unstarted)
+    assert view.error == "expired: not started within its schedule-to-start limit"
+    assert view.attempt == 0
+    async with system.running(1, agent):
+        sent = await asyncio.to_thread(
+            cli, settings, "submit", "y", "--pool", pool, "--finish-within", "1.5"
+        )
+        assert sent.returncode == 0, sent.stderr
+        bounded = sent.stdout.strip()
+        await eventually(lambda: _is(db, bounded, "dispatched"))
+        await eventually(lambda: _is(db, bounded, "expired"))
+        await asyncio.wait_for(stopped.wait(), 30)  # its agent was stopped
+    view = await queries.get_task(db, bounded)
+    assert view.error == "expired: not finished by its deadline"
+    assert view.finish_by is not None
+    assert view.finished_at is not None
+    assert view.finish_by <= view.finished_at < view.finish_by + 5_000_000

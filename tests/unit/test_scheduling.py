@@ -44,6 +44,7 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDependencyFailed,
     TaskDispatched,
+    TaskExpired,
     TaskQueued,
     TaskRetryScheduled,
     TaskStalled,
@@ -83,7 +84,13 @@ PRIORITIES = st.sampled_from(Priority)
 
 Emitted = SchedulerEvent
 TERMINAL = tuple(s for s in TaskStatus if s.terminal)
-TERMINAL_EVENTS = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskDependencyFailed)
+TERMINAL_EVENTS = (
+    TaskCompleted,
+    TaskDeadLettered,
+    TaskCancelled,
+    TaskExpired,
+    TaskDependencyFailed,
+)
 Folded = Emitted | AgentRegistered | Halt | Resume
 ANSWER_US = 20_000
 """The harness's answer deadline: 20 commands' worth of its clock (1 ms each)."""
@@ -214,12 +221,17 @@ class Harness:
         assert state == snapshot, "expire() must not change the state"
         if self.replica is not None:
             assert expire(self.replica, self.now) == expired
+        late = {
+            t.task_id for t in state.tasks.values() if (t.expires_at or self.now + 1) <= self.now
+        }
+        ended = {e.task_id for e in expired if isinstance(e, TaskExpired)}
+        assert ended == late, "a task expires when its start_by or finish_by passed"
         stalled = [e for e in expired if isinstance(e, TaskStalled)]
-        assert {e.task_id for e in stalled} == due & running
+        assert {e.task_id for e in stalled} == (due & running) - ended
         events = iter(expired)
         requeued = set()
         for event in events:
-            if isinstance(event, TaskDependencyFailed):  # after a dead letter
+            if isinstance(event, TaskDependencyFailed | TaskExpired):
                 continue
             if isinstance(event, TaskQueued):  # a back-off is over
                 assert event.task_id in waiting
@@ -232,11 +244,12 @@ class Harness:
             if isinstance(then, TaskDeadLettered):
                 assert then.witness_sequence is None
                 assert "stalled" in then.reason
-        assert requeued == due & waiting
+        assert requeued == (due & waiting) - ended
         queued = [e.sequence for e in expired if isinstance(e, TaskQueued)]
         assert queued == list(range(state.next_sequence, state.next_sequence + len(queued)))
         self._fold(expired)
         assert not set(due_timers(self.state, self.now)) & due, "folding ends the due timers"
+        assert all((t.expires_at or self.now + 1) > self.now for t in self.state.tasks.values())
         return [*expired, *self.schedule()]
 
     def register(
@@ -466,6 +479,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     ) -> None:
         agent_id = data.draw(st.none() | st.sampled_from(AGENTS_BY_POOL[pool]), label="target")
         retry = data.draw(RETRY_POLICIES, label="retry")
+        start_within_ms = data.draw(st.none() | st.integers(5, 40), label="start_within_ms")
+        finish_in_ms = data.draw(st.none() | st.integers(5, 80), label="finish_in_ms")
+        accepted_at = self.h.now + 1000  # the harness's clock moves 1 ms per command
+        finish_by = None if finish_in_ms is None else accepted_at + finish_in_ms * 1000
         # Mostly live tasks: those are the ones a dependent has to wait for.
         live = sorted(t for t in self.state.tasks if t != task_id)
         candidates = live or sorted(t for t in self.targets if t != task_id)
@@ -484,6 +501,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_attempts=max_attempts,
             **retry.as_fields(),
             depends_on=depends_on,
+            start_within_ms=start_within_ms,
+            finish_by=finish_by,
         )
         known = status_of(self.state, task_id) is not None
         assert refusal(self.state, command) is None, "its dependencies are all known"
@@ -509,6 +528,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             **retry.as_fields(),
             depends_on=depends_on,
             waiting_for=waiting,
+            start_by=None if start_within_ms is None else accepted_at + start_within_ms * 1000,
+            finish_by=finish_by,
         )
         failed = [d for d in waiting if (s := statuses[d]) is not None and s.failed]
         if failed:
@@ -814,6 +835,15 @@ class SchedulerMachine(RuleBasedStateMachine):
                     (s := status_of(self.state, d)) is not None and s.failed
                     for d in command.depends_on
                 )
+
+    @invariant()
+    def expiries_are_indexed(self) -> None:
+        expiries = {k: r for r, k in self.state.expiries.members()}
+        assert expiries == {
+            t.task_id: (t.expires_at,)
+            for t in self.state.tasks.values()
+            if t.expires_at is not None
+        }
 
     @invariant()
     def dependents_and_deliberations_are_indexed(self) -> None:
@@ -1487,6 +1517,49 @@ def test_cancelling_a_deliberation_cancels_each_of_its_unfinished_tasks() -> Non
     )
     assert invalid_command(CancelRequested()) is not None
     assert invalid_command(CancelRequested(task_id="d/a0")) is None
+
+
+def test_a_task_not_started_in_time_or_not_finished_by_its_deadline_expires() -> None:
+    h = Harness(capacity=1)
+    h.register("a0", host_id="h3")
+    h.command(submit("busy"))  # holds the only place
+    late = dataclasses.replace(submit("late"), start_within_ms=10)
+    accepted_at = h.now + 1000  # the harness's clock moves 1 ms per command and schedule
+    [queued] = h.command(late)
+    assert isinstance(queued, TaskQueued)
+    assert queued.start_by == accepted_at + 10_000
+    h.command(submit("after", depends_on=("late",)))
+    assert next_due(h.state) == queued.start_by
+    assert h.tick(6_000) == []  # 1 ms short
+    expired, dependent = h.tick(1_000)
+    assert expired == TaskExpired(
+        task_id="late",
+        agent_id=None,
+        host_id=None,
+        attempt=0,
+        reason="expired: not started within its schedule-to-start limit",
+    )
+    assert isinstance(dependent, TaskDependencyFailed)
+    assert dependent.reason == "dependency 'late' expired"
+    # Started in time, a start_by is over; a finish_by still applies to the running task.
+    h.finish(h.state.tasks["busy"], failed=False)
+    bounded = dataclasses.replace(
+        submit("bounded"), start_within_ms=10, finish_by=h.now + 1000 + 50_000
+    )
+    queued, dispatched = h.command(bounded)
+    assert isinstance(dispatched, TaskDispatched)
+    assert h.state.expiries.rank("bounded") == (bounded.finish_by,)
+    [running_expired] = h.tick(50_000)
+    assert running_expired == TaskExpired(
+        task_id="bounded",
+        agent_id="a0",
+        host_id="h3",
+        attempt=1,
+        reason="expired: not finished by its deadline",
+    )
+    assert status_of(h.state, "bounded") is TaskStatus.EXPIRED
+    assert h.state.pools.get("p0") is None or h.state.pools["p0"].in_flight == 0
+    assert invalid_command(dataclasses.replace(submit("x"), start_within_ms=0)) is not None
 
 
 # -- Snapshots and timers ------------------------------------------------------------
