@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conclave.cli_dev import dev_app
-from conclave.cli_tasks import dlq_app, list_pools, list_tasks, parse_priority, task_app
+from conclave.cli_tasks import dlq_app, finished, list_pools, list_tasks, parse_priority, task_app
 from conclave.cli_witness import witness_app
 from conclave.errors import ConclaveError
 from conclave.settings import Settings
@@ -289,7 +290,14 @@ def projector() -> None:
 
 @app.command()
 def submit(
-    input: str = typer.Argument(..., help="The task's input."),
+    input: str | None = typer.Argument(None, help="The task's input; - reads it from stdin."),
+    input_file: Path | None = typer.Option(  # noqa: B008 (typer declares options so)
+        None, "--file", exists=True, dir_okay=False, help="Read the input from this file."
+    ),
+    wait: bool = typer.Option(
+        False, "--wait", help="Wait until the task is finished; print its answer or failure."
+    ),
+    wait_timeout: float = typer.Option(600.0, min=0.1, help="With --wait: give up after S."),
     priority: str = typer.Option("normal", help="critical, high, normal or low."),
     pool: str = typer.Option("default"),
     task_id: str | None = typer.Option(None, "--id", help="Idempotency: the same id runs once."),
@@ -309,12 +317,19 @@ def submit(
         None, min=0.001, help="Expire unless finished within this many seconds from now."
     ),
 ) -> None:
-    """Submit a task; prints its id."""
+    """Submit a task; prints its id (with --wait, its answer once it has one)."""
     from conclave.client import Client
     from conclave.domain.events import now_us
     from conclave.domain.retry import RetryPolicy
 
     prio = parse_priority(priority)
+    if (input is None) == (input_file is None):
+        raise typer.BadParameter("give the input as an argument (- for stdin) or --file")
+    if input_file is not None:
+        input = input_file.read_text()
+    elif input == "-":
+        input = sys.stdin.read()
+    assert input is not None
     retry = RetryPolicy(
         backoff_ms=round(retry_backoff * 1000),
         multiplier=retry_multiplier,
@@ -339,7 +354,15 @@ def submit(
                 finish_by=now_us() + round(finish_within * 1e6) if finish_within else None,
             )
 
-    out.print(_run(go()))
+    submitted = _run(go())
+    if not wait:
+        out.print(submitted)
+        return
+    err.print(f"submitted {submitted}")
+    view = finished(submitted, wait_timeout, follow=True)
+    if view.output is None:
+        raise Fail(f"task {submitted} {view.status}: {view.error or 'no answer'}")
+    out.print(view.output.content)
 
 
 @app.command()

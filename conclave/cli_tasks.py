@@ -21,11 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from conclave.domain.events import Priority
-from conclave.errors import ConclaveError
+from conclave.errors import ConclaveError, NotFound, Rejected
 from conclave.settings import Settings
 from projections.queries import Page, TaskFilter, TaskSummary, TaskView
 
-__all__ = ["dlq_app", "list_pools", "list_tasks", "parse_priority", "task_app"]
+__all__ = ["dlq_app", "finished", "list_pools", "list_tasks", "parse_priority", "task_app"]
 
 T = TypeVar("T")
 
@@ -192,15 +192,55 @@ def list_tasks(
 def task_show(
     task_id: Annotated[str, typer.Argument()],
     as_json: AsJson = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Print each change until the task is finished.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(min=0.1, help="With --follow: give up after S.")] = 600,
 ) -> None:
     """Status, output (only once witnessed), witness sequence and attempt history."""
     from projections.queries import get_task
 
-    view = _query(lambda db: get_task(db, task_id))
+    if follow:
+        view = finished(task_id, timeout, follow=True)
+    else:
+        view = _query(lambda db: get_task(db, task_id))
     if as_json:
         _print_json(dataclasses.asdict(view))
         return
     out.print(_task_table(view))
+
+
+def finished(task_id: str, timeout_s: float, *, follow: bool = False) -> TaskView:
+    """The task once it is finished (read model), polling; with ``follow``, a line on
+    stderr each time its status or attempt changes. A task the scheduler rejected raises
+    :class:`~conclave.errors.Rejected`; one not finished in time, ``ConclaveError``."""
+    from projections.queries import get_task
+    from projections.rows import TERMINAL
+
+    async def poll(db: asyncpg.Pool) -> TaskView:
+        deadline = time.monotonic() + timeout_s
+        seen: tuple[str, int] | None = None
+        while True:
+            try:
+                view: TaskView | None = await get_task(db, task_id)
+            except Rejected:
+                raise
+            except NotFound:
+                view = None  # not folded into the read model yet
+            if view is not None and follow and (view.status, view.attempt) != seen:
+                seen = (view.status, view.attempt)
+                err.print(f"{_when(time.time_ns() // 1000)} {task_id}: {view.status}"
+                          f" (attempt {view.attempt} of {view.max_attempts})")  # fmt: skip
+            if view is not None and view.status in TERMINAL:
+                return view
+            if time.monotonic() > deadline:
+                status = view.status if view is not None else "not seen yet"
+                raise ConclaveError(
+                    f"task {task_id!r} not finished within {timeout_s:g} s (it is {status})"
+                )
+            await asyncio.sleep(0.1)
+
+    return _query(poll)
 
 
 def _task_table(view: TaskView) -> Table:

@@ -12,9 +12,12 @@ from conclave.domain.events import (
 )
 from conclave.domain.retry import retry_of
 
-__all__ = ["MAX_DEPENDENCIES", "MAX_ID_LENGTH", "invalid_command"]
+__all__ = ["MAX_DEPENDENCIES", "MAX_ID_LENGTH", "MAX_INPUT_BYTES", "invalid_command"]
 
 MAX_ID_LENGTH = 200
+MAX_INPUT_BYTES = 900_000
+"""A task's input or a motion, UTF-8: one Kafka record with its envelope (brokers cap
+records near 1 MB by default). Larger payloads belong in storage, passed by reference."""
 MAX_DEPENDENCIES = 1000
 """Dependencies of one task, at most: a wider fan-in belongs in a workflow step."""
 
@@ -31,6 +34,8 @@ def invalid_command(event: Event) -> str | None:
                 return "pool must not be empty"
             if "\x00" in event.input:
                 return "input must not contain NUL characters"
+            if (reason := _too_large("input", event.input)) is not None:
+                return reason
             if event.max_attempts < 1:
                 return "max_attempts must be at least 1"
             if event.redrive_of is not None and (reason := _bad_id("redrive_of", event.redrive_of)):
@@ -43,6 +48,8 @@ def invalid_command(event: Event) -> str | None:
                 return "pool must not be empty"
             if "\x00" in event.motion:
                 return "motion must not contain NUL characters"
+            if (reason := _too_large("motion", event.motion)) is not None:
+                return reason
             for agent_id in event.agent_ids:
                 if (reason := _bad_id("agent_ids", agent_id)) is not None:
                     return reason
@@ -98,3 +105,15 @@ def _bad_deadlines(event: TaskSubmitted) -> str | None:
     if event.finish_by is not None and event.finish_by <= 0:
         return "finish_by must be a time (µs since the epoch)"
     return None
+
+
+def _too_large(field: str, text: str) -> str | None:
+    if len(text) * 4 <= MAX_INPUT_BYTES:  # cannot be too large: no need to encode it
+        return None
+    size = len(text.encode())
+    if size <= MAX_INPUT_BYTES:
+        return None
+    return (
+        f"{field} is {size:,} bytes; at most {MAX_INPUT_BYTES:,} (one record): "
+        "store larger payloads elsewhere and pass a reference"
+    )
