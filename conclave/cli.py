@@ -407,6 +407,24 @@ async def _pool_of(subject: str, deliberation: bool) -> str | None:
 
 
 @app.command()
+def capacity(
+    pool: str = typer.Argument(..., help="The pool."),
+    tasks: int = typer.Argument(..., min=0, help="Tasks in flight at most (0 stops dispatching)."),
+    reason: str = typer.Option("", help="Why: witnessed with the change."),
+    operator: str = typer.Option("operator"),
+) -> None:
+    """Set a pool's capacity from now on (witnessed); other pools keep theirs."""
+    from conclave.client import Client
+
+    async def go() -> None:
+        async with Client(_settings()) as client:
+            await client.configure_pool(pool, capacity=tasks, reason=reason, operator=operator)
+
+    _run(go())
+    out.print(f"capacity of {pool} set to {tasks}")
+
+
+@app.command()
 def halt(reason: str = typer.Argument(...), operator: str = typer.Option("operator")) -> None:
     """Stop all dispatching until `conclave resume` (witnessed)."""
     from conclave.client import Client

@@ -393,7 +393,12 @@ def list_pools(as_json: AsJson = False) -> None:
     settings = Settings.from_env()
     views = _query(query)
     if as_json:
-        _print_json([{**dataclasses.asdict(v), "capacity": settings.pool_capacity} for v in views])
+        _print_json(
+            [
+                {**dataclasses.asdict(v), "capacity": v.capacity or settings.pool_capacity}
+                for v in views
+            ]
+        )
         return
     if not views:
         out.print("no pools")
@@ -407,7 +412,8 @@ def list_pools(as_json: AsJson = False) -> None:
         table.add_row(
             v.pool,
             str(v.agents),
-            f"{v.in_flight} / {settings.pool_capacity}",
+            f"{v.in_flight} / {v.capacity if v.capacity is not None else settings.pool_capacity}"
+            + ("" if v.capacity is not None else "*"),
             *(str(v.queued[p.label]) for p in Priority),
             str(v.waiting),
             str(v.retrying),
@@ -418,4 +424,7 @@ def list_pools(as_json: AsJson = False) -> None:
             str(v.dependency_failed),
         )
     out.print(table)
-    err.print("queued per priority; capacity as configured here (CONCLAVE_POOL_CAPACITY)")
+    err.print(
+        "queued per priority; * the default capacity as configured here "
+        "(CONCLAVE_POOL_CAPACITY), others set with `conclave capacity`"
+    )

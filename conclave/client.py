@@ -24,6 +24,7 @@ from conclave.domain.events import (
     CancelRequested,
     DeliberationRequested,
     Halt,
+    PoolConfigured,
     Priority,
     Resume,
     TaskSubmitted,
@@ -218,6 +219,16 @@ class Client:
             headers=headers_for(),
         )
 
+    async def configure_pool(
+        self, pool: str, *, capacity: int, reason: str = "", operator: str = "operator"
+    ) -> None:
+        """Set ``pool``'s capacity (tasks in flight at most) from now on; witnessed. 0 stops
+        dispatching to it; lowering it stops nothing that runs. Other pools keep theirs:
+        a foreground and a background pool never take each other's places."""
+        event = PoolConfigured(pool=pool, capacity=capacity, reason=reason, operator=operator)
+        _check(event)
+        await self._producer.send(self.topics.control, "system", event, partition=0)
+
     async def halt(self, reason: str, *, operator: str = "operator") -> None:
         await self._producer.send(
             self.topics.control, "system", Halt(reason=reason, operator=operator), partition=0
@@ -256,7 +267,9 @@ def _submitted(
     )
 
 
-def _check(command: TaskSubmitted | DeliberationRequested | CancelRequested) -> None:
+def _check(
+    command: TaskSubmitted | DeliberationRequested | CancelRequested | PoolConfigured,
+) -> None:
     """Refuse here, with the scheduler's own words, what the scheduler would reject."""
     if (reason := invalid_command(command)) is not None:
         raise InvalidCommand(reason)

@@ -65,6 +65,7 @@ READ_MODEL_TABLES = (
     "witness_entries",
     "agents",
     "system_events",
+    "pool_settings",
     "dead_letters",
     "rejections",
     "projection_offsets",

@@ -318,6 +318,9 @@ class PoolView:
     pool: str
     agents: int
     """Agents registered in the pool."""
+    capacity: int | None
+    """As an operator last set it (``conclave capacity``); ``None``: the scheduler's
+    default (``CONCLAVE_POOL_CAPACITY``)."""
     in_flight: int
     """Dispatched, not finished: what counts against the pool's capacity."""
     queued: dict[str, int]
@@ -341,7 +344,12 @@ async def list_pools(pool: asyncpg.Pool) -> list[PoolView]:
     agents = await pool.fetch(
         "SELECT pool, count(*) AS n FROM agents WHERE pool IS NOT NULL GROUP BY pool"
     )
-    names = sorted({r["pool"] for r in counts} | {r["pool"] for r in agents})
+    settings = await pool.fetch(
+        "SELECT DISTINCT ON (pool) pool, capacity FROM pool_settings"
+        " ORDER BY pool, configured_at DESC, event_id DESC"
+    )
+    capacities = {r["pool"]: r["capacity"] for r in settings}
+    names = sorted({r["pool"] for r in counts} | {r["pool"] for r in agents} | set(capacities))
     by_status: dict[tuple[str, str], int] = {}
     queued: dict[str, dict[str, int]] = {name: {} for name in names}
     for r in counts:
@@ -354,6 +362,7 @@ async def list_pools(pool: asyncpg.Pool) -> list[PoolView]:
         PoolView(
             pool=name,
             agents=registered.get(name, 0),
+            capacity=capacities.get(name),
             in_flight=by_status.get((name, "dispatched"), 0),
             queued={p.label: queued[name].get(p.label, 0) for p in Priority},
             waiting=by_status.get((name, "waiting"), 0),

@@ -36,6 +36,7 @@ from conclave.domain.events import (
     Event,
     Halt,
     Heartbeat,
+    PoolConfigured,
     Resume,
     TaskCancelled,
     TaskCompleted,
@@ -265,6 +266,18 @@ SYSTEM_EVENTS = Table(
         ("occurred_at", "bigint"),
     ),
 )
+POOL_SETTINGS = Table(
+    "pool_settings",
+    (
+        ("event_id", "text"),
+        ("pool", "text"),
+        ("capacity", "integer"),
+        ("reason", "text"),
+        ("operator", "text"),
+        ("configured_at", "bigint"),
+    ),
+)
+"""Every capacity an operator set (``conclave capacity``): the newest per pool holds."""
 DEAD_LETTERS = Table(
     "dead_letters",
     (
@@ -289,7 +302,15 @@ REJECTIONS = Table(
         ("rejected_at", "bigint"),
     ),
 )
-APPENDS = (OUTPUTS, TASK_FAILURES, WITNESS_ENTRIES, SYSTEM_EVENTS, DEAD_LETTERS, REJECTIONS)
+APPENDS = (
+    OUTPUTS,
+    TASK_FAILURES,
+    WITNESS_ENTRIES,
+    SYSTEM_EVENTS,
+    POOL_SETTINGS,
+    DEAD_LETTERS,
+    REJECTIONS,
+)
 
 
 _ENDED = {
@@ -494,6 +515,10 @@ APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
     ),
     Halt: (SYSTEM_EVENTS, _system),
     Resume: (SYSTEM_EVENTS, _system),
+    PoolConfigured: (
+        POOL_SETTINGS,
+        lambda env, e: (env.event_id, e.pool, e.capacity, e.reason, e.operator, env.occurred_at),
+    ),
     DeadLetterRecord: (
         DEAD_LETTERS,
         lambda env, e: (
@@ -524,7 +549,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
         topics.outputs: (AgentOutput, TaskFailed),
         topics.witness: (WitnessEntry,),
         topics.deadletter: (DeadLetterRecord,),
-        topics.control: (Halt, Resume),
+        topics.control: (Halt, Resume, PoolConfigured),
     }
 
 

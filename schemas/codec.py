@@ -60,6 +60,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.DeadLetterRecord,
     ev.Halt,
     ev.Resume,
+    ev.PoolConfigured,
     ev.WorkerBeat,
 )
 

@@ -35,6 +35,7 @@ from conclave.domain.events import (
     Envelope,
     Event,
     Halt,
+    PoolConfigured,
     Priority,
     Resume,
     TaskCancelled,
@@ -106,7 +107,7 @@ class SchedulerShard:
         # What each non-command input topic may carry (commands are checked by
         # invalid_command). Anything else is dead-lettered, not ignored.
         self.accepts: dict[str, tuple[type[Any], ...]] = {
-            topics.control: (Halt, Resume),
+            topics.control: (Halt, Resume, PoolConfigured),
             topics.agents: (AgentRegistered,),
             topics.witness: (WitnessEntry,),
         }
@@ -173,7 +174,7 @@ class SchedulerShard:
             return [
                 self.emitter.dead_letter(record, reason=reason, error_type="InvalidEvent", now=0)
             ]
-        assert isinstance(event, (*_CHANGELOG, AgentRegistered, Halt, Resume))
+        assert isinstance(event, (*_CHANGELOG, AgentRegistered, Halt, Resume, PoolConfigured))
         if isinstance(event, CommandRejected):
             return []  # changes no state: the command never became a task
         scheduling.evolve(self.state, event)
@@ -261,7 +262,7 @@ class SchedulerShard:
                 for reinstated in scheduling.reinstate(self.state, event):
                     scheduling.evolve(self.state, reinstated)
                     decided.append((envelope, reinstated))
-            case Halt() | Resume():
+            case Halt() | Resume() | PoolConfigured():
                 scheduling.evolve(self.state, event)
 
     def _emit(self, event: SchedulerEvent, cause: Envelope | None, now: int) -> Outgoing:
@@ -339,7 +340,7 @@ class SchedulerShard:
         """Why ``event`` may not be consumed from ``topic`` (reason, error type), if so."""
         if topic in self._commands:
             reason = invalid_command(event)
-            if reason is None and isinstance(event, Halt | Resume):
+            if reason is None and isinstance(event, Halt | Resume | PoolConfigured):
                 reason = f"{event.TYPE} belongs on {self.topics.control}, where it is witnessed"
             return None if reason is None else (reason, "InvalidCommand")
         if not isinstance(event, self.accepts.get(topic, ())):

@@ -18,7 +18,15 @@ from aiokafka import TopicPartition
 
 from conclave.bus import Outgoing, Position
 from conclave.domain import witness
-from conclave.domain.events import AgentOutput, Event, Halt, Resume, TaskFailed, WitnessEntry
+from conclave.domain.events import (
+    AgentOutput,
+    Event,
+    Halt,
+    PoolConfigured,
+    Resume,
+    TaskFailed,
+    WitnessEntry,
+)
 from conclave.errors import SchemaError, WitnessChainError
 from conclave.records import Record
 from conclave.topics import SHARD_HEADER, Topics
@@ -122,9 +130,7 @@ class WitnessShard:
             envelope, event = decoded
             # Witness only what the rest of the system acts on from the same topic: a HALT
             # on the outputs topic would be in the log while the scheduler never saw it.
-            expected = (
-                (Halt, Resume) if record.topic == self.topics.control else (AgentOutput, TaskFailed)
-            )
+            expected = _CONTROL if record.topic == self.topics.control else _OUTPUTS
             if not isinstance(event, expected):
                 reason = f"{event.TYPE} is not witnessed from {record.topic}"
                 out.append(
@@ -170,11 +176,17 @@ class WitnessShard:
         return None
 
 
+_CONTROL = (Halt, Resume, PoolConfigured)
+_OUTPUTS = (AgentOutput, TaskFailed)
+
+
 def _detail(event: Event) -> str:
     match event:
         case TaskFailed():
             return witness.failure_detail(event.error_type, permanent=event.permanent)
         case Halt() | Resume():
             return event.reason
+        case PoolConfigured():
+            return f"{event.pool}: capacity {event.capacity}: {event.reason}"
         case _:
             return ""

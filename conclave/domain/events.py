@@ -31,6 +31,7 @@ __all__ = [
     "Event",
     "Halt",
     "Heartbeat",
+    "PoolConfigured",
     "Priority",
     "Resume",
     "TaskCancelled",
@@ -472,6 +473,20 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PoolConfigured:
+    """Set one pool's capacity (tasks in flight at most) from now on: an operator's
+    decision, on the control topic, witnessed like a halt. 0 stops dispatching to the
+    pool; tasks already running go on. Pools never configured have the scheduler's
+    default (``CONCLAVE_POOL_CAPACITY``)."""
+
+    TYPE: ClassVar[str] = "pool.configured"
+    pool: str
+    capacity: int
+    reason: str
+    operator: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerBeat:
     """A stream-processor worker is alive and owns ``shards``: how workers share shards
     and take over a dead one's without waiting for the broker to evict anybody."""
@@ -509,6 +524,7 @@ Event = (
     | DeadLetterRecord
     | Halt
     | Resume
+    | PoolConfigured
     | WorkerBeat
 )
 

@@ -156,9 +156,11 @@ class PoolState:
 @dataclass(slots=True)
 class SchedulerState:
     capacity: int = DEFAULT_CAPACITY
-    """Tasks in flight per pool, at most. Fixed for the life of a state: ``ready``
-    depends on it, so assigning it later leaves ``ready`` stale; to change it, pass
-    ``capacity`` to :func:`from_snapshot`."""
+    """Tasks in flight per pool, at most, for pools with no capacity of their own. Fixed
+    for the life of a state: ``ready`` depends on it, so assigning it later leaves
+    ``ready`` stale; to change it, pass ``capacity`` to :func:`from_snapshot`."""
+    capacities: dict[str, int] = field(default_factory=dict)
+    """Pool -> its own capacity, as configured (``PoolConfigured``) at run time."""
     dedup_window: int = DEFAULT_DEDUP_WINDOW
     """How many finished task ids (and expanded deliberation ids) are remembered; read
     once, when the windows are made."""
@@ -197,6 +199,9 @@ class SchedulerState:
         self.deliberations = Recent(self.dedup_window)
 
     # -- Index upkeep: called by evolve after it changes tasks, agents or assignments.
+
+    def capacity_of(self, name: str) -> int:
+        return self.capacities.get(name, self.capacity)
 
     def pool(self, name: str) -> PoolState:
         pool = self.pools.get(name)
@@ -307,7 +312,7 @@ class SchedulerState:
             pool = None
         if (
             pool is not None
-            and pool.in_flight < self.capacity
+            and pool.in_flight < self.capacity_of(name)
             and (pool.claimed or (pool.unclaimed and pool.untargeted))
         ):
             self.ready.add(name)
@@ -361,6 +366,7 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "deliberations": [d for d, _ in state.deliberations.items()],
         "timers": [[key, due] for (due, *_), key in state.timers.members()],
         "suspects": sorted(state.suspects),
+        "capacities": dict(state.capacities),
     }
 
 
@@ -408,6 +414,7 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
             state.deliberations.add(deliberation_id, None)
         state.timers = RankedSet(((due,), key) for key, due in data["timers"])
         state.suspects = set(data.get("suspects", ()))  # absent before deadlines existed
+        state.capacities.update(data["capacities"])
         for agent_id in state.agents:
             state.place(agent_id)
         for name in list(state.pools):

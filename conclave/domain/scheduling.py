@@ -28,7 +28,9 @@ Rules that wait (answer deadlines, retry back-off) keep their due times in ``tim
 Rules enforced here (each has a test):
 
 * HALT first: while halted nothing is dispatched.
-* Capacity: a pool never has more tasks in flight than its limit.
+* Capacity: a pool never has more tasks in flight than its limit (its own, set at run
+  time by ``PoolConfigured``, or the default); lowering it dispatches nothing more until
+  the pool is under it, and preempts nothing.
 * Priority: among queued tasks of a pool, a higher priority is dispatched
   first; within one priority, arrival order.
 * Idempotence: a duplicate command or fact yields no events.
@@ -63,6 +65,7 @@ from conclave.domain.events import (
     DeliberationRequested,
     Halt,
     Heartbeat,
+    PoolConfigured,
     Resume,
     TaskCancelled,
     TaskCompleted,
@@ -508,15 +511,11 @@ def schedule(
     if state.halted:
         return []
     deadline = now + answer_within_us if answer_within_us is not None else None
-    return [
-        d
-        for name in sorted(state.ready)
-        for d in _schedule_pool(state, state.pools[name], deadline)
-    ]
+    return [d for name in sorted(state.ready) for d in _schedule_pool(state, name, deadline)]
 
 
 def _schedule_pool(
-    state: SchedulerState, pool: PoolState, deadline: int | None
+    state: SchedulerState, name: str, deadline: int | None
 ) -> Iterator[TaskDispatched]:
     """Merges the pool's untargeted queue with the best claim of each idle agent, by rank.
 
@@ -524,7 +523,8 @@ def _schedule_pool(
     already, so every remaining claim ranks lower: taking the worst-claimed agent
     is always allowed, and an untargeted task finds an agent while any is idle.
     """
-    free = state.capacity - pool.in_flight
+    pool = state.pools[name]
+    free = state.capacity_of(name) - pool.in_flight
     idle = len(pool.unclaimed) + len(pool.claimed)
     taken: set[str] = set()
     unclaimed = iter(pool.unclaimed)
@@ -566,7 +566,7 @@ def _schedule_pool(
 
 def evolve(
     state: SchedulerState,
-    event: SchedulerEvent | AgentRegistered | Heartbeat | Halt | Resume,
+    event: SchedulerEvent | AgentRegistered | Heartbeat | Halt | Resume | PoolConfigured,
 ) -> SchedulerState:
     """Fold one event into the state (in place, see the module docstring).
 
@@ -603,6 +603,9 @@ def evolve(
             state.halted = True
         case Resume():
             state.halted = False
+        case PoolConfigured():
+            state.capacities[event.pool] = event.capacity
+            state.refresh(event.pool)
     return state
 
 

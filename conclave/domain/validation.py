@@ -7,17 +7,25 @@ from conclave.domain.events import (
     DeliberationRequested,
     Event,
     Halt,
+    PoolConfigured,
     Resume,
     TaskSubmitted,
 )
 from conclave.domain.retry import retry_of
 
-__all__ = ["MAX_DEPENDENCIES", "MAX_ID_LENGTH", "MAX_INPUT_BYTES", "invalid_command"]
+__all__ = [
+    "MAX_CAPACITY",
+    "MAX_DEPENDENCIES",
+    "MAX_ID_LENGTH",
+    "MAX_INPUT_BYTES",
+    "invalid_command",
+]
 
 MAX_ID_LENGTH = 200
 MAX_INPUT_BYTES = 900_000
 """A task's input or a motion, UTF-8: one Kafka record with its envelope (brokers cap
 records near 1 MB by default). Larger payloads belong in storage, passed by reference."""
+MAX_CAPACITY = 1_000_000
 MAX_DEPENDENCIES = 1000
 """Dependencies of one task, at most: a wider fan-in belongs in a workflow step."""
 
@@ -63,6 +71,12 @@ def invalid_command(event: Event) -> str | None:
                 return _bad_task_ref("task_id", event.task_id)
             assert event.deliberation_id is not None
             return _bad_id("deliberation_id", event.deliberation_id)
+        case PoolConfigured():
+            if not event.pool:
+                return "pool must not be empty"
+            if not 0 <= event.capacity <= MAX_CAPACITY:
+                return f"capacity must be 0-{MAX_CAPACITY:,}"
+            return None
         case Halt() | Resume():
             return None
         case _:

@@ -213,3 +213,56 @@ async def test_tasks_expire_when_not_started_in_time_or_not_finished_by_their_de
     assert view.finish_by is not None
     assert view.finished_at is not None
     assert view.finish_by <= view.finished_at < view.finish_by + 5_000_000
+
+
+async def test_a_pools_capacity_changes_at_run_time_and_other_pools_keep_theirs(
+    system: System,
+) -> None:
+    settings, db, client, pool = system.settings, system.db, system.client, system.pool
+    running, peak = 0, 0
+
+    async def agent(ctx: AgentContext) -> str:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return "ok"
+
+    async with system.running(4, agent):
+        await client.configure_pool(pool, capacity=1, reason="background work")
+        await eventually(lambda: _configured(db, pool, 1))
+        first = [await client.submit(f"one at a time {i}", pool=pool) for i in range(8)]
+        for task_id in first:
+            await eventually(lambda t=task_id: _is(db, t, "completed"))  # type: ignore[misc]
+        assert peak == 1
+        shown = await asyncio.to_thread(cli, settings, "capacity", pool, "3", "--reason", "more")
+        assert shown.returncode == 0, shown.stderr
+        await eventually(lambda: _configured(db, pool, 3))
+        peak = 0
+        more = [await client.submit(f"three at a time {i}", pool=pool) for i in range(12)]
+        for task_id in more:
+            await eventually(lambda t=task_id: _is(db, t, "completed"))  # type: ignore[misc]
+        assert 1 < peak <= 3
+    listed = await asyncio.to_thread(cli, settings, "pools", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert f'"pool": "{pool}"' in listed.stdout
+    witnessed = await db.fetchval(
+        "SELECT count(*) FROM witness_entries WHERE subject_type = 'pool.configured'"
+        " AND detail LIKE $1",
+        f"{pool}: capacity %",
+    )
+    assert witnessed == 2
+
+
+async def _configured(db: asyncpg.Pool, pool: str, capacity: int) -> bool:
+    """The capacity is in the read model. The scheduler reads the control topic itself,
+    as soon as the projector does; the half second after covers a slower fetch."""
+    stored = await db.fetchval(
+        "SELECT capacity FROM pool_settings WHERE pool = $1 ORDER BY configured_at DESC LIMIT 1",
+        pool,
+    )
+    if stored != capacity:
+        return False
+    await asyncio.sleep(0.5)
+    return True

@@ -37,6 +37,7 @@ from conclave.domain.events import (
     CancelRequested,
     DeliberationRequested,
     Halt,
+    PoolConfigured,
     Priority,
     Resume,
     TaskCancelled,
@@ -91,7 +92,7 @@ TERMINAL_EVENTS = (
     TaskExpired,
     TaskDependencyFailed,
 )
-Folded = Emitted | AgentRegistered | Halt | Resume
+Folded = Emitted | AgentRegistered | Halt | Resume | PoolConfigured
 ANSWER_US = 20_000
 """The harness's answer deadline: 20 commands' worth of its clock (1 ms each)."""
 
@@ -181,6 +182,9 @@ class Harness:
         if state.halted:
             assert dispatched == []
         _check_priority(state, queued_before, idle_before, dispatched)
+        for name, n in Counter(d.pool for d in dispatched).items():
+            before = state.pools[name].in_flight
+            assert before + n <= state.capacity_of(name), f"{name} over its capacity"
         for d in dispatched:
             assert state.agents[d.agent_id].pool == d.pool, "an agent runs its own pool's tasks"
         self._fold(dispatched)
@@ -199,7 +203,7 @@ class Harness:
         self._fold(decided)
         return [*decided, *self.schedule()]
 
-    def fact(self, event: AgentRegistered | Halt | Resume) -> list[TaskDispatched]:
+    def fact(self, event: AgentRegistered | Halt | Resume | PoolConfigured) -> list[TaskDispatched]:
         self._fold([event])
         if isinstance(event, AgentRegistered):
             reinstated = reinstate(self.state, event)
@@ -320,6 +324,9 @@ class Harness:
         passes while every live task waits out a back-off."""
         if self.state.halted:
             self.resume()
+        for name, capacity in sorted(self.state.capacities.items()):
+            if capacity == 0:  # closed by an operator: opened again
+                self.fact(PoolConfigured(pool=name, capacity=1, reason="drive", operator="op"))
         for agent_id in sorted(POOL_OF):
             if agent_id not in self.state.agents:
                 self.register(agent_id)
@@ -385,7 +392,7 @@ def reference_schedule(state: SchedulerState) -> list[TaskDispatched]:
             queued[task.pool].append(task)
     dispatched: list[TaskDispatched] = []
     for pool in sorted(queued):
-        free = state.capacity - running[pool]
+        free = state.capacity_of(pool) - running[pool]
         idle = {
             a.agent_id: a
             for a in state.agents.values()
@@ -437,7 +444,7 @@ def recovered(log: list[Folded], start: SchedulerState) -> SchedulerState:
 def interleavings(log: list[Folded]) -> list[list[Folded]]:
     """The tasks topic entirely before, and entirely after, the agents and control
     topics: per-topic order is all that recovery can count on."""
-    facts = (AgentRegistered, Halt, Resume)
+    facts = (AgentRegistered, Halt, Resume, PoolConfigured)
     tasks_topic = [e for e in log if not isinstance(e, facts)]
     other_topics = [e for e in log if isinstance(e, facts)]
     return [[*tasks_topic, *other_topics], [*other_topics, *tasks_topic]]
@@ -734,13 +741,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.h.drive()
         self._check_all_terminal()
 
+    @rule(pool=POOLS, capacity=st.integers(0, 3))
+    def configure_pool(self, pool: str, capacity: int) -> None:
+        """An operator sets a pool's capacity: lower than what runs, it preempts nothing."""
+        self.h.fact(PoolConfigured(pool=pool, capacity=capacity, reason="test", operator="op"))
+
     @invariant()
     def capacity_is_never_exceeded(self) -> None:
+        """In flight is counted right; over capacity only after the capacity was lowered
+        (Harness.schedule checks that no dispatch ever goes over it)."""
         dispatched = Counter(t.pool for t in self.h.dispatched())
         for name in set(self.state.pools) | set(dispatched):
             pool = self.state.pools.get(name)
             assert (pool.in_flight if pool is not None else 0) == dispatched[name]
-            assert dispatched[name] <= self.state.capacity
+            if name not in self.state.capacities:
+                assert dispatched[name] <= self.state.capacity
 
     @invariant()
     def one_task_per_agent_and_targets_respected(self) -> None:
