@@ -24,7 +24,16 @@ from rich.console import Console
 from rich.table import Table
 
 from conclave.cli_dev import dev_app
-from conclave.cli_tasks import dlq_app, finished, list_pools, list_tasks, parse_priority, task_app
+from conclave.cli_tasks import (
+    deliberation_app,
+    dlq_app,
+    finished,
+    list_pools,
+    list_tasks,
+    parse_priority,
+    show_deliberation,
+    task_app,
+)
 from conclave.cli_witness import witness_app
 from conclave.errors import ConclaveError
 from conclave.settings import Settings
@@ -46,6 +55,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
 app.add_typer(task_app, name="task")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(deliberation_app, name="deliberation")
 app.command("tasks")(list_tasks)
 app.command("pools")(list_pools)
 app.add_typer(witness_app, name="witness")
@@ -363,6 +373,40 @@ def submit(
     if view.output is None:
         raise Fail(f"task {submitted} {view.status}: {view.error or 'no answer'}")
     out.print(view.output.content)
+
+
+@app.command()
+def deliberate(
+    motion: str = typer.Argument(..., help="The motion; - reads it from stdin."),
+    agents: list[str] = typer.Option(  # noqa: B008 (typer declares options so)
+        [], "--agent", help="An agent that must answer (repeatable); none: every agent."
+    ),
+    pool: str = typer.Option("default"),
+    priority: str = typer.Option("high", help="critical, high, normal or low."),
+    deliberation_id: str | None = typer.Option(None, "--id", help="The same id runs once."),
+    wait: bool = typer.Option(
+        False, "--wait", help="Wait until every agent is done; print the answers together."
+    ),
+    wait_timeout: float = typer.Option(600.0, min=0.1, help="With --wait: give up after S."),
+) -> None:
+    """Put one motion to many agents; each answers in its own context."""
+    from conclave.client import Client
+
+    prio = parse_priority(priority)
+    text = sys.stdin.read() if motion == "-" else motion
+
+    async def go() -> str:
+        async with Client(_settings()) as client:
+            return await client.deliberate(
+                text, agent_ids=agents, deliberation_id=deliberation_id, pool=pool, priority=prio
+            )
+
+    submitted = _run(go())
+    if not wait:
+        out.print(submitted)
+        return
+    err.print(f"deliberation {submitted}")
+    show_deliberation(submitted, as_json=False, wait_s=wait_timeout)
 
 
 @app.command()

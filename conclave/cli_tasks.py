@@ -23,14 +23,26 @@ from rich.table import Table
 from conclave.domain.events import Priority
 from conclave.errors import ConclaveError, NotFound, Rejected
 from conclave.settings import Settings
-from projections.queries import Page, TaskFilter, TaskSummary, TaskView
+from projections.queries import DeliberationView, Page, TaskFilter, TaskSummary, TaskView
 
-__all__ = ["dlq_app", "finished", "list_pools", "list_tasks", "parse_priority", "task_app"]
+__all__ = [
+    "deliberation_app",
+    "dlq_app",
+    "finished",
+    "list_pools",
+    "list_tasks",
+    "parse_priority",
+    "show_deliberation",
+    "task_app",
+]
 
 T = TypeVar("T")
 
 task_app = typer.Typer(help="One task: inspect it.", no_args_is_help=True)
 dlq_app = typer.Typer(help="Dead-lettered tasks: list, inspect, run again.", no_args_is_help=True)
+deliberation_app = typer.Typer(
+    help="One deliberation: its agents, then their answers together.", no_args_is_help=True
+)
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -210,6 +222,57 @@ def task_show(
     out.print(_task_table(view))
 
 
+@deliberation_app.command("show")
+def deliberation_show(
+    deliberation_id: Annotated[str, typer.Argument()],
+    as_json: AsJson = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until every agent has answered or failed.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(min=0.1, help="With --wait: give up after S.")] = 600,
+) -> None:
+    """Each agent's status; the answers, all together, once every agent is done."""
+    show_deliberation(deliberation_id, as_json=as_json, wait_s=timeout if wait else None)
+
+
+def show_deliberation(deliberation_id: str, *, as_json: bool, wait_s: float | None) -> None:
+    from projections.queries import get_deliberation
+
+    async def poll(db: asyncpg.Pool) -> DeliberationView:
+        deadline = time.monotonic() + (wait_s or 0)
+        while True:
+            try:
+                view = await get_deliberation(db, deliberation_id)
+            except NotFound:
+                if wait_s is None or time.monotonic() > deadline:
+                    raise
+            else:
+                if view.revealed or wait_s is None:
+                    return view
+                if time.monotonic() > deadline:
+                    raise ConclaveError(
+                        f"deliberation {deliberation_id!r} not done within {wait_s:g} s"
+                    )
+            await asyncio.sleep(0.2)
+
+    view = _query(poll)
+    if as_json:
+        _print_json(dataclasses.asdict(view))
+        return
+    table = Table(box=None, header_style="bold", title=f"deliberation {deliberation_id}")
+    for column in ("agent", "status", "answer"):
+        table.add_column(column, overflow="fold")
+    for agent_id, status in view.statuses.items():
+        if not view.revealed:
+            shown = "(sealed until every agent is done)"
+        elif agent_id in view.answers:
+            shown = view.answers[agent_id].content
+        else:
+            shown = view.failures.get(agent_id, "-")
+        table.add_row(agent_id, status, shown)
+    out.print(table)
+
+
 def finished(task_id: str, timeout_s: float, *, follow: bool = False) -> TaskView:
     """The task once it is finished (read model), polling; with ``follow``, a line on
     stderr each time its status or attempt changes. A task the scheduler rejected raises
@@ -268,6 +331,8 @@ def _task_table(view: TaskView) -> Table:
         table.add_row("finish by", _when(view.finish_by))
     if view.dependencies:
         table.add_row("depends on", ", ".join(f"{d} ({s})" for d, s in view.dependencies.items()))
+    if view.sealed:
+        table.add_row("output", "(sealed until every agent of its deliberation is done)")
     if view.output is not None:
         table.add_row("output", view.output.content)
         table.add_row("witness sequence", str(view.output.witness_sequence))

@@ -4,6 +4,11 @@ Witnessed before visible: every query that returns an agent's output joins
 ``witness_entries``; an output whose witness entry is not projected yet does
 not exist for readers.
 
+Deliberations reveal together: each member's answer is witnessed as it arrives, but
+no query shows any of them until every task of the deliberation is finished (answered,
+failed, stalled past its attempts, cancelled or expired): committed first, then
+revealed, so no answer can be read before the others are given.
+
 Only accepted answers are answers: a task's output is the one its completion names
 (``tasks.output_event_id``, the attempt the scheduler accepted). Any other output
 about the task -- a late answer of a stalled or cancelled attempt, or one written by
@@ -19,8 +24,10 @@ import asyncpg
 
 from conclave.domain.events import Priority, TaskSubmitted, WitnessEntry
 from conclave.errors import NotFound, Rejected
+from projections.rows import TERMINAL
 
 __all__ = [
+    "DeliberationView",
     "Failure",
     "OutputView",
     "Page",
@@ -29,6 +36,7 @@ __all__ = [
     "TaskSummary",
     "TaskView",
     "deliberation",
+    "get_deliberation",
     "get_task",
     "list_pools",
     "list_tasks",
@@ -89,6 +97,24 @@ class TaskView:
     dependencies: dict[str, str]
     """Each task it depends on, as submitted -> that task's status now (``unknown`` if
     the read model does not have it)."""
+    sealed: bool
+    """A deliberation's task whose answer waits for the others': ``output`` is ``None``
+    until every task of the deliberation is finished."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliberationView:
+    """A deliberation as its readers see it: nothing of the answers until all are in."""
+
+    deliberation_id: str
+    revealed: bool
+    """Every task is finished: the answers are visible, together."""
+    statuses: dict[str, str]
+    """Agent id -> its task's status."""
+    answers: dict[str, OutputView]
+    """Agent id -> its accepted, witnessed answer; empty until revealed."""
+    failures: dict[str, str]
+    """Agent id -> why it gave no answer (once revealed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +178,9 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
         raise NotFound(f"no task {task_id!r}")
     outputs = await pool.fetch(_VISIBLE_OUTPUT + " WHERE o.task_id = $1", task_id)
     accepted = [o for o in outputs if o["event_id"] == row["output_event_id"]]
+    sealed = row["deliberation_id"] is not None and not await _all_finished(
+        pool, row["deliberation_id"]
+    )
     failures = await pool.fetch(
         """SELECT attempt, agent_id, error_type, error_message, permanent, failed_at
              FROM task_failures WHERE task_id = $1 ORDER BY attempt, failed_at""",
@@ -178,7 +207,8 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
         finished_at=row["finished_at"],
         next_attempt_at=row["next_attempt_at"],
         redrive_of=row["redrive_of"],
-        output=_output(accepted[0]) if accepted else None,
+        output=_output(accepted[0]) if accepted and not sealed else None,
+        sealed=sealed,
         unsolicited_outputs=len(outputs) - len(accepted),
         start_by=row["start_by"],
         finish_by=row["finish_by"],
@@ -271,8 +301,43 @@ async def deliberation(pool: asyncpg.Pool, deliberation_id: str) -> list[TaskVie
     return [await get_task(pool, r["task_id"]) for r in ids]
 
 
+async def _all_finished(pool: asyncpg.Pool, deliberation_id: str) -> bool:
+    done: bool | None = await pool.fetchval(
+        "SELECT bool_and(status = ANY($2::text[])) FROM tasks WHERE deliberation_id = $1",
+        deliberation_id,
+        sorted(TERMINAL),
+    )
+    return bool(done)
+
+
+async def get_deliberation(pool: asyncpg.Pool, deliberation_id: str) -> DeliberationView:
+    """A deliberation: each agent's status; its answers and failures once all are in."""
+    rows = await pool.fetch(
+        "SELECT agent_id, status, error FROM tasks WHERE deliberation_id = $1 ORDER BY agent_id",
+        deliberation_id,
+    )
+    if not rows:
+        raise NotFound(f"no deliberation {deliberation_id!r}")
+    revealed = all(r["status"] in TERMINAL for r in rows)
+    answers = await visible_outputs(pool, deliberation_id) if revealed else []
+    return DeliberationView(
+        deliberation_id=deliberation_id,
+        revealed=revealed,
+        statuses={r["agent_id"]: r["status"] for r in rows},
+        answers={a.agent_id: a for a in answers},
+        failures={
+            r["agent_id"]: f"{r['status']}: {r['error'] or 'no answer'}"
+            for r in rows
+            if revealed and r["status"] != "completed"
+        },
+    )
+
+
 async def visible_outputs(pool: asyncpg.Pool, deliberation_id: str) -> list[OutputView]:
-    """The accepted, witnessed answers of a deliberation's tasks, by agent id."""
+    """The accepted, witnessed answers of a deliberation's tasks, by agent id: none until
+    every task of the deliberation is finished."""
+    if not await _all_finished(pool, deliberation_id):
+        return []
     rows = await pool.fetch(
         _VISIBLE_OUTPUT + " JOIN tasks t ON t.output_event_id = o.event_id"
         " WHERE t.deliberation_id = $1 ORDER BY o.agent_id",

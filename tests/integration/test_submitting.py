@@ -9,13 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from conclave.client import Client
 from conclave.errors import InvalidCommand
 from conclave.runtime.agents import AgentContext, PermanentFailure
 from conclave.settings import Settings
-from tests.integration.conftest import System
+from projections import queries
+from tests.integration.conftest import System, eventually, task_status
 
 pytestmark = pytest.mark.integration
 
@@ -100,3 +102,48 @@ async def test_an_input_larger_than_one_record_is_refused_before_it_is_sent(
     async with Client(system.settings) as client:
         with pytest.raises(InvalidCommand, match="pass a reference"):
             await client.submit("é" * 500_000, pool=system.pool)
+
+
+async def test_a_deliberations_answers_are_revealed_together(system: System) -> None:
+    settings, db, client, pool = system.settings, system.db, system.client, system.pool
+    release = asyncio.Event()
+
+    async def council(ctx: AgentContext) -> str:
+        if ctx.agent_id.endswith("1"):
+            await release.wait()  # the slow member
+        if ctx.agent_id.endswith("2"):
+            raise PermanentFailure("abstains by error")
+        return f"{ctx.agent_id}: aye"
+
+    async with system.running(3, council) as host:
+        agents = sorted(host.config.agent_ids)
+        deliberation_id = await client.deliberate("motion", agent_ids=agents, pool=pool)
+        first = f"{deliberation_id}/{agents[0]}"
+        await eventually(lambda: _status(db, first, "completed"))
+        early = await queries.get_task(db, first)
+        assert early.sealed
+        assert early.output is None  # answered and witnessed, not yet visible
+        assert await queries.visible_outputs(db, deliberation_id) == []
+        sealed = await queries.get_deliberation(db, deliberation_id)
+        assert not sealed.revealed
+        assert sealed.answers == {}
+        release.set()
+        shown = await asyncio.to_thread(
+            conclave, settings, "deliberation", "show", deliberation_id, "--wait"
+        )
+    assert shown.returncode == 0, shown.stderr
+    assert f"{agents[0]}: aye" in shown.stdout
+    assert f"{agents[1]}: aye" in shown.stdout
+    assert "dead_lettered: permanent failure" in shown.stdout, shown.stdout
+    view = await queries.get_deliberation(db, deliberation_id)
+    assert view.revealed
+    assert sorted(view.answers) == agents[:2]
+    assert list(view.failures) == [agents[2]]
+    assert view.failures[agents[2]].startswith("dead_lettered: permanent failure")
+    late = await queries.get_task(db, first)
+    assert late.output is not None
+    assert not late.sealed
+
+
+async def _status(db: asyncpg.Pool, task_id: str, status: str) -> bool:
+    return await task_status(db, task_id) == status
