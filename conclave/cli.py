@@ -384,6 +384,9 @@ def deliberate(
     pool: str = typer.Option("default"),
     priority: str = typer.Option("high", help="critical, high, normal or low."),
     deliberation_id: str | None = typer.Option(None, "--id", help="The same id runs once."),
+    finish_within: float | None = typer.Option(
+        None, min=0.001, help="Agents not done within S seconds expire; the rest is revealed."
+    ),
     wait: bool = typer.Option(
         False, "--wait", help="Wait until every agent is done; print the answers together."
     ),
@@ -391,6 +394,7 @@ def deliberate(
 ) -> None:
     """Put one motion to many agents; each answers in its own context."""
     from conclave.client import Client
+    from conclave.domain.events import now_us
 
     prio = parse_priority(priority)
     text = sys.stdin.read() if motion == "-" else motion
@@ -398,7 +402,12 @@ def deliberate(
     async def go() -> str:
         async with Client(_settings()) as client:
             return await client.deliberate(
-                text, agent_ids=agents, deliberation_id=deliberation_id, pool=pool, priority=prio
+                text,
+                agent_ids=agents,
+                deliberation_id=deliberation_id,
+                pool=pool,
+                priority=prio,
+                finish_by=now_us() + round(finish_within * 1e6) if finish_within else None,
             )
 
     submitted = _run(go())

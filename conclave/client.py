@@ -164,8 +164,12 @@ class Client:
         deliberation_id: str | None = None,
         pool: str = "default",
         priority: Priority = Priority.HIGH,
+        finish_by: int | None = None,
     ) -> str:
         """Put one motion to many agents; each answers in its own task and context.
+
+        Their answers are revealed together, once every agent is done: ``finish_by``
+        (µs since the epoch) bounds the wait, an agent not done by then expires.
 
         ``agent_ids`` empty means every agent registered in ``pool`` when the scheduler
         takes the motion (none registered: nobody is asked). Named agents get a task
@@ -177,6 +181,7 @@ class Client:
             priority=priority,
             motion=motion,
             agent_ids=list(agent_ids),
+            finish_by=finish_by,
         )
         _check(event)
         topic = self.topics.command(priority)

@@ -326,11 +326,18 @@ async def get_deliberation(pool: asyncpg.Pool, deliberation_id: str) -> Delibera
         statuses={r["agent_id"]: r["status"] for r in rows},
         answers={a.agent_id: a for a in answers},
         failures={
-            r["agent_id"]: f"{r['status']}: {r['error'] or 'no answer'}"
+            r["agent_id"]: _why(r["status"], r["error"])
             for r in rows
             if revealed and r["status"] != "completed"
         },
     )
+
+
+def _why(status: str, error: str | None) -> str:
+    """``status: error``, without saying the status twice (``cancelled: ...``)."""
+    if error and error.startswith(f"{status}:"):
+        return error
+    return f"{status}: {error or 'no answer'}"
 
 
 async def visible_outputs(pool: asyncpg.Pool, deliberation_id: str) -> list[OutputView]:

@@ -174,6 +174,9 @@ class DeliberationRequested:
     motion: str
     agent_ids: list[str]
     """The agents that must answer; empty means every agent registered in the pool."""
+    finish_by: int | None = None
+    """The deliberation's deadline (schema v2), µs since the epoch: an agent not done by
+    then expires, and the answers given are revealed."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

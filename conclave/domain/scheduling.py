@@ -271,6 +271,7 @@ def decide(
                     max_attempts=1,
                     deliberation_id=cause.deliberation_id,
                     sequence=state.next_sequence + len(deliberating),
+                    finish_by=cause.finish_by,
                 )
             )
         return deliberating

@@ -63,6 +63,8 @@ def invalid_command(event: Event) -> str | None:
                     return reason
             if len(set(event.agent_ids)) != len(event.agent_ids):
                 return "agent_ids must not repeat"
+            if event.finish_by is not None and event.finish_by <= 0:
+                return "finish_by must be a time (µs since the epoch)"
             return None
         case CancelRequested():
             if (event.task_id is None) == (event.deliberation_id is None):

@@ -13,7 +13,8 @@ import asyncpg
 import pytest
 
 from conclave.client import Client
-from conclave.errors import InvalidCommand
+from conclave.domain.events import now_us
+from conclave.errors import InvalidCommand, NotFound
 from conclave.runtime.agents import AgentContext, PermanentFailure
 from conclave.settings import Settings
 from projections import queries
@@ -147,3 +148,31 @@ async def test_a_deliberations_answers_are_revealed_together(system: System) -> 
 
 async def _status(db: asyncpg.Pool, task_id: str, status: str) -> bool:
     return await task_status(db, task_id) == status
+
+
+async def test_a_deliberations_deadline_reveals_the_answers_given_by_then(
+    system: System,
+) -> None:
+    db, client, pool = system.db, system.client, system.pool
+
+    async def one_never_answers(ctx: AgentContext) -> str:
+        if ctx.agent_id.endswith("1"):
+            await asyncio.sleep(3600)
+        return f"{ctx.agent_id}: nay"
+
+    async with system.running(2, one_never_answers) as host:
+        agents = sorted(host.config.agent_ids)
+        deliberation_id = await client.deliberate(
+            "motion", agent_ids=agents, pool=pool, finish_by=now_us() + 1_500_000
+        )
+        view = await eventually(lambda: _revealed(db, deliberation_id))
+    assert list(view.answers) == [agents[0]]
+    assert view.failures == {agents[1]: "expired: not finished by its deadline"}
+
+
+async def _revealed(db: asyncpg.Pool, deliberation_id: str) -> queries.DeliberationView | None:
+    try:
+        view = await queries.get_deliberation(db, deliberation_id)
+    except NotFound:
+        return None
+    return view if view.revealed else None
