@@ -478,13 +478,19 @@ def capacity(
 
 
 @app.command()
-def halt(reason: str = typer.Argument(...), operator: str = typer.Option("operator")) -> None:
+def halt(
+    reason: str = typer.Argument(...),
+    operator: str = typer.Option("operator"),
+    cancel_running: bool = typer.Option(
+        False, "--cancel-running", help="Cancel the tasks in flight too (default: they finish)."
+    ),
+) -> None:
     """Stop all dispatching until `conclave resume` (witnessed)."""
     from conclave.client import Client
 
     async def go() -> None:
         async with Client(_settings()) as client:
-            await client.halt(reason, operator=operator)
+            await client.halt(reason, operator=operator, cancel_running=cancel_running)
 
     _run(go())
     out.print("halt sent")

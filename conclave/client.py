@@ -234,10 +234,13 @@ class Client:
         _check(event)
         await self._producer.send(self.topics.control, "system", event, partition=0)
 
-    async def halt(self, reason: str, *, operator: str = "operator") -> None:
-        await self._producer.send(
-            self.topics.control, "system", Halt(reason=reason, operator=operator), partition=0
-        )
+    async def halt(
+        self, reason: str, *, operator: str = "operator", cancel_running: bool = False
+    ) -> None:
+        """Stop dispatching everywhere (witnessed). Tasks in flight finish, unless
+        ``cancel_running``: then they are cancelled and their agents stopped."""
+        halt = Halt(reason=reason, operator=operator, cancel_running=cancel_running)
+        await self._producer.send(self.topics.control, "system", halt, partition=0)
 
     async def resume(self, reason: str, *, operator: str = "operator") -> None:
         await self._producer.send(

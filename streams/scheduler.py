@@ -262,7 +262,12 @@ class SchedulerShard:
                 for reinstated in scheduling.reinstate(self.state, event):
                     scheduling.evolve(self.state, reinstated)
                     decided.append((envelope, reinstated))
-            case Halt() | Resume() | PoolConfigured():
+            case Halt():
+                scheduling.evolve(self.state, event)
+                for cancelled in scheduling.halted(self.state, event):
+                    scheduling.evolve(self.state, cancelled)
+                    decided.append((envelope, cancelled))
+            case Resume() | PoolConfigured():
                 scheduling.evolve(self.state, event)
 
     def _emit(self, event: SchedulerEvent, cause: Envelope | None, now: int) -> Outgoing:

@@ -464,6 +464,9 @@ class Halt:
     TYPE: ClassVar[str] = "system.halt"
     reason: str
     operator: str
+    cancel_running: bool = False
+    """``False``: tasks in flight finish (drain). ``True`` (schema v2): they are cancelled
+    and their agents stopped; nothing is left running."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,7 +27,8 @@ Rules that wait (answer deadlines, retry back-off) keep their due times in ``tim
 
 Rules enforced here (each has a test):
 
-* HALT first: while halted nothing is dispatched.
+* HALT first: while halted nothing is dispatched; tasks in flight finish (drain), or
+  with ``cancel_running`` are cancelled at once (:func:`halted`).
 * Capacity: a pool never has more tasks in flight than its limit (its own, set at run
   time by ``PoolConfigured``, or the default); lowering it dispatches nothing more until
   the pool is under it, and preempts nothing.
@@ -110,6 +111,7 @@ __all__ = [
     "evolve",
     "expire",
     "from_snapshot",
+    "halted",
     "next_due",
     "refusal",
     "reinstate",
@@ -276,6 +278,22 @@ def decide(
             )
         return deliberating
     return _decide_witnessed(state, cause, now)
+
+
+def halted(state: SchedulerState, halt: Halt) -> list[TaskCancelled | TaskDependencyFailed]:
+    """What a halt decides beyond stopping dispatch: with ``cancel_running``, every task
+    in flight is cancelled (and what waits on it fails). Decided from the halt, after
+    folding it; written on the tasks topic like any cancellation. A halt that drains
+    decides nothing: what runs finishes."""
+    if not halt.cancel_running:
+        return []
+    reason = f"cancelled: halted ({halt.reason})"
+    running: list[TaskCancelled] = [
+        _ended(state, task, TaskCancelled, reason)
+        for task in sorted(state.tasks.values(), key=lambda t: t.task_id)
+        if task.status is TaskStatus.DISPATCHED
+    ]
+    return _with_dependents(state, running)
 
 
 def reinstate(state: SchedulerState, registration: AgentRegistered) -> list[AgentReinstated]:

@@ -266,3 +266,38 @@ async def _configured(db: asyncpg.Pool, pool: str, capacity: int) -> bool:
         return False
     await asyncio.sleep(0.5)
     return True
+
+
+async def test_halt_drains_by_default_and_cancels_what_runs_when_asked(system: System) -> None:
+    settings, db, client, pool = system.settings, system.db, system.client, system.pool
+    release = asyncio.Event()
+    stopped = asyncio.Event()
+
+    async def agent(ctx: AgentContext) -> str:
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        return f"finished {ctx.input}"
+
+    async with system.running(1, agent):
+        drained = await client.submit("drained", pool=pool)
+        await eventually(lambda: _is(db, drained, "dispatched"))
+        await client.halt("drain", operator="test")
+        await asyncio.sleep(1.0)
+        release.set()  # a drain lets what runs finish
+        await eventually(lambda: _is(db, drained, "completed"))
+        await client.resume("go on", operator="test")
+        release.clear()
+        cancelled = await client.submit("cancelled", pool=pool)
+        await eventually(lambda: _is(db, cancelled, "dispatched"))
+        halted = await asyncio.to_thread(cli, settings, "halt", "emergency", "--cancel-running")
+        assert halted.returncode == 0, halted.stderr
+        try:
+            await eventually(lambda: _is(db, cancelled, "cancelled"))
+            await asyncio.wait_for(stopped.wait(), 30)
+        finally:
+            await client.resume("over", operator="test")
+    view = await queries.get_task(db, cancelled)
+    assert view.error == "cancelled: halted (emergency)"

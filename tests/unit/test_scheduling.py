@@ -68,6 +68,7 @@ from conclave.domain.scheduling import (
     evolve,
     expire,
     from_snapshot,
+    halted,
     next_due,
     refusal,
     reinstate,
@@ -203,8 +204,17 @@ class Harness:
         self._fold(decided)
         return [*decided, *self.schedule()]
 
-    def fact(self, event: AgentRegistered | Halt | Resume | PoolConfigured) -> list[TaskDispatched]:
+    def fact(self, event: AgentRegistered | Halt | Resume | PoolConfigured) -> list[Emitted]:
         self._fold([event])
+        if isinstance(event, Halt):
+            running = {t.task_id for t in self.dispatched()}
+            cancelled = halted(self.state, event)
+            assert {c.task_id for c in cancelled if isinstance(c, TaskCancelled)} == (
+                running if event.cancel_running else set()
+            )
+            self._fold(cancelled)
+            assert self.schedule() == [], "nothing is dispatched while halted"
+            return list(cancelled)
         if isinstance(event, AgentRegistered):
             reinstated = reinstate(self.state, event)
             assert all(r.agent_id == event.agent_id for r in reinstated)
@@ -303,8 +313,11 @@ class Harness:
         )
         return entry, self.command(entry)
 
-    def halt(self) -> None:
-        assert self.fact(Halt(reason="test", operator="op")) == []
+    def halt(self, *, cancel_running: bool = False) -> None:
+        cancelled = self.fact(Halt(reason="test", operator="op", cancel_running=cancel_running))
+        assert all(isinstance(e, TaskCancelled | TaskDependencyFailed) for e in cancelled)
+        if cancel_running:
+            assert not self.dispatched(), "halted and cancelled: nothing runs"
         assert self.command(self.entry("system.halt", detail="test")) == []
 
     def resume(self) -> list[TaskDispatched]:
@@ -708,9 +721,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         entry = self.h.entry(subject, stall.task_id, stall.agent_id, attempt=stall.attempt)
         assert all(isinstance(e, TaskDispatched) for e in self.h.command(entry))
 
-    @rule()
-    def halt(self) -> None:
-        self.h.halt()
+    @rule(cancel_running=st.booleans())
+    def halt(self, cancel_running: bool) -> None:
+        running = {t.task_id for t in self.h.dispatched()}
+        self.h.halt(cancel_running=cancel_running)
+        still = {t.task_id for t in self.h.dispatched()}
+        assert still == (set() if cancel_running else running), "drain, or cancel by option"
 
     @rule()
     def resume(self) -> None:
