@@ -329,7 +329,6 @@ def submit(
 ) -> None:
     """Submit a task; prints its id (with --wait, its answer once it has one)."""
     from conclave.client import Client
-    from conclave.domain.events import now_us
     from conclave.domain.retry import RetryPolicy
 
     prio = parse_priority(priority)
@@ -361,7 +360,7 @@ def submit(
                 retry=retry,
                 depends_on=depends_on,
                 start_within_ms=round(start_within * 1000) if start_within else None,
-                finish_by=now_us() + round(finish_within * 1e6) if finish_within else None,
+                finish_by=_from_now(finish_within),
             )
 
     submitted = _run(go())
@@ -373,6 +372,13 @@ def submit(
     if view.output is None:
         raise Fail(f"task {submitted} {view.status}: {view.error or 'no answer'}")
     out.print(view.output.content)
+
+
+def _from_now(seconds: float | None) -> int | None:
+    """``seconds`` from now as µs since the epoch (a deadline option), if given."""
+    from conclave.domain.events import now_us
+
+    return now_us() + round(seconds * 1e6) if seconds else None
 
 
 @app.command()
@@ -394,7 +400,6 @@ def deliberate(
 ) -> None:
     """Put one motion to many agents; each answers in its own context."""
     from conclave.client import Client
-    from conclave.domain.events import now_us
 
     prio = parse_priority(priority)
     text = sys.stdin.read() if motion == "-" else motion
@@ -407,7 +412,7 @@ def deliberate(
                 deliberation_id=deliberation_id,
                 pool=pool,
                 priority=prio,
-                finish_by=now_us() + round(finish_within * 1e6) if finish_within else None,
+                finish_by=_from_now(finish_within),
             )
 
     submitted = _run(go())

@@ -65,6 +65,9 @@ After = Annotated[
     str | None, typer.Option(help="The cursor a previous page printed: the page after it.")
 ]
 PoolOption = Annotated[str | None, typer.Option("--pool", help="Only this pool.")]
+WaitTimeout = Annotated[
+    float, typer.Option("--timeout", min=0.1, help="With --wait or --follow: give up after S.")
+]
 
 
 def _query(run: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
@@ -207,7 +210,7 @@ def task_show(
     follow: Annotated[
         bool, typer.Option("--follow", help="Print each change until the task is finished.")
     ] = False,
-    timeout: Annotated[float, typer.Option(min=0.1, help="With --follow: give up after S.")] = 600,
+    timeout: WaitTimeout = 600,
 ) -> None:
     """Status, output (only once witnessed), witness sequence and attempt history."""
     from projections.queries import get_task
@@ -229,7 +232,7 @@ def deliberation_show(
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait until every agent has answered or failed.")
     ] = False,
-    timeout: Annotated[float, typer.Option(min=0.1, help="With --wait: give up after S.")] = 600,
+    timeout: WaitTimeout = 600,
 ) -> None:
     """Each agent's status; the answers, all together, once every agent is done."""
     show_deliberation(deliberation_id, as_json=as_json, wait_s=timeout if wait else None)

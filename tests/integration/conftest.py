@@ -139,6 +139,10 @@ async def task_status(db: asyncpg.Pool, task_id: str) -> str | None:
     return status
 
 
+async def has_status(db: asyncpg.Pool, task_id: str, status: str) -> bool:
+    return await task_status(db, task_id) == status
+
+
 @dataclass(frozen=True)
 class System:
     """The running system as a test sees it: one pool of its own on shared processors."""

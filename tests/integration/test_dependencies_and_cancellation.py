@@ -4,6 +4,7 @@ processors, a runtime host and the ``conclave`` CLI a user runs."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -12,14 +13,30 @@ from conclave.domain.retry import RetryPolicy
 from conclave.errors import NotFound, Rejected
 from conclave.runtime.agents import AgentContext, PermanentFailure
 from projections import queries
-from tests.integration.conftest import System, eventually, task_status
+from tests.integration.conftest import System, eventually, has_status, task_status
 from tests.integration.test_skeleton import cli
 
 pytestmark = pytest.mark.integration
 
 
-async def _is(db: asyncpg.Pool, task_id: str, status: str) -> bool:
-    return await task_status(db, task_id) == status
+class Held:
+    """An agent that works until ``release`` is set (inputs ``hold`` picks; the others it
+    answers at once). ``stopped`` is set when its host stops it: a cancellation, an
+    expiry, a halt that cancels."""
+
+    def __init__(self, hold: Callable[[AgentContext], bool] = lambda ctx: True) -> None:
+        self.hold = hold
+        self.release = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+    async def __call__(self, ctx: AgentContext) -> str:
+        if self.hold(ctx):
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.stopped.set()
+                raise
+        return f"did {ctx.input}"
 
 
 async def test_a_chain_runs_in_order_and_a_dead_letter_fails_what_depends_on_it(
@@ -45,8 +62,8 @@ async def test_a_chain_runs_in_order_and_a_dead_letter_fails_what_depends_on_it(
         await client.submit("fail", task_id=ids["bad"], pool=pool, retry=RetryPolicy(0))
         await client.submit("d", task_id=ids["d"], pool=pool, depends_on=[ids["bad"]])
         await client.submit("e", task_id=ids["e"], pool=pool, depends_on=[ids["d"], ids["a"]])
-        await eventually(lambda: _is(db, ids["c"], "completed"))
-        await eventually(lambda: _is(db, ids["e"], "dependency_failed"))
+        await eventually(lambda: has_status(db, ids["c"], "completed"))
+        await eventually(lambda: has_status(db, ids["e"], "dependency_failed"))
 
     chain = [t for t in started if t in (ids["a"], ids["b"], ids["c"])]
     assert chain == [ids["a"], ids["b"], ids["c"]]
@@ -101,32 +118,21 @@ async def test_cancelling_a_running_task_stops_its_agent_and_frees_its_place(
     system: System,
 ) -> None:
     settings, db, client, pool = system.settings, system.db, system.client, system.pool
-    stopped = asyncio.Event()
-
-    async def agent(ctx: AgentContext) -> str:
-        if ctx.input != "slow":
-            return f"did {ctx.input}"
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-        return "never"
-
+    agent = Held(lambda ctx: ctx.input == "slow")
     async with system.running(1, agent):
         slow = await client.submit("slow", pool=pool)
         after = await client.submit("after", pool=pool, depends_on=[slow])
         queued = await client.submit("next", pool=pool)  # waits for the only agent
-        await eventually(lambda: _is(db, slow, "dispatched"))
+        await eventually(lambda: has_status(db, slow, "dispatched"))
         assert await task_status(db, after) == "waiting"
         sent = await asyncio.to_thread(
             cli, settings, "cancel", slow, "--reason", "no longer needed"
         )
         assert sent.returncode == 0, sent.stderr
-        await asyncio.wait_for(stopped.wait(), 30)
-        await eventually(lambda: _is(db, slow, "cancelled"))
-        await eventually(lambda: _is(db, queued, "completed"))  # the agent is free again
-        await eventually(lambda: _is(db, after, "dependency_failed"))
+        await asyncio.wait_for(agent.stopped.wait(), 30)
+        await eventually(lambda: has_status(db, slow, "cancelled"))
+        await eventually(lambda: has_status(db, queued, "completed"))  # the agent is free again
+        await eventually(lambda: has_status(db, after, "dependency_failed"))
         # The stopped attempt is reported, witnessed, and is not the task's answer.
         view = await eventually(lambda: _with_failure(db, slow))
     assert view.status == "cancelled"
@@ -142,21 +148,14 @@ async def test_cancelling_a_deliberation_cancels_the_answers_still_outstanding(
     system: System,
 ) -> None:
     db, client, pool = system.db, system.client, system.pool
-    release = asyncio.Event()
-
-    async def agent(ctx: AgentContext) -> str:
-        if not ctx.agent_id.endswith("0"):
-            await release.wait()  # all but one agent think for ever
-        return f"{ctx.agent_id} says aye"
-
+    agent = Held(lambda ctx: not ctx.agent_id.endswith("0"))  # all but one think for ever
     async with system.running(3, agent) as host:
         agents = sorted(host.config.agent_ids)
         deliberation_id = await client.deliberate("motion", agent_ids=agents, pool=pool)
         first = f"{deliberation_id}/{agents[0]}"
-        await eventually(lambda: _is(db, first, "completed"))
+        await eventually(lambda: has_status(db, first, "completed"))
         await client.cancel(deliberation_id=deliberation_id, pool=pool)
         views = await eventually(lambda: _all_finished(db, deliberation_id))
-        release.set()
     assert [v.status for v in views] == ["completed", "cancelled", "cancelled"]
 
 
@@ -183,19 +182,10 @@ async def test_tasks_expire_when_not_started_in_time_or_not_finished_by_their_de
     system: System,
 ) -> None:
     settings, db, client, pool = system.settings, system.db, system.client, system.pool
-    stopped = asyncio.Event()
-
-    async def agent(ctx: AgentContext) -> str:
-        try:
-            await asyncio.sleep(3600)  # never answers in time
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-        return "never"
-
+    agent = Held()  # never answers in time
     # No agent in the pool yet: the task cannot start within its limit.
     unstarted = await client.submit("x", pool=pool, start_within_ms=300)
-    await eventually(lambda: _is(db, unstarted, "expired"))
+    await eventually(lambda: has_status(db, unstarted, "expired"))
     view = await queries.get_task(db, unstarted)
     assert view.error == "expired: not started within its schedule-to-start limit"
     assert view.attempt == 0
@@ -205,9 +195,9 @@ async def test_tasks_expire_when_not_started_in_time_or_not_finished_by_their_de
         )
         assert sent.returncode == 0, sent.stderr
         bounded = sent.stdout.strip()
-        await eventually(lambda: _is(db, bounded, "dispatched"))
-        await eventually(lambda: _is(db, bounded, "expired"))
-        await asyncio.wait_for(stopped.wait(), 30)  # its agent was stopped
+        await eventually(lambda: has_status(db, bounded, "dispatched"))
+        await eventually(lambda: has_status(db, bounded, "expired"))
+        await asyncio.wait_for(agent.stopped.wait(), 30)  # its agent was stopped
     view = await queries.get_task(db, bounded)
     assert view.error == "expired: not finished by its deadline"
     assert view.finish_by is not None
@@ -234,7 +224,7 @@ async def test_a_pools_capacity_changes_at_run_time_and_other_pools_keep_theirs(
         await eventually(lambda: _configured(db, pool, 1))
         first = [await client.submit(f"one at a time {i}", pool=pool) for i in range(8)]
         for task_id in first:
-            await eventually(lambda t=task_id: _is(db, t, "completed"))  # type: ignore[misc]
+            await eventually(lambda t=task_id: has_status(db, t, "completed"))  # type: ignore[misc]
         assert peak == 1
         shown = await asyncio.to_thread(cli, settings, "capacity", pool, "3", "--reason", "more")
         assert shown.returncode == 0, shown.stderr
@@ -242,7 +232,7 @@ async def test_a_pools_capacity_changes_at_run_time_and_other_pools_keep_theirs(
         peak = 0
         more = [await client.submit(f"three at a time {i}", pool=pool) for i in range(12)]
         for task_id in more:
-            await eventually(lambda t=task_id: _is(db, t, "completed"))  # type: ignore[misc]
+            await eventually(lambda t=task_id: has_status(db, t, "completed"))  # type: ignore[misc]
         assert 1 < peak <= 3
     listed = await asyncio.to_thread(cli, settings, "pools", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -270,33 +260,23 @@ async def _configured(db: asyncpg.Pool, pool: str, capacity: int) -> bool:
 
 async def test_halt_drains_by_default_and_cancels_what_runs_when_asked(system: System) -> None:
     settings, db, client, pool = system.settings, system.db, system.client, system.pool
-    release = asyncio.Event()
-    stopped = asyncio.Event()
-
-    async def agent(ctx: AgentContext) -> str:
-        try:
-            await release.wait()
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-        return f"finished {ctx.input}"
-
+    agent = Held()
     async with system.running(1, agent):
         drained = await client.submit("drained", pool=pool)
-        await eventually(lambda: _is(db, drained, "dispatched"))
+        await eventually(lambda: has_status(db, drained, "dispatched"))
         await client.halt("drain", operator="test")
         await asyncio.sleep(1.0)
-        release.set()  # a drain lets what runs finish
-        await eventually(lambda: _is(db, drained, "completed"))
+        agent.release.set()  # a drain lets what runs finish
+        await eventually(lambda: has_status(db, drained, "completed"))
         await client.resume("go on", operator="test")
-        release.clear()
+        agent.release.clear()
         cancelled = await client.submit("cancelled", pool=pool)
-        await eventually(lambda: _is(db, cancelled, "dispatched"))
+        await eventually(lambda: has_status(db, cancelled, "dispatched"))
         halted = await asyncio.to_thread(cli, settings, "halt", "emergency", "--cancel-running")
         assert halted.returncode == 0, halted.stderr
         try:
-            await eventually(lambda: _is(db, cancelled, "cancelled"))
-            await asyncio.wait_for(stopped.wait(), 30)
+            await eventually(lambda: has_status(db, cancelled, "cancelled"))
+            await asyncio.wait_for(agent.stopped.wait(), 30)
         finally:
             await client.resume("over", operator="test")
     view = await queries.get_task(db, cancelled)

@@ -9,7 +9,6 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 import pytest
 
 from conclave.client import Client
@@ -17,14 +16,10 @@ from conclave.domain.events import Priority
 from conclave.domain.retry import RetryPolicy
 from conclave.runtime.agents import AgentContext, TransientFailure
 from projections import queries
-from tests.integration.conftest import System, eventually, task_status
+from tests.integration.conftest import System, eventually, has_status
 from tests.integration.test_skeleton import cli
 
 pytestmark = pytest.mark.integration
-
-
-async def _is(db: asyncpg.Pool, task_id: str, status: str) -> bool:
-    return await task_status(db, task_id) == status
 
 
 async def test_a_flaky_agent_succeeds_after_retries_that_wait_out_their_backoff(
@@ -40,7 +35,7 @@ async def test_a_flaky_agent_succeeds_after_retries_that_wait_out_their_backoff(
     policy = RetryPolicy(backoff_ms=400, multiplier=2.0, max_backoff_ms=10_000, jitter=0.0)
     async with system.running(2, flaky):
         task_id = await client.submit("x", pool=pool, max_attempts=3, retry=policy)
-        await eventually(lambda: _is(db, task_id, "completed"))
+        await eventually(lambda: has_status(db, task_id, "completed"))
     view = await queries.get_task(db, task_id)
     assert view.output is not None
     assert view.output.content == "done on attempt 3"
@@ -65,14 +60,14 @@ async def test_a_retrying_task_shows_when_it_runs_again(system: System) -> None:
         task_id = await client.submit(
             "x", pool=pool, max_attempts=2, retry=RetryPolicy(backoff_ms=6000, jitter=0.0)
         )
-        await eventually(lambda: _is(db, task_id, "retrying"), within=10)
+        await eventually(lambda: has_status(db, task_id, "retrying"), within=10)
         shown = await asyncio.to_thread(cli, system.settings, "task", "show", task_id)
         assert "next attempt" in shown.stdout, shown.stdout
         assert "TransientFailure: try again later" in shown.stdout
         listed = await asyncio.to_thread(cli, system.settings, "tasks", "--pool", pool)
         assert "retrying" in listed.stdout, listed.stdout
         assert "TransientFailure" in listed.stdout  # why it waits
-        await eventually(lambda: _is(db, task_id, "completed"))
+        await eventually(lambda: has_status(db, task_id, "completed"))
 
 
 async def test_dead_letters_are_listed_shown_and_redriven_from_the_cli(system: System) -> None:
@@ -90,7 +85,7 @@ async def test_dead_letters_are_listed_shown_and_redriven_from_the_cli(system: S
             for i in range(3)
         ]
         for task_id in ids:
-            await eventually(lambda t=task_id: _is(db, t, "dead_lettered"))  # type: ignore[misc]
+            await eventually(lambda t=task_id: has_status(db, t, "dead_lettered"))  # type: ignore[misc]
 
         listed = await asyncio.to_thread(cli, settings, "dlq", "list", "--pool", pool, "--json")
         assert listed.returncode == 0, listed.stderr
@@ -102,7 +97,7 @@ async def test_dead_letters_are_listed_shown_and_redriven_from_the_cli(system: S
         one = await asyncio.to_thread(cli, settings, "dlq", "redrive", ids[0])
         assert one.returncode == 0, one.stderr
         assert one.stdout.split() == [ids[0], "->", f"{ids[0]}~1"]
-        await eventually(lambda: _is(db, f"{ids[0]}~1", "completed"))
+        await eventually(lambda: has_status(db, f"{ids[0]}~1", "completed"))
 
         # --all redrives the two not redriven yet, once each however often it is run.
         rest = await asyncio.to_thread(cli, settings, "dlq", "redrive", "--all", "--pool", pool)
@@ -111,7 +106,7 @@ async def test_dead_letters_are_listed_shown_and_redriven_from_the_cli(system: S
         again = await asyncio.to_thread(cli, settings, "dlq", "redrive", "--all", "--pool", pool)
         assert again.stdout == "", again.stdout
         for task_id in ids[1:]:
-            await eventually(lambda t=task_id: _is(db, f"{t}~1", "completed"))  # type: ignore[misc]
+            await eventually(lambda t=task_id: has_status(db, f"{t}~1", "completed"))  # type: ignore[misc]
 
     redriven = await queries.get_task(db, f"{ids[0]}~1")
     assert (redriven.redrive_of, redriven.input, redriven.attempt) == (ids[0], "job 0", 1)
@@ -159,7 +154,7 @@ async def test_pools_show_queues_per_priority_and_tasks_keep_their_tenant(system
         assert waiting["capacity"] == settings.pool_capacity
         async with system.running(1):
             for task_id in ids:
-                await eventually(lambda t=task_id: _is(db, t, "completed"))  # type: ignore[misc]
+                await eventually(lambda t=task_id: has_status(db, t, "completed"))  # type: ignore[misc]
             done = await eventually(lambda: _matching(pools(), lambda p: p["completed"] == 3))
             assert (done["agents"], sum(done["queued"].values())) == (1, 0)
     listed = await asyncio.to_thread(

@@ -18,7 +18,7 @@ from conclave.errors import InvalidCommand, NotFound
 from conclave.runtime.agents import AgentContext, PermanentFailure
 from conclave.settings import Settings
 from projections import queries
-from tests.integration.conftest import System, eventually, task_status
+from tests.integration.conftest import System, eventually, has_status
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +120,7 @@ async def test_a_deliberations_answers_are_revealed_together(system: System) -> 
         agents = sorted(host.config.agent_ids)
         deliberation_id = await client.deliberate("motion", agent_ids=agents, pool=pool)
         first = f"{deliberation_id}/{agents[0]}"
-        await eventually(lambda: _status(db, first, "completed"))
+        await eventually(lambda: has_status(db, first, "completed"))
         early = await queries.get_task(db, first)
         assert early.sealed
         assert early.output is None  # answered and witnessed, not yet visible
@@ -144,10 +144,6 @@ async def test_a_deliberations_answers_are_revealed_together(system: System) -> 
     late = await queries.get_task(db, first)
     assert late.output is not None
     assert not late.sealed
-
-
-async def _status(db: asyncpg.Pool, task_id: str, status: str) -> bool:
-    return await task_status(db, task_id) == status
 
 
 async def test_a_deliberations_deadline_reveals_the_answers_given_by_then(
