@@ -260,7 +260,8 @@ class ShardRunner:
         ]
         if snapshot is not None:
             try:
-                shard.restore(snapshot.state)
+                with snapshots.bulk_load():
+                    shard.restore(snapshot.state)
             except (ValueError, KeyError, TypeError) as exc:
                 # A snapshot of another version (or a damaged one) is only a cache miss.
                 log.warning("%s: snapshot unusable (%s); folding from offset 0", shard.name, exc)

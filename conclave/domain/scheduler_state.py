@@ -23,6 +23,7 @@ from conclave.domain.retry import DEFAULT_RETRY
 __all__ = [
     "DEFAULT_CAPACITY",
     "DEFAULT_DEDUP_WINDOW",
+    "NOTHING",
     "SNAPSHOT_VERSION",
     "AgentSlot",
     "PoolState",
@@ -33,6 +34,8 @@ __all__ = [
     "to_snapshot",
 ]
 
+NOTHING: frozenset[str] = frozenset()
+"""The empty set of dependencies that every task without any shares."""
 DEFAULT_CAPACITY = 72
 DEFAULT_DEDUP_WINDOW = 100_000
 SNAPSHOT_VERSION = 3
@@ -95,10 +98,11 @@ class TaskState:
     retry_multiplier: float = DEFAULT_RETRY.multiplier
     retry_backoff_max_ms: int = DEFAULT_RETRY.max_backoff_ms
     retry_jitter: float = DEFAULT_RETRY.jitter
-    depends_on: list[str] = field(default_factory=list)
+    depends_on: tuple[str, ...] = ()
     """As submitted."""
-    waiting_for: set[str] = field(default_factory=set)
-    """Dependencies not completed yet; non-empty exactly while ``WAITING``."""
+    waiting_for: frozenset[str] = NOTHING
+    """Dependencies not completed yet; non-empty exactly while ``WAITING``. Immutable,
+    and the one shared empty set for most tasks: no allocation per task."""
     start_by: int | None = None
     """Not dispatched by then (µs since the epoch): expired."""
     finish_by: int | None = None
@@ -252,6 +256,8 @@ class SchedulerState:
 
     def reckon(self, task: TaskState) -> None:
         """Keep the task's expiry in ``expiries`` (or none) as its state changes."""
+        if task.start_by is None and task.finish_by is None:
+            return  # never had one (most tasks): nothing to keep
         due = task.expires_at
         if due is None:
             self.expiries.discard(task.task_id)
@@ -259,12 +265,15 @@ class SchedulerState:
             self.expiries.add(task.task_id, (due,))
 
     def untrack(self, task: TaskState) -> None:
-        self.expiries.discard(task.task_id)
-        members = self.by_deliberation.get(task.deliberation_id or "")
+        if task.start_by is not None or task.finish_by is not None:
+            self.expiries.discard(task.task_id)
+        if task.deliberation_id is None:
+            return
+        members = self.by_deliberation.get(task.deliberation_id)
         if members is not None:
             members.discard(task.task_id)
             if not members:
-                del self.by_deliberation[task.deliberation_id or ""]
+                del self.by_deliberation[task.deliberation_id]
 
     def release(self, task: TaskState) -> None:
         """Free the capacity and the agent a dispatched task held, and stop waiting."""
@@ -355,8 +364,8 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
                 t.retry_multiplier,
                 t.retry_backoff_max_ms,
                 t.retry_jitter,
-                t.depends_on,
-                sorted(t.waiting_for),
+                list(t.depends_on) or None,  # null, not [], for most tasks: lists cost
+                sorted(t.waiting_for) or None,  # a JSON parse (and its GC) far more
                 t.start_by,
                 t.finish_by,
             ]
@@ -394,7 +403,8 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
         for row in data["tasks"]:
             task = TaskState(*row)  # then the two enums and the set, from JSON
             task.priority, task.status = _PRIORITIES[row[2]], _STATUSES[row[9]]
-            task.waiting_for = set(task.waiting_for)
+            task.depends_on = tuple(task.depends_on or ())
+            task.waiting_for = frozenset(task.waiting_for) if task.waiting_for else NOTHING
             state.tasks[task.task_id] = task
             state.wait(task)
             state.track(task)

@@ -84,6 +84,7 @@ from conclave.domain.retry import retry_of
 from conclave.domain.scheduler_state import (
     DEFAULT_CAPACITY,
     DEFAULT_DEDUP_WINDOW,
+    NOTHING,
     SNAPSHOT_VERSION,
     AgentSlot,
     PoolState,
@@ -443,7 +444,7 @@ def _requeued(task: TaskState, sequence: int) -> TaskQueued:
         deliberation_id=task.deliberation_id,
         sequence=sequence,
         **retry_of(task).as_fields(),
-        depends_on=task.depends_on,
+        depends_on=list(task.depends_on),
         start_by=task.start_by,
         finish_by=task.finish_by,
     )
@@ -644,8 +645,8 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
             deliberation_id=event.deliberation_id,
             sequence=event.sequence,
             **retry_of(event).as_fields(),
-            depends_on=list(event.depends_on),
-            waiting_for=set(event.waiting_for),
+            depends_on=tuple(event.depends_on),
+            waiting_for=frozenset(event.waiting_for) if event.waiting_for else NOTHING,
             start_by=event.start_by,
             finish_by=event.finish_by,
         )
@@ -662,7 +663,7 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
         if event.waiting_for:
             return  # a duplicate
         state.unwait(task)  # its last dependency completed: on to the queue
-        task.waiting_for = set()
+        task.waiting_for = NOTHING
         task.status = TaskStatus.QUEUED
     elif task.status is TaskStatus.QUEUED:
         return  # a duplicate
@@ -735,7 +736,8 @@ def _fold_finished(state: SchedulerState, task_id: str, status: TaskStatus) -> N
     state.finished.add(task_id, status)
     if status is TaskStatus.COMPLETED:  # one dependency fewer for those waiting on it
         for dependent in state.dependents.pop(task_id, ()):
-            state.tasks[dependent].waiting_for.discard(task_id)
+            waiting = state.tasks[dependent]
+            waiting.waiting_for = waiting.waiting_for - {task_id}
 
 
 def _fold_registered(state: SchedulerState, event: AgentRegistered) -> None:
