@@ -307,7 +307,9 @@ def submit(
     wait: bool = typer.Option(
         False, "--wait", help="Wait until the task is finished; print its answer or failure."
     ),
-    wait_timeout: float = typer.Option(600.0, min=0.1, help="With --wait: give up after S."),
+    wait_timeout: float = typer.Option(
+        600.0, "--timeout", min=0.1, help="With --wait: give up after S."
+    ),
     priority: str = typer.Option("normal", help="critical, high, normal or low."),
     pool: str = typer.Option("default"),
     task_id: str | None = typer.Option(None, "--id", help="Idempotency: the same id runs once."),
@@ -396,7 +398,9 @@ def deliberate(
     wait: bool = typer.Option(
         False, "--wait", help="Wait until every agent is done; print the answers together."
     ),
-    wait_timeout: float = typer.Option(600.0, min=0.1, help="With --wait: give up after S."),
+    wait_timeout: float = typer.Option(
+        600.0, "--timeout", min=0.1, help="With --wait: give up after S."
+    ),
 ) -> None:
     """Put one motion to many agents; each answers in its own context."""
     from conclave.client import Client

@@ -246,6 +246,8 @@ def show_deliberation(deliberation_id: str, *, as_json: bool, wait_s: float | No
         while True:
             try:
                 view = await get_deliberation(db, deliberation_id)
+            except Rejected:
+                raise
             except NotFound:
                 if wait_s is None or time.monotonic() > deadline:
                     raise

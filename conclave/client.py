@@ -172,8 +172,10 @@ class Client:
         (µs since the epoch) bounds the wait, an agent not done by then expires.
 
         ``agent_ids`` empty means every agent registered in ``pool`` when the scheduler
-        takes the motion (none registered: nobody is asked). Named agents get a task
-        each, which waits until that agent is registered and idle."""
+        takes the motion (none registered: the deliberation is rejected). Named agents
+        get a task each, which waits until that agent is idle; an agent not registered
+        in the pool is waited for 10 s (a host starting), then its task expires, naming
+        it."""
         deliberation_id = deliberation_id or f"delib-{uuid.uuid4().hex[:12]}"
         event = DeliberationRequested(
             deliberation_id=deliberation_id,

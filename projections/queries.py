@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from conclave.domain.events import Priority, TaskSubmitted, WitnessEntry
+from conclave.domain.events import DeliberationRequested, Priority, TaskSubmitted, WitnessEntry
 from conclave.errors import NotFound, Rejected
 from projections.rows import TERMINAL
 
@@ -167,15 +167,7 @@ _VISIBLE_OUTPUT = """
 async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
     row = await pool.fetchrow("SELECT * FROM tasks WHERE task_id = $1", task_id)
     if row is None:
-        reason = await pool.fetchval(
-            "SELECT reason FROM rejections WHERE subject_id = $1 AND command_type = $2"
-            " ORDER BY rejected_at LIMIT 1",
-            task_id,
-            TaskSubmitted.TYPE,
-        )
-        if reason is not None:
-            raise Rejected(f"task {task_id!r} was rejected: {reason}")
-        raise NotFound(f"no task {task_id!r}")
+        raise await _missing(pool, "task", task_id, TaskSubmitted.TYPE)
     outputs = await pool.fetch(_VISIBLE_OUTPUT + " WHERE o.task_id = $1", task_id)
     accepted = [o for o in outputs if o["event_id"] == row["output_event_id"]]
     sealed = row["deliberation_id"] is not None and not await _all_finished(
@@ -317,7 +309,7 @@ async def get_deliberation(pool: asyncpg.Pool, deliberation_id: str) -> Delibera
         deliberation_id,
     )
     if not rows:
-        raise NotFound(f"no deliberation {deliberation_id!r}")
+        raise await _missing(pool, "deliberation", deliberation_id, DeliberationRequested.TYPE)
     revealed = all(r["status"] in TERMINAL for r in rows)
     answers = await visible_outputs(pool, deliberation_id) if revealed else []
     return DeliberationView(
@@ -331,6 +323,20 @@ async def get_deliberation(pool: asyncpg.Pool, deliberation_id: str) -> Delibera
             if revealed and r["status"] != "completed"
         },
     )
+
+
+async def _missing(pool: asyncpg.Pool, kind: str, subject: str, command: str) -> NotFound:
+    """Why there is no such task or deliberation: the scheduler rejected the command
+    (and said why), or nothing by that id was ever folded."""
+    reason = await pool.fetchval(
+        "SELECT reason FROM rejections WHERE subject_id = $1 AND command_type = $2"
+        " ORDER BY rejected_at LIMIT 1",
+        subject,
+        command,
+    )
+    if reason is not None:
+        return Rejected(f"{kind} {subject!r} was rejected: {reason}")
+    return NotFound(f"no {kind} {subject!r}")
 
 
 def _why(status: str, error: str | None) -> str:

@@ -190,7 +190,7 @@ class SchedulerShard:
     def step(self, records: Sequence[Record], now: int) -> list[Outgoing]:
         out: list[Outgoing] = []
         decided: list[tuple[Envelope | None, SchedulerEvent]] = []
-        deferred: list[tuple[Record, Envelope, TaskSubmitted | CancelRequested]] = []
+        deferred: list[tuple[Record, Envelope, Command]] = []
         for record in records:
             if record.topic == self.topics.witness and not self._concerns_me(record):
                 continue  # another shard's task: skipped without decoding
@@ -201,9 +201,10 @@ class SchedulerShard:
             if (
                 isinstance(event, CancelRequested)
                 or (isinstance(event, TaskSubmitted) and event.depends_on)
+                or (isinstance(event, DeliberationRequested) and not event.agent_ids)
             ) and scheduling.refusal(self.state, event) is not None:
-                # The task it names may be later in this batch (on another priority's
-                # topic): judged once the rest of the batch is in.
+                # What it names (a task, a pool's agents) may be later in this batch, on
+                # another topic: judged once the rest of the batch is in.
                 deferred.append((record, envelope, event))
                 continue
             self._take(record, envelope, event, now, out, decided)
@@ -308,10 +309,7 @@ class SchedulerShard:
                 f"priority {command.priority.label} does not match the topic it was sent on "
                 f"({topic}, {self._priority_of[topic].label})"
             )
-        invalid = invalid_command(command)
-        if invalid is not None or isinstance(command, DeliberationRequested):
-            return invalid
-        return scheduling.refusal(self.state, command)
+        return invalid_command(command) or scheduling.refusal(self.state, command)
 
     def _reject(
         self,

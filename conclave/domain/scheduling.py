@@ -99,6 +99,7 @@ from conclave.domain.witness import is_permanent_failure
 __all__ = [
     "DEFAULT_CAPACITY",
     "DEFAULT_DEDUP_WINDOW",
+    "REGISTRATION_GRACE_US",
     "SNAPSHOT_VERSION",
     "AgentSlot",
     "PoolState",
@@ -169,10 +170,25 @@ def due_timers(state: SchedulerState, now: int) -> list[str]:
     return [key for _, key in takewhile(lambda e: e[0][0] <= now, state.timers)]
 
 
-def refusal(state: SchedulerState, command: TaskSubmitted | CancelRequested) -> str | None:
+REGISTRATION_GRACE_US = 10_000_000
+"""How long a deliberation's task for an agent not registered in its pool waits for
+that agent (a host starting up) before it expires, naming the agent."""
+
+
+def refusal(
+    state: SchedulerState, command: TaskSubmitted | CancelRequested | DeliberationRequested
+) -> str | None:
     """Why the scheduler refuses a command that is valid in itself (see
     :func:`conclave.domain.validation.invalid_command`) in this state, if it does: a
-    dependency it does not know, or a cancellation of nothing that is still running."""
+    dependency it does not know, a cancellation of nothing that is still running, a
+    deliberation put to every agent of a pool that has none."""
+    if isinstance(command, DeliberationRequested):
+        pool = state.pools.get(command.pool)
+        if command.agent_ids or command.deliberation_id in state.deliberations:
+            return None  # named agents are waited for (a while); a duplicate is ignored
+        if pool is None or not pool.members:
+            return f"pool {command.pool!r} has no registered agent to put the motion to"
+        return None
     if isinstance(command, TaskSubmitted):
         if _known(state, command.task_id):
             return None  # a duplicate: decide() ignores it
@@ -275,6 +291,9 @@ def decide(
                     deliberation_id=cause.deliberation_id,
                     sequence=state.next_sequence + len(deliberating),
                     finish_by=cause.finish_by,
+                    start_by=None
+                    if _registered(state, agent_id, cause.pool)
+                    else (now + REGISTRATION_GRACE_US),
                 )
             )
         return deliberating
@@ -305,6 +324,11 @@ def reinstate(state: SchedulerState, registration: AgentRegistered) -> list[Agen
     if registration.agent_id not in state.suspects:
         return []
     return [AgentReinstated(agent_id=registration.agent_id, host_id=registration.host_id)]
+
+
+def _registered(state: SchedulerState, agent_id: str, pool: str) -> bool:
+    slot = state.agents.get(agent_id)
+    return slot is not None and slot.pool == pool
 
 
 def _known(state: SchedulerState, task_id: str) -> bool:
@@ -490,6 +514,8 @@ def expire(state: SchedulerState, now: int) -> list[Expired]:
         late = state.tasks[task_id]
         if late.attempt == 0 and late.start_by is not None and late.start_by <= now:
             reason = "expired: not started within its schedule-to-start limit"
+            if late.targeted and not _registered(state, late.agent_id or "", late.pool):
+                reason = f"expired: agent {late.agent_id!r} is not registered in {late.pool!r}"
         else:
             reason = "expired: not finished by its deadline"
         out.append(_ended(state, late, TaskExpired, reason))

@@ -172,3 +172,13 @@ async def _revealed(db: asyncpg.Pool, deliberation_id: str) -> queries.Deliberat
     except NotFound:
         return None
     return view if view.revealed else None
+
+
+async def test_a_deliberation_put_to_a_pool_without_agents_is_rejected(system: System) -> None:
+    shown = await asyncio.to_thread(
+        conclave, system.settings, "deliberate", "anyone?", "--pool", f"{system.pool}-empty",
+        "--wait", "--timeout", "30",
+    )  # fmt: skip
+    assert shown.returncode != 0
+    assert "was rejected: pool" in shown.stderr, shown.stderr
+    assert "has no registered agent" in shown.stderr

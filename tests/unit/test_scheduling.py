@@ -57,6 +57,7 @@ from conclave.domain.retry import RetryPolicy, retry_of
 from conclave.domain.scheduling import (
     DEFAULT_CAPACITY,
     DEFAULT_DEDUP_WINDOW,
+    REGISTRATION_GRACE_US,
     SNAPSHOT_VERSION,
     SchedulerEvent,
     SchedulerState,
@@ -1591,6 +1592,31 @@ def test_a_task_not_started_in_time_or_not_finished_by_its_deadline_expires() ->
     assert status_of(h.state, "bounded") is TaskStatus.EXPIRED
     assert h.state.pools.get("p0") is None or h.state.pools["p0"].in_flight == 0
     assert invalid_command(dataclasses.replace(submit("x"), start_within_ms=0)) is not None
+
+
+def test_a_deliberation_never_waits_for_ever_for_agents_that_are_not_there() -> None:
+    h = Harness()
+    everyone = DeliberationRequested(
+        deliberation_id="d", pool="p1", priority=Priority.HIGH, motion="m", agent_ids=[]
+    )
+    assert refusal(h.state, everyone) == "pool 'p1' has no registered agent to put the motion to"
+    h.register("a3")  # in p1
+    assert refusal(h.state, everyone) is None
+    named = dataclasses.replace(everyone, deliberation_id="n", agent_ids=["a3", "a4"])
+    assert refusal(h.state, named) is None  # named agents are waited for, a while
+    events = h.command(named)
+    queued = {e.task_id: e for e in events if isinstance(e, TaskQueued)}
+    assert queued["n/a3"].start_by is None  # registered: no limit
+    assert queued["n/a4"].start_by == h.now - 1000 + REGISTRATION_GRACE_US
+    h.finish(h.state.tasks["n/a3"], failed=False)
+    [expired] = h.tick(REGISTRATION_GRACE_US)
+    assert expired == TaskExpired(
+        task_id="n/a4",
+        agent_id=None,
+        host_id=None,
+        attempt=0,
+        reason="expired: agent 'a4' is not registered in 'p1'",
+    )
 
 
 # -- Snapshots and timers ------------------------------------------------------------
