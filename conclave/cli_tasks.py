@@ -444,6 +444,7 @@ async def _redrive(
                     # a deliberation's task is its agent's; any other runs on any agent
                     agent_id=view.agent_id if view.deliberation_id is not None else None,
                     max_attempts=max_attempts or view.max_attempts,
+                    retry=view.retry,
                     redrive_of=view.task_id,
                 )
                 redriven.append((view.task_id, new_id))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from conclave.domain.events import DeliberationRequested, Priority, TaskSubmitted, WitnessEntry
+from conclave.domain.retry import RetryPolicy
 from conclave.errors import NotFound, Rejected
 from projections.rows import TERMINAL
 
@@ -100,6 +101,8 @@ class TaskView:
     sealed: bool
     """A deliberation's task whose answer waits for the others': ``output`` is ``None``
     until every task of the deliberation is finished."""
+    retry: RetryPolicy
+    """Its retry policy, as submitted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,12 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
         redrive_of=row["redrive_of"],
         output=_output(accepted[0]) if accepted and not sealed else None,
         sealed=sealed,
+        retry=RetryPolicy(
+            backoff_ms=row["retry_backoff_ms"],
+            multiplier=row["retry_multiplier"],
+            max_backoff_ms=row["retry_backoff_max_ms"],
+            jitter=row["retry_jitter"],
+        ),
         unsolicited_outputs=len(outputs) - len(accepted),
         start_by=row["start_by"],
         finish_by=row["finish_by"],

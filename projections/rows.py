@@ -50,6 +50,7 @@ from conclave.domain.events import (
     TaskStalled,
     WitnessEntry,
 )
+from conclave.domain.retry import retry_of
 from conclave.topics import Topics
 
 __all__ = [
@@ -149,6 +150,11 @@ class TaskRow:
     """Not dispatched by then (µs since the epoch), it expires."""
     finish_by: int | None
     """Not finished by then, it expires."""
+    retry_backoff_ms: int
+    """The task's retry policy, as submitted (a redrive runs with it again)."""
+    retry_multiplier: float
+    retry_backoff_max_ms: int
+    retry_jitter: float
 
 
 @dataclass(slots=True)
@@ -195,6 +201,10 @@ TASKS = _table(
         "depends_on": "text[]",
         "start_by": "bigint",
         "finish_by": "bigint",
+        "retry_backoff_ms": "bigint",
+        "retry_multiplier": "double precision",
+        "retry_backoff_max_ms": "bigint",
+        "retry_jitter": "double precision",
     },
     "task_id",
 )
@@ -352,6 +362,7 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
                 depends_on=list(event.depends_on),
                 start_by=event.start_by,
                 finish_by=event.finish_by,
+                **retry_of(event).as_fields(),
             )
         if row.status not in TERMINAL:  # a retry, or its dependencies done: in the queue
             row.status = "waiting" if event.waiting_for else "queued"

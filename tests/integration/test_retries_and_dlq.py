@@ -110,6 +110,7 @@ async def test_dead_letters_are_listed_shown_and_redriven_from_the_cli(system: S
 
     redriven = await queries.get_task(db, f"{ids[0]}~1")
     assert (redriven.redrive_of, redriven.input, redriven.attempt) == (ids[0], "job 0", 1)
+    assert redriven.retry == at_once  # the policy it was submitted with, not the default
     completed = await asyncio.to_thread(
         cli, settings, "tasks", "--pool", pool, "--status", "completed", "--json", "--limit", "2"
     )
