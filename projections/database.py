@@ -17,11 +17,12 @@ from typing import TypeAlias
 
 import asyncpg
 
-from conclave.errors import ConclaveError, DatabaseUnavailable
+from conclave.errors import ConclaveError, ConfigError, DatabaseUnavailable
 from conclave.settings import Settings
 
 __all__ = [
     "READ_MODEL_TABLES",
+    "NewerDatabase",
     "ProjectorActive",
     "connect",
     "drop_read_models",
@@ -70,6 +71,10 @@ READ_MODEL_TABLES = (
     "rejections",
     "projection_offsets",
 )
+
+
+class NewerDatabase(ConfigError):
+    """The read models' schema is newer than this Conclave: it refuses to touch them."""
 
 
 def schema_for(settings: Settings) -> str:
@@ -146,14 +151,24 @@ async def _session(db: Database) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def migrate(db: Database) -> list[str]:
-    """Apply every migration not yet applied, in name order; returns those applied."""
+    """Apply every migration not yet applied, in name order; returns those applied.
+
+    A database that a newer Conclave migrated (it names migrations this one does not
+    have) is refused with :class:`NewerDatabase`: this version would fold rows that
+    miss what the newer one expects."""
     applied: list[str] = []
+    paths = sorted(MIGRATIONS.glob("*.sql"))
     async with _session(db) as conn, conn.transaction():
         # One migrator at a time, even with several processes starting together.
         await conn.execute("SELECT pg_advisory_xact_lock(7251)")
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY)")
         done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
-        for path in sorted(MIGRATIONS.glob("*.sql")):
+        if unknown := done - {p.name for p in paths}:
+            raise NewerDatabase(
+                f"the read models were migrated by a newer Conclave ({', '.join(sorted(unknown))}"
+                " unknown here): upgrade this one, or point it at another database"
+            )
+        for path in paths:
             if path.name in done:
                 continue
             await conn.execute(path.read_text())

@@ -8,6 +8,7 @@ schema), written to directly, so that it knows exactly what history it folds.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import secrets
@@ -38,10 +39,11 @@ from conclave.domain.events import (
 )
 from conclave.settings import Settings
 from conclave.topics import Topics
-from projections.database import connect, migrate, schema_for
+from projections.database import MIGRATIONS, NewerDatabase, connect, migrate, schema_for
 from projections.projector import Projector
 from schemas.codec import default_codec
 from tests.integration.test_rebuild import snapshot
+from tests.integration.test_skeleton import cli
 
 pytestmark = pytest.mark.integration
 
@@ -400,3 +402,24 @@ def _letter(original: bytes | None, offset: int) -> DeadLetterRecord:
         source_offset=offset,
         processor="scheduler",
     )
+
+
+async def test_a_database_migrated_by_a_newer_conclave_is_refused_and_left_alone(
+    fresh: Installation,
+) -> None:
+    await fresh.pool.execute("INSERT INTO schema_migrations (name) VALUES ('999_future.sql')")
+    with pytest.raises(NewerDatabase, match=r"newer Conclave \(999_future.sql unknown here\)"):
+        await migrate(fresh.pool)
+    assert await migrate_names(fresh.pool) == {"999_future.sql", *_shipped()}
+    result = await asyncio.to_thread(cli, fresh.settings, "db", "migrate")
+    assert result.returncode != 0
+    assert "newer Conclave" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def migrate_names(pool: asyncpg.Pool) -> set[str]:
+    return {r["name"] for r in await pool.fetch("SELECT name FROM schema_migrations")}
+
+
+def _shipped() -> set[str]:
+    return {p.name for p in MIGRATIONS.glob("*.sql")}
