@@ -317,7 +317,8 @@ def main() -> None:
         peer_rows = peers.run_all(None, args.tasks)
         result["peers"] = [asdict(p) for p in peer_rows]
     if args.only in (None, "workloads"):
-        result["workloads"] = [asdict(w) for w in asyncio.run(workloads.run_all(args.tasks))]
+        rows, steady = asyncio.run(workloads.run_all(args.tasks))
+        result["workloads"] = {"rows": [asdict(w) for w in rows], "steady": asdict(steady)}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -326,7 +327,10 @@ def main() -> None:
     if "scale" in result:
         show_scale(result["scale"], peer_rows)
     if "workloads" in result:
-        workloads.show([workloads.WorkloadFigures(**w) for w in result["workloads"]])
+        workloads.show(
+            [workloads.WorkloadFigures(**w) for w in result["workloads"]["rows"]],
+            workloads.SteadyFigures(**result["workloads"]["steady"]),
+        )
 
 
 def _ints(text: str) -> list[int]:
