@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conclave.domain.events import Priority
+from conclave.domain.scheduler_state import TaskStatus
 from conclave.errors import ConclaveError, NotFound, Rejected
 from conclave.settings import Settings
 from projections.queries import DeliberationView, Page, TaskFilter, TaskSummary, TaskView
@@ -47,17 +48,7 @@ deliberation_app = typer.Typer(
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
-STATUSES = (
-    "waiting",
-    "queued",
-    "dispatched",
-    "retrying",
-    "completed",
-    "dead_lettered",
-    "cancelled",
-    "expired",
-    "dependency_failed",
-)
+STATUSES = tuple(s.value for s in TaskStatus)
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Limit = Annotated[int, typer.Option(min=1, max=10_000, help="At most this many rows.")]

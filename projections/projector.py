@@ -35,6 +35,8 @@ import asyncpg
 from aiokafka import TopicPartition
 
 from conclave.bus import topics_for
+from conclave.domain.events import PoolConfigured
+from conclave.domain.validation import invalid_command
 from conclave.errors import BrokerUnavailable, DatabaseUnavailable, SchemaError
 from conclave.outage import Backoff, Outage
 from conclave.settings import Settings
@@ -325,7 +327,9 @@ class Projector:
             except SchemaError as exc:
                 changes.reject(record, str(exc), "SchemaError")
                 continue
-            if isinstance(event, expected.get(record.topic, ())):
+            if isinstance(event, PoolConfigured) and (reason := invalid_command(event)):
+                changes.reject(record, reason, "InvalidCommand")  # refused everywhere else
+            elif isinstance(event, expected.get(record.topic, ())):
                 changes.add(envelope, event)
             else:
                 # Folding it would put it in the wrong table (a HALT on the tasks topic

@@ -181,10 +181,12 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
              FROM task_failures WHERE task_id = $1 ORDER BY attempt, failed_at""",
         task_id,
     )
-    statuses = await pool.fetch(
-        "SELECT task_id, status FROM tasks WHERE task_id = ANY($1::text[])", row["depends_on"]
-    )
-    known = {r["task_id"]: r["status"] for r in statuses}
+    known: dict[str, str] = {}
+    if row["depends_on"]:  # most tasks have none: no round trip for them
+        statuses = await pool.fetch(
+            "SELECT task_id, status FROM tasks WHERE task_id = ANY($1::text[])", row["depends_on"]
+        )
+        known = {r["task_id"]: r["status"] for r in statuses}
     return TaskView(
         task_id=row["task_id"],
         tenant=row["tenant"],

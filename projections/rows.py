@@ -51,6 +51,7 @@ from conclave.domain.events import (
     WitnessEntry,
 )
 from conclave.domain.retry import retry_of
+from conclave.domain.scheduler_state import TaskStatus
 from conclave.topics import Topics
 
 __all__ = [
@@ -98,8 +99,9 @@ TaskEvent = (
     | TaskDependencyFailed
 )
 
-TERMINAL = frozenset({"completed", "dead_lettered", "cancelled", "expired", "dependency_failed"})
-"""Task statuses that no later event changes: the first terminal event wins."""
+TERMINAL = frozenset(s.value for s in TaskStatus if s.terminal)
+"""Task statuses that no later event changes: the first terminal event wins (the
+scheduler's own terminal statuses, as the read model spells them)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -324,9 +326,9 @@ APPENDS = (
 
 
 _ENDED = {
-    TaskCancelled: "cancelled",
-    TaskExpired: "expired",
-    TaskDependencyFailed: "dependency_failed",
+    TaskCancelled: TaskStatus.CANCELLED.value,
+    TaskExpired: TaskStatus.EXPIRED.value,
+    TaskDependencyFailed: TaskStatus.DEPENDENCY_FAILED.value,
 }
 
 

@@ -175,6 +175,11 @@ class SchedulerShard:
                 self.emitter.dead_letter(record, reason=reason, error_type="InvalidEvent", now=0)
             ]
         assert isinstance(event, (*_CHANGELOG, AgentRegistered, Halt, Resume, PoolConfigured))
+        if isinstance(event, PoolConfigured) and (refused := invalid_command(event)):
+            # Dead-lettered when it was consumed: a recovery must not fold it either.
+            return [
+                self.emitter.dead_letter(record, reason=refused, error_type="InvalidCommand", now=0)
+            ]
         if isinstance(event, CommandRejected):
             return []  # changes no state: the command never became a task
         scheduling.evolve(self.state, event)
@@ -348,6 +353,8 @@ class SchedulerShard:
             return None if reason is None else (reason, "InvalidCommand")
         if not isinstance(event, self.accepts.get(topic, ())):
             return f"{event.TYPE} does not belong on {topic}", "InvalidEvent"
+        if isinstance(event, PoolConfigured) and (reason := invalid_command(event)):
+            return reason, "InvalidCommand"  # e.g. a negative capacity, produced by hand
         return None
 
     def next_due(self) -> int | None:

@@ -27,6 +27,7 @@ from conclave.domain.events import (
     TaskFailed,
     WitnessEntry,
 )
+from conclave.domain.validation import invalid_command
 from conclave.errors import SchemaError, WitnessChainError
 from conclave.records import Record
 from conclave.topics import SHARD_HEADER, Topics
@@ -131,8 +132,14 @@ class WitnessShard:
             # Witness only what the rest of the system acts on from the same topic: a HALT
             # on the outputs topic would be in the log while the scheduler never saw it.
             expected = _CONTROL if record.topic == self.topics.control else _OUTPUTS
+            reason: str | None
             if not isinstance(event, expected):
                 reason = f"{event.TYPE} is not witnessed from {record.topic}"
+            elif isinstance(event, PoolConfigured):
+                reason = invalid_command(event)  # the scheduler refuses it: so is it here
+            else:
+                reason = None
+            if reason is not None:
                 out.append(
                     self.emitter.dead_letter(
                         record, reason=reason, error_type="InvalidEvent", now=now

@@ -9,7 +9,14 @@ import os
 import asyncpg
 import pytest
 
-from conclave.domain.events import AgentOutput, Halt, Priority, TaskCompleted, TaskSubmitted
+from conclave.domain.events import (
+    AgentOutput,
+    Halt,
+    PoolConfigured,
+    Priority,
+    TaskCompleted,
+    TaskSubmitted,
+)
 from conclave.errors import NotFound
 from conclave.settings import Settings
 from projections import queries
@@ -281,3 +288,37 @@ async def test_only_the_accepted_output_is_a_tasks_answer(system: System) -> Non
     assert "1 other witnessed output(s)" in shown.stdout
     with pytest.raises(NotFound):
         await queries.get_task(db, f"{pool}-never-submitted")
+
+
+async def test_a_pool_configuration_no_one_could_have_sent_is_dead_lettered_everywhere(
+    system: System,
+) -> None:
+    """A negative capacity, produced past the client's checks: refused by the scheduler,
+    the witness and the projector alike, with the reason, and folded by none of them."""
+    db, client, pool_name = system.db, system.client, system.pool
+    bad = PoolConfigured(pool=pool_name, capacity=-1, reason="typo", operator="x")
+    value = default_codec().encode(client._producer.envelope(bad), bad)
+    await client.send_raw(client.topics.control, "system", value, partition=0)
+
+    async def letters() -> list[asyncpg.Record]:
+        rows = await db.fetch(
+            "SELECT processor, reason FROM dead_letters WHERE original = $1 ORDER BY processor",
+            value,
+        )
+        return rows if len(rows) >= 3 else []
+
+    rows = await eventually(letters)
+    processors = {r["processor"].split("-")[0].split(":")[0] for r in rows}
+    assert {"projector", "scheduler", "witness"} <= processors, rows
+    assert all(r["reason"] == "capacity must be 0-1,000,000" for r in rows)
+    assert await db.fetchval("SELECT count(*) FROM pool_settings WHERE pool = $1", pool_name) == 0
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM witness_entries WHERE subject_type = 'pool.configured'"
+            " AND detail LIKE $1",
+            f"{pool_name}:%",
+        )
+        == 0
+    )
+    async with system.running(1):
+        await system.submit_visible("the pool still runs at its default capacity")
