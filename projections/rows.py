@@ -36,6 +36,7 @@ from conclave.domain.events import (
     Event,
     Halt,
     Heartbeat,
+    HostBeat,
     PoolConfigured,
     Resume,
     TaskCancelled,
@@ -556,7 +557,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
     """The events each history topic carries; anything else on it is not projected (folding
     a HALT found on the tasks topic would put it in the wrong table)."""
     return {
-        topics.agents: (AgentRegistered,),
+        topics.agents: (AgentRegistered, HostBeat),  # beats: the scheduler's, not folded
         topics.heartbeats: (Heartbeat,),
         topics.tasks: TASKS_TOPIC_EVENTS,
         topics.outputs: (AgentOutput, TaskFailed),

@@ -49,6 +49,8 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.AgentReinstated,
     ev.AgentRegistered,
     ev.Heartbeat,
+    ev.HostBeat,
+    ev.HostLost,
     ev.AgentOutput,
     ev.TaskFailed,
     ev.TaskCompleted,

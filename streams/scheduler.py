@@ -35,6 +35,8 @@ from conclave.domain.events import (
     Envelope,
     Event,
     Halt,
+    HostBeat,
+    HostLost,
     PoolConfigured,
     Priority,
     Resume,
@@ -63,6 +65,12 @@ log = logging.getLogger(__name__)
 _CHANGELOG = TASKS_TOPIC_EVENTS
 _FINISHED = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)
 Command = TaskSubmitted | DeliberationRequested | CancelRequested
+QUIET_GAP_US = 3_000_000
+"""Records stopped arriving for this long (a broker outage, a recovery, a stalled
+process): hosts' beats may not have reached us either."""
+HOST_GRACE_US = 5_000_000
+"""After such a gap (and after starting), how long every host has to be heard from
+before it can be judged lost."""
 
 
 @dataclass(slots=True)
@@ -101,6 +109,10 @@ class SchedulerShard:
         attempt is stalled; ``None``: for ever."""
         self.state = scheduling.SchedulerState(capacity=capacity)
         self.origins: dict[str, _Origin] = {}
+        self._heard_at: int | None = None
+        """When the last batch with records came (None: not since the start)."""
+        self._judge_hosts_from: int | None = None
+        """No host is judged lost before this (None: not stepped since the start)."""
         self._shard_header = b"%d" % index
         self._commands = set(topics.commands)
         self._priority_of = {topics.command(p): p for p in Priority}
@@ -108,7 +120,7 @@ class SchedulerShard:
         # invalid_command). Anything else is dead-lettered, not ignored.
         self.accepts: dict[str, tuple[type[Any], ...]] = {
             topics.control: (Halt, Resume, PoolConfigured),
-            topics.agents: (AgentRegistered,),
+            topics.agents: (AgentRegistered, HostBeat),
             topics.witness: (WitnessEntry,),
         }
 
@@ -137,6 +149,7 @@ class SchedulerShard:
         return None  # the positions committed with the outputs
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
+        self._heard_at = self._judge_hosts_from = None  # leases count again from the start
         if state is None:
             self.state = scheduling.SchedulerState(capacity=self.capacity)
             self.origins = {}
@@ -174,7 +187,9 @@ class SchedulerShard:
             return [
                 self.emitter.dead_letter(record, reason=reason, error_type="InvalidEvent", now=0)
             ]
-        assert isinstance(event, (*_CHANGELOG, AgentRegistered, Halt, Resume, PoolConfigured))
+        assert isinstance(
+            event, (*_CHANGELOG, AgentRegistered, HostBeat, Halt, Resume, PoolConfigured)
+        )
         if isinstance(event, PoolConfigured) and (refused := invalid_command(event)):
             # Dead-lettered when it was consumed: a recovery must not fold it either.
             return [
@@ -215,6 +230,12 @@ class SchedulerShard:
             self._take(record, envelope, event, now, out, decided)
         for record, envelope, command in deferred:
             self._take(record, envelope, command, now, out, decided)
+        if self._may_judge_hosts(now, bool(records)):
+            for lost in scheduling.lost_hosts(self.state, now):
+                if isinstance(lost, HostLost):
+                    log.warning("%s: %s", self.name, lost.reason)
+                scheduling.evolve(self.state, lost)
+                decided.append((None, lost))
         # Attempts past their deadline free their agents and places before scheduling.
         for expired in scheduling.expire(self.state, now):
             scheduling.evolve(self.state, expired)
@@ -268,6 +289,12 @@ class SchedulerShard:
                 for reinstated in scheduling.reinstate(self.state, event):
                     scheduling.evolve(self.state, reinstated)
                     decided.append((envelope, reinstated))
+            case HostBeat():
+                scheduling.evolve(self.state, event)
+                for reinstated in scheduling.revived(self.state, event):
+                    log.info("%s: host %r is back", self.name, event.host_id)
+                    scheduling.evolve(self.state, reinstated)
+                    decided.append((envelope, reinstated))
             case Halt():
                 scheduling.evolve(self.state, event)
                 for cancelled in scheduling.halted(self.state, event):
@@ -276,10 +303,27 @@ class SchedulerShard:
             case Resume() | PoolConfigured():
                 scheduling.evolve(self.state, event)
 
+    def _may_judge_hosts(self, now: int, heard: bool) -> bool:
+        """Whether hosts' leases count now: not within ``HOST_GRACE_US`` of starting or of
+        records arriving again after a quiet gap, when their beats may still be on the
+        way. A timer step (nothing heard) is no such gap: that is how a dead host is
+        noticed when nothing else happens."""
+        if self._judge_hosts_from is None:
+            self._judge_hosts_from = now + HOST_GRACE_US
+        if heard:
+            if self._heard_at is not None and now - self._heard_at > QUIET_GAP_US:
+                self._judge_hosts_from = max(self._judge_hosts_from, now + HOST_GRACE_US)
+            self._heard_at = now
+        return now >= self._judge_hosts_from
+
     def _emit(self, event: SchedulerEvent, cause: Envelope | None, now: int) -> Outgoing:
         if isinstance(event, AgentReinstated):
             return self.emitter.event(
                 self.topics.tasks, self.index, event.agent_id, event, now=now, causation=cause
+            )
+        if isinstance(event, HostLost):
+            return self.emitter.event(
+                self.topics.tasks, self.index, event.host_id, event, now=now, causation=cause
             )
         origin = self.origins.get(event.task_id)
         headers = origin.headers() if origin is not None else []
@@ -358,4 +402,8 @@ class SchedulerShard:
         return None
 
     def next_due(self) -> int | None:
-        return scheduling.next_due(self.state)
+        due = scheduling.next_due(self.state)
+        lease = scheduling.hosts_due(self.state)
+        if lease is not None and self._judge_hosts_from is not None:
+            lease = max(lease, self._judge_hosts_from)
+        return lease if due is None else due if lease is None else min(due, lease)

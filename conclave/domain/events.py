@@ -31,6 +31,8 @@ __all__ = [
     "Event",
     "Halt",
     "Heartbeat",
+    "HostBeat",
+    "HostLost",
     "PoolConfigured",
     "Priority",
     "Resume",
@@ -302,6 +304,39 @@ class AgentRegistered:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HostBeat:
+    """A runtime host is alive and its work loop turns: sent by the host (not per agent)
+    while it reads its dispatches, on its pool's partition of the agents topic. The
+    scheduler counts the host's agents as alive until ``expires_at``; a host whose lease
+    runs out loses its dispatches (``HostLost``)."""
+
+    TYPE: ClassVar[str] = "host.beat"
+    host_id: str
+    pool: str
+    agent_ids: list[str]
+    expires_at: int
+    """Until when (µs since the epoch, the host's clock) the host promises to have beaten
+    again: the time of the beat plus its lease."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostLost:
+    """The scheduler judged a runtime host dead: its lease ran out with no newer beat.
+    Its agents get no work until it beats or registers again (``AgentReinstated``); each
+    of its running attempts is stalled in the same decision (``TaskStalled``, then a
+    retry or a dead letter)."""
+
+    TYPE: ClassVar[str] = "host.lost"
+    host_id: str
+    pool: str
+    agent_ids: list[str]
+    """Its agents when it was judged lost: each gets no work until reinstated."""
+    expires_at: int
+    """The lease that ran out (the ``expires_at`` of the host's last beat)."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """An agent is alive; ``task_id`` names what it is working on, if anything."""
 
@@ -519,6 +554,8 @@ Event = (
     | AgentReinstated
     | AgentRegistered
     | Heartbeat
+    | HostBeat
+    | HostLost
     | AgentOutput
     | TaskFailed
     | TaskCompleted
@@ -540,6 +577,7 @@ TASKS_TOPIC_EVENTS = (
     TaskStalled,
     TaskRetryScheduled,
     AgentReinstated,
+    HostLost,
     TaskCompleted,
     TaskDeadLettered,
     TaskCancelled,

@@ -26,6 +26,7 @@ __all__ = [
     "NOTHING",
     "SNAPSHOT_VERSION",
     "AgentSlot",
+    "HostLease",
     "PoolState",
     "SchedulerState",
     "TaskState",
@@ -38,9 +39,10 @@ NOTHING: frozenset[str] = frozenset()
 """The empty set of dependencies that every task without any shares."""
 DEFAULT_CAPACITY = 72
 DEFAULT_DEDUP_WINDOW = 100_000
-SNAPSHOT_VERSION = 3
+SNAPSHOT_VERSION = 4
 """2: tasks carry their retry policy; a task may wait out a retry back-off.
-3: tasks carry their dependencies (a task may wait for them) and their deadlines."""
+3: tasks carry their dependencies (a task may wait for them) and their deadlines.
+4: runtime hosts' leases."""
 
 
 class TaskStatus(enum.Enum):
@@ -131,6 +133,26 @@ class AgentSlot:
 
 
 @dataclass(slots=True)
+class HostLease:
+    """What the scheduler knows of a runtime host's liveness, from its ``HostBeat``s."""
+
+    pool: str
+    expires_at: int
+    """The latest lease any beat of the host promised (µs since the epoch)."""
+    judged: int | None = None
+    """The lease a ``HostLost`` judged run out, if any: each lease is judged once."""
+    lost_agents: set[str] = field(default_factory=set)
+    """Its agents taken out of work when it was judged lost, until they are reinstated
+    (the host beats or registers them again)."""
+
+    def overdue(self) -> int | None:
+        """When this lease runs out unless a newer beat comes; ``None`` once judged."""
+        if self.judged is not None and self.judged >= self.expires_at:
+            return None
+        return self.expires_at
+
+
+@dataclass(slots=True)
 class PoolState:
     """One pool's indexes. An agent registered in the pool and not assigned a task is
     idle, and is in ``unclaimed`` or in ``claimed``: claimed if a queued task of this
@@ -184,7 +206,10 @@ class SchedulerState:
     by the folds: the answer deadline of a dispatched attempt, or the end of a retrying
     task's back-off (a task is never both)."""
     suspects: set[str] = field(default_factory=set)
-    """Agents whose last attempt stalled: given no work until they register again."""
+    """Agents whose last attempt stalled, or whose host was lost: given no work until
+    they are reinstated."""
+    hosts: dict[str, HostLease] = field(default_factory=dict)
+    """Host id -> its lease, for every host that ever beat."""
     dependents: dict[str, set[str]] = field(default_factory=dict)
     """Task id -> the waiting tasks that still wait for it."""
     by_deliberation: dict[str, set[str]] = field(default_factory=dict)
@@ -376,6 +401,10 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "timers": [[key, due] for (due, *_), key in state.timers.members()],
         "suspects": sorted(state.suspects),
         "capacities": dict(state.capacities),
+        "hosts": [
+            [host_id, h.pool, h.expires_at, h.judged, sorted(h.lost_agents)]
+            for host_id, h in sorted(state.hosts.items())  # the same whatever the fold order
+        ],
     }
 
 
@@ -425,6 +454,8 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
         state.timers = RankedSet(((due,), key) for key, due in data["timers"])
         state.suspects = set(data.get("suspects", ()))  # absent before deadlines existed
         state.capacities.update(data["capacities"])
+        for host_id, pool, expires_at, judged, lost_agents in data["hosts"]:
+            state.hosts[host_id] = HostLease(pool, expires_at, judged, set(lost_agents))
         for agent_id in state.agents:
             state.place(agent_id)
         for name in list(state.pools):

@@ -38,6 +38,10 @@ Rules enforced here (each has a test):
 * One task per agent at a time: an agent's context belongs to one task.
 * Deadlines: an attempt with no answer by its dispatch's deadline is stalled (the
   attempt counts) and its agent gets no work until it registers again.
+* Host leases: a runtime host whose lease (its last ``HostBeat``) runs out is lost
+  (:func:`lost_hosts`): each of its running attempts is stalled like one past its
+  deadline, and its agents get no work until it beats or registers them again
+  (:func:`revived`, :func:`reinstate`). A host that never beat is never judged.
 * Retries: a failed or stalled attempt with attempts left waits out its back-off
   (:class:`~conclave.domain.retry.RetryPolicy`) holding no agent and no capacity, then
   is queued again; a permanent failure is dead-lettered at once.
@@ -66,6 +70,8 @@ from conclave.domain.events import (
     DeliberationRequested,
     Halt,
     Heartbeat,
+    HostBeat,
+    HostLost,
     PoolConfigured,
     Resume,
     TaskCancelled,
@@ -87,6 +93,7 @@ from conclave.domain.scheduler_state import (
     NOTHING,
     SNAPSHOT_VERSION,
     AgentSlot,
+    HostLease,
     PoolState,
     SchedulerState,
     TaskState,
@@ -102,6 +109,7 @@ __all__ = [
     "REGISTRATION_GRACE_US",
     "SNAPSHOT_VERSION",
     "AgentSlot",
+    "HostLease",
     "PoolState",
     "SchedulerEvent",
     "SchedulerState",
@@ -114,9 +122,12 @@ __all__ = [
     "expire",
     "from_snapshot",
     "halted",
+    "hosts_due",
+    "lost_hosts",
     "next_due",
     "refusal",
     "reinstate",
+    "revived",
     "schedule",
     "status_of",
     "to_snapshot",
@@ -128,6 +139,7 @@ SchedulerEvent = (
     | TaskStalled
     | TaskRetryScheduled
     | AgentReinstated
+    | HostLost
     | TaskCompleted
     | TaskDeadLettered
     | TaskCancelled
@@ -326,6 +338,74 @@ def reinstate(state: SchedulerState, registration: AgentRegistered) -> list[Agen
     return [AgentReinstated(agent_id=registration.agent_id, host_id=registration.host_id)]
 
 
+def revived(state: SchedulerState, beat: HostBeat) -> list[AgentReinstated]:
+    """A host judged lost beats again (it was cut off, not dead): its agents get work
+    again. Decided from the beat after folding it; written on the tasks topic, after
+    the ``HostLost``."""
+    lease = state.hosts.get(beat.host_id)
+    if lease is None or not lease.lost_agents:
+        return []
+    return [
+        AgentReinstated(agent_id=agent_id, host_id=beat.host_id)
+        for agent_id in sorted(lease.lost_agents)
+        if agent_id in state.suspects
+    ]
+
+
+def hosts_due(state: SchedulerState) -> int | None:
+    """The earliest lease that runs out unless its host beats again (O(hosts))."""
+    return min((d for h in state.hosts.values() if (d := h.overdue()) is not None), default=None)
+
+
+Lost = HostLost | TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered
+
+
+def lost_hosts(state: SchedulerState, now: int) -> list[Lost | TaskDependencyFailed]:
+    """Hosts whose lease ran out by ``now``, each judged once per lease: ``HostLost``,
+    then, for each attempt running on one of its agents, ``TaskStalled`` and a retry or
+    a dead letter, as for an attempt past its deadline. Pure; fold in order."""
+    out: list[Lost] = []
+
+    def place() -> int:  # as in expire(): each task queued here its own place, in order
+        return state.next_sequence + sum(isinstance(e, TaskQueued) for e in out)
+
+    for host_id, lease in sorted(state.hosts.items()):
+        overdue = lease.overdue()
+        if overdue is None or overdue > now:
+            continue
+        agents = sorted(a.agent_id for a in state.agents.values() if a.host_id == host_id)
+        out.append(
+            HostLost(
+                host_id=host_id,
+                pool=lease.pool,
+                agent_ids=agents,
+                expires_at=lease.expires_at,
+                reason=f"host {host_id!r} sent no beat before its lease ran out",
+            )
+        )
+        running = sorted(
+            (task_id, agent_id)
+            for agent_id, task_id in state.assignments.items()
+            if (slot := state.agents.get(agent_id)) is not None and slot.host_id == host_id
+        )
+        for task_id, agent_id in running:
+            task = state.tasks.get(task_id)
+            if task is None or task.status is not TaskStatus.DISPATCHED:
+                continue
+            reason = f"attempt {task.attempt} of {task.max_attempts} stalled: host {host_id!r} lost"
+            out.append(
+                TaskStalled(
+                    task_id=task_id,
+                    agent_id=agent_id,
+                    host_id=host_id,
+                    attempt=task.attempt,
+                    reason=reason,
+                )
+            )
+            out.append(_retry_or_give_up(state, task, reason, None, now, sequence=place()))
+    return _with_dependents(state, out)
+
+
 def _registered(state: SchedulerState, agent_id: str, pool: str) -> bool:
     slot = state.agents.get(agent_id)
     return slot is not None and slot.pool == pool
@@ -351,7 +431,7 @@ def _ended(state: SchedulerState, task: TaskState, kind: type[_Ended], reason: s
     )
 
 
-_E = TypeVar("_E", bound=Outcome | TaskStalled | TaskExpired)
+_E = TypeVar("_E", bound=Outcome | TaskStalled | TaskExpired | HostLost)
 _HOW = {
     TaskDeadLettered: "was dead-lettered",
     TaskCancelled: "was cancelled",
@@ -612,7 +692,7 @@ def _schedule_pool(
 
 def evolve(
     state: SchedulerState,
-    event: SchedulerEvent | AgentRegistered | Heartbeat | Halt | Resume | PoolConfigured,
+    event: SchedulerEvent | AgentRegistered | HostBeat | Heartbeat | Halt | Resume | PoolConfigured,
 ) -> SchedulerState:
     """Fold one event into the state (in place, see the module docstring).
 
@@ -630,7 +710,13 @@ def evolve(
             _fold_retry_scheduled(state, event)
         case AgentReinstated():
             state.suspects.discard(event.agent_id)
+            for lease in state.hosts.values():  # wherever it was lost (it may have moved)
+                lease.lost_agents.discard(event.agent_id)
             state.place(event.agent_id)
+        case HostLost():
+            _fold_host_lost(state, event)
+        case HostBeat():
+            _fold_host_beat(state, event)
         case TaskCompleted():
             _fold_finished(state, event.task_id, TaskStatus.COMPLETED)
         case TaskDeadLettered():
@@ -732,6 +818,34 @@ def _fold_stalled(state: SchedulerState, event: TaskStalled) -> None:
     slot = state.agents.get(event.agent_id)
     if slot is not None:
         state.unplace(slot)
+
+
+def _fold_host_beat(state: SchedulerState, event: HostBeat) -> None:
+    """The latest lease any beat promised: the same whatever order beats are folded in."""
+    host = state.hosts.get(event.host_id)
+    if host is None:
+        state.hosts[event.host_id] = HostLease(event.pool, event.expires_at)
+    else:
+        host.pool = event.pool
+        host.expires_at = max(host.expires_at, event.expires_at)
+
+
+def _fold_host_lost(state: SchedulerState, event: HostLost) -> None:
+    """The host's agents leave the idle indexes until they are reinstated; its running
+    attempts move on with the stalls that follow."""
+    host = state.hosts.get(event.host_id)
+    if host is None:  # folded before any beat of the host (recovery interleaves)
+        host = state.hosts[event.host_id] = HostLease(event.pool, event.expires_at)
+    if host.judged is not None and host.judged >= event.expires_at:
+        return  # a duplicate
+    host.judged = event.expires_at
+    for agent_id in event.agent_ids:  # as decided: the registry may be folded later
+        state.suspects.add(agent_id)
+        host.lost_agents.add(agent_id)
+        slot = state.agents.get(agent_id)
+        if slot is not None:
+            state.unplace(slot)
+            state.refresh(slot.pool)
 
 
 def _fold_retry_scheduled(state: SchedulerState, event: TaskRetryScheduled) -> None:

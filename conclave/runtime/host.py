@@ -41,10 +41,12 @@ from conclave.domain.events import (
     DeadLetterRecord,
     Envelope,
     Heartbeat,
+    HostBeat,
     TaskCancelled,
     TaskDispatched,
     TaskExpired,
     TaskFailed,
+    now_us,
 )
 from conclave.errors import BrokerUnavailable, SchemaError
 from conclave.outage import Backoff, Outage
@@ -146,6 +148,9 @@ class RuntimeHost:
         self.failed = asyncio.Event()
         """Set when the host cannot go on (another instance with its id took over)."""
         self._process = psutil.Process()
+        self._turned_at = time.monotonic()
+        """When the consume loop last came round: the host beats only while it does."""
+        self._stuck = False
         self._host_header = config.host_id.encode()
         self._task_timeout_s = config.task_timeout_s or settings.task_timeout_s
 
@@ -281,6 +286,7 @@ class RuntimeHost:
             # if a recovery moved that position while the fetch was under way (aiokafka
             # drops what it fetched for the old one): it is the next thing to read, never
             # something to throw away -- that would lose the dispatches in it.
+            self._turned_at = time.monotonic()
             try:
                 batch = await consumer.getmany(self._tp, timeout_ms=1000)
                 outage.recovered()
@@ -474,6 +480,20 @@ class RuntimeHost:
                 self._progress.answered = answered
                 self._flushed.set()
 
+    def _host_beat(self) -> Outgoing:
+        lease_us = int(self.settings.host_lease_s * 1_000_000)
+        return self.producer.encode(
+            self.topics.agents,
+            self._partition,
+            self.config.host_id,
+            HostBeat(
+                host_id=self.config.host_id,
+                pool=self.config.pool,
+                agent_ids=list(self.config.agent_ids),
+                expires_at=now_us() + lease_us,
+            ),
+        )[1]
+
     async def _heartbeat(self) -> None:
         outage = Outage(log, f"{self.name} heartbeats", f"Kafka at {self.settings.kafka_bootstrap}")
         while True:
@@ -492,6 +512,13 @@ class RuntimeHost:
                 )[1]
                 for agent_id, task_id in self.current.items()
             ]
+            stuck = time.monotonic() - self._turned_at
+            if stuck < self.settings.host_lease_s:
+                beats.append(self._host_beat())
+            else:  # its work loop stopped turning: let the scheduler take its work away
+                log.warning(
+                    "%s: no beat, the work loop has not turned for %.1f s", self.name, stuck
+                )
             try:
                 await self.producer.send_all(
                     beats, deadline_s=max(2.0, 2 * self.settings.heartbeat_interval_s)

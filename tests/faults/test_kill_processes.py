@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conclave.bus import ensure_topics, read_history, topics_for
-from conclave.domain.events import TaskDeadLettered, TaskDispatched, TaskStalled
+from conclave.domain.events import HostLost, TaskDeadLettered, TaskDispatched, TaskStalled
 from conclave.topics import pool_partition
 from schemas.codec import default_codec
 from tests.faults.conftest import (
@@ -135,6 +135,38 @@ async def test_runtime_host_killed_for_good_its_tasks_stall_and_complete_on_anot
     late = [e for e in events if isinstance(e, TaskDispatched) and e.host_id == "h1"]
     stalled_at = max(events.index(e) for e in stalled)
     assert all(events.index(d) < stalled_at for d in late), "h1 got work after it stalled"
+
+
+async def test_runtime_host_killed_for_good_loses_its_work_when_its_lease_runs_out(
+    cluster: Cluster,
+) -> None:
+    """Answer deadlines at their default (330 s): what moves the dead host's attempts to
+    the other one within seconds is its lease (2 s here), not a deadline."""
+    cluster.extra_env.update({"CONCLAVE_HOST_LEASE_S": "2"})
+    cluster.worker("w1")
+    cluster.runtime("h1", "lpool", agents=4, latency_ms=300)
+    cluster.runtime("h2", "lpool", agents=4, latency_ms=300)
+    cluster.projector()
+    await asyncio.sleep(6.0)  # past the scheduler's start-up grace: both hosts have beaten
+    task_ids = await submit(cluster.settings, "lpool", 60, max_attempts=2)
+    await asyncio.sleep(1.0)  # four tasks are running on h1 right now
+    cluster.kill("h1")
+    killed = time.monotonic()
+    await until_all_terminal(cluster.settings, task_ids, within_s=60)
+    assert time.monotonic() - killed < 30, "taken over by the lease, not a deadline"
+    await check_invariants(cluster, task_ids)
+    events = []
+    async for record in read_history(cluster.settings, [topics_for(cluster.settings).tasks]):
+        events.append(default_codec().decode(record.value)[1])
+    lost = [e for e in events if isinstance(e, HostLost)]
+    h1_agents = [f"h1-agent-{i:03d}" for i in range(4)]
+    assert [(e.host_id, e.agent_ids) for e in lost] == [("h1", h1_agents)]
+    stalled = [e for e in events if isinstance(e, TaskStalled)]
+    assert stalled, "h1 was killed with tasks in flight"
+    assert all(e.reason.endswith("host 'h1' lost") for e in stalled)
+    assert not [e for e in events if isinstance(e, TaskDeadLettered)]
+    after = events[events.index(lost[0]) :]
+    assert not [e for e in after if isinstance(e, TaskDispatched) and e.host_id == "h1"]
 
 
 async def test_projector_killed_under_load_catches_up_without_losing_a_row(

@@ -37,6 +37,8 @@ from conclave.domain.events import (
     CancelRequested,
     DeliberationRequested,
     Halt,
+    HostBeat,
+    HostLost,
     PoolConfigured,
     Priority,
     Resume,
@@ -70,9 +72,12 @@ from conclave.domain.scheduling import (
     expire,
     from_snapshot,
     halted,
+    hosts_due,
+    lost_hosts,
     next_due,
     refusal,
     reinstate,
+    revived,
     schedule,
     status_of,
     to_snapshot,
@@ -205,8 +210,16 @@ class Harness:
         self._fold(decided)
         return [*decided, *self.schedule()]
 
-    def fact(self, event: AgentRegistered | Halt | Resume | PoolConfigured) -> list[Emitted]:
+    def fact(
+        self, event: AgentRegistered | HostBeat | Halt | Resume | PoolConfigured
+    ) -> list[Emitted]:
         self._fold([event])
+        if isinstance(event, HostBeat):
+            back = revived(self.state, event)
+            lease = self.state.hosts[event.host_id]
+            assert {r.agent_id for r in back} == lease.lost_agents & self.state.suspects
+            self._fold(back)
+            assert not self.state.hosts[event.host_id].lost_agents & self.state.suspects
         if isinstance(event, Halt):
             running = {t.task_id for t in self.dispatched()}
             cancelled = halted(self.state, event)
@@ -228,6 +241,22 @@ class Harness:
         is over are queued again, then the schedule."""
         self.now += elapsed_us
         state = self.state
+        lost_before = self._lost(self.now)
+        snapshot = copy.deepcopy(state)
+        lost = lost_hosts(state, self.now)
+        assert state == snapshot, "lost_hosts() must not change the state"
+        if self.replica is not None:
+            assert lost_hosts(self.replica, self.now) == lost
+        judged = [e for e in lost if isinstance(e, HostLost)]
+        assert {e.host_id for e in judged} == set(lost_before)
+        for e in judged:
+            assert e.agent_ids == sorted(
+                a.agent_id for a in state.agents.values() if a.host_id == e.host_id
+            )
+        stalls = {e.task_id for e in lost if isinstance(e, TaskStalled)}
+        assert stalls == {t for tasks in lost_before.values() for t in tasks}
+        self._fold(lost)
+        assert self._lost(self.now) == {}, "a lost host is judged once per lease"
         due = set(due_timers(state, self.now))
         running = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.DISPATCHED}
         waiting = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.RETRYING}
@@ -265,7 +294,26 @@ class Harness:
         self._fold(expired)
         assert not set(due_timers(self.state, self.now)) & due, "folding ends the due timers"
         assert all((t.expires_at or self.now + 1) > self.now for t in self.state.tasks.values())
-        return [*expired, *self.schedule()]
+        return [*lost, *expired, *self.schedule()]
+
+    def _lost(self, now: int) -> dict[str, set[str]]:
+        """Hosts whose lease ran out by ``now`` and not judged yet: their running tasks."""
+        return {
+            host_id: {
+                task_id
+                for agent_id, task_id in self.state.assignments.items()
+                if (a := self.state.agents.get(agent_id)) is not None and a.host_id == host_id
+            }
+            for host_id, lease in self.state.hosts.items()
+            if lease.expires_at <= now and (lease.judged or 0) < lease.expires_at
+        }
+
+    def beat(self, host_id: str, lease_us: int) -> list[Emitted]:
+        agents = sorted(a.agent_id for a in self.state.agents.values() if a.host_id == host_id)
+        beat = HostBeat(
+            host_id=host_id, pool="p0", agent_ids=agents, expires_at=self.now + lease_us
+        )
+        return self.fact(beat)
 
     def register(
         self, agent_id: str, host_id: str = "h0", pool: str | None = None
@@ -458,7 +506,7 @@ def recovered(log: list[Folded], start: SchedulerState) -> SchedulerState:
 def interleavings(log: list[Folded]) -> list[list[Folded]]:
     """The tasks topic entirely before, and entirely after, the agents and control
     topics: per-topic order is all that recovery can count on."""
-    facts = (AgentRegistered, Halt, Resume, PoolConfigured)
+    facts = (AgentRegistered, HostBeat, Halt, Resume, PoolConfigured)
     tasks_topic = [e for e in log if not isinstance(e, facts)]
     other_topics = [e for e in log if isinstance(e, facts)]
     return [[*tasks_topic, *other_topics], [*other_topics, *tasks_topic]]
@@ -706,7 +754,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         entry = data.draw(st.sampled_from(self.h.witnessed), label="redelivered")
         assert self.h.command(entry) == []
 
-    @precondition(lambda self: self.state.timers.first() is not None)
+    @rule(host_id=st.sampled_from(["h0", "h1"]), lease=st.integers(1000, 2 * ANSWER_US))
+    def host_beats(self, host_id: str, lease: int) -> None:
+        """A host's beat: a lost one is back, its agents work again."""
+        self.h.beat(host_id, lease)
+
+    @precondition(
+        lambda self: self.state.timers.first() is not None or hosts_due(self.state) is not None
+    )
     @rule(elapsed=st.integers(0, 2 * ANSWER_US))
     def time_passes(self, elapsed: int) -> None:
         for event in self.h.tick(elapsed):
@@ -816,6 +871,20 @@ class SchedulerMachine(RuleBasedStateMachine):
             pool = self.state.pools.get(slot.pool)
             assert pool is None or agent_id not in pool.unclaimed
             assert pool is None or pool.claimed.rank(agent_id) is None
+
+    @invariant()
+    def a_lost_hosts_agents_get_no_work_until_it_is_back(self) -> None:
+        host_of: dict[str, str] = {}
+        benched: set[str] = set()  # agents of hosts judged lost, until beaten or registered
+        for event in self.h.log:
+            if isinstance(event, AgentRegistered):
+                host_of[event.agent_id] = event.host_id
+                benched.discard(event.agent_id)
+            elif isinstance(event, HostLost):
+                benched |= set(event.agent_ids)
+            elif isinstance(event, HostBeat):
+                benched -= {a for a in benched if host_of.get(a) == event.host_id}
+        assert not {t.agent_id for t in self.h.dispatched()} & benched
 
     @invariant()
     def idle_agents_are_indexed_by_their_best_claim(self) -> None:
@@ -1628,10 +1697,10 @@ def test_a_snapshot_is_versioned_and_anything_else_is_refused() -> None:
     h.command(submit("t0"))
     h.command(submit("t1", priority=Priority.HIGH, agent_id="a1"))
     snapshot, restored = _round_trip(h.state)
-    assert snapshot["version"] == SNAPSHOT_VERSION == 3
+    assert snapshot["version"] == SNAPSHOT_VERSION == 4
     assert_same_state(h.state, restored)
-    with pytest.raises(ValueError, match="version 2"):
-        from_snapshot({**snapshot, "version": 2})  # before dependencies
+    with pytest.raises(ValueError, match="version 3"):
+        from_snapshot({**snapshot, "version": 3})  # before host leases
     with pytest.raises(ValueError, match="not a scheduler snapshot"):
         from_snapshot({"version": SNAPSHOT_VERSION, "capacity": 72})
     with pytest.raises(ValueError, match="task fields"):
@@ -1759,3 +1828,79 @@ def test_untargeted_task_does_not_take_the_agent_a_better_targeted_task_needs() 
     h.command(submit("r", priority=Priority.HIGH, agent_id="a0"))
     h.command(submit("d", priority=Priority.LOW))
     assert sorted((d.task_id, d.agent_id) for d in h.resume()) == [("r", "a0"), ("u", "a1")]
+
+
+# -- Host leases ---------------------------------------------------------------------------
+
+
+def test_a_host_whose_lease_runs_out_loses_its_running_attempts_to_another_host() -> None:
+    h = Harness()
+    h.register("a0", host_id="dead")
+    h.register("a1", host_id="dead")
+    h.beat("dead", lease_us=5_000)
+    running = h.command(submit("t0", max_attempts=2))[1]
+    assert isinstance(running, TaskDispatched)
+    h.command(submit("t1"))  # its only attempt: dead-lettered with the host
+    h.register("a2", host_id="alive")
+    h.command(submit("t2"))  # runs on the live host
+    h.beat("alive", lease_us=1_000_000)
+    assert hosts_due(h.state) == h.state.hosts["dead"].expires_at
+    assert h.tick(h.state.hosts["dead"].expires_at - h.now - 1) == []  # 1 µs short
+    lost, *rest = h.tick(1)
+    assert lost == HostLost(
+        host_id="dead",
+        pool="p0",
+        agent_ids=["a0", "a1"],
+        expires_at=h.state.hosts["dead"].expires_at,
+        reason="host 'dead' sent no beat before its lease ran out",
+    )
+    stalls = [e for e in rest if isinstance(e, TaskStalled)]
+    assert {(s.task_id, s.reason) for s in stalls} == {
+        ("t0", "attempt 1 of 2 stalled: host 'dead' lost"),
+        ("t1", "attempt 1 of 1 stalled: host 'dead' lost"),
+    }
+    assert status_of(h.state, "t1") is TaskStatus.DEAD_LETTERED
+    assert h.state.tasks["t0"].status is TaskStatus.QUEUED  # a2 is busy with t2
+    assert h.tick(0) == []  # judged once
+    assert hosts_due(h.state) == h.state.hosts["alive"].expires_at
+    _, events = h.finish(h.state.tasks["t2"], failed=False)
+    again = events[-1]
+    assert isinstance(again, TaskDispatched)
+    assert (again.task_id, again.agent_id, again.attempt) == ("t0", "a2", 2)
+
+
+def test_a_lost_host_that_beats_again_gets_work_again() -> None:
+    h = Harness()
+    h.register("a0", host_id="h0")
+    h.beat("h0", lease_us=5_000)
+    h.tick(10_000)
+    assert "a0" in h.state.suspects
+    assert h.command(submit("t0"))[1:] == []  # nobody to run it
+    dispatched = h.beat("h0", lease_us=5_000)  # it was cut off, not dead
+    assert h.log[-2] == AgentReinstated(agent_id="a0", host_id="h0")
+    assert [(d.task_id, d.agent_id) for d in dispatched] == [("t0", "a0")]
+    assert h.beat("h0", lease_us=5_000) == []  # reinstated once
+
+
+def test_an_agent_that_stalled_on_a_live_host_is_not_reinstated_by_its_beats() -> None:
+    h = Harness()
+    h.register("a0", host_id="h0")
+    h.beat("h0", lease_us=10 * ANSWER_US)
+    h.command(submit("t0"))
+    h.tick(ANSWER_US)  # no answer by its deadline: the agent, not the host, is suspect
+    assert "a0" in h.state.suspects
+    assert h.beat("h0", lease_us=10 * ANSWER_US) == []
+    assert "a0" in h.state.suspects  # until its host registers it again
+
+
+def test_host_leases_survive_a_snapshot() -> None:
+    h = Harness()
+    h.register("a0", host_id="h0")
+    h.beat("h0", lease_us=5_000)
+    h.tick(10_000)
+    h.register("a1", host_id="h1")
+    h.beat("h1", lease_us=5_000)
+    _, restored = _round_trip(h.state)
+    assert_same_state(h.state, restored)
+    assert restored.hosts["h0"].lost_agents == {"a0"}
+    assert hosts_due(restored) == h.state.hosts["h1"].expires_at
