@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from conclave.cli_agents import show_agents, show_hosts
 from conclave.cli_dev import dev_app
 from conclave.cli_tasks import (
     deliberation_app,
@@ -58,6 +59,8 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(deliberation_app, name="deliberation")
 app.command("tasks")(list_tasks)
 app.command("pools")(list_pools)
+app.command("agents")(show_agents)
+app.command("hosts")(show_hosts)
 app.add_typer(witness_app, name="witness")
 
 out = Console()

@@ -84,7 +84,7 @@ def _when(us: int | None) -> str:
 
 
 def _in(us: int | None) -> str:
-    """A due time as people read it: how far from now."""
+    """A time as people read it: how far from now (``in 2.0 s``, ``1.5 s ago``)."""
     if us is None:
         return "-"
     seconds = us / 1e6 - time.time()

@@ -65,6 +65,7 @@ READ_MODEL_TABLES = (
     "task_failures",
     "witness_entries",
     "agents",
+    "hosts",
     "system_events",
     "pool_settings",
     "dead_letters",

@@ -28,8 +28,12 @@ from conclave.errors import NotFound, Rejected
 from projections.rows import TERMINAL
 
 __all__ = [
+    "AGENT_STATES",
+    "HOST_STATES",
+    "AgentView",
     "DeliberationView",
     "Failure",
+    "HostView",
     "OutputView",
     "Page",
     "PoolView",
@@ -39,6 +43,8 @@ __all__ = [
     "deliberation",
     "get_deliberation",
     "get_task",
+    "list_agents",
+    "list_hosts",
     "list_pools",
     "list_tasks",
     "next_redrive_id",
@@ -464,3 +470,112 @@ async def list_pools(pool: asyncpg.Pool) -> list[PoolView]:
         )
         for name in names
     ]
+
+
+HOST_STATES = ("alive", "silent", "lost")
+AGENT_STATES = ("idle", "busy", "silent", "unresponsive", "lost")
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    """A runtime host, as its beats and the scheduler's judgement say."""
+
+    host_id: str
+    pool: str | None
+    state: str
+    """``alive`` (its lease holds), ``silent`` (it ran out, the scheduler has not judged
+    it yet) or ``lost`` (``host.lost``, and no later beat)."""
+    agent_ids: list[str]
+    last_beat_at: int | None
+    lease_expires_at: int | None
+    lost_at: int | None
+    lost_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    """A registered agent and what the system knows of it now."""
+
+    agent_id: str
+    pool: str | None
+    host_id: str
+    state: str
+    """``lost`` (its host is), ``unresponsive`` (the scheduler gives it no work: its last
+    attempt stalled), ``silent`` (no heartbeat for ``silent_after_us``), ``busy`` or
+    ``idle`` (its last heartbeat's task)."""
+    current_task_id: str | None
+    last_heartbeat_at: int | None
+    suspended_reason: str | None
+    rss_bytes: int | None
+
+
+def _host_state(row: asyncpg.Record, now_us: int) -> str:
+    lease, lost = row["lease_expires_at"], row["lost_lease"]
+    if lost is not None and (lease is None or lost >= lease):
+        return "lost"
+    return "alive" if lease is not None and lease > now_us else "silent"
+
+
+async def list_hosts(pool: asyncpg.Pool, now_us: int) -> list[HostView]:
+    """Every runtime host that ever beat, by id."""
+    rows = await pool.fetch("SELECT * FROM hosts ORDER BY host_id")
+    return [
+        HostView(
+            host_id=r["host_id"],
+            pool=r["pool"],
+            state=_host_state(r, now_us),
+            agent_ids=list(r["agent_ids"]),
+            last_beat_at=r["last_beat_at"],
+            lease_expires_at=r["lease_expires_at"],
+            lost_at=r["lost_at"],
+            lost_reason=r["lost_reason"],
+        )
+        for r in rows
+    ]
+
+
+async def list_agents(
+    pool: asyncpg.Pool,
+    now_us: int,
+    *,
+    silent_after_us: int,
+    in_pool: str | None = None,
+    host_id: str | None = None,
+    state: str | None = None,
+) -> list[AgentView]:
+    """Registered agents by id, with their state at ``now_us``; filtered by pool, host
+    and state when given."""
+    rows = await pool.fetch(
+        """SELECT a.*, h.lease_expires_at, h.lost_lease FROM agents a
+           LEFT JOIN hosts h ON h.host_id = a.host_id
+           WHERE ($1::text IS NULL OR a.pool = $1) AND ($2::text IS NULL OR a.host_id = $2)
+           ORDER BY a.agent_id""",
+        in_pool,
+        host_id,
+    )
+    views = []
+    for r in rows:
+        beat = r["last_heartbeat_at"]
+        if r["lost_lease"] is not None and _host_state(r, now_us) == "lost":
+            current = "lost"
+        elif r["suspended_reason"] is not None:
+            current = "unresponsive"
+        elif beat is None or now_us - beat > silent_after_us:
+            current = "silent"
+        else:
+            current = "busy" if r["current_task_id"] is not None else "idle"
+        if state is not None and current != state:
+            continue
+        views.append(
+            AgentView(
+                agent_id=r["agent_id"],
+                pool=r["pool"],
+                host_id=r["host_id"],
+                state=current,
+                current_task_id=r["current_task_id"],
+                last_heartbeat_at=beat,
+                suspended_reason=r["suspended_reason"],
+                rss_bytes=r["rss_bytes"],
+            )
+        )
+    return views

@@ -2,8 +2,10 @@
 
 Pure: no I/O. Two kinds of tables:
 
-- **keyed state** (``tasks``, ``agents``): a row per entity that events change in
-  place. :func:`fold_task` and :func:`fold_agent` are the rules, one event at a time;
+- **keyed state** (``tasks``, ``agents``, ``hosts``): a row per entity that events
+  change in place; one event may change several rows (``host.lost``: the host's and
+  each of its agents'). :func:`fold_task`, :func:`fold_agent` and :func:`fold_host` are
+  the rules, one event at a time;
   a batch folds each entity's events in record order onto the row as stored, and
   writes the final row once. Folding a batch at once or one event per transaction
   gives the same row, because it is the same rules applied in the same order.
@@ -13,8 +15,9 @@ Pure: no I/O. Two kinds of tables:
 
 The order that matters is the order of one entity's events, which Kafka keeps
 because they share a key (task id, agent id). Rows that two topics touch
-(``agents``: registrations and heartbeats) keep their columns apart, so the row
-does not depend on how the two topics interleave.
+(``agents``: registrations, heartbeats, the scheduler's suspensions; ``hosts``: beats
+and losses) keep their columns apart or only let them grow, so the row does not depend
+on how the topics interleave.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from conclave.domain.events import (
     Halt,
     Heartbeat,
     HostBeat,
+    HostLost,
     PoolConfigured,
     Resume,
     TaskCancelled,
@@ -58,13 +62,17 @@ from conclave.topics import Topics
 __all__ = [
     "AGENTS",
     "APPENDS",
+    "HOSTS",
+    "KEYED_TABLES",
     "TASKS",
     "AgentRow",
     "Changes",
     "Consumed",
+    "HostRow",
     "Table",
     "TaskRow",
     "fold_agent",
+    "fold_host",
     "fold_task",
     "projected_from",
 ]
@@ -172,6 +180,27 @@ class AgentRow:
     last_heartbeat_at: int | None
     current_task_id: str | None
     rss_bytes: int | None
+    suspended_at: int | None = None
+    """When the scheduler stopped giving it work (its attempt stalled, or its host was
+    lost); ``None`` once it was reinstated."""
+    suspended_reason: str | None = None
+
+
+@dataclass(slots=True)
+class HostRow:
+    """One row of ``hosts``: a runtime host's latest beat, and whether it was lost since."""
+
+    host_id: str
+    pool: str | None
+    agent_ids: list[str]
+    last_beat_at: int | None
+    lease_expires_at: int | None
+    """The latest lease any of its beats promised (µs since the epoch, the host's clock)."""
+    lost_lease: int | None
+    """The lease the scheduler judged run out (``host.lost``): the host counts as lost
+    while no beat promised a later one."""
+    lost_at: int | None
+    lost_reason: str | None
 
 
 def _table(name: str, row: type[Any], types: Mapping[str, str], key: str) -> Table:
@@ -223,9 +252,27 @@ AGENTS = _table(
         "last_heartbeat_at": "bigint",
         "current_task_id": "text",
         "rss_bytes": "bigint",
+        "suspended_at": "bigint",
+        "suspended_reason": "text",
     },
     "agent_id",
 )
+HOSTS = _table(
+    "hosts",
+    HostRow,
+    {
+        "host_id": "text",
+        "pool": "text",
+        "agent_ids": "text[]",
+        "last_beat_at": "bigint",
+        "lease_expires_at": "bigint",
+        "lost_lease": "bigint",
+        "lost_at": "bigint",
+        "lost_reason": "text",
+    },
+    "host_id",
+)
+KEYED_TABLES = (TASKS, AGENTS, HOSTS)
 
 OUTPUTS = Table(
     "outputs",
@@ -333,7 +380,9 @@ _ENDED = {
 }
 
 
-def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> TaskRow | None:
+def fold_task(
+    row: TaskRow | None, envelope: Envelope, event: TaskEvent, _task_id: str
+) -> TaskRow | None:
     """The ``tasks`` row after one task event (``row`` is changed in place).
 
     A terminal status is final: a late or duplicated queued, dispatched or terminal
@@ -402,18 +451,23 @@ def fold_task(row: TaskRow | None, envelope: Envelope, event: TaskEvent) -> Task
     return row
 
 
+AgentEvent = AgentRegistered | AgentReinstated | Heartbeat | TaskStalled | HostLost
+
+
 def fold_agent(
-    row: AgentRow | None, envelope: Envelope, event: AgentRegistered | AgentReinstated | Heartbeat
+    row: AgentRow | None, envelope: Envelope, event: AgentEvent, agent_id: str
 ) -> AgentRow:
     """The ``agents`` row after a registration or a heartbeat (``row`` changed in place).
 
     A registration sets the registration columns (the latest registration wins); a
     heartbeat sets the heartbeat columns unless the row already has a later beat. A
-    heartbeat's host only fills a row that has no registration yet.
+    heartbeat's host only fills a row that has no registration yet. The scheduler's own
+    view (a stall, a lost host, a reinstatement: all on the tasks topic, so in order)
+    sets and clears the suspension.
     """
     if row is None:
         row = AgentRow(
-            agent_id=event.agent_id,
+            agent_id=agent_id,
             pool=None,
             host_id=event.host_id,
             agent_ref=None,
@@ -428,7 +482,10 @@ def fold_agent(
         row.agent_ref = event.agent_ref
         row.registered_at = envelope.occurred_at
     elif isinstance(event, AgentReinstated):
-        pass  # the scheduler's own view; the row already says what the host registered
+        row.suspended_at = row.suspended_reason = None
+    elif isinstance(event, TaskStalled | HostLost):
+        row.suspended_at = envelope.occurred_at
+        row.suspended_reason = event.reason
     elif (row.last_heartbeat_at or 0) <= envelope.occurred_at:  # a heartbeat
         row.last_heartbeat_at = envelope.occurred_at
         row.current_task_id = event.task_id
@@ -436,24 +493,61 @@ def fold_agent(
     return row
 
 
-Fold = Callable[[Any, Envelope, Any], Any]
+def fold_host(
+    row: HostRow | None, envelope: Envelope, event: HostBeat | HostLost, _host_id: str
+) -> HostRow:
+    """The ``hosts`` row after a beat or a loss. Leases only grow, so beats (agents topic)
+    and losses (tasks topic) give the same row in whatever order they are folded."""
+    if row is None:
+        row = HostRow(event.host_id, event.pool, [], None, None, None, None, None)
+    if isinstance(event, HostBeat):
+        if (row.last_beat_at or 0) <= envelope.occurred_at:
+            row.pool, row.agent_ids = event.pool, list(event.agent_ids)
+            row.last_beat_at = envelope.occurred_at
+        row.lease_expires_at = max(row.lease_expires_at or 0, event.expires_at)
+    elif (row.lost_lease or 0) < event.expires_at:
+        row.lost_lease, row.lost_at, row.lost_reason = (
+            event.expires_at,
+            envelope.occurred_at,
+            event.reason,
+        )
+    return row
+
+
+Fold = Callable[[Any, Envelope, Any, str], Any]
+"""(stored row or None, envelope, event, the row's key) -> the row after the event."""
 Append = Callable[[Envelope, Any], tuple[Any, ...]]
 
-KEYED: Mapping[type[Any], tuple[Table, Callable[[Any], str], Fold]] = {
-    TaskQueued: (TASKS, attrgetter("task_id"), fold_task),
-    TaskDispatched: (TASKS, attrgetter("task_id"), fold_task),
-    TaskCompleted: (TASKS, attrgetter("task_id"), fold_task),
-    TaskDeadLettered: (TASKS, attrgetter("task_id"), fold_task),
-    TaskStalled: (TASKS, attrgetter("task_id"), fold_task),
-    TaskRetryScheduled: (TASKS, attrgetter("task_id"), fold_task),
-    TaskCancelled: (TASKS, attrgetter("task_id"), fold_task),
-    TaskExpired: (TASKS, attrgetter("task_id"), fold_task),
-    TaskDependencyFailed: (TASKS, attrgetter("task_id"), fold_task),
-    AgentRegistered: (AGENTS, attrgetter("agent_id"), fold_agent),
-    AgentReinstated: (AGENTS, attrgetter("agent_id"), fold_agent),
-    Heartbeat: (AGENTS, attrgetter("agent_id"), fold_agent),
+
+def _one(name: str) -> Callable[[Any], list[str]]:
+    get = attrgetter(name)
+    return lambda event: [get(event)]
+
+
+_TASK = (TASKS, _one("task_id"), fold_task)
+_AGENT = (AGENTS, _one("agent_id"), fold_agent)
+_HOST = (HOSTS, _one("host_id"), fold_host)
+
+KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], ...]] = {
+    TaskQueued: (_TASK,),
+    TaskDispatched: (_TASK,),
+    TaskCompleted: (_TASK,),
+    TaskDeadLettered: (_TASK,),
+    TaskStalled: (_TASK, _AGENT),
+    TaskRetryScheduled: (_TASK,),
+    TaskCancelled: (_TASK,),
+    TaskExpired: (_TASK,),
+    TaskDependencyFailed: (_TASK,),
+    AgentRegistered: (_AGENT,),
+    AgentReinstated: (_AGENT,),
+    Heartbeat: (_AGENT,),
+    HostBeat: (_HOST,),
+    HostLost: (_HOST, (AGENTS, attrgetter("agent_ids"), fold_agent)),
 }
-"""Events that change a keyed-state row: its table, the row's key, the rule."""
+"""Events that change keyed-state rows: per table, the rows' keys and the rule."""
+_FOLDS: Mapping[tuple[type[Any], Table], Fold] = {
+    (kind, table): fold for kind, targets in KEYED.items() for table, _, fold in targets
+}
 
 
 def _system(env: Envelope, e: Halt | Resume) -> tuple[Any, ...]:
@@ -557,7 +651,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
     """The events each history topic carries; anything else on it is not projected (folding
     a HALT found on the tasks topic would put it in the wrong table)."""
     return {
-        topics.agents: (AgentRegistered, HostBeat),  # beats: the scheduler's, not folded
+        topics.agents: (AgentRegistered, HostBeat),
         topics.heartbeats: (Heartbeat,),
         topics.tasks: TASKS_TOPIC_EVENTS,
         topics.outputs: (AgentOutput, TaskFailed),
@@ -567,7 +661,11 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
     }
 
 
-_ROW_TYPES: Mapping[Table, type[TaskRow] | type[AgentRow]] = {TASKS: TaskRow, AGENTS: AgentRow}
+_ROW_TYPES: Mapping[Table, type[TaskRow] | type[AgentRow] | type[HostRow]] = {
+    TASKS: TaskRow,
+    AGENTS: AgentRow,
+    HOSTS: HostRow,
+}
 
 
 @dataclass(slots=True)
@@ -583,11 +681,10 @@ class Changes:
 
     def add(self, envelope: Envelope, event: Event) -> None:
         """One decoded event of a type in :data:`PROJECTED`."""
-        keyed = KEYED.get(type(event))
-        if keyed is not None:
-            table, key, _ = keyed
+        for table, keys, _ in KEYED.get(type(event), ()):
             by_key = self.keyed.setdefault(table, {})
-            by_key.setdefault(key(event), []).append((envelope, event))
+            for key in keys(event):
+                by_key.setdefault(key, []).append((envelope, event))
         appended = APPENDED.get(type(event))
         if appended is not None:
             table, row = appended
@@ -621,7 +718,7 @@ class Changes:
             before = stored.get(key)
             row = row_type(*before) if before is not None else None
             for envelope, event in events:
-                row = KEYED[type(event)][2](row, envelope, event)
+                row = _FOLDS[type(event), table](row, envelope, event, key)
             if row is not None and (after := values(row)) != before:
                 out.append(after)
         return out

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from projections.rows import AGENTS, APPENDS, TASKS, Changes, Table
+from projections.rows import APPENDS, KEYED_TABLES, Changes, Table
 
 __all__ = ["apply", "prepare", "save_positions", "stored_positions"]
 
@@ -29,13 +29,13 @@ Positions = Mapping[tuple[str, int], int]
 
 async def prepare(conn: asyncpg.Connection) -> None:
     """Create this session's staging tables (temporary: other sessions never see them)."""
-    await conn.execute("; ".join(_create_stage(table) for table in (TASKS, AGENTS, *APPENDS)))
+    await conn.execute("; ".join(_create_stage(table) for table in (*KEYED_TABLES, *APPENDS)))
 
 
 async def apply(conn: asyncpg.Connection, changes: Changes) -> None:
     """Write ``changes``: final keyed rows folded onto the stored ones, then appends.
     Needs :func:`prepare` once per session."""
-    for table in (TASKS, AGENTS):
+    for table in KEYED_TABLES:
         keys = changes.keyed.get(table)
         if not keys:
             continue

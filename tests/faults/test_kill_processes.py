@@ -7,6 +7,7 @@ verifies, the read models equal a rebuild, and nobody had to help it along.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 
@@ -23,6 +24,7 @@ from tests.faults.conftest import (
     submit_chains,
     until_all_terminal,
 )
+from tests.integration.test_skeleton import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -167,6 +169,14 @@ async def test_runtime_host_killed_for_good_loses_its_work_when_its_lease_runs_o
     assert not [e for e in events if isinstance(e, TaskDeadLettered)]
     after = events[events.index(lost[0]) :]
     assert not [e for e in after if isinstance(e, TaskDispatched) and e.host_id == "h1"]
+    # What an operator sees (the read models equal a rebuild: check_invariants).
+    hosts = json.loads(cli(cluster.settings, "hosts", "--json").stdout)
+    assert {h["host_id"]: h["state"] for h in hosts} == {"h1": "lost", "h2": "alive"}
+    agents = json.loads(cli(cluster.settings, "agents", "--pool", "lpool", "--json").stdout)
+    assert {a["agent_id"]: a["state"] for a in agents if a["host_id"] == "h1"} == dict.fromkeys(
+        h1_agents, "lost"
+    )
+    assert {a["state"] for a in agents if a["host_id"] == "h2"} <= {"idle", "busy"}
 
 
 async def test_projector_killed_under_load_catches_up_without_losing_a_row(
