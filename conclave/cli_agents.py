@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Annotated
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
@@ -15,7 +16,15 @@ from projections.queries import AGENT_STATES, list_agents, list_hosts
 
 __all__ = ["show_agents", "show_hosts"]
 
-_STYLE = {"lost": "red", "unresponsive": "red", "silent": "yellow"}
+V = TypeVar("V", bound=Any)
+
+_STYLE = {
+    "lost": "red",
+    "unresponsive": "red",
+    "circuit_open": "red",
+    "probing": "yellow",
+    "silent": "yellow",
+}
 
 
 def show_agents(
@@ -38,49 +47,65 @@ def show_agents(
             db, now, silent_after_us=silent_after, in_pool=pool, host_id=host, state=state
         )
     )
-    if as_json:
-        _print_json([dataclasses.asdict(v) for v in views])
-        return
-    if not views:
-        out.print("no agents")
-        return
-    table = Table(box=None, header_style="bold")
-    for column in ("agent", "state", "pool", "host", "task", "heartbeat", "why no work"):
-        table.add_column(column)
-    for v in views:
-        table.add_row(
+    _show(
+        views,
+        "agents",
+        ("agent", "state", "pool", "host", "task", "heartbeat", "why no work"),
+        lambda v: (
             v.agent_id,
-            f"[{_STYLE[v.state]}]{v.state}[/]" if v.state in _STYLE else v.state,
+            _styled(v.state),
             v.pool or "-",
             v.host_id,
             v.current_task_id or "-",
             _in(v.last_heartbeat_at),
             v.suspended_reason or "",
-        )
-    out.print(table)
+        ),
+        as_json,
+    )
 
 
 def show_hosts(as_json: AsJson = False) -> None:
     """Runtime hosts: alive, silent (lease ran out) or lost, with their agents."""
     now = int(time.time() * 1e6)
     views = _query(lambda db: list_hosts(db, now))
-    if as_json:
-        _print_json([dataclasses.asdict(v) for v in views])
-        return
-    if not views:
-        out.print("no hosts")
-        return
-    table = Table(box=None, header_style="bold")
-    for column in ("host", "state", "pool", "agents", "last beat", "lease", "lost"):
-        table.add_column(column)
-    for v in views:
-        table.add_row(
+    _show(
+        views,
+        "hosts",
+        ("host", "state", "pool", "agents", "last beat", "lease", "lost"),
+        lambda v: (
             v.host_id,
-            f"[{_STYLE[v.state]}]{v.state}[/]" if v.state in _STYLE else v.state,
+            _styled(v.state),
             v.pool or "-",
             str(len(v.agent_ids)),
             _in(v.last_beat_at),
             _in(v.lease_expires_at),
             v.lost_reason or "",
-        )
+        ),
+        as_json,
+    )
+
+
+def _styled(state: str) -> str:
+    return f"[{_STYLE[state]}]{state}[/]" if state in _STYLE else state
+
+
+def _show(
+    views: Sequence[V],
+    what: str,
+    columns: Sequence[str],
+    row: Callable[[V], Sequence[str]],
+    as_json: bool,
+) -> None:
+    """``views`` as JSON, or as a table with a row each (``no WHAT`` when empty)."""
+    if as_json:
+        _print_json([dataclasses.asdict(v) for v in views])
+        return
+    if not views:
+        out.print(f"no {what}")
+        return
+    table = Table(box=None, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for view in views:
+        table.add_row(*row(view))
     out.print(table)

@@ -42,6 +42,10 @@ class Settings:
     host_lease_s: float = 5.0
     """A runtime host silent this long after its last beat is lost: its running attempts
     are stalled and retried elsewhere, its agents get no work until it is back."""
+    breaker_failures: int = 10
+    """Attempts an agent fails in a row before its circuit opens (no work for it for
+    ``breaker_cooldown_s``, then one probe task); 0: no circuit breakers."""
+    breaker_cooldown_s: float = 30.0
     task_timeout_s: float = 300.0
     """How long an agent may work on one attempt; the host then reports it failed."""
     answer_grace_s: float = 30.0
@@ -91,6 +95,8 @@ class Settings:
             pool_capacity=_int(env, "CONCLAVE_POOL_CAPACITY", 72),
             heartbeat_interval_s=_float(env, "CONCLAVE_HEARTBEAT_INTERVAL_S", 1.0),
             host_lease_s=_float(env, "CONCLAVE_HOST_LEASE_S", 5.0),
+            breaker_failures=_int(env, "CONCLAVE_BREAKER_FAILURES", 10),
+            breaker_cooldown_s=_float(env, "CONCLAVE_BREAKER_COOLDOWN_S", 30.0),
             task_timeout_s=_float(env, "CONCLAVE_TASK_TIMEOUT_S", 300.0),
             answer_grace_s=_float(env, "CONCLAVE_ANSWER_GRACE_S", 30.0),
             trace_sample_ratio=_float(env, "CONCLAVE_TRACE_SAMPLE_RATIO", 0.1),

@@ -473,7 +473,7 @@ async def list_pools(pool: asyncpg.Pool) -> list[PoolView]:
 
 
 HOST_STATES = ("alive", "silent", "lost")
-AGENT_STATES = ("idle", "busy", "silent", "unresponsive", "lost")
+AGENT_STATES = ("idle", "busy", "silent", "unresponsive", "lost", "circuit_open", "probing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,11 +501,15 @@ class AgentView:
     host_id: str
     state: str
     """``lost`` (its host is), ``unresponsive`` (the scheduler gives it no work: its last
-    attempt stalled), ``silent`` (no heartbeat for ``silent_after_us``), ``busy`` or
-    ``idle`` (its last heartbeat's task)."""
+    attempt stalled), ``circuit_open`` (it failed too often: no work until the cool-down
+    ends), ``probing`` (its circuit is half-open: one task decides), ``silent`` (no
+    heartbeat for ``silent_after_us``), ``busy`` or ``idle`` (its last heartbeat's
+    task)."""
     current_task_id: str | None
     last_heartbeat_at: int | None
     suspended_reason: str | None
+    """Why the scheduler gives it no work, if it does not: a stall, a lost host, an open
+    circuit."""
     rss_bytes: int | None
 
 
@@ -560,6 +564,10 @@ async def list_agents(
             current = "lost"
         elif r["suspended_reason"] is not None:
             current = "unresponsive"
+        elif r["circuit"] == "open":
+            current = "circuit_open"
+        elif r["circuit"] == "half_open":
+            current = "probing"
         elif beat is None or now_us - beat > silent_after_us:
             current = "silent"
         else:
@@ -574,7 +582,7 @@ async def list_agents(
                 state=current,
                 current_task_id=r["current_task_id"],
                 last_heartbeat_at=beat,
-                suspended_reason=r["suspended_reason"],
+                suspended_reason=r["suspended_reason"] or r["circuit_reason"],
                 rss_bytes=r["rss_bytes"],
             )
         )

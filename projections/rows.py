@@ -30,6 +30,9 @@ from typing import Any, Protocol
 
 from conclave.domain.events import (
     TASKS_TOPIC_EVENTS,
+    AgentCircuitClosed,
+    AgentCircuitHalfOpened,
+    AgentCircuitOpened,
     AgentOutput,
     AgentRegistered,
     AgentReinstated,
@@ -184,6 +187,11 @@ class AgentRow:
     """When the scheduler stopped giving it work (its attempt stalled, or its host was
     lost); ``None`` once it was reinstated."""
     suspended_reason: str | None = None
+    circuit: str | None = None
+    """``open`` (no work until ``circuit_until``), ``half_open`` (one probe task) or
+    ``None`` (closed)."""
+    circuit_until: int | None = None
+    circuit_reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -254,6 +262,9 @@ AGENTS = _table(
         "rss_bytes": "bigint",
         "suspended_at": "bigint",
         "suspended_reason": "text",
+        "circuit": "text",
+        "circuit_until": "bigint",
+        "circuit_reason": "text",
     },
     "agent_id",
 )
@@ -451,7 +462,19 @@ def fold_task(
     return row
 
 
-AgentEvent = AgentRegistered | AgentReinstated | Heartbeat | TaskStalled | HostLost
+AgentEvent = (
+    AgentRegistered
+    | AgentReinstated
+    | Heartbeat
+    | TaskStalled
+    | HostLost
+    | AgentCircuitOpened
+    | AgentCircuitHalfOpened
+    | AgentCircuitClosed
+)
+
+
+_CIRCUIT = (AgentCircuitOpened, AgentCircuitHalfOpened, AgentCircuitClosed)
 
 
 def fold_agent(
@@ -469,7 +492,7 @@ def fold_agent(
         row = AgentRow(
             agent_id=agent_id,
             pool=None,
-            host_id=event.host_id,
+            host_id="" if isinstance(event, _CIRCUIT) else event.host_id,  # until registered
             agent_ref=None,
             registered_at=None,
             last_heartbeat_at=None,
@@ -486,6 +509,12 @@ def fold_agent(
     elif isinstance(event, TaskStalled | HostLost):
         row.suspended_at = envelope.occurred_at
         row.suspended_reason = event.reason
+    elif isinstance(event, AgentCircuitOpened):
+        row.circuit, row.circuit_until, row.circuit_reason = "open", event.until, event.reason
+    elif isinstance(event, AgentCircuitHalfOpened):
+        row.circuit, row.circuit_until = "half_open", None
+    elif isinstance(event, AgentCircuitClosed):
+        row.circuit = row.circuit_until = row.circuit_reason = None
     elif (row.last_heartbeat_at or 0) <= envelope.occurred_at:  # a heartbeat
         row.last_heartbeat_at = envelope.occurred_at
         row.current_task_id = event.task_id
@@ -540,6 +569,9 @@ KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], 
     TaskDependencyFailed: (_TASK,),
     AgentRegistered: (_AGENT,),
     AgentReinstated: (_AGENT,),
+    AgentCircuitOpened: (_AGENT,),
+    AgentCircuitHalfOpened: (_AGENT,),
+    AgentCircuitClosed: (_AGENT,),
     Heartbeat: (_AGENT,),
     HostBeat: (_HOST,),
     HostLost: (_HOST, (AGENTS, attrgetter("agent_ids"), fold_agent)),

@@ -27,6 +27,9 @@ from conclave.bus import Outgoing, Position
 from conclave.domain import scheduling
 from conclave.domain.events import (
     TASKS_TOPIC_EVENTS,
+    AgentCircuitClosed,
+    AgentCircuitHalfOpened,
+    AgentCircuitOpened,
     AgentRegistered,
     AgentReinstated,
     CancelRequested,
@@ -65,6 +68,7 @@ log = logging.getLogger(__name__)
 _CHANGELOG = TASKS_TOPIC_EVENTS
 _FINISHED = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)
 Command = TaskSubmitted | DeliberationRequested | CancelRequested
+_ABOUT_AGENTS = (AgentReinstated, AgentCircuitOpened, AgentCircuitHalfOpened, AgentCircuitClosed)
 QUIET_GAP_US = 3_000_000
 """Records stopped arriving for this long (a broker outage, a recovery, a stalled
 process): hosts' beats may not have reached us either."""
@@ -97,6 +101,8 @@ class SchedulerShard:
         emitter: Emitter,
         *,
         answer_within_s: float | None = None,
+        breaker_failures: int = 0,
+        breaker_cooldown_s: float = 30.0,
     ) -> None:
         self.topics = topics
         self.index = index
@@ -107,6 +113,9 @@ class SchedulerShard:
         )
         """How long after a dispatch the scheduler waits for its answer before the
         attempt is stalled; ``None``: for ever."""
+        self.breaker_failures = breaker_failures
+        """Failed attempts in a row that open an agent's circuit; 0: no breakers."""
+        self.breaker_cooldown_us = int(breaker_cooldown_s * 1_000_000)
         self.state = scheduling.SchedulerState(capacity=capacity)
         self.origins: dict[str, _Origin] = {}
         self._heard_at: int | None = None
@@ -240,6 +249,16 @@ class SchedulerShard:
         for expired in scheduling.expire(self.state, now):
             scheduling.evolve(self.state, expired)
             decided.append((None, expired))
+        # Circuits of agents that failed too often open before anything is dispatched.
+        for opened in scheduling.tripped(
+            self.state, now, threshold=self.breaker_failures, cooldown_us=self.breaker_cooldown_us
+        ):
+            log.warning("%s: agent %r: %s", self.name, opened.agent_id, opened.reason)
+            scheduling.evolve(self.state, opened)
+            decided.append((None, opened))
+        for probing in scheduling.half_opened(self.state, now):
+            scheduling.evolve(self.state, probing)
+            decided.append((None, probing))
         # Decide dispatches once per batch: cheaper, and a burst is ranked as a whole.
         for dispatch in scheduling.schedule(
             self.state, now, answer_within_us=self.answer_within_us
@@ -317,7 +336,7 @@ class SchedulerShard:
         return now >= self._judge_hosts_from
 
     def _emit(self, event: SchedulerEvent, cause: Envelope | None, now: int) -> Outgoing:
-        if isinstance(event, AgentReinstated):
+        if isinstance(event, _ABOUT_AGENTS):
             return self.emitter.event(
                 self.topics.tasks, self.index, event.agent_id, event, now=now, causation=cause
             )

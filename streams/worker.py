@@ -193,6 +193,8 @@ class Worker:
                 self.settings.pool_capacity,
                 emitter,
                 answer_within_s=self.settings.task_timeout_s + self.settings.answer_grace_s,
+                breaker_failures=self.settings.breaker_failures,
+                breaker_cooldown_s=self.settings.breaker_cooldown_s,
             )
         if kind == "witness":
             return WitnessShard(topics, self.partitions, emitter)

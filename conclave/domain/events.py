@@ -20,6 +20,9 @@ from conclave.domain.retry import DEFAULT_RETRY
 
 __all__ = [
     "TASKS_TOPIC_EVENTS",
+    "AgentCircuitClosed",
+    "AgentCircuitHalfOpened",
+    "AgentCircuitOpened",
     "AgentOutput",
     "AgentRegistered",
     "AgentReinstated",
@@ -304,6 +307,38 @@ class AgentRegistered:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AgentCircuitOpened:
+    """An agent failed too many attempts in a row: no work for it until ``until``, then
+    one probe task (``AgentCircuitHalfOpened``). Written by the scheduler on the tasks
+    topic in the decision that folded the failure."""
+
+    TYPE: ClassVar[str] = "agent.circuit_opened"
+    agent_id: str
+    failures: int
+    """Consecutive failed attempts (failed, stalled or lost with its host)."""
+    until: int
+    """End of the cool-down, µs since the epoch (the scheduler's clock)."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentCircuitHalfOpened:
+    """An open circuit's cool-down is over: the agent may take one task. An answer closes
+    the circuit (``AgentCircuitClosed``), another failure opens it again."""
+
+    TYPE: ClassVar[str] = "agent.circuit_half_opened"
+    agent_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentCircuitClosed:
+    """The probe task of a half-open circuit was answered: the agent works as before."""
+
+    TYPE: ClassVar[str] = "agent.circuit_closed"
+    agent_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HostBeat:
     """A runtime host is alive and its work loop turns: sent by the host (not per agent)
     while it reads its dispatches, on its pool's partition of the agents topic. The
@@ -554,6 +589,9 @@ Event = (
     | AgentReinstated
     | AgentRegistered
     | Heartbeat
+    | AgentCircuitOpened
+    | AgentCircuitHalfOpened
+    | AgentCircuitClosed
     | HostBeat
     | HostLost
     | AgentOutput
@@ -578,6 +616,9 @@ TASKS_TOPIC_EVENTS = (
     TaskRetryScheduled,
     AgentReinstated,
     HostLost,
+    AgentCircuitOpened,
+    AgentCircuitHalfOpened,
+    AgentCircuitClosed,
     TaskCompleted,
     TaskDeadLettered,
     TaskCancelled,

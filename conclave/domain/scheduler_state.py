@@ -39,10 +39,11 @@ NOTHING: frozenset[str] = frozenset()
 """The empty set of dependencies that every task without any shares."""
 DEFAULT_CAPACITY = 72
 DEFAULT_DEDUP_WINDOW = 100_000
-SNAPSHOT_VERSION = 4
+SNAPSHOT_VERSION = 5
 """2: tasks carry their retry policy; a task may wait out a retry back-off.
 3: tasks carry their dependencies (a task may wait for them) and their deadlines.
-4: runtime hosts' leases."""
+4: runtime hosts' leases.
+5: agents' circuit breakers."""
 
 
 class TaskStatus(enum.Enum):
@@ -210,6 +211,13 @@ class SchedulerState:
     they are reinstated."""
     hosts: dict[str, HostLease] = field(default_factory=dict)
     """Host id -> its lease, for every host that ever beat."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """Agent id -> attempts it failed in a row (failed, stalled, lost with its host) since
+    its last answer or since its circuit opened; agents with none are absent."""
+    breakers: RankedSet = field(default_factory=RankedSet)
+    """Agents whose circuit is open, ranked ``(until,)``: no work for them until then."""
+    probing: set[str] = field(default_factory=set)
+    """Agents whose circuit is half-open: one failure opens it again, an answer closes it."""
     dependents: dict[str, set[str]] = field(default_factory=dict)
     """Task id -> the waiting tasks that still wait for it."""
     by_deliberation: dict[str, set[str]] = field(default_factory=dict)
@@ -319,7 +327,7 @@ class SchedulerState:
         pool = self.pool(slot.pool)
         queue = pool.targeted.get(agent_id)
         best = queue.first() if queue is not None else None
-        if agent_id in self.assignments or agent_id in self.suspects:
+        if agent_id in self.assignments or agent_id in self.suspects or agent_id in self.breakers:
             self.unplace(slot)
         elif best is None:
             pool.claimed.discard(agent_id)
@@ -405,6 +413,9 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
             [host_id, h.pool, h.expires_at, h.judged, sorted(h.lost_agents)]
             for host_id, h in sorted(state.hosts.items())  # the same whatever the fold order
         ],
+        "failures": dict(sorted(state.failures.items())),
+        "breakers": sorted([key, until] for (until, *_), key in state.breakers.members()),
+        "probing": sorted(state.probing),
     }
 
 
@@ -456,6 +467,9 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
         state.capacities.update(data["capacities"])
         for host_id, pool, expires_at, judged, lost_agents in data["hosts"]:
             state.hosts[host_id] = HostLease(pool, expires_at, judged, set(lost_agents))
+        state.failures.update(data["failures"])
+        state.breakers = RankedSet(((until,), key) for key, until in data["breakers"])
+        state.probing = set(data["probing"])
         for agent_id in state.agents:
             state.place(agent_id)
         for name in list(state.pools):

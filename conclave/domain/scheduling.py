@@ -42,6 +42,10 @@ Rules enforced here (each has a test):
   (:func:`lost_hosts`): each of its running attempts is stalled like one past its
   deadline, and its agents get no work until it beats or registers them again
   (:func:`revived`, :func:`reinstate`). A host that never beat is never judged.
+* Circuit breakers: an agent that failed ``threshold`` attempts in a row (failed,
+  stalled, lost with its host) gets no work for a cool-down (:func:`tripped`), then one
+  probe task (:func:`half_opened`): an answer closes the circuit, a failure opens it
+  again.
 * Retries: a failed or stalled attempt with attempts left waits out its back-off
   (:class:`~conclave.domain.retry.RetryPolicy`) holding no agent and no capacity, then
   is queued again; a permanent failure is dead-lettered at once.
@@ -64,6 +68,9 @@ from itertools import takewhile
 from typing import TypeVar
 
 from conclave.domain.events import (
+    AgentCircuitClosed,
+    AgentCircuitHalfOpened,
+    AgentCircuitOpened,
     AgentRegistered,
     AgentReinstated,
     CancelRequested,
@@ -121,6 +128,7 @@ __all__ = [
     "evolve",
     "expire",
     "from_snapshot",
+    "half_opened",
     "halted",
     "hosts_due",
     "lost_hosts",
@@ -131,6 +139,7 @@ __all__ = [
     "schedule",
     "status_of",
     "to_snapshot",
+    "tripped",
 ]
 
 SchedulerEvent = (
@@ -140,6 +149,9 @@ SchedulerEvent = (
     | TaskRetryScheduled
     | AgentReinstated
     | HostLost
+    | AgentCircuitOpened
+    | AgentCircuitHalfOpened
+    | AgentCircuitClosed
     | TaskCompleted
     | TaskDeadLettered
     | TaskCancelled
@@ -147,7 +159,8 @@ SchedulerEvent = (
     | TaskDependencyFailed
 )
 Outcome = (
-    TaskQueued
+    AgentCircuitClosed
+    | TaskQueued
     | TaskRetryScheduled
     | TaskCompleted
     | TaskDeadLettered
@@ -171,8 +184,13 @@ def status_of(state: SchedulerState, task_id: str) -> TaskStatus | None:
 
 
 def next_due(state: SchedulerState) -> int | None:
-    """The earliest time (µs since the epoch) at which a timer or an expiry is due."""
-    firsts = [f[0][0] for f in (state.timers.first(), state.expiries.first()) if f is not None]
+    """The earliest time (µs since the epoch) at which a timer, an expiry or the end of a
+    circuit's cool-down is due."""
+    firsts = [
+        f[0][0]
+        for f in (state.timers.first(), state.expiries.first(), state.breakers.first())
+        if f is not None
+    ]
     return min(firsts, default=None)
 
 
@@ -406,6 +424,36 @@ def lost_hosts(state: SchedulerState, now: int) -> list[Lost | TaskDependencyFai
     return _with_dependents(state, out)
 
 
+def tripped(
+    state: SchedulerState, now: int, *, threshold: int, cooldown_us: int
+) -> list[AgentCircuitOpened]:
+    """Circuits that open at ``now``: agents that failed ``threshold`` attempts in a row,
+    or the probe of a half-open one. ``threshold`` 0: breakers are off. O(agents that
+    failed since their last answer)."""
+    if threshold <= 0:
+        return []
+    opened = []
+    for agent_id, failures in sorted(state.failures.items()):
+        probe = agent_id in state.probing
+        if (failures >= threshold or probe) and agent_id not in state.breakers:
+            why = "its probe task failed" if probe else f"{failures} attempts failed in a row"
+            opened.append(
+                AgentCircuitOpened(
+                    agent_id=agent_id,
+                    failures=failures,
+                    until=now + cooldown_us,
+                    reason=f"circuit open: {why}",
+                )
+            )
+    return opened
+
+
+def half_opened(state: SchedulerState, now: int) -> list[AgentCircuitHalfOpened]:
+    """Open circuits whose cool-down is over by ``now``: one probe task each."""
+    due = takewhile(lambda b: b[0][0] <= now, state.breakers)
+    return [AgentCircuitHalfOpened(agent_id=agent_id) for _, agent_id in due]
+
+
 def _registered(state: SchedulerState, agent_id: str, pool: str) -> bool:
     slot = state.agents.get(agent_id)
     return slot is not None and slot.pool == pool
@@ -498,7 +546,8 @@ def _decide_witnessed(state: SchedulerState, entry: WitnessEntry, now: int) -> l
             output_event_id=entry.subject_event_id,
             witness_sequence=entry.sequence,
         )
-        return [completed, *_released(state, task.task_id)]
+        closed = [AgentCircuitClosed(agent_id=agent_id)] if agent_id in state.probing else []
+        return [completed, *closed, *_released(state, task.task_id)]
     if entry.subject_type == "task.failed":
         detail = entry.detail or "agent failed"
         failed: list[Outcome] = [
@@ -715,6 +764,17 @@ def evolve(
             state.place(event.agent_id)
         case HostLost():
             _fold_host_lost(state, event)
+        case AgentCircuitOpened():
+            state.breakers.add(event.agent_id, (event.until,))
+            state.failures.pop(event.agent_id, None)
+            state.probing.discard(event.agent_id)
+            state.place(event.agent_id)
+        case AgentCircuitHalfOpened():
+            state.breakers.discard(event.agent_id)
+            state.probing.add(event.agent_id)
+            state.place(event.agent_id)
+        case AgentCircuitClosed():
+            state.probing.discard(event.agent_id)
         case HostBeat():
             _fold_host_beat(state, event)
         case TaskCompleted():
@@ -781,6 +841,7 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
         return  # a duplicate
     else:  # a retry, at once or after its back-off: back in the queue, keeping its attempts
         if task.status is TaskStatus.DISPATCHED:
+            _count_failure(state, task)
             state.release(task)
         state.timers.discard(task.task_id)
         task.status = TaskStatus.QUEUED
@@ -820,6 +881,13 @@ def _fold_stalled(state: SchedulerState, event: TaskStalled) -> None:
         state.unplace(slot)
 
 
+def _count_failure(state: SchedulerState, task: TaskState) -> None:
+    """A dispatched attempt ended without an answer: one more failure in a row for its
+    agent (what :func:`tripped` judges)."""
+    agent_id = task.agent_id or ""
+    state.failures[agent_id] = state.failures.get(agent_id, 0) + 1
+
+
 def _fold_host_beat(state: SchedulerState, event: HostBeat) -> None:
     """The latest lease any beat promised: the same whatever order beats are folded in."""
     host = state.hosts.get(event.host_id)
@@ -853,6 +921,7 @@ def _fold_retry_scheduled(state: SchedulerState, event: TaskRetryScheduled) -> N
     task = state.tasks.get(event.task_id)
     if task is None or task.status is not TaskStatus.DISPATCHED or task.attempt != event.attempt:
         return  # a duplicate, or about an attempt already dealt with
+    _count_failure(state, task)
     state.release(task)
     task.status = TaskStatus.RETRYING
     if not task.targeted:
@@ -865,6 +934,10 @@ def _fold_finished(state: SchedulerState, task_id: str, status: TaskStatus) -> N
     if task is None:
         return  # finished already, or never seen
     if task.status is TaskStatus.DISPATCHED:
+        if status is TaskStatus.DEAD_LETTERED:
+            _count_failure(state, task)
+        elif status is TaskStatus.COMPLETED:  # answered: its agent's run of failures ends
+            state.failures.pop(task.agent_id or "", None)
         state.release(task)
     elif task.status is TaskStatus.RETRYING:
         state.timers.discard(task_id)

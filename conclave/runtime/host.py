@@ -151,6 +151,7 @@ class RuntimeHost:
         self._turned_at = time.monotonic()
         """When the consume loop last came round: the host beats only while it does."""
         self._stuck = False
+        self._stuck = False
         self._host_header = config.host_id.encode()
         self._task_timeout_s = config.task_timeout_s or settings.task_timeout_s
 
@@ -515,10 +516,10 @@ class RuntimeHost:
             stuck = time.monotonic() - self._turned_at
             if stuck < self.settings.host_lease_s:
                 beats.append(self._host_beat())
-            else:  # its work loop stopped turning: let the scheduler take its work away
-                log.warning(
-                    "%s: no beat, the work loop has not turned for %.1f s", self.name, stuck
-                )
+                self._stuck = False
+            elif not self._stuck:  # the scheduler is to take its work away: say so once
+                log.warning("%s: work loop stuck for %.1f s, host beats stop", self.name, stuck)
+                self._stuck = True
             try:
                 await self.producer.send_all(
                     beats, deadline_s=max(2.0, 2 * self.settings.heartbeat_interval_s)

