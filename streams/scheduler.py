@@ -310,8 +310,9 @@ class SchedulerShard:
                     decided.append((envelope, reinstated))
             case HostBeat():
                 scheduling.evolve(self.state, event)
-                for reinstated in scheduling.revived(self.state, event):
+                if back := scheduling.revived(self.state, event):
                     log.info("%s: host %r is back", self.name, event.host_id)
+                for reinstated in back:
                     scheduling.evolve(self.state, reinstated)
                     decided.append((envelope, reinstated))
             case Halt():

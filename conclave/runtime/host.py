@@ -151,7 +151,6 @@ class RuntimeHost:
         self._turned_at = time.monotonic()
         """When the consume loop last came round: the host beats only while it does."""
         self._stuck = False
-        self._stuck = False
         self._host_header = config.host_id.encode()
         self._task_timeout_s = config.task_timeout_s or settings.task_timeout_s
 
