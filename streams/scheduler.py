@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import TopicPartition
 
@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 _CHANGELOG = TASKS_TOPIC_EVENTS
 _FINISHED = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)
 Command = TaskSubmitted | DeliberationRequested | CancelRequested
+E = TypeVar("E", bound=SchedulerEvent)
 _ABOUT_AGENTS = (AgentReinstated, AgentCircuitOpened, AgentCircuitHalfOpened, AgentCircuitClosed)
 QUIET_GAP_US = 3_000_000
 """Records stopped arriving for this long (a broker outage, a recovery, a stalled
@@ -239,35 +240,34 @@ class SchedulerShard:
             self._take(record, envelope, event, now, out, decided)
         for record, envelope, command in deferred:
             self._take(record, envelope, command, now, out, decided)
+        # What time alone decides, each folded before the next is judged: lost hosts,
+        # attempts past their deadline, circuits that open or half-open; then dispatches,
+        # once per batch (cheaper, and a burst is ranked as a whole).
         if self._may_judge_hosts(now, bool(records)):
-            for lost in scheduling.lost_hosts(self.state, now):
+            for lost in self._fold(scheduling.lost_hosts(self.state, now), decided):
                 if isinstance(lost, HostLost):
                     log.warning("%s: %s", self.name, lost.reason)
-                scheduling.evolve(self.state, lost)
-                decided.append((None, lost))
-        # Attempts past their deadline free their agents and places before scheduling.
-        for expired in scheduling.expire(self.state, now):
-            scheduling.evolve(self.state, expired)
-            decided.append((None, expired))
-        # Circuits of agents that failed too often open before anything is dispatched.
-        for opened in scheduling.tripped(
+        self._fold(scheduling.expire(self.state, now), decided)
+        opened = scheduling.tripped(
             self.state, now, threshold=self.breaker_failures, cooldown_us=self.breaker_cooldown_us
-        ):
-            log.warning("%s: agent %r: %s", self.name, opened.agent_id, opened.reason)
-            scheduling.evolve(self.state, opened)
-            decided.append((None, opened))
-        for probing in scheduling.half_opened(self.state, now):
-            scheduling.evolve(self.state, probing)
-            decided.append((None, probing))
-        # Decide dispatches once per batch: cheaper, and a burst is ranked as a whole.
-        for dispatch in scheduling.schedule(
-            self.state, now, answer_within_us=self.answer_within_us
-        ):
-            scheduling.evolve(self.state, dispatch)
-            decided.append((None, dispatch))
+        )
+        for circuit in self._fold(opened, decided):
+            log.warning("%s: agent %r: %s", self.name, circuit.agent_id, circuit.reason)
+        self._fold(scheduling.half_opened(self.state, now), decided)
+        dispatches = scheduling.schedule(self.state, now, answer_within_us=self.answer_within_us)
+        self._fold(dispatches, decided)
         for cause, decision in decided:
             out.append(self._emit(decision, cause, now))
         return out
+
+    def _fold(
+        self, events: list[E], decided: list[tuple[Envelope | None, SchedulerEvent]]
+    ) -> list[E]:
+        """Fold decisions taken at the step's time, in order, to be written with it."""
+        for event in events:
+            scheduling.evolve(self.state, event)
+            decided.append((None, event))
+        return events
 
     def _take(
         self,

@@ -402,25 +402,14 @@ def lost_hosts(state: SchedulerState, now: int) -> list[Lost | TaskDependencyFai
             )
         )
         running = sorted(
-            (task_id, agent_id)
+            task_id
             for agent_id, task_id in state.assignments.items()
             if (slot := state.agents.get(agent_id)) is not None and slot.host_id == host_id
         )
-        for task_id, agent_id in running:
+        for task_id in running:
             task = state.tasks.get(task_id)
-            if task is None or task.status is not TaskStatus.DISPATCHED:
-                continue
-            reason = f"attempt {task.attempt} of {task.max_attempts} stalled: host {host_id!r} lost"
-            out.append(
-                TaskStalled(
-                    task_id=task_id,
-                    agent_id=agent_id,
-                    host_id=host_id,
-                    attempt=task.attempt,
-                    reason=reason,
-                )
-            )
-            out.append(_retry_or_give_up(state, task, reason, None, now, sequence=place()))
+            if task is not None and task.status is TaskStatus.DISPATCHED:
+                out += _stalled(state, task, host_id, f"host {host_id!r} lost", now, place())
     return _with_dependents(state, out)
 
 
@@ -432,20 +421,26 @@ def tripped(
     failed since their last answer)."""
     if threshold <= 0:
         return []
-    opened = []
-    for agent_id, failures in sorted(state.failures.items()):
-        probe = agent_id in state.probing
-        if (failures >= threshold or probe) and agent_id not in state.breakers:
-            why = "its probe task failed" if probe else f"{failures} attempts failed in a row"
-            opened.append(
-                AgentCircuitOpened(
-                    agent_id=agent_id,
-                    failures=failures,
-                    until=now + cooldown_us,
-                    reason=f"circuit open: {why}",
-                )
-            )
-    return opened
+    failures = state.failures
+    due = sorted(  # only what trips is sorted: this runs at every step
+        a
+        for a, n in failures.items()
+        if (n >= threshold or a in state.probing) and a not in state.breakers
+    )
+    return [
+        AgentCircuitOpened(
+            agent_id=agent_id,
+            failures=failures[agent_id],
+            until=now + cooldown_us,
+            reason="circuit open: "
+            + (
+                "its probe task failed"
+                if agent_id in state.probing
+                else f"{failures[agent_id]} attempts failed in a row"
+            ),
+        )
+        for agent_id in due
+    ]
 
 
 def half_opened(state: SchedulerState, now: int) -> list[AgentCircuitHalfOpened]:
@@ -658,18 +653,26 @@ def expire(state: SchedulerState, now: int) -> list[Expired]:
         if task is None or task.status is not TaskStatus.DISPATCHED or task.agent_id is None:
             continue  # not a deadline a live attempt waits on (folding removes those)
         slot = state.agents.get(task.agent_id)
-        reason = f"attempt {task.attempt} of {task.max_attempts} stalled: no answer by its deadline"
-        out.append(
-            TaskStalled(
-                task_id=task_id,
-                agent_id=task.agent_id,
-                host_id=slot.host_id if slot is not None else "",
-                attempt=task.attempt,
-                reason=reason,
-            )
-        )
-        out.append(_retry_or_give_up(state, task, reason, None, now, sequence=place()))
+        host_id = slot.host_id if slot is not None else ""
+        out += _stalled(state, task, host_id, "no answer by its deadline", now, place())
     return _with_dependents(state, out)
+
+
+def _stalled(
+    state: SchedulerState, task: TaskState, host_id: str, why: str, now: int, sequence: int
+) -> list[TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered]:
+    """A dispatched attempt given up on: ``TaskStalled``, then a retry or a dead letter,
+    as after a failed attempt (``sequence``: its queue place, if queued again)."""
+    assert task.agent_id is not None  # a dispatched task has its agent
+    reason = f"attempt {task.attempt} of {task.max_attempts} stalled: {why}"
+    stall = TaskStalled(
+        task_id=task.task_id,
+        agent_id=task.agent_id,
+        host_id=host_id,
+        attempt=task.attempt,
+        reason=reason,
+    )
+    return [stall, _retry_or_give_up(state, task, reason, None, now, sequence=sequence)]
 
 
 def schedule(
