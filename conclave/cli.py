@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import asyncpg
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -80,8 +81,11 @@ class Fail(ConclaveError):
         self.code = code
 
 
-def _settings() -> Settings:
-    return Settings.from_env()
+def _settings(service: str = "cli") -> Settings:
+    """This process's settings; its traces are service ``conclave-<service>``'s."""
+    settings = Settings.from_env()
+    tracing.configure(settings, service=f"conclave-{service}")
+    return settings
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -192,9 +196,8 @@ def db_migrate() -> None:
 
 @contextlib.asynccontextmanager
 async def _observed(settings: Settings, registered: Registered) -> AsyncIterator[None]:
-    """A service's telemetry for the block: traces exported as configured, and a metrics
-    endpoint whose port the service's run file records (``conclave status`` reads it)."""
-    tracing.configure(settings, service=f"conclave-{registered.kind}")
+    """A service's telemetry for the block: a metrics endpoint whose port its run file
+    records (``conclave status`` reads it); its last spans exported when it ends."""
     server = None
     if settings.metrics:
         try:
@@ -225,7 +228,7 @@ def worker(
     from conclave.processes import register
     from streams.worker import Worker
 
-    settings = _settings()
+    settings = _settings("worker")
     name = worker_id or f"worker-{socket.gethostname()}"
 
     async def serve(stop: Lifetime) -> None:
@@ -278,7 +281,7 @@ def runtime(
     if host_id:
         config = dataclasses.replace(config, host_id=host_id)
 
-    settings = _settings()
+    settings = _settings("runtime")
 
     async def serve(stop: Lifetime) -> None:
         with register(settings.home, "runtime", config.host_id) as registered:
@@ -306,7 +309,7 @@ def projector() -> None:
     from projections.database import connect, migrate
     from projections.projector import Projector
 
-    settings = _settings()
+    settings = _settings("projector")
 
     async def serve(stop: Lifetime) -> None:
         # Several may run (one folds, the others stand by): registered, not exclusive.
@@ -649,6 +652,14 @@ def main(argv: list[str] | None = None) -> None:
     except ConclaveError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(getattr(exc, "code", 1))
+    except asyncpg.UndefinedTableError as exc:
+        err.print(
+            f"[red]error:[/] the read models are not there yet ({exc}): start "
+            "`conclave projector` (it creates and fills them)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 

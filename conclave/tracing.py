@@ -17,16 +17,26 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
 
 from conclave.settings import Settings
 
 __all__ = [
     "TRACEPARENT",
     "Headers",
+    "LinkedOrRatio",
+    "branch",
     "configure",
     "context_from",
+    "done",
     "headers_for",
     "hop",
     "shutdown",
@@ -58,7 +68,7 @@ def configure(settings: Settings, service: str | None = None) -> None:
     sampler = (
         None  # the SDK reads OTEL_TRACES_SAMPLER / _ARG
         if settings.trace_sampler_from_env
-        else ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
+        else ParentBased(LinkedOrRatio(settings.trace_sample_ratio))
     )
     resource = Resource.create({} if service is None else {SERVICE_NAME: service})
     provider = TracerProvider(sampler=sampler, resource=resource)
@@ -67,6 +77,47 @@ def configure(settings: Settings, service: str | None = None) -> None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _configured = True
+
+
+class LinkedOrRatio(Sampler):
+    """For a new trace: sampled if it links to a sampled span (each task a deliberation
+    fans out to is a trace of its own, linked to the deliberation: a sampled
+    deliberation keeps all of its tasks), else by the trace id at ``ratio``."""
+
+    def __init__(self, ratio: float) -> None:
+        self._ratio = TraceIdRatioBased(ratio)
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: trace.SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[trace.Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        if any(link.context.trace_flags.sampled for link in links or ()):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, trace_state)
+        return self._ratio.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"LinkedOrRatio{{{self._ratio.rate}}}"
+
+
+def branch(name: str, headers: Iterable[tuple[str, bytes]], **attributes: str) -> bytes:
+    """The ``traceparent`` of a new trace for one of the tasks a request (a deliberation)
+    fanned out to, linked to the request's span: one task, one trace."""
+    cause = trace.get_current_span(context_from(headers)).get_span_context()
+    links = [trace.Link(cause)] if cause.is_valid else []
+    span = tracer().start_span(name, context=_EMPTY, links=links, attributes=attributes)
+    try:
+        carried = dict(headers_for(trace.set_span_in_context(span)))
+    finally:
+        span.end()
+    return carried[TRACEPARENT]
 
 
 def _exporter(kind: str) -> SpanExporter | None:
@@ -142,6 +193,25 @@ def hop(
         return
     with tracer().start_as_current_span(name, context=context_from(carried), kind=kind):
         yield headers_for()
+
+
+def done(
+    name: str, headers: Iterable[tuple[str, bytes]] | None, started_ns: int, topic: str
+) -> None:
+    """A span, ending now, for work on a record that began at ``started_ns`` (a batch
+    fetched, then committed), if the record's trace is sampled; else nothing, cheaply."""
+    carried = [(k, v) for k, v in headers or () if k in _TRACE_HEADERS]
+    parent = next((v for k, v in carried if k == TRACEPARENT), None)
+    if parent is None or _unsampled(parent):
+        return
+    span = tracer().start_span(
+        name,
+        context=context_from(carried),
+        kind=trace.SpanKind.CONSUMER,
+        start_time=started_ns,
+        attributes={"messaging.system": "kafka", "messaging.destination.name": topic},
+    )
+    span.end()
 
 
 def _unsampled(traceparent: bytes) -> bool:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka import TopicPartition
 
-from conclave import metrics
+from conclave import metrics, tracing
 from conclave.bus import topics_for
 from conclave.domain.events import PoolConfigured
 from conclave.domain.validation import invalid_command
@@ -73,6 +73,8 @@ class _Batch:
     moved: dict[TopicPartition, int]
     """The partitions whose position the batch moves, and where to."""
     changes: Changes
+    read_at_ns: int
+    """When the batch was fetched: where its records' ``project`` spans start."""
 
 
 class Projector:
@@ -301,6 +303,7 @@ class Projector:
     async def _read(self) -> _Batch:
         """The next records, decoded, and how far they move each partition."""
         records = await self._source.fetch(max_records=self.max_batch, timeout_ms=FETCH_TIMEOUT_MS)
+        read_at_ns = time.time_ns()
         now = time.monotonic()
         if records or now - self._heard_from_broker > PROBE_IDLE_S:
             if not records:
@@ -315,7 +318,7 @@ class Projector:
             if start:
                 await asyncio.sleep(0)  # let the commit of the previous batch go on
             self._decode(records[start : start + DECODE_SLICE], changes)
-        return _Batch(records, moved, changes)
+        return _Batch(records, moved, changes, read_at_ns)
 
     async def _commit(self, conn: asyncpg.Connection, batch: _Batch) -> None:
         with unavailable():
@@ -331,6 +334,8 @@ class Projector:
                     await store.save_positions(conn, batch.moved)
         self._committed().update(batch.moved)
         _count(batch.records)
+        for record in batch.records:  # the last hop of a sampled trace: visible to readers
+            tracing.done("project", record.headers, batch.read_at_ns, record.topic)
         self._backoff.reset()
         self._postgres.recovered()
         self.batches.set()

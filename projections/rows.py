@@ -23,7 +23,7 @@ on how the topics interleave.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Protocol
@@ -97,6 +97,10 @@ class Consumed(Protocol):
     @property
     def value(self) -> bytes | None:
         """``None`` for a null value (a tombstone), which is not the same as ``b""``."""
+
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]:
+        """Kafka headers: the trace the record belongs to, among others."""
 
 
 TaskEvent = (

@@ -63,7 +63,7 @@ from conclave.domain.validation import invalid_command
 from conclave.errors import SchemaError
 from conclave.records import Record
 from conclave.topics import HOST_HEADER, SHARD_HEADER, Topics
-from conclave.tracing import TRACEPARENT, hop
+from conclave.tracing import TRACEPARENT, branch, hop
 from streams.core import Emitter, Source
 
 __all__ = ["SchedulerShard"]
@@ -74,6 +74,9 @@ _CHANGELOG = TASKS_TOPIC_EVENTS
 _FINISHED = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)
 Command = TaskSubmitted | DeliberationRequested | CancelRequested
 E = TypeVar("E", bound=SchedulerEvent)
+_Decided = tuple[Envelope | None, SchedulerEvent, bytes | None]
+"""A decision, the input that caused it (if one did) and the trace it continues (if not
+the one its task began)."""
 _ABOUT_AGENTS = (AgentReinstated, AgentCircuitOpened, AgentCircuitHalfOpened, AgentCircuitClosed)
 QUIET_GAP_US = 3_000_000
 """Records stopped arriving for this long (a broker outage, a recovery, a stalled
@@ -237,7 +240,7 @@ class SchedulerShard:
 
     def step(self, records: Sequence[Record], now: int) -> list[Outgoing]:
         out: list[Outgoing] = []
-        decided: list[tuple[Envelope | None, SchedulerEvent]] = []
+        decided: list[_Decided] = []
         deferred: list[tuple[Record, Envelope, Command]] = []
         for record in records:
             if record.topic == self.topics.witness and not self._concerns_me(record):
@@ -275,17 +278,15 @@ class SchedulerShard:
         self._fold(scheduling.half_opened(self.state, now), decided)
         dispatches = scheduling.schedule(self.state, now, answer_within_us=self.answer_within_us)
         self._fold(dispatches, decided)
-        for cause, decision in decided:
-            out.append(self._emit(decision, cause, now))
+        for cause, decision, traceparent in decided:
+            out.append(self._emit(decision, cause, now, traceparent))
         return out
 
-    def _fold(
-        self, events: list[E], decided: list[tuple[Envelope | None, SchedulerEvent]]
-    ) -> list[E]:
+    def _fold(self, events: list[E], decided: list[_Decided]) -> list[E]:
         """Fold decisions taken at the step's time, in order, to be written with it."""
         for event in events:
             scheduling.evolve(self.state, event)
-            decided.append((None, event))
+            decided.append((None, event, None))
         return events
 
     def _take(
@@ -295,7 +296,7 @@ class SchedulerShard:
         event: Event,
         now: int,
         out: list[Outgoing],
-        decided: list[tuple[Envelope | None, SchedulerEvent]],
+        decided: list[_Decided],
     ) -> None:
         """One decoded input: refused, dead-lettered, decided on or folded."""
         if isinstance(event, Command) and (refusal := self._refusal(record.topic, event)):
@@ -312,22 +313,26 @@ class SchedulerShard:
                 with hop(f"schedule {event.TYPE}", record.headers) as onward:
                     for outcome in scheduling.decide(self.state, event, now):
                         scheduling.evolve(self.state, outcome)
-                        if isinstance(outcome, TaskQueued):
-                            self.origins.setdefault(
-                                outcome.task_id,
-                                _Origin(
-                                    envelope.tenant,
-                                    envelope.correlation_id,
-                                    dict(onward).get(TRACEPARENT),
-                                    outcome.pool,
-                                ),
+                        if isinstance(outcome, TaskQueued) and outcome.task_id not in self.origins:
+                            traceparent = (
+                                branch("task", onward, **{"conclave.task_id": outcome.task_id})
+                                if isinstance(event, DeliberationRequested)
+                                else dict(onward).get(TRACEPARENT)
                             )
-                        decided.append((envelope, outcome))
+                            self.origins[outcome.task_id] = _Origin(
+                                envelope.tenant, envelope.correlation_id, traceparent, outcome.pool
+                            )
+                        # A decision about the task the input is about (its completion,
+                        # its retry) goes on in the input's trace, after this hop.
+                        same = getattr(outcome, "task_id", None) == getattr(event, "task_id", "")
+                        decided.append(
+                            (envelope, outcome, dict(onward).get(TRACEPARENT) if same else None)
+                        )
             case AgentRegistered():
                 scheduling.evolve(self.state, event)
                 for reinstated in scheduling.reinstate(self.state, event):
                     scheduling.evolve(self.state, reinstated)
-                    decided.append((envelope, reinstated))
+                    decided.append((envelope, reinstated, None))
             case HostBeat():
                 metrics.heartbeats.labels(event.pool).inc()
                 scheduling.evolve(self.state, event)
@@ -335,12 +340,12 @@ class SchedulerShard:
                     log.info("%s: host %r is back", self.name, event.host_id)
                 for reinstated in back:
                     scheduling.evolve(self.state, reinstated)
-                    decided.append((envelope, reinstated))
+                    decided.append((envelope, reinstated, None))
             case Halt():
                 scheduling.evolve(self.state, event)
                 for cancelled in scheduling.halted(self.state, event):
                     scheduling.evolve(self.state, cancelled)
-                    decided.append((envelope, cancelled))
+                    decided.append((envelope, cancelled, None))
             case Resume() | PoolConfigured():
                 scheduling.evolve(self.state, event)
 
@@ -357,7 +362,11 @@ class SchedulerShard:
             self._heard_at = now
         return now >= self._judge_hosts_from
 
-    def _emit(self, event: SchedulerEvent, cause: Envelope | None, now: int) -> Outgoing:
+    def _emit(
+        self, event: SchedulerEvent, cause: Envelope | None, now: int, traceparent: bytes | None
+    ) -> Outgoing:
+        """``event`` as a record; a task's carries the task's trace: ``traceparent`` (the
+        hop that decided it) if given, else where the task began."""
         if isinstance(event, _ABOUT_AGENTS):
             return self.emitter.event(
                 self.topics.tasks, self.index, event.agent_id, event, now=now, causation=cause
@@ -369,7 +378,10 @@ class SchedulerShard:
         origin = self.origins.get(event.task_id)
         if origin is not None:
             _account(event, origin, cause, now)
-        headers = origin.headers() if origin is not None else []
+        if traceparent is not None:
+            headers = [(TRACEPARENT, traceparent)]
+        else:
+            headers = origin.headers() if origin is not None else []
         if isinstance(event, TaskDispatched):
             headers = [*headers, (HOST_HEADER, event.host_id.encode())]
         elif isinstance(event, TaskCancelled | TaskExpired) and event.host_id is not None:

@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
 
-from conclave import metrics
+from conclave import logs, metrics
 from conclave.bus import (
     EventProducer,
     Outgoing,
@@ -388,7 +388,11 @@ class RuntimeHost:
             memory=self.memories[event.agent_id],
         )
         self.current[event.agent_id] = event.task_id
-        with hop("agent.run", record.headers, attach=True) as onward:
+        # Log lines of the run (the host's and the agent's own) name the task and agent.
+        with (
+            logs.about(event.task_id, event.agent_id),
+            hop("agent.run", record.headers, attach=True) as onward,
+        ):
             span = trace.get_current_span()  # not recording when the trace is unsampled
             span.set_attribute("conclave.task_id", event.task_id)
             span.set_attribute("conclave.agent_id", event.agent_id)

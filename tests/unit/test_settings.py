@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conclave.errors import ConfigError, StackError
-from conclave.settings import Settings, stack_file
+from conclave.settings import LogSettings, Settings, stack_file
 
 
 def _write_stack_file(home: Path) -> None:
@@ -96,3 +96,61 @@ def test_database_url_is_not_in_repr() -> None:
         {**_CONNECTED, "CONCLAVE_DATABASE_URL": "postgresql://u:secret@db/x"}
     )
     assert "secret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "exporter"),
+    [
+        ({}, "none"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, "otlp"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, "otlp"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, "none"),
+        ({"OTEL_TRACES_EXPORTER": "console"}, "console"),
+    ],
+)
+def test_traces_are_exported_only_where_the_standard_variables_say(
+    env: dict[str, str], exporter: str
+) -> None:
+    assert Settings.from_env({**_CONNECTED, **env}).trace_exporter == exporter
+
+
+@pytest.mark.parametrize(
+    ("env", "complaint"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER must be"),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "OTLP over grpc is not supported",
+        ),
+        ({"CONCLAVE_METRICS_PORT": "ninety"}, "CONCLAVE_METRICS_PORT must be an integer"),
+        ({"CONCLAVE_METRICS": "maybe"}, "CONCLAVE_METRICS must be on or off"),
+    ],
+)
+def test_telemetry_settings_that_cannot_work_are_refused_in_one_line(
+    env: dict[str, str], complaint: str
+) -> None:
+    with pytest.raises(ConfigError, match=complaint):
+        Settings.from_env({**_CONNECTED, **env})
+
+
+def test_metrics_port_defaults_to_any_free_one_and_can_be_pinned_or_turned_off() -> None:
+    default = Settings.from_env(_CONNECTED)
+    assert default.metrics
+    assert default.metrics_port is None
+    pinned = Settings.from_env({**_CONNECTED, "CONCLAVE_METRICS_PORT": "9500"})
+    assert pinned.metrics_port == 9500
+    assert not Settings.from_env({**_CONNECTED, "CONCLAVE_METRICS": "off"}).metrics
+    assert Settings.from_env(
+        {**_CONNECTED, "OTEL_TRACES_SAMPLER": "always_on"}
+    ).trace_sampler_from_env
+
+
+def test_log_settings_are_checked() -> None:
+    assert LogSettings.from_env({}) == LogSettings("INFO", "auto")
+    assert LogSettings.from_env({"CONCLAVE_LOG_LEVEL": "debug", "CONCLAVE_LOG_FORMAT": "JSON"}) == (
+        LogSettings("DEBUG", "json")
+    )
+    with pytest.raises(ConfigError, match="CONCLAVE_LOG_FORMAT"):
+        LogSettings.from_env({"CONCLAVE_LOG_FORMAT": "xml"})
+    with pytest.raises(ConfigError, match="CONCLAVE_LOG_LEVEL"):
+        LogSettings.from_env({"CONCLAVE_LOG_LEVEL": "loud"})

@@ -31,6 +31,11 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     tracing.tracer.cache_clear()
 
 
+def sampled(traceparent: bytes) -> bool:
+    """The sampled bit of a ``traceparent``'s flags (others, like random-id, may be set)."""
+    return bool(int(traceparent.rsplit(b"-", 1)[1], 16) & 0x01)
+
+
 def traceparent(flags: str) -> bytes:
     return f"00-{TRACE}-{PARENT}-{flags}".encode()
 
@@ -87,3 +92,61 @@ def test_an_agents_own_span_stays_in_an_unsampled_trace(spans: InMemorySpanExpor
     assert spans.get_finished_spans() == ()  # the parent said: not sampled
     with hop("agent.run", unsampled), tracer.start_as_current_span("llm") as inner:
         assert format(inner.get_span_context().trace_id, "032x") != TRACE  # not attached
+
+
+@pytest.fixture
+def never_sampled_alone(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Conclave's sampler with a ratio of 0: only what a sampled parent or link asks for."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(tracing.LinkedOrRatio(0.0)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer", provider.get_tracer)
+    tracing.tracer.cache_clear()
+    yield exporter
+    tracing.tracer.cache_clear()
+
+
+def test_a_task_a_sampled_deliberation_fans_out_to_is_a_sampled_trace_of_its_own_linked_to_it(
+    never_sampled_alone: InMemorySpanExporter,
+) -> None:
+    deliberation = [(TRACEPARENT, traceparent("01"))]
+    first = tracing.branch("task", deliberation, **{"conclave.task_id": "t1"})
+    second = tracing.branch("task", deliberation, **{"conclave.task_id": "t2"})
+    traces = {first.split(b"-")[1], second.split(b"-")[1]}
+    assert len(traces) == 2  # one task, one trace...
+    assert TRACE.encode() not in traces  # ...not the deliberation's
+    assert sampled(first)  # as the request was
+    assert sampled(second)
+    spans = never_sampled_alone.get_finished_spans()
+    assert [s.attributes["conclave.task_id"] for s in spans if s.attributes] == ["t1", "t2"]
+    for span in spans:
+        assert span.parent is None
+        (link,) = span.links
+        assert format(link.context.trace_id, "032x") == TRACE
+        assert format(link.context.span_id, "016x") == PARENT
+
+
+def test_a_task_of_an_unsampled_deliberation_is_sampled_by_ratio_alone(
+    never_sampled_alone: InMemorySpanExporter,
+) -> None:
+    branched = tracing.branch("task", [(TRACEPARENT, traceparent("00"))])
+    assert not sampled(branched)
+    assert branched.split(b"-")[1] != TRACE.encode()
+    assert never_sampled_alone.get_finished_spans() == ()
+
+
+def test_work_done_on_a_record_of_a_sampled_trace_is_a_span_under_it(
+    spans: InMemorySpanExporter,
+) -> None:
+    tracing.done("project", [(TRACEPARENT, traceparent("01"))], 1_000, "conclave.tasks")
+    tracing.done("project", [(TRACEPARENT, traceparent("00"))], 1_000, "conclave.tasks")
+    tracing.done("project", None, 1_000, "conclave.tasks")
+    (span,) = spans.get_finished_spans()
+    assert span.name == "project"
+    assert span.parent is not None
+    assert format(span.parent.span_id, "016x") == PARENT
+    assert span.start_time == 1_000
+    assert span.end_time is not None
+    assert span.end_time > 1_000
+    assert span.attributes is not None
+    assert span.attributes["messaging.destination.name"] == "conclave.tasks"
