@@ -28,6 +28,7 @@ from rich.table import Table
 from conclave import logs, metrics, tracing
 from conclave.cli_agents import show_agents, show_hosts
 from conclave.cli_dev import dev_app
+from conclave.cli_status import show_status
 from conclave.cli_tasks import (
     deliberation_app,
     dlq_app,
@@ -67,6 +68,7 @@ app.command("tasks")(list_tasks)
 app.command("pools")(list_pools)
 app.command("agents")(show_agents)
 app.command("hosts")(show_hosts)
+app.command("status")(show_status)
 app.add_typer(witness_app, name="witness")
 
 out = Console()

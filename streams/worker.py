@@ -15,6 +15,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from conclave.bus import EventProducer, ensure_topics, topics_for
@@ -30,7 +31,7 @@ from streams.membership import Membership
 from streams.scheduler import SchedulerShard
 from streams.witness import WitnessShard
 
-__all__ = ["Worker", "shard_names"]
+__all__ = ["Worker", "build_shard", "shard_inputs", "shard_names"]
 
 log = logging.getLogger(__name__)
 
@@ -183,22 +184,34 @@ class Worker:
         return changed
 
     def _shard(self, name: str) -> Shard:
-        kind, _, index = name.rpartition("-")
-        topics = topics_for(self.settings)
-        emitter = Emitter(default_codec(), topics, kind, self.settings.tenant)
-        if kind == "scheduler":
-            return SchedulerShard(
-                topics,
-                int(index),
-                self.settings.pool_capacity,
-                emitter,
-                answer_within_s=self.settings.task_timeout_s + self.settings.answer_grace_s,
-                breaker_failures=self.settings.breaker_failures,
-                breaker_cooldown_s=self.settings.breaker_cooldown_s,
-            )
-        if kind == "witness":
-            return WitnessShard(topics, self.partitions, emitter)
-        raise ConfigError(f"unknown shard {name!r}")
+        return build_shard(self.settings, name, self.partitions)
+
+
+def build_shard(settings: Settings, name: str, partitions: int) -> Shard:
+    """Shard ``name`` (``scheduler-2``, ``witness-0``) as ``settings`` configure it."""
+    kind, _, index = name.rpartition("-")
+    topics = topics_for(settings)
+    emitter = Emitter(default_codec(), topics, kind, settings.tenant)
+    if kind == "scheduler":
+        return SchedulerShard(
+            topics,
+            int(index),
+            settings.pool_capacity,
+            emitter,
+            answer_within_s=settings.task_timeout_s + settings.answer_grace_s,
+            breaker_failures=settings.breaker_failures,
+            breaker_cooldown_s=settings.breaker_cooldown_s,
+        )
+    if kind == "witness":
+        return WitnessShard(topics, partitions, emitter)
+    raise ConfigError(f"unknown shard {name!r}")
+
+
+def shard_inputs(settings: Settings, partitions: int) -> dict[str, list[TopicPartition]]:
+    """Every shard's input partitions, by shard name: what its lag is measured on."""
+    return {
+        name: build_shard(settings, name, partitions).inputs() for name in shard_names(partitions)
+    }
 
 
 async def _partitions(settings: Settings) -> int:
