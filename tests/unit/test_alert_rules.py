@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.metric_names import EXPOSED, series_names
+
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 RULES = INFRA / "alerts.yml"
@@ -92,3 +94,10 @@ def test_every_rule_has_severity_summary_and_a_hold_time(rule: dict[str, Any]) -
     assert rule.get("annotations", {}).get("description"), f"{rule['alert']} has no description"
     # A scrape that fails once, a restart, must not page: every rule holds a while.
     assert rule.get("for"), f"{rule['alert']} fires on a single evaluation"
+
+
+@pytest.mark.parametrize("rule", alerting_rules(), ids=lambda rule: rule["alert"])
+def test_every_rule_reads_only_exposed_metrics(rule: dict[str, Any]) -> None:
+    """A rule over a misspelt metric evaluates to nothing, and so never fires."""
+    unknown = series_names(rule["expr"]) - EXPOSED
+    assert not unknown, f"{rule['alert']} reads {sorted(unknown)}, which Conclave does not expose"
