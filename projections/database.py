@@ -17,8 +17,9 @@ from typing import TypeAlias
 
 import asyncpg
 
+from conclave.connections import postgres_options
 from conclave.errors import ConclaveError, ConfigError, DatabaseUnavailable
-from conclave.settings import Settings
+from conclave.settings import Settings, redacted_url
 
 __all__ = [
     "READ_MODEL_TABLES",
@@ -121,8 +122,9 @@ async def connect(
     Idle connections are kept all the same (for ``max_inactive_connection_lifetime``).
     """
     schema = schema or schema_for(settings)
+    options = postgres_options(settings)  # ConfigError on a TLS file that is missing
     try:
-        bootstrap = await asyncpg.connect(settings.database_url, timeout=10)
+        bootstrap = await asyncpg.connect(settings.database_url, timeout=10, **options)
         try:
             await bootstrap.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         except asyncpg.UniqueViolationError:
@@ -135,7 +137,20 @@ async def connect(
             max_size=max_size,
             timeout=10,
             server_settings={"search_path": schema},
+            **options,
         )
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        # A wrong password or a refused connection (pg_hba: no TLS, unknown user) is a
+        # setting to fix, not an outage to wait out.
+        raise ConfigError(
+            f"PostgreSQL at {redacted_url(settings.database_url)} refused the connection: "
+            f"{exc} (check CONCLAVE_DATABASE_PASSWORD and the URL's sslmode)"
+        ) from None
+    except (ValueError, asyncpg.ClientConfigurationError) as exc:
+        # asyncpg's DSN errors; said again with the URL redacted, never chained to it.
+        raise ConfigError(
+            f"CONCLAVE_DATABASE_URL {redacted_url(settings.database_url)} is refused: {exc}"
+        ) from None
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseUnavailable(f"PostgreSQL is not reachable: {exc}") from exc
     assert pool is not None
