@@ -157,7 +157,7 @@ class EventProducer:
         self.settings = settings
         self.name = producer
         self.codec = codec or default_codec()
-        configure(settings.trace_sample_ratio)  # once per process; traces need a provider
+        configure(settings)  # once per process; traces need a provider
         self._producer = self._new()
 
     def _new(self) -> AIOKafkaProducer:

@@ -8,6 +8,7 @@ non-zero exit, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,14 +16,15 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from conclave import logs, metrics, tracing
 from conclave.cli_agents import show_agents, show_hosts
 from conclave.cli_dev import dev_app
 from conclave.cli_tasks import (
@@ -37,7 +39,10 @@ from conclave.cli_tasks import (
 )
 from conclave.cli_witness import witness_app
 from conclave.errors import ConclaveError
-from conclave.settings import Settings
+from conclave.settings import LogSettings, Settings
+
+if TYPE_CHECKING:
+    from conclave.processes import Registered
 
 __all__ = ["app", "main"]
 
@@ -185,6 +190,27 @@ def db_migrate() -> None:
 # --- long-running processes -------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _observed(settings: Settings, registered: Registered) -> AsyncIterator[None]:
+    """A service's telemetry for the block: traces exported as configured, and a metrics
+    endpoint whose port the service's run file records (``conclave status`` reads it)."""
+    tracing.configure(settings, service=f"conclave-{registered.kind}")
+    server = None
+    if settings.metrics:
+        try:
+            server = await metrics.serve(settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            where = f"{settings.metrics_host}:{settings.metrics_port}"
+            raise Fail(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+        registered.announce(server.port)
+    try:
+        yield
+    finally:
+        if server is not None:
+            await server.stop()
+        tracing.shutdown()
+
+
 @app.command()
 def worker(
     worker_id: str = typer.Option(
@@ -203,16 +229,17 @@ def worker(
     name = worker_id or f"worker-{socket.gethostname()}"
 
     async def serve(stop: Lifetime) -> None:
-        with register(settings.home, "worker", name):
+        with register(settings.home, "worker", name) as registered:
             running = Worker(settings, name)
             try:
-                await running.start()
-                await _first(running.ready(), running.failed.wait())
-                if running.failure is None:
-                    owned = ", ".join(sorted(running.running)) or "no shard yet"
-                    err.print(f"[green]processors running[/] as {name} ({owned}); Ctrl-C stops")
-                    stop.started()
-                    await _first(stop.wait(), running.failed.wait())
+                async with _observed(settings, registered):
+                    await running.start()
+                    await _first(running.ready(), running.failed.wait())
+                    if running.failure is None:
+                        owned = ", ".join(sorted(running.running)) or "no shard yet"
+                        err.print(f"[green]processors running[/] as {name} ({owned}); Ctrl-C stops")
+                        stop.started()
+                        await _first(stop.wait(), running.failed.wait())
             finally:
                 await running.stop()
             if running.failure is not None:
@@ -254,17 +281,18 @@ def runtime(
     settings = _settings()
 
     async def serve(stop: Lifetime) -> None:
-        with register(settings.home, "runtime", config.host_id):
-            host = RuntimeHost(settings, config, fn)
-            await host.start()
-            err.print(
-                f"[green]runtime {config.host_id}[/] running {agents} agent(s) in pool {pool!r}"
-            )
-            stop.started()
-            try:
-                await _first(stop.wait(), host.failed.wait())
-            finally:
-                await host.stop()
+        with register(settings.home, "runtime", config.host_id) as registered:
+            async with _observed(settings, registered):
+                host = RuntimeHost(settings, config, fn)
+                await host.start()
+                err.print(
+                    f"[green]runtime {config.host_id}[/] running {agents} agent(s) in pool {pool!r}"
+                )
+                stop.started()
+                try:
+                    await _first(stop.wait(), host.failed.wait())
+                finally:
+                    await host.stop()
             if host.failure is not None:
                 raise Fail(f"runtime {config.host_id}: {host.failure}")
 
@@ -282,18 +310,19 @@ def projector() -> None:
 
     async def serve(stop: Lifetime) -> None:
         # Several may run (one folds, the others stand by): registered, not exclusive.
-        with register(settings.home, "projector", str(os.getpid())):
-            pool = await connect(settings)
-            await migrate(pool)
-            proj = Projector(settings, pool)
-            await proj.start()
-            err.print("[green]projector running[/]")
-            stop.started()  # from now on a signal stops it gracefully (and frees the schema)
-            try:
-                await proj.run(stop)
-            finally:
-                await proj.stop()
-                await pool.close()
+        with register(settings.home, "projector", str(os.getpid())) as registered:
+            async with _observed(settings, registered):
+                pool = await connect(settings)
+                await migrate(pool)
+                proj = Projector(settings, pool)
+                await proj.start()
+                err.print("[green]projector running[/]")
+                stop.started()  # from now on a signal stops it gracefully (and frees the schema)
+                try:
+                    await proj.run(stop)
+                finally:
+                    await proj.stop()
+                    await pool.close()
 
     _run(_until_signalled(serve))
 
@@ -595,15 +624,19 @@ _SERVICES = {"worker", "runtime", "projector"}
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:] if argv is None else argv
+    try:
+        log_settings = LogSettings.from_env()
+    except ConclaveError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    logs.configure(logging.WARNING, log_settings.format)
     if _SERVICES & set(args[:1]):
         # A service says what it does (recoveries, take-overs, outages and their end);
         # the client libraries only their warnings.
-        level = os.environ.get("CONCLAVE_LOG_LEVEL", "INFO").upper()
         for ours in ("conclave", "streams", "projections"):
-            logging.getLogger(ours).setLevel(level)
-        if level != "DEBUG":
+            logging.getLogger(ours).setLevel(log_settings.level)
+        if log_settings.level != "DEBUG":
             # Outages are reported once, by Conclave; aiokafka logs an error per retry.
             logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     else:

@@ -86,6 +86,9 @@ class Feed:
         self._subscriptions: list[Subscription] = []
         self._position: Position = {}
         """Per assigned partition, the offset the consumer reads next."""
+        self._fetched_to: Position = {}
+        """Per assigned partition, the consumer's position after its last fetch (past
+        transaction markers, unlike ``_position``): for the lag metrics."""
         self._pump: asyncio.Task[None] | None = None
         self._assigned = asyncio.Event()
 
@@ -115,6 +118,14 @@ class Feed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._consumer.stop(), 10)
             self._consumer = None
+
+    def behind(self, tp: TopicPartition) -> int | None:
+        """Records of ``tp`` on the broker that this feed has not fetched yet (as of its
+        last fetch; transaction markers it skipped do not count), if it reads ``tp``."""
+        if self._consumer is None or tp not in self._fetched_to:
+            return None
+        end: int | None = self._consumer.highwater(tp)
+        return None if end is None else max(0, end - self._fetched_to[tp])
 
     def subscribe(self, positions: Mapping[TopicPartition, int]) -> Subscription:
         """Start reading ``positions``' partitions from those offsets."""
@@ -163,6 +174,8 @@ class Feed:
                 continue
             outage.recovered()
             backoff.reset()
+            with contextlib.suppress(KafkaError, AssertionError):  # reassigned meanwhile
+                self._fetched_to = {tp: await consumer.position(tp) for tp in self._position}
             for tp, fetched in batch.items():
                 position = self._position.get(tp)
                 log.debug(

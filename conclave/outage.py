@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from conclave import metrics
+
 __all__ = ["Backoff", "Outage"]
 
 
@@ -97,6 +99,8 @@ class Outage:
                 self.log.debug("%s: %s settled after %.1f s", self.component, self.what, lasted)
             else:
                 self.log.info("%s: %s back after %.1f s", self.component, self.what, lasted)
+                # "Kafka at host:port" -> kafka: a label of a handful of values.
+                metrics.reconnects.labels(self.what.split()[0].lower()).inc()
 
     def forget(self) -> None:
         """The component stops: it no longer waits for the dependency (logs nothing)."""

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from conclave.errors import ConfigError
@@ -38,6 +38,14 @@ class Registered:
     name: str
     pid: int
     path: Path
+    metrics_port: int | None = None
+    """Where the process serves Prometheus metrics, once it said so (:meth:`announce`)."""
+
+    def announce(self, metrics_port: int) -> Registered:
+        """Record the process's metrics port in its run file, for ``conclave status``."""
+        with self.path.open("w") as file:
+            file.write(f"{self.pid}\nmetrics_port={metrics_port}\n")
+        return replace(self, metrics_port=metrics_port)
 
 
 @contextlib.contextmanager
@@ -52,7 +60,7 @@ def register(home: Path, kind: str, name: str) -> Iterator[Registered]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _pid(path)
+            holder, _ = _read(path)
             raise AlreadyRunning(
                 f"a {kind} named {name!r} is already running here"
                 + (f" (pid {holder})" if holder else "")
@@ -81,10 +89,10 @@ def alive(home: Path) -> list[Registered]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                pid = _pid(path)
+                pid, port = _read(path)
                 if pid:
                     kind, _, name = path.stem.partition("-")
-                    found.append(Registered(kind, name, pid, path))
+                    found.append(Registered(kind, name, pid, path, port))
             else:
                 fcntl.flock(fd, fcntl.LOCK_UN)  # a leftover of a process that is gone
         finally:
@@ -108,12 +116,16 @@ def stop_all(home: Path, *, timeout_s: float = 20.0) -> list[Registered]:
     return running
 
 
-def _pid(path: Path) -> int | None:
+def _read(path: Path) -> tuple[int | None, int | None]:
+    """The pid and metrics port a run file holds, as far as it holds them."""
     try:
-        text = path.read_text().strip()
+        lines = path.read_text().split()
     except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+        return None, None
+    pid = int(lines[0]) if lines and lines[0].isdigit() else None
+    ports = [line.removeprefix("metrics_port=") for line in lines[1:]]
+    port = next((int(p) for p in ports if p.isdigit()), None)
+    return pid, port
 
 
 def _safe(name: str) -> str:

@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal, overload
 from urllib.parse import parse_qs, urlsplit
 
 from conclave.errors import ConfigError, StackError
@@ -27,6 +28,7 @@ from conclave.errors import ConfigError, StackError
 __all__ = [
     "KafkaSecurity",
     "KafkaSecurityProtocol",
+    "LogSettings",
     "SaslMechanism",
     "Settings",
     "redacted_url",
@@ -116,6 +118,17 @@ class Settings:
     """How much longer the scheduler waits for an answer before it stalls the attempt
     (the host died or cannot reach the broker) and retries or dead-letters the task."""
     trace_sample_ratio: float = 0.1
+    trace_sampler_from_env: bool = False
+    """``OTEL_TRACES_SAMPLER`` is set: the OpenTelemetry SDK's sampler, not the ratio."""
+    trace_exporter: Literal["none", "otlp", "console"] = "none"
+    """Where spans go: ``OTEL_TRACES_EXPORTER``, else ``otlp`` when an OTLP endpoint is
+    set (``OTEL_EXPORTER_OTLP_ENDPOINT``), else nowhere."""
+    metrics_port: int | None = None
+    """Where long-running processes serve Prometheus metrics; ``None``: 9464 if free,
+    else any free port (the process's run file says which)."""
+    metrics_host: str = "0.0.0.0"
+    metrics: bool = True
+    """``CONCLAVE_METRICS=off``: no endpoint at all."""
     producer_linger_ms: int = 0
     """How long a producer waits to batch records into one request (latency vs. syscalls)."""
     fetch_idle_ms: float = 5.0
@@ -169,6 +182,11 @@ class Settings:
             task_timeout_s=_float(env, "CONCLAVE_TASK_TIMEOUT_S", 300.0),
             answer_grace_s=_float(env, "CONCLAVE_ANSWER_GRACE_S", 30.0),
             trace_sample_ratio=_float(env, "CONCLAVE_TRACE_SAMPLE_RATIO", 0.1),
+            trace_sampler_from_env=bool(env.get("OTEL_TRACES_SAMPLER")),
+            trace_exporter=_trace_exporter(env),
+            metrics_port=_int(env, "CONCLAVE_METRICS_PORT", None),
+            metrics_host=env.get("CONCLAVE_METRICS_HOST", "0.0.0.0"),
+            metrics=_switch(env, "CONCLAVE_METRICS", default=True),
             fetch_idle_ms=_float(env, "CONCLAVE_FETCH_IDLE_MS", 5.0),
             fetch_idle_max_ms=_float(env, "CONCLAVE_FETCH_IDLE_MAX_MS", 100.0),
             fetch_hot_ms=_float(env, "CONCLAVE_FETCH_HOT_MS", 150.0),
@@ -178,6 +196,25 @@ class Settings:
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests use their own topic prefix)."""
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """How a process logs: read before anything else (settings may fail, and say so)."""
+
+    level: str = "INFO"
+    format: Literal["auto", "json", "text"] = "auto"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LogSettings:
+        env = os.environ if env is None else env
+        fmt = env.get("CONCLAVE_LOG_FORMAT", "auto").strip().lower() or "auto"
+        if fmt not in ("auto", "json", "text"):
+            raise ConfigError(f"CONCLAVE_LOG_FORMAT must be auto, json or text, got {fmt!r}")
+        level = env.get("CONCLAVE_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"CONCLAVE_LOG_LEVEL must be a logging level, got {level!r}")
+        return cls(level, fmt)  # type: ignore[arg-type]  # checked just above
 
 
 def _read_stack_file(home: Path) -> dict[str, str]:
@@ -193,7 +230,11 @@ def _read_stack_file(home: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+@overload
+def _int(env: Mapping[str, str], name: str, default: int) -> int: ...
+@overload
+def _int(env: Mapping[str, str], name: str, default: None) -> int | None: ...
+def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -201,6 +242,37 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _trace_exporter(env: Mapping[str, str]) -> Literal["none", "otlp", "console"]:
+    named = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not named:
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        named = "otlp" if endpoint else "none"
+    if named not in ("none", "otlp", "console"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp, console or none, got {named!r}")
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    if named == "otlp" and protocol != "http/protobuf":
+        raise ConfigError(
+            f"OTLP over {protocol} is not supported: Conclave exports traces over "
+            "http/protobuf (OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf, port 4318)"
+        )
+    return named  # type: ignore[return-value]  # checked just above
+
+
+def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{name} must be on or off, got {raw!r}")
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

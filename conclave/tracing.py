@@ -14,11 +14,24 @@ from functools import cache
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["TRACEPARENT", "Headers", "configure", "context_from", "headers_for", "hop", "tracer"]
+from conclave.settings import Settings
+
+__all__ = [
+    "TRACEPARENT",
+    "Headers",
+    "configure",
+    "context_from",
+    "headers_for",
+    "hop",
+    "shutdown",
+    "tracer",
+]
 
 Headers = list[tuple[str, bytes]]
 TRACEPARENT = "traceparent"
@@ -29,13 +42,49 @@ _EMPTY = Context()
 _configured = False
 
 
-def configure(sample_ratio: float) -> None:
-    """Install a sampling tracer provider once per process (spans cost 14-28 µs)."""
+def configure(settings: Settings, service: str | None = None) -> None:
+    """Install this process's tracer provider, once (the first call wins).
+
+    Spans are exported only when asked: over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    (or ``OTEL_TRACES_EXPORTER=otlp``) is set, to stderr with ``console``; with none, a
+    sampled span is created and dropped. The standard ``OTEL_*`` variables are honoured by
+    the SDK itself: ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` over
+    ``service``, ``OTEL_TRACES_SAMPLER`` over ``CONCLAVE_TRACE_SAMPLE_RATIO``, the
+    exporter's endpoint, headers and timeouts, the batch processor's delays.
+    """
     global _configured  # noqa: PLW0603 - process-wide OpenTelemetry provider
     if _configured:
         return
-    trace.set_tracer_provider(TracerProvider(sampler=ParentBased(TraceIdRatioBased(sample_ratio))))
+    sampler = (
+        None  # the SDK reads OTEL_TRACES_SAMPLER / _ARG
+        if settings.trace_sampler_from_env
+        else ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
+    )
+    resource = Resource.create({} if service is None else {SERVICE_NAME: service})
+    provider = TracerProvider(sampler=sampler, resource=resource)
+    exporter = _exporter(settings.trace_exporter)
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
     _configured = True
+
+
+def _exporter(kind: str) -> SpanExporter | None:
+    if kind == "none":
+        return None
+    if kind == "console":
+        return ConsoleSpanExporter()
+    # Imported here: only a process that exports pays for loading protobuf.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
+def shutdown() -> None:
+    """Export what is still buffered (a process that stops says its last spans)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
 
 
 @cache

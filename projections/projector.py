@@ -28,12 +28,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import asyncpg
 from aiokafka import TopicPartition
 
+from conclave import metrics
 from conclave.bus import topics_for
 from conclave.domain.events import PoolConfigured
 from conclave.domain.validation import invalid_command
@@ -127,9 +129,23 @@ class Projector:
         self._postgres = Outage(log, name, "PostgreSQL")
         self._kafka = Outage(log, name, f"Kafka at {self.settings.kafka_bootstrap}")
         await self._source.start()
+        metrics.watch(self._gauges)
+
+    def _gauges(self) -> Iterator[metrics.Sample]:
+        """How far the read models are behind each history partition (as of the last
+        fetch); nothing while standing by, when the active projector says it."""
+        if self._positions is None:
+            return
+        consumer = self._source.consumer
+        for tp, position in self._positions.items():
+            end = consumer.highwater(tp)
+            if end is not None:
+                labels = (tp.topic, str(tp.partition))
+                yield "conclave_projection_lag_records", labels, max(0, end - position)
 
     async def stop(self) -> None:
         """Disconnect, and give the schema's lock up: a standby takes over at once."""
+        metrics.unwatch(self._gauges)
         self._postgres.forget()  # a projector stopped in an outage waits for nothing now
         self._kafka.forget()
         await self._source.stop()
@@ -314,6 +330,7 @@ class Projector:
                     await self._bisect(conn, batch.records)
                     await store.save_positions(conn, batch.moved)
         self._committed().update(batch.moved)
+        _count(batch.records)
         self._backoff.reset()
         self._postgres.recovered()
         self.batches.set()
@@ -368,3 +385,9 @@ async def _pause(stop: asyncio.Event | None, seconds: float) -> None:
         return
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _count(records: list[Consumed]) -> None:
+    metrics.projection_batch.observe(len(records))
+    for topic, n in Counter(r.topic for r in records).items():
+        metrics.projected.labels(topic).inc(n)

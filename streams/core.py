@@ -25,13 +25,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
+from conclave import metrics
 from conclave.bus import (
     Outgoing,
     Position,
@@ -53,6 +55,9 @@ from streams import snapshots
 __all__ = ["Clock", "Emitter", "Shard", "ShardRunner", "Source"]
 
 log = logging.getLogger(__name__)
+
+KAFKA = "kafka"
+"""``messaging.system`` of every record a processor consumes or writes."""
 
 Clock = Callable[[], int]
 """Microseconds since the epoch; read once per batch and handed to the domain."""
@@ -108,6 +113,10 @@ class Shard(Protocol):
 
     def next_due(self) -> int | None:
         """When the shard must be stepped even without input (µs since epoch), if ever."""
+        ...
+
+    def gauges(self) -> Iterable[metrics.Sample]:
+        """What the shard's state says for the metrics endpoint, read at scrape time."""
         ...
 
 
@@ -293,6 +302,7 @@ class ShardRunner:
         self._last_snapshot = time.monotonic() if snapshot is not None else 0.0
         self.recovered_events = folded
         self.recovery_s = time.monotonic() - started
+        metrics.watch(self._gauges)
         log.info(
             "%s recovered in %.2f s (snapshot %s, %d records folded)",
             shard.name,
@@ -336,6 +346,7 @@ class ShardRunner:
                 due = shard.next_due()
                 if not batch and not self._pending and (due is None or due > now):
                     continue
+                started = time.perf_counter()
                 records = [Record.of(m) for messages in batch.values() for m in messages]
                 snapshot = self._snapshot_if_due(now)
                 out = self._pending + shard.step(records, now)
@@ -351,8 +362,35 @@ class ShardRunner:
                         self._changelog_end[tp] = ends[tp]
                 # What a recovery from the last snapshot would have to fold again.
                 self._since_snapshot += len(records) + len(out)
+                self._count(batch, out, time.perf_counter() - started)
         finally:
             stopping.cancel()
+
+    def _count(
+        self, batch: Mapping[TopicPartition, list[Any]], out: list[Outgoing], elapsed: float
+    ) -> None:
+        """The batch's messaging metrics: a few label lookups per batch, not per record."""
+        group = self.shard.name
+        metrics.process_duration.labels(KAFKA, group).observe(elapsed)
+        for tp, messages in batch.items():
+            metrics.consumed.labels(KAFKA, group, tp.topic, str(tp.partition)).inc(len(messages))
+        for topic, n in Counter(o.topic for o in out).items():
+            metrics.sent.labels(KAFKA, group, topic).inc(n)
+
+    def _gauges(self) -> Iterator[metrics.Sample]:
+        """The shard's own gauges, and how far it is behind each input: records the feed
+        has not fetched yet plus those fetched and not processed."""
+        yield from self.shard.gauges()
+        subscription = self._subscription
+        feed = self.feed or self._own_feed
+        if subscription is None or feed is None:
+            return
+        for tp, position in self._positions.items():
+            unfetched = feed.behind(tp)
+            if unfetched is not None:
+                waiting = max(0, subscription.next.get(tp, position) - position)
+                labels = (self.shard.name, tp.topic, str(tp.partition))
+                yield "conclave_consumer_lag_records", labels, unfetched + waiting
 
     def _timeout_ms(self) -> int:
         due = self.shard.next_due()
@@ -387,6 +425,7 @@ class ShardRunner:
         ]
 
     async def _close(self) -> None:
+        metrics.unwatch(self._gauges)
         if self._subscription is not None:
             self._subscription.close()
             self._subscription = None

@@ -17,12 +17,14 @@ recovered, and :mod:`conclave.domain.scheduling` for the rules.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiokafka import TopicPartition
 
+from conclave import metrics
 from conclave.bus import Outgoing, Position
 from conclave.domain import scheduling
 from conclave.domain.events import (
@@ -50,9 +52,12 @@ from conclave.domain.events import (
     TaskDispatched,
     TaskExpired,
     TaskQueued,
+    TaskStalled,
     TaskSubmitted,
     WitnessEntry,
+    now_us,
 )
+from conclave.domain.scheduler_state import AgentSlot
 from conclave.domain.scheduling import SchedulerEvent
 from conclave.domain.validation import invalid_command
 from conclave.errors import SchemaError
@@ -86,6 +91,12 @@ class _Origin:
     tenant: str
     correlation_id: str
     traceparent: bytes | None
+    pool: str = ""
+    since: int | None = None
+    """When the task was last queued or dispatched (µs since the epoch), for the
+    dispatch-latency and duration metrics; not in snapshots (a restart loses one sample)."""
+    dispatched: bool = False
+    """An attempt of it has begun: queued again, it is a retry (for the metrics)."""
 
     def headers(self) -> list[tuple[str, bytes]]:
         return [(TRACEPARENT, self.traceparent)] if self.traceparent is not None else []
@@ -166,8 +177,15 @@ class SchedulerShard:
             return
         # Capacity is configuration, not history: this process's setting wins.
         self.state = scheduling.from_snapshot(state["domain"], capacity=self.capacity)
+        tasks = self.state.tasks
         self.origins = {
-            task_id: _Origin(tenant, correlation, bytes.fromhex(trace) if trace else None)
+            task_id: _Origin(
+                tenant,
+                correlation,
+                bytes.fromhex(trace) if trace else None,
+                tasks[task_id].pool if task_id in tasks else "",
+                dispatched=task_id in tasks and tasks[task_id].attempt > 0,
+            )
             for task_id, (tenant, correlation, trace) in state["origins"].items()
         }
 
@@ -211,7 +229,7 @@ class SchedulerShard:
         if isinstance(event, TaskQueued) and event.task_id not in self.origins:
             traceparent = dict(record.headers).get(TRACEPARENT)
             self.origins[event.task_id] = _Origin(
-                envelope.tenant, envelope.correlation_id, traceparent
+                envelope.tenant, envelope.correlation_id, traceparent, event.pool
             )
         elif isinstance(event, _FINISHED):
             self.origins.pop(event.task_id, None)
@@ -246,6 +264,7 @@ class SchedulerShard:
         if self._may_judge_hosts(now, bool(records)):
             for lost in self._fold(scheduling.lost_hosts(self.state, now), decided):
                 if isinstance(lost, HostLost):
+                    metrics.hosts_lost.labels(lost.pool).inc()
                     log.warning("%s: %s", self.name, lost.reason)
         self._fold(scheduling.expire(self.state, now), decided)
         opened = scheduling.tripped(
@@ -300,6 +319,7 @@ class SchedulerShard:
                                     envelope.tenant,
                                     envelope.correlation_id,
                                     dict(onward).get(TRACEPARENT),
+                                    outcome.pool,
                                 ),
                             )
                         decided.append((envelope, outcome))
@@ -309,6 +329,7 @@ class SchedulerShard:
                     scheduling.evolve(self.state, reinstated)
                     decided.append((envelope, reinstated))
             case HostBeat():
+                metrics.heartbeats.labels(event.pool).inc()
                 scheduling.evolve(self.state, event)
                 if back := scheduling.revived(self.state, event):
                     log.info("%s: host %r is back", self.name, event.host_id)
@@ -346,6 +367,8 @@ class SchedulerShard:
                 self.topics.tasks, self.index, event.host_id, event, now=now, causation=cause
             )
         origin = self.origins.get(event.task_id)
+        if origin is not None:
+            _account(event, origin, cause, now)
         headers = origin.headers() if origin is not None else []
         if isinstance(event, TaskDispatched):
             headers = [*headers, (HOST_HEADER, event.host_id.encode())]
@@ -421,9 +444,93 @@ class SchedulerShard:
             return reason, "InvalidCommand"  # e.g. a negative capacity, produced by hand
         return None
 
+    def gauges(self) -> Iterator[metrics.Sample]:
+        """The schedule as it stands, for the metrics endpoint (read at scrape time)."""
+        state = self.state
+        counts: Counter[tuple[str, str]] = Counter()
+        depths: Counter[tuple[str, str]] = Counter()
+        for task in state.tasks.values():
+            counts[task.pool, task.status.value] += 1
+            if task.status is scheduling.TaskStatus.QUEUED:
+                depths[task.pool, task.priority.label] += 1
+        for pool, status in counts:
+            yield "conclave_tasks", (pool, status), counts[pool, status]
+        for name, pool_state in state.pools.items():
+            yield "conclave_tasks_in_flight", (name,), pool_state.in_flight
+            yield "conclave_pool_capacity", (name,), state.capacity_of(name)
+            for priority in Priority:
+                yield "conclave_queue_depth", (name, priority.label), depths[name, priority.label]
+        agents: Counter[tuple[str, str]] = Counter(
+            (slot.pool, _agent_state(state, slot)) for slot in state.agents.values()
+        )
+        for (pool, agent_state), n in agents.items():
+            yield "conclave_agents", (pool, agent_state), n
+        now = now_us()
+        hosts: Counter[tuple[str, str]] = Counter()
+        for lease in state.hosts.values():
+            lost = lease.judged is not None and lease.judged >= lease.expires_at
+            hosts[
+                lease.pool, "lost" if lost else "silent" if lease.expires_at < now else "alive"
+            ] += 1
+        for (pool, host_state), n in hosts.items():
+            yield "conclave_hosts", (pool, host_state), n
+        yield "conclave_halted", (self.name,), 1.0 if state.halted else 0.0
+
     def next_due(self) -> int | None:
         due = scheduling.next_due(self.state)
         lease = scheduling.hosts_due(self.state)
         if lease is not None and self._judge_hosts_from is not None:
             lease = max(lease, self._judge_hosts_from)
         return lease if due is None else due if lease is None else min(due, lease)
+
+
+_SUBMISSIONS = frozenset({TaskSubmitted.TYPE, DeliberationRequested.TYPE})
+_OUTCOMES: dict[type[SchedulerEvent], str] = {
+    TaskCompleted: "completed",
+    TaskDeadLettered: "dead_lettered",
+    TaskCancelled: "cancelled",
+    TaskExpired: "expired",
+    TaskDependencyFailed: "dependency_failed",
+}
+
+
+def _agent_state(state: scheduling.SchedulerState, slot: AgentSlot) -> str:
+    """Why an agent gets work or not, the same words as ``conclave agents``."""
+    agent = slot.agent_id
+    lease = state.hosts.get(slot.host_id)
+    if lease is not None and agent in lease.lost_agents:
+        return "lost"
+    if agent in state.breakers:
+        return "circuit_open"
+    if agent in state.probing:
+        return "probing"
+    if agent in state.suspects:
+        return "unresponsive"
+    return "busy" if agent in state.assignments else "idle"
+
+
+def _account(event: SchedulerEvent, origin: _Origin, cause: Envelope | None, now: int) -> None:
+    """Move the metrics a decision about a task moves (once, when it is written)."""
+    pool = origin.pool
+    if isinstance(event, TaskQueued):
+        if not event.waiting_for:
+            # Queued on submission: it waits from when it was sent (the client's clock),
+            # which is what a user waits; else (released, due again) from now.
+            if cause is not None and cause.event_type in _SUBMISSIONS:
+                origin.since = cause.occurred_at
+            else:
+                origin.since = now
+        if origin.dispatched:  # queued again after a failed or stalled attempt
+            metrics.task_retries.labels(pool).inc()
+    elif isinstance(event, TaskDispatched):
+        metrics.tasks_dispatched.labels(pool).inc()
+        if origin.since is not None:
+            metrics.dispatch_latency.labels(pool).observe(max(0, now - origin.since) / 1e6)
+        origin.since = now
+        origin.dispatched = True
+    elif isinstance(event, TaskStalled):
+        metrics.tasks_stalled.labels(pool).inc()
+    elif (outcome := _OUTCOMES.get(type(event))) is not None:
+        metrics.tasks_finished.labels(pool, outcome).inc()
+        if isinstance(event, TaskCompleted) and origin.since is not None:
+            metrics.task_duration.labels(pool).observe(max(0, now - origin.since) / 1e6)

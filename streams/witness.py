@@ -11,11 +11,12 @@ the broker lost or kept of anything else, and never forks, skips or repeats.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from aiokafka import TopicPartition
 
+from conclave import metrics
 from conclave.bus import Outgoing, Position
 from conclave.domain import witness
 from conclave.domain.events import (
@@ -177,7 +178,11 @@ class WitnessShard:
                 )
             # The next record of this batch chains onto this entry.
             self._remember(entry)
+            metrics.witnessed.inc()
         return out
+
+    def gauges(self) -> Iterator[metrics.Sample]:
+        yield "conclave_witness_log_size", (), self.head.sequence
 
     def next_due(self) -> int | None:
         return None

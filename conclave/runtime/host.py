@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import psutil
@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
 
+from conclave import metrics
 from conclave.bus import (
     EventProducer,
     Outgoing,
@@ -149,6 +150,8 @@ class RuntimeHost:
         """Set when the host cannot go on (another instance with its id took over)."""
         self._process = psutil.Process()
         self._turned_at = time.monotonic()
+        self._fetched_to: int | None = None
+        """The consumer's position after its last fetch, past transaction markers."""
         """When the consume loop last came round: the host beats only while it does."""
         self._stuck = False
         self._host_header = config.host_id.encode()
@@ -176,6 +179,17 @@ class RuntimeHost:
         ]
         for loop in self._loops:
             loop.add_done_callback(self._loop_ended)
+        metrics.watch(self._gauges)
+
+    def _gauges(self) -> Iterator[metrics.Sample]:
+        pool = self.config.pool
+        busy = sum(task is not None for task in self.current.values())
+        yield "conclave_agents_running", (pool,), busy
+        consumer = self._consumer
+        end = consumer.highwater(self._tp) if consumer is not None else None
+        if end is not None and self._fetched_to is not None:
+            labels = ("runtime", self._tp.topic, str(self._tp.partition))
+            yield "conclave_consumer_lag_records", labels, max(0, end - self._fetched_to)
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """A loop that ends on its own is fatal (a fenced zombie, a bug): say so, loudly."""
@@ -230,6 +244,7 @@ class RuntimeHost:
     async def stop(self, *, drain_s: float = 5.0) -> None:
         """Stop taking work, let running tasks finish (up to ``drain_s``), commit what they
         answered, then close."""
+        metrics.unwatch(self._gauges)
         consume = [t for t in self._loops if t.get_name() == "runtime-consume"]
         for loop in consume:
             loop.cancel()
@@ -289,6 +304,8 @@ class RuntimeHost:
             self._turned_at = time.monotonic()
             try:
                 batch = await consumer.getmany(self._tp, timeout_ms=1000)
+                # Past transaction markers too: what is left behind it is real work.
+                self._fetched_to = await consumer.position(self._tp)
                 outage.recovered()
                 backoff.reset()
             except KafkaError as exc:
@@ -427,6 +444,7 @@ class RuntimeHost:
                 )
             finally:
                 self.current[event.agent_id] = None
+            _count(self.config.pool, outcome, time.perf_counter() - started)
             _, out = self.producer.encode(
                 self.topics.outputs,
                 self._partition,
@@ -532,3 +550,12 @@ class RuntimeHost:
                     self.resync()
                 outage.recovered()
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+
+def _count(pool: str, outcome: AgentOutput | TaskFailed, elapsed: float) -> None:
+    if isinstance(outcome, AgentOutput):
+        kind = "answered"
+    else:
+        kind = "cancelled" if outcome.error_type == "Cancelled" else "failed"
+    metrics.agent_runs.labels(pool, kind).inc()
+    metrics.agent_run_duration.labels(pool).observe(elapsed)
