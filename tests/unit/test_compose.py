@@ -598,6 +598,22 @@ def test_prometheus_targets_resolve_to_compose_services(services: dict[str, Serv
     assert ("otel-collector", host_port(collector["endpoint"])[1]) in targets["otel-collector"]
 
 
+def test_conclave_processes_serve_metrics_where_prometheus_scrapes(
+    compose: dict[str, Any], conclave_services: dict[str, Service]
+) -> None:
+    job = next(
+        j for j in load_infra("prometheus.yml")["scrape_configs"] if j["job_name"] == "conclave"
+    )
+    ports = {int(dns["port"]) for dns in job["dns_sd_configs"]}
+    env = {key: interpolate(value) for key, value in compose["x-conclave-env"].items()}
+    assert ports == {Settings.from_env(env).metrics_port}, (
+        f"Prometheus scrapes {ports}; CONCLAVE_METRICS_PORT is {env.get('CONCLAVE_METRICS_PORT')}"
+    )
+    running = {n: s for n, s in conclave_services.items() if n != "conclave-init"}
+    for name, service in running.items():
+        assert ports <= exposed_ports(service), f"{name} does not expose {ports}"
+
+
 def test_every_running_conclave_service_is_scraped(
     services: dict[str, Service], conclave_services: dict[str, Service]
 ) -> None:
