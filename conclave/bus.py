@@ -31,6 +31,7 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata
 
 from conclave import fetching
+from conclave.connections import kafka_options
 from conclave.domain.events import Envelope, Event, new_envelope
 from conclave.errors import BrokerUnavailable, Fenced
 from conclave.settings import Settings
@@ -87,7 +88,7 @@ def new_consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         enable_auto_commit=False,
-        **(CONSUMER_OPTIONS | options),
+        **(CONSUMER_OPTIONS | kafka_options(settings) | options),
     )
 
 
@@ -98,7 +99,9 @@ def topics_for(settings: Settings) -> Topics:
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create every missing topic with its partitions and retention; returns those created."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000
+        bootstrap_servers=settings.kafka_bootstrap,
+        request_timeout_ms=10_000,
+        **kafka_options(settings),
     )
     try:
         await admin.start()
@@ -163,6 +166,7 @@ class EventProducer:
             client_id=f"conclave-{self.name}-{uuid.uuid4().hex[:6]}",
             enable_idempotence=True,
             **(PRODUCER_OPTIONS | {"linger_ms": self.settings.producer_linger_ms}),
+            **kafka_options(self.settings),
         )
 
     async def _renew(self, error: KafkaError) -> None:
@@ -349,6 +353,7 @@ class TransactionalProducer:
             acks="all",
             request_timeout_ms=10_000,
             max_batch_size=1 << 20,
+            **kafka_options(self.settings),
         )
 
     async def start(self, *, initial: int | None = None) -> None:

@@ -4,20 +4,36 @@ Every process reads one frozen :class:`Settings`. Explicit environment
 variables win; otherwise the connection settings written by ``conclave dev up``
 into ``.conclave/stack.json`` (in the working directory, or ``CONCLAVE_HOME``)
 are used, so that a laptop needs no configuration at all.
+
+Secrets (the database URL and password, Kafka's SASL password, a TLS key's
+password) are fields with ``repr=False``, and error messages name a URL only
+through :func:`redacted_url`: no log line or traceback shows them. Passwords may
+also come from files (``*_PASSWORD_FILE``), as container orchestrators mount them.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, overload
+from urllib.parse import parse_qs, urlsplit
 
 from conclave.errors import ConfigError, StackError
 
-__all__ = ["LogSettings", "Settings", "stack_file"]
+__all__ = [
+    "KafkaSecurity",
+    "KafkaSecurityProtocol",
+    "LogSettings",
+    "SaslMechanism",
+    "Settings",
+    "redacted_url",
+    "stack_file",
+]
 
 _STACK_FILE = "stack.json"
 
@@ -27,12 +43,61 @@ def stack_file(home: Path) -> Path:
     return home / _STACK_FILE
 
 
+class KafkaSecurityProtocol(enum.StrEnum):
+    """Kafka's ``security.protocol``: TLS or not, SASL authentication or not."""
+
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+    @property
+    def tls(self) -> bool:
+        return self in (KafkaSecurityProtocol.SSL, KafkaSecurityProtocol.SASL_SSL)
+
+    @property
+    def sasl(self) -> bool:
+        return self in (KafkaSecurityProtocol.SASL_PLAINTEXT, KafkaSecurityProtocol.SASL_SSL)
+
+
+class SaslMechanism(enum.StrEnum):
+    """SASL mechanisms aiokafka speaks with a user name and password."""
+
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KafkaSecurity:
+    """How every Kafka client authenticates and encrypts (checked by :meth:`Settings.from_env`).
+
+    The TLS files are paths as given; they are read when a client is built
+    (:func:`conclave.connections.kafka_options`), so a missing file is reported there.
+    """
+
+    protocol: KafkaSecurityProtocol = KafkaSecurityProtocol.PLAINTEXT
+    sasl_mechanism: SaslMechanism = SaslMechanism.PLAIN
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_cafile: Path | None = None
+    """CA bundle the brokers' certificates are checked against; None: the system's."""
+    ssl_certfile: Path | None = None
+    """Client certificate (mutual TLS), PEM; may hold the key too."""
+    ssl_keyfile: Path | None = None
+    ssl_key_password: str = field(default="", repr=False)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Connection and tuning settings for every Conclave process."""
 
     kafka_bootstrap: str
     database_url: str = field(repr=False)  # may carry a password: never logged
+    database_password: str = field(default="", repr=False)
+    """Overrides the URL's password (``CONCLAVE_DATABASE_PASSWORD``): keeps it out of the
+    URL, where it would need percent-encoding and shows in process listings."""
+    kafka_security: KafkaSecurity = KafkaSecurity()
     home: Path = Path(".conclave")
     topic_prefix: str = "conclave"
     partitions: int = 1
@@ -96,9 +161,14 @@ class Settings:
                 "no broker or database configured: run `conclave dev up` "
                 "or set CONCLAVE_KAFKA_BOOTSTRAP and CONCLAVE_DATABASE_URL"
             )
+        _check_database_url(database)
         return cls(
             kafka_bootstrap=kafka,
             database_url=database,
+            database_password=_secret(
+                env, "CONCLAVE_DATABASE_PASSWORD", "CONCLAVE_DATABASE_PASSWORD_FILE"
+            ),
+            kafka_security=_kafka_security(env),
             home=home,
             topic_prefix=env.get("CONCLAVE_TOPIC_PREFIX", "conclave"),
             partitions=_int(env, "CONCLAVE_PARTITIONS", 1),
@@ -213,3 +283,142 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_QUERY_SECRETS = frozenset({"password", "sslpassword"})
+_USERINFO_PASSWORD = re.compile(r"^([^:/]*://[^:@/]*):.*@")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with every password in it replaced by ``***`` (for messages and logs): the
+    one in the user info and ``password`` / ``sslpassword`` query parameters, which
+    libpq and asyncpg accept too."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # Unparseable (a bad IPv6 literal): drop everything between the user and the
+        # last "@" rather than show a password.
+        return _USERINFO_PASSWORD.sub(r"\1:***@", url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hostinfo}" if has_password else netloc
+    query = "&".join(
+        f"{key}=***" if key in _QUERY_SECRETS else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def _check_database_url(url: str) -> None:
+    """A malformed URL fails here, in one line that never shows its password."""
+    shown = redacted_url(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"CONCLAVE_DATABASE_URL is not a valid URL: {shown}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"CONCLAVE_DATABASE_URL must start with postgresql://, got {shown}")
+    modes = parse_qs(parts.query).get("sslmode", [])
+    if any(mode not in _SSLMODES for mode in modes):
+        raise ConfigError(
+            f"CONCLAVE_DATABASE_URL: sslmode must be one of {', '.join(_SSLMODES)}, got {shown}"
+        )
+
+
+def _secret(env: Mapping[str, str], name: str, file_name: str) -> str:
+    """``name``'s value, or the content of the file ``file_name`` names (one of them)."""
+    value = env.get(name, "")
+    path = env.get(file_name, "")
+    if value and path:
+        raise ConfigError(f"set {name} or {file_name}, not both")
+    if not path:
+        return value
+    try:
+        # Files written by editors and `echo` end in a newline that is no part of it.
+        return Path(path).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{file_name}: cannot read {path}: {exc.strerror}") from None
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "")
+    return Path(raw) if raw else None
+
+
+def _kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
+    raw_protocol = env.get("CONCLAVE_KAFKA_SECURITY_PROTOCOL", "").strip().upper() or "PLAINTEXT"
+    try:
+        protocol = KafkaSecurityProtocol(raw_protocol)
+    except ValueError:
+        choices = ", ".join(KafkaSecurityProtocol)
+        raise ConfigError(
+            f"CONCLAVE_KAFKA_SECURITY_PROTOCOL must be one of {choices}, got {raw_protocol!r}"
+        ) from None
+    raw_mechanism = env.get("CONCLAVE_KAFKA_SASL_MECHANISM", "").strip().upper() or "PLAIN"
+    try:
+        mechanism = SaslMechanism(raw_mechanism)
+    except ValueError:
+        choices = ", ".join(SaslMechanism)
+        raise ConfigError(
+            f"CONCLAVE_KAFKA_SASL_MECHANISM must be one of {choices}, got {raw_mechanism!r}"
+        ) from None
+    security = KafkaSecurity(
+        protocol=protocol,
+        sasl_mechanism=mechanism,
+        sasl_username=env.get("CONCLAVE_KAFKA_SASL_USERNAME", ""),
+        sasl_password=_secret(
+            env, "CONCLAVE_KAFKA_SASL_PASSWORD", "CONCLAVE_KAFKA_SASL_PASSWORD_FILE"
+        ),
+        ssl_cafile=_path(env, "CONCLAVE_KAFKA_SSL_CAFILE"),
+        ssl_certfile=_path(env, "CONCLAVE_KAFKA_SSL_CERTFILE"),
+        ssl_keyfile=_path(env, "CONCLAVE_KAFKA_SSL_KEYFILE"),
+        ssl_key_password=_secret(
+            env, "CONCLAVE_KAFKA_SSL_KEY_PASSWORD", "CONCLAVE_KAFKA_SSL_KEY_PASSWORD_FILE"
+        ),
+    )
+    _check_kafka_security(security, env)
+    return security
+
+
+def _check_kafka_security(security: KafkaSecurity, env: Mapping[str, str]) -> None:
+    """Settings that would be silently ignored are refused: a user who set a CA file
+    believes the connection is encrypted."""
+    protocol = security.protocol
+    if protocol.sasl and not (security.sasl_username and security.sasl_password):
+        raise ConfigError(
+            f"CONCLAVE_KAFKA_SECURITY_PROTOCOL={protocol} needs CONCLAVE_KAFKA_SASL_USERNAME "
+            "and CONCLAVE_KAFKA_SASL_PASSWORD (or CONCLAVE_KAFKA_SASL_PASSWORD_FILE)"
+        )
+    sasl_set = [
+        name
+        for name in ("CONCLAVE_KAFKA_SASL_MECHANISM", "CONCLAVE_KAFKA_SASL_USERNAME")
+        if env.get(name)
+    ] + (["CONCLAVE_KAFKA_SASL_PASSWORD"] if security.sasl_password else [])
+    if sasl_set and not protocol.sasl:
+        raise ConfigError(
+            f"{sasl_set[0]} is set but CONCLAVE_KAFKA_SECURITY_PROTOCOL is {protocol}: "
+            "use SASL_SSL (or SASL_PLAINTEXT) to authenticate"
+        )
+    tls_set = [
+        name
+        for name in (
+            "CONCLAVE_KAFKA_SSL_CAFILE",
+            "CONCLAVE_KAFKA_SSL_CERTFILE",
+            "CONCLAVE_KAFKA_SSL_KEYFILE",
+        )
+        if env.get(name)
+    ] + (["CONCLAVE_KAFKA_SSL_KEY_PASSWORD"] if security.ssl_key_password else [])
+    if tls_set and not protocol.tls:
+        raise ConfigError(
+            f"{tls_set[0]} is set but CONCLAVE_KAFKA_SECURITY_PROTOCOL is {protocol}: "
+            "use SSL or SASL_SSL to encrypt"
+        )
+    if security.ssl_keyfile and not security.ssl_certfile:
+        raise ConfigError(
+            "CONCLAVE_KAFKA_SSL_KEYFILE is set without CONCLAVE_KAFKA_SSL_CERTFILE: "
+            "a client key needs its certificate"
+        )

@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TypeAlias
 
 import asyncpg
 
+from conclave.connections import postgres_options
 from conclave.errors import ConclaveError, ConfigError, DatabaseUnavailable
-from conclave.settings import Settings
+from conclave.settings import Settings, redacted_url
 
 __all__ = [
     "READ_MODEL_TABLES",
@@ -121,8 +123,9 @@ async def connect(
     Idle connections are kept all the same (for ``max_inactive_connection_lifetime``).
     """
     schema = schema or schema_for(settings)
-    try:
-        bootstrap = await asyncpg.connect(settings.database_url, timeout=10)
+    options = postgres_options(settings)  # ConfigError on a TLS file that is missing
+    with _connection_errors(settings):
+        bootstrap = await asyncpg.connect(settings.database_url, timeout=10, **options)
         try:
             await bootstrap.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         except asyncpg.UniqueViolationError:
@@ -135,11 +138,36 @@ async def connect(
             max_size=max_size,
             timeout=10,
             server_settings={"search_path": schema},
+            **options,
         )
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise DatabaseUnavailable(f"PostgreSQL is not reachable: {exc}") from exc
     assert pool is not None
     return pool
+
+
+@contextlib.contextmanager
+def _connection_errors(settings: Settings) -> Iterator[None]:
+    """Connecting failed: :class:`ConfigError` when a setting must change (credentials,
+    TLS, the URL), :class:`DatabaseUnavailable` when waiting may help. Messages show
+    the URL redacted, and are not chained to asyncpg's errors, which may quote it."""
+    where = f"PostgreSQL at {redacted_url(settings.database_url)}"
+    try:
+        yield
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        # A wrong password, an unknown user, or pg_hba refusing a connection without TLS.
+        raise ConfigError(
+            f"{where} refused the connection: {exc} "
+            "(check CONCLAVE_DATABASE_PASSWORD and the URL's user and sslmode)"
+        ) from None
+    except ssl.SSLCertVerificationError as exc:
+        # The server answered; its certificate is not one we trust (or not for this host).
+        raise ConfigError(
+            f"{where}: its certificate is not trusted ({exc.verify_message}): "
+            "check the URL's sslrootcert and host name"
+        ) from None
+    except (ValueError, asyncpg.ClientConfigurationError) as exc:  # asyncpg's DSN errors
+        raise ConfigError(f"{where}: the URL is refused: {exc}") from None
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DatabaseUnavailable(f"PostgreSQL is not reachable: {exc}") from exc
 
 
 @contextlib.asynccontextmanager

@@ -27,7 +27,13 @@ from conclave.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SETTINGS_SOURCE = ROOT / "conclave" / "settings.py"
-INFRA_YAML = (ROOT / "infra" / "otel-collector.yaml", ROOT / "infra" / "prometheus.yml")
+INFRA = ROOT / "infra"
+INFRA_YAML = (
+    INFRA / "otel-collector.yaml",
+    INFRA / "prometheus.yml",
+    INFRA / "alerts.yml",
+    *sorted((INFRA / "grafana" / "provisioning").rglob("*.yml")),
+)
 
 # The services the deployment is made of (DESIGN.md, "Production").
 CONCLAVE_SERVICES = frozenset(
@@ -490,6 +496,49 @@ def test_cli_check_reports_missing_commands_and_options(
 # --- infra/ ------------------------------------------------------------------------------
 
 
+def test_every_infra_file_reaches_a_service(services: dict[str, Service]) -> None:
+    """A config in infra/ that no service mounts is edited in vain."""
+    mounted = [
+        (ROOT / source).resolve()
+        for service in services.values()
+        for source, _ in bind_mounts(service)
+        if is_host_path(source)
+    ]
+    rule_files = {
+        (INFRA / name).resolve() for name in load_infra("prometheus.yml").get("rule_files", [])
+    }
+    unused = [
+        path.relative_to(ROOT)
+        for path in sorted(INFRA.rglob("*"))
+        if path.is_file()
+        and not path.name.endswith(".test.yml")  # promtool's unit tests of the rules
+        and not any(path.resolve() == m or m in path.resolve().parents for m in mounted)
+    ]
+    assert not unused, f"no service mounts {[str(p) for p in unused]}"
+    # Prometheus resolves rule_files next to its config file: mounted anywhere else,
+    # the rules are not loaded.
+    targets = {(ROOT / src).resolve(): dst for src, dst in bind_mounts(services["prometheus"])}
+    config_dir = targets[(INFRA / "prometheus.yml").resolve()].rpartition("/")[0]
+    for rules in rule_files:
+        assert targets.get(rules) == f"{config_dir}/{rules.name}", (
+            f"prometheus.yml loads {rules.name}, which is not mounted beside it"
+        )
+
+
+def test_traces_reach_the_trace_viewer(services: dict[str, Service]) -> None:
+    config = load_infra("otel-collector.yaml")
+    exporters = config["service"]["pipelines"]["traces"]["exporters"]
+    otlp = [name for name in exporters if name.split("/")[0] in {"otlp", "otlphttp"}]
+    assert otlp, f"the collector exports traces only to {exporters}: no trace viewer"
+    for name in otlp:
+        endpoint = config["exporters"][name]["endpoint"]
+        host, port = host_port(endpoint.split("://")[-1])
+        assert host in services, f"{name} sends traces to {host}, not a compose service"
+        assert port in exposed_ports(services[host]), f"{host} does not expose {port}"
+        assert host in depends_on(services["otel-collector"]), f"collector starts before {host}"
+        assert 16686 in exposed_ports(services[host]), f"{host} publishes no Jaeger UI (16686)"
+
+
 @pytest.mark.parametrize("path", INFRA_YAML, ids=lambda p: p.name)
 def test_infra_yaml_parses(path: Path) -> None:
     assert isinstance(yaml.safe_load(path.read_text()), dict), f"{path.name} is not a mapping"
@@ -547,6 +596,22 @@ def test_prometheus_targets_resolve_to_compose_services(services: dict[str, Serv
 
     collector = load_infra("otel-collector.yaml")["exporters"]["prometheus"]
     assert ("otel-collector", host_port(collector["endpoint"])[1]) in targets["otel-collector"]
+
+
+def test_conclave_processes_serve_metrics_where_prometheus_scrapes(
+    compose: dict[str, Any], conclave_services: dict[str, Service]
+) -> None:
+    job = next(
+        j for j in load_infra("prometheus.yml")["scrape_configs"] if j["job_name"] == "conclave"
+    )
+    ports = {int(dns["port"]) for dns in job["dns_sd_configs"]}
+    env = {key: interpolate(value) for key, value in compose["x-conclave-env"].items()}
+    assert ports == {Settings.from_env(env).metrics_port}, (
+        f"Prometheus scrapes {ports}; CONCLAVE_METRICS_PORT is {env.get('CONCLAVE_METRICS_PORT')}"
+    )
+    running = {n: s for n, s in conclave_services.items() if n != "conclave-init"}
+    for name, service in running.items():
+        assert ports <= exposed_ports(service), f"{name} does not expose {ports}"
 
 
 def test_every_running_conclave_service_is_scraped(
