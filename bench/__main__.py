@@ -20,7 +20,10 @@ Measured in one run, each part on a fresh embedded stack (its own broker and Pos
 * the codec and the witness chain per event (CPU cost, no I/O);
 * scheduling workloads (:mod:`bench.workloads`): 20,000 tasks as chains of 10 and
   with 10 % transient failures against the same number of independent tasks, and
-  400 sequential steps.
+  400 sequential steps;
+* telemetry (:mod:`bench.telemetry`): throughput with tracing off, at the default
+  sampling and with every task traced, as ratios; one scrape of each process's
+  metrics endpoint with 20,000 tasks queued.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import peers, throughput, workloads
+from bench import peers, telemetry, throughput, workloads
 from conclave.demo import DemoConfig, DemoReport, percentiles, run_demo
 from conclave.devstack import EmbeddedStack
 from conclave.domain import witness
@@ -302,7 +305,7 @@ def main() -> None:
         help="tasks of history before each restart (200000 works, but the embedded "
         "broker rewrites its whole file every ~2 s; see docs/processing.md)",
     )
-    parser.add_argument("--only", choices=["demo", "scale", "workloads"], default=None)
+    parser.add_argument("--only", choices=["demo", "scale", "workloads", "telemetry"], default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result: dict[str, Any] = {}
@@ -319,6 +322,12 @@ def main() -> None:
     if args.only in (None, "workloads"):
         rows, steady = asyncio.run(workloads.run_all(args.tasks))
         result["workloads"] = {"rows": [asdict(w) for w in rows], "steady": asdict(steady)}
+    if args.only in (None, "telemetry"):
+        tracing_rows, scrapes = asyncio.run(telemetry.run(args.tasks))
+        result["telemetry"] = {
+            "tracing": [asdict(r) for r in tracing_rows],
+            "scrapes": [asdict(s) for s in scrapes],
+        }
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -330,6 +339,11 @@ def main() -> None:
         workloads.show(
             [workloads.WorkloadFigures(**w) for w in result["workloads"]["rows"]],
             workloads.SteadyFigures(**result["workloads"]["steady"]),
+        )
+    if "telemetry" in result:
+        telemetry.show(
+            [telemetry.TracingFigures(**r) for r in result["telemetry"]["tracing"]],
+            [telemetry.ScrapeFigures(**s) for s in result["telemetry"]["scrapes"]],
         )
 
 

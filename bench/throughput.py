@@ -76,13 +76,20 @@ class _System:
     """Worker, runtime host(s) and projector as child processes."""
 
     def __init__(
-        self, settings: Settings, agents: int, hosts: int, *, failure_rate: float = 0.0
+        self,
+        settings: Settings,
+        agents: int,
+        hosts: int,
+        *,
+        failure_rate: float = 0.0,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.settings = settings.with_(pool_capacity=agents)
         self.agents = agents
         self.hosts = hosts
         self.failure_rate = failure_rate
         self.children = ChildProcesses(self.settings)
+        self.children.env.update(extra_env or {})
 
     async def start(self) -> None:
         await ensure_topics(self.settings)
@@ -172,9 +179,14 @@ async def throughput(
     agents: int = 72,
     hosts: int = 1,
     timeout_s: float = 600.0,
+    extra_env: dict[str, str] | None = None,
 ) -> ThroughputFigures:
+    """``extra_env``: more variables for the Conclave processes (tracing, say)."""
     system = _System(
-        settings.with_(topic_prefix=f"{settings.topic_prefix}t{agents}"), agents, hosts
+        settings.with_(topic_prefix=f"{settings.topic_prefix}t{agents}"),
+        agents,
+        hosts,
+        extra_env=extra_env,
     )
     await system.start()
     db = await connect(system.settings)

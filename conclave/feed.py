@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -25,9 +25,11 @@ from conclave.errors import BrokerUnavailable
 from conclave.outage import Backoff, Outage
 from conclave.settings import Settings
 
-__all__ = ["Feed", "Subscription"]
+__all__ = ["Feed", "Subscription", "fetched_to"]
 
 log = logging.getLogger(__name__)
+
+FETCH_MAX_RECORDS = 10_000
 
 
 class Subscription:
@@ -122,7 +124,7 @@ class Feed:
     def behind(self, tp: TopicPartition) -> int | None:
         """Records of ``tp`` on the broker that this feed has not fetched yet (as of its
         last fetch; transaction markers it skipped do not count), if it reads ``tp``."""
-        if self._consumer is None or tp not in self._fetched_to:
+        if self._consumer is None or tp not in self._position or tp not in self._fetched_to:
             return None
         end: int | None = self._consumer.highwater(tp)
         return None if end is None else max(0, end - self._fetched_to[tp])
@@ -167,15 +169,19 @@ class Feed:
         while True:
             await self._assigned.wait()
             try:
-                batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+                batch = await consumer.getmany(timeout_ms=1000, max_records=FETCH_MAX_RECORDS)
             except KafkaError as exc:
                 outage.failed(exc)
                 await backoff.wait()
                 continue
             outage.recovered()
             backoff.reset()
-            with contextlib.suppress(KafkaError, AssertionError):  # reassigned meanwhile
-                self._fetched_to = {tp: await consumer.position(tp) for tp in self._position}
+            moved = fetched_to(consumer, batch, self._position, FETCH_MAX_RECORDS)
+            self._fetched_to = {  # only what is still assigned
+                tp: at
+                for tp in self._position
+                if (at := moved.get(tp, self._fetched_to.get(tp))) is not None
+            }
             for tp, fetched in batch.items():
                 position = self._position.get(tp)
                 log.debug(
@@ -195,3 +201,24 @@ class Feed:
                 self._position[tp] = messages[-1].offset + 1
                 for subscription in self._subscriptions:
                     subscription._offer(tp, messages)
+
+
+def fetched_to(
+    consumer: AIOKafkaConsumer,
+    batch: Mapping[TopicPartition, list[Any]],
+    partitions: Iterable[TopicPartition],
+    max_records: int,
+) -> Position:
+    """Where each partition stands after a fetch, transaction markers included: past its
+    last record if the fetch gave any, else at its end (a fetch that was not cut short
+    and gave nothing for a partition leaves only markers or nothing behind). For the lag
+    metrics: ``consumer.position`` would say the same, but may wait for a reset."""
+    truncated = sum(len(records) for records in batch.values()) >= max_records
+    found: Position = {}
+    for tp in partitions:
+        records = batch.get(tp)
+        if records:
+            found[tp] = records[-1].offset + 1
+        elif not truncated and (end := consumer.highwater(tp)) is not None:
+            found[tp] = end
+    return found

@@ -65,6 +65,11 @@ def configure(settings: Settings, service: str | None = None) -> None:
     global _configured  # noqa: PLW0603 - process-wide OpenTelemetry provider
     if _configured:
         return
+    if isinstance(trace.get_tracer_provider(), TracerProvider):
+        # The application set OpenTelemetry up itself (a service embedding the client):
+        # its provider, sampler and exporters stay.
+        _configured = True
+        return
     sampler = (
         None  # the SDK reads OTEL_TRACES_SAMPLER / _ARG
         if settings.trace_sampler_from_env

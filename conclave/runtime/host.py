@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -50,6 +51,7 @@ from conclave.domain.events import (
     now_us,
 )
 from conclave.errors import BrokerUnavailable, SchemaError
+from conclave.feed import fetched_to
 from conclave.outage import Backoff, Outage
 from conclave.records import Record
 from conclave.runtime.agents import AgentContext, AgentFn, PermanentFailure
@@ -304,8 +306,8 @@ class RuntimeHost:
             self._turned_at = time.monotonic()
             try:
                 batch = await consumer.getmany(self._tp, timeout_ms=1000)
-                # Past transaction markers too: what is left behind it is real work.
-                self._fetched_to = await consumer.position(self._tp)
+                moved = fetched_to(consumer, batch, [self._tp], max_records=sys.maxsize)
+                self._fetched_to = moved.get(self._tp, self._fetched_to)
                 outage.recovered()
                 backoff.reset()
             except KafkaError as exc:

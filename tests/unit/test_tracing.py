@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -150,3 +152,26 @@ def test_work_done_on_a_record_of_a_sampled_trace_is_a_span_under_it(
     assert span.end_time > 1_000
     assert span.attributes is not None
     assert span.attributes["messaging.destination.name"] == "conclave.tasks"
+
+
+def test_an_application_that_set_opentelemetry_up_itself_keeps_its_provider() -> None:
+    # The global provider can be set once per process: checked in a process of its own.
+    script = """
+import warnings
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from conclave import tracing
+from conclave.settings import Settings
+
+mine = TracerProvider()
+trace.set_tracer_provider(mine)
+settings = Settings(kafka_bootstrap="b:9092", database_url="postgresql://db/x")
+tracing.configure(settings, service="conclave-cli")
+assert trace.get_tracer_provider() is mine
+print("kept")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.strip() == "kept", done.stderr
+    assert "Overriding" not in done.stderr
