@@ -54,6 +54,8 @@ class TracingFigures:
     ratio_to_off: float
     exported_kb: float
     """OTLP bytes the processes sent to the sink during the run."""
+    cpu_ms_per_task: dict[str, float]
+    """CPU each process spent per task (where the cost lands)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +156,10 @@ async def run(
                     per_second=figures.per_second,
                     ratio_to_off=round(figures.per_second / off, 2),
                     exported_kb=round((sink.bytes - before) / 1024, 1),
+                    cpu_ms_per_task={
+                        name: round(1000 * cpu / tasks, 3)
+                        for name, cpu in figures.cpu_seconds.items()
+                    },
                 )
             )
         provider.shutdown()  # this process's last spans, while the sink still listens
@@ -217,7 +223,15 @@ def _get(port: int) -> str:
 
 def show(rows: list[TracingFigures], scrapes: list[ScrapeFigures]) -> None:
     console = Console()
-    table = Table("tracing", "sampled", "tasks/s", "vs off", "OTLP exported", title="Tracing cost")
+    table = Table(
+        "tracing",
+        "sampled",
+        "tasks/s",
+        "vs off",
+        "OTLP exported",
+        "CPU ms per task",
+        title="Tracing cost",
+    )
     for r in rows:
         table.add_row(
             r.mode,
@@ -225,6 +239,7 @@ def show(rows: list[TracingFigures], scrapes: list[ScrapeFigures]) -> None:
             f"{r.per_second:,.0f}",
             f"{r.ratio_to_off:.2f}x",
             f"{r.exported_kb:,.0f} KB",
+            ", ".join(f"{k} {v:.2f}" for k, v in r.cpu_ms_per_task.items()),
         )
     console.print(table)
     table = Table("process", "tasks queued", "scrape median", "p99", "size", title="One scrape")

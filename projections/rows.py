@@ -714,6 +714,8 @@ class Changes:
 
     keyed: dict[Table, dict[str, list[tuple[Envelope, Event]]]] = field(default_factory=dict)
     appends: dict[Table, list[tuple[Any, ...]]] = field(default_factory=dict)
+    ended: list[Consumed] = field(default_factory=list)
+    """Records that end a task: their trace's last hop is their projection."""
 
     def add(self, envelope: Envelope, event: Event) -> None:
         """One decoded event of a type in :data:`PROJECTED`."""

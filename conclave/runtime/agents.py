@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conclave.errors import AgentLoadError
+from conclave.runtime.genai import model_call
+
+SIMULATED_MODEL = "simulated"
 
 __all__ = [
     "AgentContext",
@@ -76,9 +79,14 @@ class SimulatedAgent:
         if self.latency_ms or self.failure_rate:  # seeding costs more than a no-op agent
             rng = random.Random(f"{self.seed}/{ctx.agent_id}/{ctx.task_id}/{ctx.attempt}")
             delay = self.latency_ms * rng.lognormvariate(0.0, self.jitter)
-            await asyncio.sleep(delay / 1000.0)
-            if rng.random() < self.failure_rate:
-                raise SimulatedFailure(f"simulated failure of {ctx.agent_id} (seed {self.seed})")
+            # What a real agent's model call looks like in its trace.
+            with model_call(SIMULATED_MODEL, provider="conclave") as call:
+                await asyncio.sleep(delay / 1000.0)
+                if rng.random() < self.failure_rate:
+                    raise SimulatedFailure(
+                        f"simulated failure of {ctx.agent_id} (seed {self.seed})"
+                    )
+                call.usage(len(ctx.input.split()), 4, SIMULATED_MODEL)
         else:
             await asyncio.sleep(0)  # an answer at once, yet after a turn of the loop
         seen = ctx.memory.setdefault("answered", 0)

@@ -174,6 +174,12 @@ def test_one_task_is_one_connected_trace_across_every_process(
         assert not span.parent_id or span.parent_id in by_id, span
     for stage, service in STAGES.items():
         assert service in {s.service for s in spans if s.name == stage}, stage
+    # The (simulated) agent's model call is a child of its run, with GenAI attributes.
+    (run,) = [s for s in spans if s.name == "agent.run"]
+    (model,) = [s for s in spans if s.name == "chat simulated"]
+    assert model.parent_id == run.span_id
+    assert model.attributes["gen_ai.request.model"] == "simulated"
+    assert model.attributes["gen_ai.operation.name"] == "chat"
 
     # Causal order: the completion's projection descends from every stage before it.
     def ancestry(span: Span) -> list[str]:
