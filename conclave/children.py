@@ -38,6 +38,8 @@ class ChildProcesses:
             "CONCLAVE_TENANT": settings.tenant,
             "CONCLAVE_POOL_CAPACITY": str(settings.pool_capacity),
         }
+        if settings.witness_key is not None:
+            self.env["CONCLAVE_WITNESS_KEY"] = str(settings.witness_key)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.started: dict[str, threading.Event] = {}
         self.last_lines: dict[str, collections.deque[str]] = {}

@@ -69,11 +69,15 @@ def render(status: Status, settings: Settings) -> RenderableType:
     parts.append(_counts("agents", status.agents))
     parts.append(_counts("hosts", status.hosts))
     head = f"#{status.witness_head}" if status.witness_head else "empty"
+    checkpoint = (
+        f"{status.checkpoint_origin} at size {status.checkpoint_size} ({_in(status.checkpoint_at)})"
+        if status.checkpoint_size is not None
+        else "none published yet (no CONCLAVE_WITNESS_KEY?)"
+    )
     parts.append(
         Text.assemble(
             ("witness  ", "bold"),
-            f"head {head} ({_in(status.witness_head_at)}) · last checkpoint: ",
-            status.checkpoint or "none published yet",
+            f"head {head} ({_in(status.witness_head_at)}) · last checkpoint: {checkpoint}",
         )
     )
     dead = status.dead_letters_last_hour + status.bad_records_last_hour

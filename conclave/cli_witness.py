@@ -127,23 +127,56 @@ def checkpoint_command(key: KeyFile, origin: Origin = None) -> None:
 @witness_app.command("prove")
 def prove_command(
     ref: Annotated[str, typer.Argument(metavar="TASK_ID|SEQ", help="A task id or a sequence.")],
-    key: KeyFile,
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            "--key",
+            help="Sign a checkpoint of the whole topic now with this private key, "
+            "instead of proving against the latest published checkpoint.",
+        ),
+    ] = None,
     origin: Origin = None,
     to: Annotated[Path | None, typer.Option("--out", help="Write here, not stdout.")] = None,
 ) -> None:
     """An inclusion proof bundle for an output (by task id) or any entry (by sequence),
-    against a checkpoint of the whole topic signed now."""
+    against the latest checkpoint the witness processor published (or, with --key, one
+    signed now)."""
+    from conclave.domain.witness import leaf_bytes
     from conclave.transparency.keyfiles import read_signer
-    from conclave.transparency.proofs import find_entry, prove_inclusion
+    from conclave.transparency.proofs import find_entry, inclusion_bundle, prove_inclusion, tree_of
 
     try:
-        signer = read_signer(key)
         entries = _topic_entries()
         sequence = find_entry(entries, ref)
-        bundle = prove_inclusion(entries, sequence, origin or signer.name, [signer])
+        if key is not None:
+            signer = read_signer(key)
+            bundle = prove_inclusion(entries, sequence, origin or signer.name, [signer])
+        else:
+            note = _published_covering(sequence)
+            bundle = inclusion_bundle(tree_of(entries), leaf_bytes(entries[sequence - 1]), note)
     except (ConclaveError, ValueError) as exc:
         raise _fail(str(exc)) from None
     _emit(bundle.to_json(), to)
+
+
+def _published_covering(sequence: int) -> str:
+    """The signed note of the latest published checkpoint, which must cover ``sequence``."""
+    from conclave.settings import Settings
+    from conclave.verify import published_checkpoints
+
+    published = asyncio.run(published_checkpoints(Settings.from_env()))
+    if not published:
+        raise _fail(
+            "no checkpoint has been published (the worker needs CONCLAVE_WITNESS_KEY); "
+            "sign one now with --key"
+        )
+    latest = max(published, key=lambda c: c.tree_size)
+    if latest.tree_size < sequence:
+        raise _fail(
+            f"entry {sequence} is not under a published checkpoint yet (the latest covers "
+            f"{latest.tree_size}); the next is due within CONCLAVE_CHECKPOINT_INTERVAL_S"
+        )
+    return latest.note
 
 
 @witness_app.command("consistency")

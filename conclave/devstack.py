@@ -101,12 +101,18 @@ class StackInfo:
     def database_url(self) -> str:
         return f"postgresql://{_PG_USER}@{_HOST}:{self.pg_port}/{DATABASE}"
 
+    @property
+    def witness_key(self) -> Path:
+        """The stack's own witness signing key (made by ``up``)."""
+        return dev_witness_key(self.home)
+
     def env(self) -> dict[str, str]:
         """The ``CONCLAVE_*`` variables that point a process at this stack."""
         return {
             "CONCLAVE_HOME": str(self.home),
             "CONCLAVE_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
             "CONCLAVE_DATABASE_URL": self.database_url,
+            "CONCLAVE_WITNESS_KEY": str(self.witness_key),
         }
 
 
@@ -136,6 +142,15 @@ class StackStatus:
     @property
     def services(self) -> tuple[ServiceStatus, ...]:
         return (self.kafka, self.postgres)
+
+
+DEV_WITNESS_ORIGIN = "conclave.localhost/witness"
+"""The embedded stack's log name (and its key's name)."""
+
+
+def dev_witness_key(home: Path) -> Path:
+    """Where the embedded stack under ``home`` keeps its witness signing key."""
+    return home / "witness" / f"{DEV_WITNESS_ORIGIN.replace('/', '_')}.key"
 
 
 class _PortInUse(Exception):
@@ -209,9 +224,26 @@ class EmbeddedStack:
             info = StackInfo(home=self.home, kafka_port=kport, pg_port=pport, started=bool(started))
             self._write_json(
                 stack_file(self.home),
-                {"kafka_bootstrap": info.kafka_bootstrap, "database_url": info.database_url},
+                {
+                    "kafka_bootstrap": info.kafka_bootstrap,
+                    "database_url": info.database_url,
+                    "witness_key": str(self._witness_key()),
+                },
             )
             return info
+
+    def _witness_key(self) -> Path:
+        """The embedded stack's witness signing key, made on first start: so that a laptop
+        gets signed checkpoints with no set-up. Production brings its own
+        (``CONCLAVE_WITNESS_KEY``)."""
+        from conclave.transparency.keyfiles import write_key_pair
+        from conclave.transparency.keys import SignerKey
+
+        private = dev_witness_key(self.home)
+        if not private.exists():
+            written, _ = write_key_pair(SignerKey.generate(DEV_WITNESS_ORIGIN), private.parent)
+            assert written == private
+        return private
 
     def down(self) -> list[str]:
         """Stop Conclave's own processes that use this home, then PostgreSQL, then the

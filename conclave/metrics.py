@@ -88,6 +88,11 @@ GAUGES: Mapping[str, tuple[str, tuple[str, ...]]] = {
         (GROUP, DESTINATION, PARTITION),
     ),
     "conclave_witness_log_size": ("Entries in the witness log", ()),
+    "conclave_witness_checkpoint_size": ("Entries under the last signed checkpoint", ()),
+    "conclave_witness_checkpoint_age_seconds": (
+        "Time since the witness shard last signed a checkpoint",
+        (),
+    ),
     "conclave_agents_running": ("Agents of this runtime host working on an attempt", ("pool",)),
     "conclave_projection_lag_records": (
         "Records on a history topic not yet folded into the read models",

@@ -117,6 +117,13 @@ class Settings:
     answer_grace_s: float = 30.0
     """How much longer the scheduler waits for an answer before it stalls the attempt
     (the host died or cannot reach the broker) and retries or dead-letters the task."""
+    witness_key: Path | None = None
+    """The witness log's signing key (``conclave witness keygen``): with one, the witness
+    processor publishes signed checkpoints; without, none."""
+    checkpoint_every: int = 1000
+    """A checkpoint after this many new entries..."""
+    checkpoint_interval_s: float = 10.0
+    """...or this long after the last one, if the log grew since."""
     trace_sample_ratio: float = 0.1
     trace_sampler_from_env: bool = False
     """``OTEL_TRACES_SAMPLER`` is set: the OpenTelemetry SDK's sampler, not the ratio."""
@@ -152,10 +159,13 @@ class Settings:
         home = Path(env.get("CONCLAVE_HOME", ".conclave"))
         kafka = env.get("CONCLAVE_KAFKA_BOOTSTRAP", "")
         database = env.get("CONCLAVE_DATABASE_URL", "")
+        witness_key = env.get("CONCLAVE_WITNESS_KEY", "")
         if not kafka or not database:
             recorded = _read_stack_file(home)
             kafka = kafka or recorded.get("kafka_bootstrap", "")
             database = database or recorded.get("database_url", "")
+            # The embedded stack's own key, made by `conclave dev up`.
+            witness_key = witness_key or recorded.get("witness_key", "")
         if not kafka or not database:
             raise StackError(
                 "no broker or database configured: run `conclave dev up` "
@@ -181,6 +191,9 @@ class Settings:
             breaker_cooldown_s=_float(env, "CONCLAVE_BREAKER_COOLDOWN_S", 30.0),
             task_timeout_s=_float(env, "CONCLAVE_TASK_TIMEOUT_S", 300.0),
             answer_grace_s=_float(env, "CONCLAVE_ANSWER_GRACE_S", 30.0),
+            witness_key=Path(key) if (key := witness_key) else None,
+            checkpoint_every=_int(env, "CONCLAVE_CHECKPOINT_EVERY", 1000),
+            checkpoint_interval_s=_float(env, "CONCLAVE_CHECKPOINT_INTERVAL_S", 10.0),
             trace_sample_ratio=_float(env, "CONCLAVE_TRACE_SAMPLE_RATIO", 0.1),
             trace_sampler_from_env=bool(env.get("OTEL_TRACES_SAMPLER")),
             trace_exporter=_trace_exporter(env),

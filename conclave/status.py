@@ -66,8 +66,10 @@ class Status:
     """Host state -> how many."""
     witness_head: int
     witness_head_at: int | None
-    checkpoint: str | None
-    """The last signed checkpoint; ``None``: none published yet."""
+    checkpoint_size: int | None
+    """Entries the last signed checkpoint covers; ``None``: none published yet."""
+    checkpoint_at: int | None
+    checkpoint_origin: str | None
     dead_letters_last_hour: int
     bad_records_last_hour: int
     """Records dead-lettered as malformed (not tasks) in the last hour."""
@@ -94,6 +96,9 @@ async def gather(settings: Settings, db: asyncpg.Pool) -> Status:
     head = await db.fetchrow(
         "SELECT sequence, recorded_at FROM witness_entries ORDER BY sequence DESC LIMIT 1"
     )
+    checkpoint = await db.fetchrow(
+        "SELECT origin, tree_size, signed_at FROM checkpoints ORDER BY signed_at DESC LIMIT 1"
+    )
     silent_after = int(3 * settings.heartbeat_interval_s * 1e6)
     agents = await queries.list_agents(db, now, silent_after_us=silent_after)
     hosts = await queries.list_hosts(db, now)
@@ -114,7 +119,9 @@ async def gather(settings: Settings, db: asyncpg.Pool) -> Status:
         hosts=dict(Counter(h.state for h in hosts)),
         witness_head=head["sequence"] if head is not None else 0,
         witness_head_at=head["recorded_at"] if head is not None else None,
-        checkpoint=None,  # signed checkpoints are not published by the processors yet
+        checkpoint_size=checkpoint["tree_size"] if checkpoint is not None else None,
+        checkpoint_at=checkpoint["signed_at"] if checkpoint is not None else None,
+        checkpoint_origin=checkpoint["origin"] if checkpoint is not None else None,
         dead_letters_last_hour=int(dead),
         bad_records_last_hour=int(bad),
         problems=problems,

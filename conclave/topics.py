@@ -91,6 +91,11 @@ class Topics:
         return f"{self.prefix}.witness"
 
     @property
+    def checkpoints(self) -> str:
+        """Signed checkpoints of the witness log's Merkle tree (key: the log's origin)."""
+        return f"{self.prefix}.checkpoints"
+
+    @property
     def deadletter(self) -> str:
         """Records a processor could not use, with reason and original bytes."""
         return f"{self.prefix}.deadletter"
@@ -116,6 +121,7 @@ class Topics:
             self.tasks,
             self.outputs,
             self.witness,
+            self.checkpoints,
             self.deadletter,
             self.control,
         ]
@@ -133,6 +139,7 @@ class Topics:
             TopicSpec(self.tasks, n, KEEP_FOREVER, "task schedule events"),
             TopicSpec(self.outputs, n, KEEP_FOREVER, "agent outputs and failures"),
             TopicSpec(self.witness, 1, KEEP_FOREVER, "witness log (hash chain)"),
+            TopicSpec(self.checkpoints, 1, KEEP_FOREVER, "signed witness checkpoints"),
             TopicSpec(self.deadletter, 1, KEEP_FOREVER, "dead-letter records"),
             TopicSpec(self.workers, 1, KEEP_AN_HOUR, "processor workers' beats and shards"),
             TopicSpec(self.snapshots("scheduler"), n, KEEP_A_WEEK, "scheduler snapshots"),

@@ -3,6 +3,7 @@ and dropping the read models to fold them again from offset 0."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from conclave.bus import read_history, topics_for
-from conclave.domain.events import WitnessEntry
+from conclave.domain.events import WitnessCheckpoint, WitnessEntry
 from conclave.domain.witness import ChainViolation, check_subjects, digest, first_violation
 from conclave.errors import SchemaError
 from conclave.settings import Settings
@@ -40,6 +41,19 @@ def verify_entries(
     violation = first_violation(listed)
     head = listed[-1].entry_hash.hex() if listed else "0" * 64
     return VerifyResult(source, len(listed), head, violation, tuple(findings))
+
+
+async def published_checkpoints(settings: Settings) -> list[WitnessCheckpoint]:
+    """The signed checkpoints on the checkpoints topic, oldest first (unreadable records
+    are skipped: a checkpoint is only ever trusted after its signature is checked)."""
+    codec = default_codec()
+    found: list[WitnessCheckpoint] = []
+    async for record in read_history(settings, [topics_for(settings).checkpoints]):
+        with contextlib.suppress(SchemaError):
+            _, event = codec.decode(record.value)
+            if isinstance(event, WitnessCheckpoint):
+                found.append(event)
+    return found
 
 
 async def topic_entries(settings: Settings) -> tuple[list[WitnessEntry], list[str]]:

@@ -66,6 +66,7 @@ READ_MODEL_TABLES = (
     "outputs",
     "task_failures",
     "witness_entries",
+    "checkpoints",
     "agents",
     "hosts",
     "system_events",

@@ -56,6 +56,7 @@ from conclave.domain.events import (
     TaskQueued,
     TaskRetryScheduled,
     TaskStalled,
+    WitnessCheckpoint,
     WitnessEntry,
 )
 from conclave.domain.retry import retry_of
@@ -331,6 +332,16 @@ WITNESS_ENTRIES = Table(
         ("attempt", "integer"),
     ),
 )
+CHECKPOINTS = Table(
+    "checkpoints",
+    (
+        ("origin", "text"),
+        ("tree_size", "bigint"),
+        ("root_hash", "bytea"),
+        ("note", "text"),
+        ("signed_at", "bigint"),
+    ),
+)
 SYSTEM_EVENTS = Table(
     "system_events",
     (
@@ -381,6 +392,7 @@ APPENDS = (
     OUTPUTS,
     TASK_FAILURES,
     WITNESS_ENTRIES,
+    CHECKPOINTS,
     SYSTEM_EVENTS,
     POOL_SETTINGS,
     DEAD_LETTERS,
@@ -657,6 +669,10 @@ APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
             env.occurred_at,
         ),
     ),
+    WitnessCheckpoint: (
+        CHECKPOINTS,
+        lambda env, e: (e.origin, e.tree_size, e.root_hash, e.note, env.occurred_at),
+    ),
     Halt: (SYSTEM_EVENTS, _system),
     Resume: (SYSTEM_EVENTS, _system),
     PoolConfigured: (
@@ -692,6 +708,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
         topics.tasks: TASKS_TOPIC_EVENTS,
         topics.outputs: (AgentOutput, TaskFailed),
         topics.witness: (WitnessEntry,),
+        topics.checkpoints: (WitnessCheckpoint,),
         topics.deadletter: (DeadLetterRecord,),
         topics.control: (Halt, Resume, PoolConfigured),
     }

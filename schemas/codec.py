@@ -62,6 +62,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.TaskExpired,
     ev.TaskDependencyFailed,
     ev.WitnessEntry,
+    ev.WitnessCheckpoint,
     ev.DeadLetterRecord,
     ev.Halt,
     ev.Resume,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -19,6 +20,7 @@ from aiokafka import TopicPartition
 from conclave import metrics
 from conclave.bus import Outgoing, Position
 from conclave.domain import witness
+from conclave.domain.checkpoint import Checkpoint
 from conclave.domain.events import (
     AgentOutput,
     Event,
@@ -26,13 +28,18 @@ from conclave.domain.events import (
     PoolConfigured,
     Resume,
     TaskFailed,
+    WitnessCheckpoint,
     WitnessEntry,
+    now_us,
 )
+from conclave.domain.merkle import CompactRange, leaf_hash
 from conclave.domain.validation import invalid_command
 from conclave.errors import SchemaError, WitnessChainError
 from conclave.records import Record
 from conclave.topics import SHARD_HEADER, Topics
 from conclave.tracing import hop
+from conclave.transparency.keys import SignerKey
+from conclave.transparency.note import sign_note
 from streams.core import Emitter, Source
 
 __all__ = ["WITNESS_KEY", "WitnessShard"]
@@ -48,16 +55,32 @@ class WitnessShard:
     name = "witness-0"
 
     def __init__(
-        self, topics: Topics, partitions: int, emitter: Emitter, *, window: int = 100_000
+        self,
+        topics: Topics,
+        partitions: int,
+        emitter: Emitter,
+        *,
+        window: int = 100_000,
+        signer: SignerKey | None = None,
+        checkpoint_every: int = 1000,
+        checkpoint_interval_s: float = 10.0,
     ) -> None:
         self.topics = topics
         self.partitions = partitions
         self.emitter = emitter
         self.window = window
         """How many recently witnessed event ids are remembered to drop a re-sent copy."""
+        self.signer = signer
+        """Signs checkpoints; ``None``: none are published."""
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_us = int(checkpoint_interval_s * 1_000_000)
         self.head = witness.ChainHead()
         self.positions: Position = {}
         self.recent: OrderedDict[str, None] = OrderedDict()
+        self.tree = CompactRange()
+        """The Merkle tree's right edge over every entry: what a checkpoint's root needs."""
+        self.checkpointed = (0, 0)
+        """Size and time (µs) of the last checkpoint this shard signed."""
 
     def inputs(self) -> list[TopicPartition]:
         outputs = [TopicPartition(self.topics.outputs, p) for p in range(self.partitions)]
@@ -76,11 +99,18 @@ class WitnessShard:
         self.head = witness.ChainHead()
         self.positions = {}
         self.recent = OrderedDict()
+        self.tree = CompactRange()
+        self.checkpointed = (0, 0)
         if state is None:
             return
         self.head = witness.ChainHead(int(state["sequence"]), bytes.fromhex(state["hash"]))
         self.positions = {TopicPartition(t, int(p)): int(o) for t, p, o in state["positions"]}
         self.recent = OrderedDict.fromkeys(state["recent"])
+        # A snapshot from before the tree was kept has no "peaks": unusable (KeyError),
+        # so the shard folds its log from the start instead.
+        self.tree = CompactRange(self.head.sequence, [bytes.fromhex(p) for p in state["peaks"]])
+        size, at = state["checkpointed"]
+        self.checkpointed = (int(size), int(at))
 
     def snapshot(self) -> Mapping[str, Any]:
         return {
@@ -88,6 +118,8 @@ class WitnessShard:
             "hash": self.head.hash.hex(),
             "positions": [[tp.topic, tp.partition, o] for tp, o in sorted(self.positions.items())],
             "recent": list(self.recent),
+            "peaks": [peak.hex() for peak in self.tree.peaks],
+            "checkpointed": list(self.checkpointed),
         }
 
     def fold(self, record: Record, source: Source) -> list[Outgoing]:
@@ -116,6 +148,7 @@ class WitnessShard:
 
     def _remember(self, entry: WitnessEntry) -> None:
         self.head = self.head.advance(entry)
+        self.tree.append_hash(leaf_hash(witness.leaf_bytes(entry)))
         self.recent[entry.subject_event_id] = None
         while len(self.recent) > self.window:
             self.recent.popitem(last=False)
@@ -179,13 +212,52 @@ class WitnessShard:
             # The next record of this batch chains onto this entry.
             self._remember(entry)
             metrics.witnessed.inc()
+        if self._checkpoint_due(now):
+            out.append(self._checkpoint(now))
         return out
+
+    def _checkpoint_due(self, now: int) -> bool:
+        size, at = self.checkpointed
+        grown = self.tree.size - size
+        if self.signer is None or grown <= 0:
+            return False
+        return grown >= self.checkpoint_every or now >= at + self.checkpoint_interval_us
+
+    def _checkpoint(self, now: int) -> Outgoing:
+        """A signed checkpoint of the tree as it stands after this batch, written in the
+        batch's transaction: never of entries that were not committed."""
+        assert self.signer is not None
+        signed_at = datetime.fromtimestamp(now / 1e6, UTC).isoformat().replace("+00:00", "Z")
+        checkpoint = Checkpoint(
+            origin=self.signer.name,
+            size=self.tree.size,
+            root=self.tree.root(),
+            extensions=(f"time {signed_at}",),
+        )
+        self.checkpointed = (self.tree.size, now)
+        event = WitnessCheckpoint(
+            origin=checkpoint.origin,
+            tree_size=checkpoint.size,
+            root_hash=checkpoint.root,
+            note=sign_note(checkpoint.text(), [self.signer]),
+        )
+        return self.emitter.event(
+            self.topics.checkpoints, 0, checkpoint.origin, event, now=now, causation=None
+        )
 
     def gauges(self) -> Iterator[metrics.Sample]:
         yield "conclave_witness_log_size", (), self.head.sequence
+        size, at = self.checkpointed
+        if at:
+            yield "conclave_witness_checkpoint_size", (), size
+            yield "conclave_witness_checkpoint_age_seconds", (), max(0.0, (now_us() - at) / 1e6)
 
     def next_due(self) -> int | None:
-        return None
+        """The next checkpoint by time, if the log grew since the last one."""
+        size, at = self.checkpointed
+        if self.signer is None or self.tree.size <= size:
+            return None
+        return at + self.checkpoint_interval_us
 
 
 _CONTROL = (Halt, Resume, PoolConfigured)

@@ -25,6 +25,7 @@ from conclave.errors import BrokerUnavailable, ConfigError, Fenced
 from conclave.feed import Feed
 from conclave.outage import Outage
 from conclave.settings import Settings
+from conclave.transparency.keyfiles import read_signer
 from schemas.codec import default_codec
 from streams.core import Clock, Emitter, Shard, ShardRunner
 from streams.membership import Membership
@@ -203,7 +204,14 @@ def build_shard(settings: Settings, name: str, partitions: int) -> Shard:
             breaker_cooldown_s=settings.breaker_cooldown_s,
         )
     if kind == "witness":
-        return WitnessShard(topics, partitions, emitter)
+        return WitnessShard(
+            topics,
+            partitions,
+            emitter,
+            signer=read_signer(settings.witness_key) if settings.witness_key else None,
+            checkpoint_every=settings.checkpoint_every,
+            checkpoint_interval_s=settings.checkpoint_interval_s,
+        )
     raise ConfigError(f"unknown shard {name!r}")
 
 

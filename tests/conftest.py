@@ -42,7 +42,14 @@ def stack() -> Iterator[StackInfo]:
 @pytest.fixture(scope="session")
 def settings(stack: StackInfo) -> Settings:
     """Settings pointing at the session's stack, with a topic prefix of its own."""
-    return Settings.from_env({**stack.env(), "CONCLAVE_TOPIC_PREFIX": f"t{secrets.token_hex(4)}"})
+    return Settings.from_env(
+        {
+            **stack.env(),
+            "CONCLAVE_TOPIC_PREFIX": f"t{secrets.token_hex(4)}",
+            # Checkpoints signed within a second of the log growing: tests wait less.
+            "CONCLAVE_CHECKPOINT_INTERVAL_S": "1",
+        }
+    )
 
 
 # Property tests check behaviour, not speed: on a shared 2-core machine (integration

@@ -50,6 +50,7 @@ __all__ = [
     "TaskRetryScheduled",
     "TaskStalled",
     "TaskSubmitted",
+    "WitnessCheckpoint",
     "WitnessEntry",
     "WorkerBeat",
     "new_envelope",
@@ -512,6 +513,22 @@ class WitnessEntry:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class WitnessCheckpoint:
+    """The witness log's Merkle tree head at ``tree_size``, signed: what a third party
+    keeps to check proofs against (see docs/witness.md, "Signed checkpoints")."""
+
+    TYPE: ClassVar[str] = "witness.checkpoint"
+    origin: str
+    """The log's name: the signing key's name (the C2SP convention)."""
+    tree_size: int
+    """Entries 1 .. ``tree_size`` are under ``root_hash``."""
+    root_hash: bytes
+    note: str
+    """The C2SP signed note: the ``tlog-checkpoint`` text and its Ed25519 signature
+    lines, exactly as signed (what checkpoint tooling reads)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeadLetterRecord:
     """Bytes a processor could not use, kept with the reason and where they came from."""
 
@@ -602,6 +619,7 @@ Event = (
     | TaskExpired
     | TaskDependencyFailed
     | WitnessEntry
+    | WitnessCheckpoint
     | DeadLetterRecord
     | Halt
     | Resume

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 __all__ = [
     "EMPTY_ROOT",
     "HASH_SIZE",
+    "CompactRange",
     "InvalidProof",
     "MerkleTree",
     "leaf_hash",
@@ -213,6 +214,39 @@ class MerkleTree:
             level = n.bit_length() - 1
             return self._stored(level, start >> level)
         return ragged[start]
+
+
+class CompactRange:
+    """The right edge of a tree: the roots of the complete subtrees that make up its size
+    (one per set bit, largest first). Enough to append and to compute the root, in
+    O(log n) memory: what the witness processor keeps to sign checkpoints, where
+    :class:`MerkleTree` keeps everything needed to prove."""
+
+    __slots__ = ("peaks", "size")
+
+    def __init__(self, size: int = 0, peaks: Sequence[bytes] = ()) -> None:
+        if len(peaks) != size.bit_count() or any(len(p) != HASH_SIZE for p in peaks):
+            raise ValueError(f"a range of size {size} has {size.bit_count()} peaks of 32 bytes")
+        self.size = size
+        self.peaks = list(peaks)
+
+    def append_hash(self, leaf: bytes) -> None:
+        """Add a leaf by its hash: merges the equal-sized subtrees it completes."""
+        node, size = leaf, self.size
+        while size & 1:  # the lowest peak is as large as the new node: merge them
+            node = node_hash(self.peaks.pop(), node)
+            size >>= 1
+        self.peaks.append(node)
+        self.size += 1
+
+    def root(self) -> bytes:
+        """MTH of the leaves appended so far."""
+        if not self.peaks:
+            return EMPTY_ROOT
+        node = self.peaks[-1]
+        for peak in reversed(self.peaks[:-1]):
+            node = node_hash(peak, node)
+        return node
 
 
 def _check_hashes(what: str, hashes: Iterable[bytes]) -> None:

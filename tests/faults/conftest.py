@@ -38,7 +38,9 @@ from conclave.domain.events import (
 )
 from conclave.errors import SchemaError
 from conclave.settings import Settings
-from conclave.verify import rebuild, verify_sources
+from conclave.transparency.keyfiles import read_verifier
+from conclave.transparency.proofs import open_checkpoint, tree_of
+from conclave.verify import published_checkpoints, rebuild, topic_entries, verify_sources
 from projections.database import READ_MODEL_TABLES, connect, migrate
 from projections.projector import Projector
 from schemas.codec import default_codec
@@ -78,6 +80,7 @@ class Cluster:
             "CONCLAVE_POOL_CAPACITY": str(s.pool_capacity),
             "CONCLAVE_HOME": str(self.home),
             "CONCLAVE_LOG_LEVEL": os.environ.get("CONCLAVE_LOG_LEVEL", "INFO"),
+            "CONCLAVE_WITNESS_KEY": str(s.witness_key or ""),
             "COLUMNS": "200",
             **self.extra_env,
         }
@@ -329,9 +332,25 @@ async def check_invariants(cluster: Cluster, task_ids: Iterable[str]) -> Ledger:
     )
     for result in await verify_sources(settings, "topic"):
         assert result.violation is None, result.violation
+    await checkpoints_sign_the_chain(settings)
     await projected_on_its_own(cluster, found.terminal)
     await read_models_equal_rebuild(cluster)
     return found
+
+
+async def checkpoints_sign_the_chain(settings: Settings) -> None:
+    """Every checkpoint published through the faults opens with the log's public key and
+    signs the root of the entries on the topic at its size: a crash between an entry and
+    its checkpoint never signs a tree that is not the log's."""
+    assert settings.witness_key is not None
+    public = read_verifier(str(settings.witness_key.with_suffix(".vkey")))
+    tree = tree_of((await topic_entries(settings))[0])
+    published = await published_checkpoints(settings)
+    assert published, "no checkpoint was published"
+    for checkpoint in published:
+        opened = open_checkpoint(checkpoint.note, [public]).checkpoint
+        assert opened.size <= tree.size, (opened.size, tree.size)
+        assert opened.root == tree.root(opened.size), f"checkpoint of size {opened.size}"
 
 
 async def read_models_equal_rebuild(cluster: Cluster) -> None:

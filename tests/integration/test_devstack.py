@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from conclave.devstack import EmbeddedStack, StackInfo
+from conclave.devstack import DEV_WITNESS_ORIGIN, EmbeddedStack, StackInfo
 from conclave.errors import StackError
 from conclave.settings import Settings, stack_file
 
@@ -67,10 +67,15 @@ def test_stack_file_holds_the_settings(stack: StackInfo) -> None:
     assert recorded == {
         "kafka_bootstrap": f"127.0.0.1:{stack.kafka_port}",
         "database_url": f"postgresql://postgres@127.0.0.1:{stack.pg_port}/conclave",
+        "witness_key": str(stack.witness_key),
     }
     from_file = Settings.from_env({"CONCLAVE_HOME": str(stack.home)})
     assert from_file.kafka_bootstrap == stack.kafka_bootstrap
     assert from_file.database_url == stack.database_url
+    # The stack's own signing key, private to its owner, with its public half beside it.
+    assert from_file.witness_key == stack.witness_key
+    assert stack.witness_key.stat().st_mode & 0o777 == 0o600
+    assert stack.witness_key.with_suffix(".vkey").read_text().startswith(DEV_WITNESS_ORIGIN)
 
 
 def test_status_reports_running(stack: StackInfo) -> None:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from conclave.domain.merkle import (
     EMPTY_ROOT,
+    CompactRange,
     InvalidProof,
     MerkleTree,
     leaf_hash,
@@ -396,3 +397,26 @@ def test_powers_of_two_and_one_past_them(size: int) -> None:
             verify_consistency(
                 old, size, tree.root(old), tree.root(), tree.consistency_proof(old, size)
             )
+
+
+@given(st.lists(st.binary(max_size=8), max_size=300))
+def test_a_compact_range_has_the_root_of_the_full_tree_at_every_size(leaves: list[bytes]) -> None:
+    tree = MerkleTree()
+    compact = CompactRange()
+    assert compact.root() == tree.root() == EMPTY_ROOT
+    for data in leaves:
+        tree.append(data)
+        compact.append_hash(leaf_hash(data))
+        assert compact.size == tree.size
+        assert len(compact.peaks) == tree.size.bit_count()  # O(log n), whatever n
+        assert compact.root() == tree.root()
+    # What a snapshot keeps (size and peaks) is enough to go on appending.
+    resumed = CompactRange(compact.size, compact.peaks)
+    resumed.append_hash(leaf_hash(b"next"))
+    tree.append(b"next")
+    assert resumed.root() == tree.root()
+
+
+def test_a_compact_range_refuses_peaks_that_do_not_fit_its_size() -> None:
+    with pytest.raises(ValueError, match="3 peaks"):
+        CompactRange(7, [b"\x00" * 32] * 2)
