@@ -47,6 +47,7 @@ __all__ = [
     "committed_offsets",
     "committed_positions",
     "ensure_topics",
+    "fence",
     "new_consumer",
     "read_history",
     "topics_for",
@@ -344,32 +345,14 @@ class TransactionalProducer:
         return f"{self.name}.{self.incarnation}"
 
     def _new_producer(self, transactional_id: str) -> AIOKafkaProducer:
-        return AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            client_id=f"conclave-{transactional_id}",
-            transactional_id=transactional_id,
-            enable_idempotence=True,
-            linger_ms=0,
-            acks="all",
-            request_timeout_ms=10_000,
-            max_batch_size=1 << 20,
-            **kafka_options(self.settings),
-        )
+        return _transactional(self.settings, transactional_id)
 
     async def start(self, *, initial: int | None = None) -> None:
         """Fence the previous instance and claim the next incarnation. With nothing
         committed yet, the claim commits ``initial`` (default: the anchor's beginning)."""
         await self.stop()
-        last = (await committed_offsets(self.settings, self.name, [self.anchor])).get(self.anchor)
+        last = await fence(self.settings, self.name, self.anchor)
         previous, self.note = _incarnation(last.metadata if last is not None else "")
-        if last is not None:
-            fence = self._new_producer(f"{self.name}.{previous}")
-            try:
-                await fence.start()  # InitProducerId: bumps the epoch, aborts its open txn
-            except KafkaError as exc:
-                raise BrokerUnavailable(f"cannot fence {self.name}.{previous}: {exc}") from exc
-            finally:
-                await fence.stop()
         self.incarnation = previous + 1
         self._producer = self._new_producer(self.transactional_id)
         try:
@@ -505,6 +488,42 @@ class TransactionalProducer:
             firsts[tp] = min(firsts.get(tp, metadata.offset), metadata.offset)
             ends[tp] = max(ends.get(tp, 0), metadata.offset + count)
         return firsts, ends
+
+
+def _transactional(settings: Settings, transactional_id: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=f"conclave-{transactional_id}",
+        transactional_id=transactional_id,
+        enable_idempotence=True,
+        linger_ms=0,
+        acks="all",
+        request_timeout_ms=10_000,
+        max_batch_size=1 << 20,
+        **kafka_options(settings),
+    )
+
+
+async def fence(settings: Settings, name: str, anchor: TopicPartition) -> OffsetAndMetadata | None:
+    """Fence the current incarnation of the :class:`TransactionalProducer` ``name``: the
+    transaction it left open is aborted (readers stop waiting on it) and its next write
+    fails with :class:`Fenced`. What a successor does on start, and what the scheduler
+    does to a runtime host it judged lost: a dead writer's open transaction would
+    otherwise hold back every ``read_committed`` reader of the partitions it wrote (the
+    embedded broker never times a transaction out). Returns what ``name`` last
+    committed at ``anchor``; nothing to fence when it never committed."""
+    last: OffsetAndMetadata | None = (await committed_offsets(settings, name, [anchor])).get(anchor)
+    if last is None:
+        return None
+    transactional_id = f"{name}.{_incarnation(last.metadata)[0]}"
+    producer = _transactional(settings, transactional_id)
+    try:
+        await producer.start()  # InitProducerId: bumps the epoch, aborts its open txn
+    except KafkaError as exc:
+        raise BrokerUnavailable(f"cannot fence {transactional_id}: {exc}") from exc
+    finally:
+        await producer.stop()
+    return last
 
 
 def _incarnation(metadata: str) -> tuple[int, str]:

@@ -39,6 +39,7 @@ from conclave.bus import (
     Position,
     TransactionalProducer,
     committed_positions,
+    fence,
     new_consumer,
     read_history,
 )
@@ -117,6 +118,11 @@ class Shard(Protocol):
 
     def gauges(self) -> Iterable[metrics.Sample]:
         """What the shard's state says for the metrics endpoint, read at scrape time."""
+        ...
+
+    def fences(self) -> list[tuple[str, TopicPartition]]:
+        """Transactional writers (name, anchor) to fence now that the last batch is
+        committed (a runtime host judged lost), taken once."""
         ...
 
 
@@ -355,6 +361,7 @@ class ShardRunner:
                     out + snapshot, positions, expect=self._changelog_end
                 )
                 outage.recovered()
+                await self._fence()
                 self._pending = []
                 self._positions.update(positions)
                 for tp in shard.changelog():
@@ -365,6 +372,18 @@ class ShardRunner:
                 self._count(batch, out, time.perf_counter() - started)
         finally:
             stopping.cancel()
+
+    async def _fence(self) -> None:
+        """Fence the writers the committed batch judged dead. A failure is logged, not
+        fatal: the writer's successor fences it too, and Kafka proper also aborts an
+        abandoned transaction after its timeout."""
+        for name, anchor in self.shard.fences():
+            try:
+                await fence(self.settings, name, anchor)
+            except BrokerUnavailable as exc:
+                log.warning("%s: could not fence %s: %s", self.shard.name, name, exc)
+            else:
+                log.info("%s: fenced %s", self.shard.name, name)
 
     def _count(
         self, batch: Mapping[TopicPartition, list[Any]], out: list[Outgoing], elapsed: float

@@ -137,6 +137,10 @@ class SchedulerShard:
         """When the last batch with records came (None: not since the start)."""
         self._judge_hosts_from: int | None = None
         """No host is judged lost before this (None: not stepped since the start)."""
+        self._to_fence: set[str] = set()
+        """Hosts judged lost in a batch not yet committed: fenced once it is."""
+        self._recovered = True
+        """Restored and not stepped yet: the hosts still lost are fenced again."""
         self._shard_header = b"%d" % index
         self._commands = set(topics.commands)
         self._priority_of = {topics.command(p): p for p in Priority}
@@ -174,6 +178,8 @@ class SchedulerShard:
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
         self._heard_at = self._judge_hosts_from = None  # leases count again from the start
+        self._to_fence = set()
+        self._recovered = True
         if state is None:
             self.state = scheduling.SchedulerState(capacity=self.capacity)
             self.origins = {}
@@ -269,6 +275,7 @@ class SchedulerShard:
                 if isinstance(lost, HostLost):
                     metrics.hosts_lost.labels(lost.pool).inc()
                     log.warning("%s: %s", self.name, lost.reason)
+                    self._to_fence.add(lost.host_id)
         self._fold(scheduling.expire(self.state, now), decided)
         opened = scheduling.tripped(
             self.state, now, threshold=self.breaker_failures, cooldown_us=self.breaker_cooldown_us
@@ -455,6 +462,22 @@ class SchedulerShard:
         if isinstance(event, PoolConfigured) and (reason := invalid_command(event)):
             return reason, "InvalidCommand"  # e.g. a negative capacity, produced by hand
         return None
+
+    def fences(self) -> list[tuple[str, TopicPartition]]:
+        """Runtime hosts judged lost, fenced once that is committed: a host killed in the
+        middle of a transaction would otherwise hold back every reader of the outputs it
+        was writing. After a recovery, every host still lost is fenced again (the worker
+        may have died between the judgement and the fence)."""
+        if self._recovered:
+            self._recovered = False
+            self._to_fence |= {
+                host
+                for host, lease in self.state.hosts.items()
+                if lease.judged is not None and lease.overdue() is None
+            }
+        hosts, self._to_fence = self._to_fence, set()
+        anchor = TopicPartition(self.topics.tasks, self.index)  # where hosts of my pools anchor
+        return [(f"{self.topics.prefix}.runtime.{host}", anchor) for host in sorted(hosts)]
 
     def gauges(self) -> Iterator[metrics.Sample]:
         """The schedule as it stands, for the metrics endpoint (read at scrape time)."""

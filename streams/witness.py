@@ -245,6 +245,9 @@ class WitnessShard:
             self.topics.checkpoints, 0, checkpoint.origin, event, now=now, causation=None
         )
 
+    def fences(self) -> list[tuple[str, TopicPartition]]:
+        return []
+
     def gauges(self) -> Iterator[metrics.Sample]:
         yield "conclave_witness_log_size", (), self.head.sequence
         size, at = self.checkpointed

@@ -3,13 +3,20 @@ embedded stack (the session's worker runs with the default threshold, 10 failure
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import asyncpg
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 
+from conclave.bus import TransactionalProducer, topics_for
+from conclave.domain.events import HostBeat, now_us
 from conclave.runtime.agents import AgentContext, TransientFailure
 from conclave.settings import Settings
+from conclave.topics import pool_partition
 from projections import queries
 from tests.integration.conftest import System, eventually, has_status
 from tests.integration.test_skeleton import cli
@@ -54,3 +61,40 @@ async def _all_have(db: asyncpg.Pool, task_ids: list[str], status: str) -> bool:
 async def _state_of(settings: Settings, pool: str, agent_id: str, state: str) -> bool:
     shown = json.loads(cli(settings, "agents", "--pool", pool, "--json").stdout)
     return any(a["agent_id"] == agent_id and a["state"] == state for a in shown)
+
+
+async def test_a_host_that_died_inside_a_transaction_is_fenced_so_others_outputs_flow(
+    system: System,
+) -> None:
+    """A runtime host killed with -9 between writing an output and committing leaves a
+    transaction open on the outputs partition: every read_committed reader (the witness)
+    stops there, and the embedded broker never times it out. Once the scheduler judges
+    the host lost it fences the host's writer, which aborts that transaction."""
+    settings, client, pool = system.settings, system.client, system.pool
+    topics = topics_for(settings)
+    partition = pool_partition(pool, 1)
+    zombie = TransactionalProducer(
+        settings, f"{settings.topic_prefix}.runtime.zombie", TopicPartition(topics.tasks, partition)
+    )
+    await zombie.start()
+    writer = zombie._producer
+    assert writer is not None
+    await writer.begin_transaction()
+    await writer.send_and_wait(topics.outputs, b"half an answer", partition=partition)
+    # Its last beat: it dies now, its lease runs out in a second.
+    await client._producer.send(
+        topics.agents,
+        "zombie",
+        HostBeat(host_id="zombie", pool=pool, agent_ids=[], expires_at=now_us() + 1_000_000),
+        partition=partition,
+    )
+    try:
+        async with system.running(1):
+            task_id = await client.submit("after the zombie", pool=pool)
+            # Witnessed and completed only once the zombie's transaction is aborted.
+            await eventually(lambda: has_status(system.db, task_id, "completed"), within=60)
+        with pytest.raises(KafkaError):  # fenced: the zombie can never commit
+            await writer.commit_transaction()
+    finally:
+        with contextlib.suppress(KafkaError, TimeoutError):
+            await asyncio.wait_for(writer.stop(), 5)
