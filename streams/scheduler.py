@@ -82,10 +82,10 @@ QUIET_GAP_US = 3_000_000
 """Records stopped arriving for this long (a broker outage, a recovery, a stalled
 process): hosts' beats may not have reached us either."""
 HOST_GRACE_US = 5_000_000
-FENCE_AFTER_US = 15_000_000
-"""How long a host judged lost must stay lost (no beat) before its writer is fenced."""
 """After such a gap (and after starting), how long every host has to be heard from
 before it can be judged lost."""
+FENCE_AFTER_US = 15_000_000
+"""How long a host judged lost must stay lost (no beat) before its writer is fenced."""
 
 
 @dataclass(slots=True)
