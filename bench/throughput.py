@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -279,7 +280,7 @@ async def restart(
         system.stop()
     folded = sum(
         int(line.split(", ")[-1].split()[0])
-        for line in log.splitlines()
+        for line in map(_message, log.splitlines())
         if "recovered in" in line and "records folded" in line
     )
     broker_file = embedded.kafka_dir / "kafka.json"
@@ -292,6 +293,14 @@ async def restart(
         if broker_file.exists()
         else 0.0,
     )
+
+
+def _message(line: str) -> str:
+    """A log line's message: children log JSON lines (their stderr is not a terminal)."""
+    if line.startswith("{"):
+        with contextlib.suppress(ValueError):
+            return str(json.loads(line).get("message", ""))
+    return line
 
 
 def show_throughput(rows: list[ThroughputFigures]) -> None:

@@ -198,8 +198,9 @@ def db_migrate() -> None:
 
 @contextlib.asynccontextmanager
 async def _observed(settings: Settings, registered: Registered) -> AsyncIterator[None]:
-    """A service's telemetry for the block: a metrics endpoint whose port its run file
-    records (``conclave status`` reads it); its last spans exported when it ends."""
+    """A service's metrics endpoint for the block, its port in the service's run file
+    (``conclave status`` reads it). Spans still buffered are exported at exit by the
+    OpenTelemetry SDK itself."""
     server = None
     if settings.metrics:
         try:
@@ -213,7 +214,6 @@ async def _observed(settings: Settings, registered: Registered) -> AsyncIterator
     finally:
         if server is not None:
             await server.stop()
-        tracing.shutdown()
 
 
 @app.command()

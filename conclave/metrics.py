@@ -33,14 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram,
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = [
-    "GAUGES",
-    "MetricsServer",
-    "Probe",
-    "Sample",
-    "probe",
-    "serve",
-]
+__all__ = ["GAUGES", "MetricsServer", "Probe", "Sample", "serve", "unwatch", "watch"]
 
 log = logging.getLogger(__name__)
 
@@ -219,20 +212,9 @@ _probes = _Probes()
 REGISTRY.register(_probes)
 
 
-@contextlib.contextmanager
-def probe(read: Probe) -> Iterator[None]:
-    """Serve ``read``'s gauges while the block runs."""
-    _probes.probes.append(read)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            _probes.probes.remove(read)
-
-
 def watch(read: Probe) -> None:
-    """Serve ``read``'s gauges until :func:`unwatch` (for components whose life is not a
-    block: they register on start and leave on stop)."""
+    """Serve ``read``'s gauges until :func:`unwatch` (a component registers when it starts
+    and leaves when it stops)."""
     if read not in _probes.probes:
         _probes.probes.append(read)
 

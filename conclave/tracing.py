@@ -39,7 +39,6 @@ __all__ = [
     "done",
     "headers_for",
     "hop",
-    "shutdown",
     "tracer",
 ]
 
@@ -134,13 +133,6 @@ def _exporter(kind: str) -> SpanExporter | None:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     return OTLPSpanExporter()
-
-
-def shutdown() -> None:
-    """Export what is still buffered (a process that stops says its last spans)."""
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
-        provider.shutdown()
 
 
 @cache
