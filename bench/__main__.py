@@ -323,7 +323,7 @@ def main() -> None:
         rows, steady = asyncio.run(workloads.run_all(args.tasks))
         result["workloads"] = {"rows": [asdict(w) for w in rows], "steady": asdict(steady)}
     if args.only in (None, "telemetry"):
-        tracing_rows, scrapes = asyncio.run(telemetry.run(args.tasks))
+        tracing_rows, scrapes = telemetry.run_isolated(args.tasks, queued=args.tasks)
         result["telemetry"] = {
             "tracing": [asdict(r) for r in tracing_rows],
             "scrapes": [asdict(s) for s in scrapes],

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -250,14 +253,44 @@ def show(rows: list[TracingFigures], scrapes: list[ScrapeFigures]) -> None:
     console.print(table)
 
 
+def run_isolated(tasks: int, queued: int) -> tuple[list[TracingFigures], list[ScrapeFigures]]:
+    """:func:`run` in a process of its own: the sampling of submissions is this module's
+    to set, and a process that already traced something has its provider for good."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.telemetry",
+            "--tasks",
+            str(tasks),
+            "--queued",
+            str(queued),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    return (
+        [TracingFigures(**r) for r in data["tracing"]],
+        [ScrapeFigures(**s) for s in data["scrapes"]],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.telemetry")
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--queued", type=int, default=20_000)
+    parser.add_argument("--json", action="store_true", help="one JSON line, no tables")
     args = parser.parse_args()
     rows, scrapes = asyncio.run(run(args.tasks, args.queued))
+    figures = {"tracing": [asdict(r) for r in rows], "scrapes": [asdict(s) for s in scrapes]}
+    if args.json:
+        print(json.dumps(figures))
+        return
     show(rows, scrapes)
-    print({"tracing": [asdict(r) for r in rows], "scrapes": [asdict(s) for s in scrapes]})
+    print(figures)
 
 
 if __name__ == "__main__":
