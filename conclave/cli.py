@@ -91,7 +91,14 @@ def _settings(service: str = "cli") -> Settings:
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    """Run a command's coroutine; ``kill -USR1 PID`` prints where each of its coroutines
+    waits (what a test or an operator asks of a command that seems stuck)."""
+
+    async def main() -> T:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
+        return await coro
+
+    return asyncio.run(main())
 
 
 STOP_GRACE_S = 15.0

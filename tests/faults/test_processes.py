@@ -31,14 +31,24 @@ async def own_stack() -> AsyncIterator[OwnStack]:
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    """``conclave ARGS``; one that does not end in ``timeout`` fails the test with where
+    its coroutines were waiting (SIGUSR1) and what it printed."""
+    process = subprocess.Popen(
         [sys.executable, "-m", "conclave.cli", *args],
         env={**env, "COLUMNS": "200"},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"conclave {' '.join(args)}: no end in {timeout} s\n{stderr[-8000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 async def test_a_second_worker_with_the_same_id_is_refused_in_one_line(cluster: Cluster) -> None:
