@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +34,8 @@ from conclave.settings import Settings
 from conclave.verify import verify_sources
 from projections.database import connect, migrate
 from projections.projector import Projector
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DemoConfig", "DemoReport", "print_report", "run_demo"]
 
@@ -88,6 +91,19 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
         "p99": round(cuts[98], 2),
         "max": round(ordered[-1], 2),
     }
+
+
+VERIFY_TIMEOUT_S = 120.0
+
+
+async def _bounded(what: str, step: Awaitable[object], seconds: float) -> bool:
+    """Await a clean-up step for at most ``seconds``; say so and go on if it takes longer."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        log.warning("demo: %s took over %.0f s; going on without it", what, seconds)
+        return False
+    return True
 
 
 async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = True) -> DemoReport:
@@ -158,13 +174,17 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await projector.stop()
+        # Bounded: a clean-up that waits on a broker or a connection that went quiet
+        # must not turn a demo that finished into one that hangs (seen, rarely, in CI).
+        await _bounded("stopping the projector", projector.stop(), 20)
         processes.stop()
-        await db.close()
+        if not await _bounded("closing the database pool", db.close(), 10):
+            db.terminate()
     memory.sample()
     report.peak_rss_mb = {name: round(rss / 2**20, 1) for name, rss in memory.peak.items()}
     report.peak_rss_mb["total"] = round(memory.peak_total / 2**20, 1)
-    for result in await verify_sources(settings):
+    results = await asyncio.wait_for(verify_sources(settings), VERIFY_TIMEOUT_S)
+    for result in results:
         report.chain_entries = max(report.chain_entries, result.entries)
         report.witness_head = result.head_hex
         if result.violation is not None:
