@@ -41,10 +41,14 @@ def show_agents(
         raise typer.BadParameter(f"{state!r} is not one of {', '.join(AGENT_STATES)}")
     settings = Settings.from_env()
     now = int(time.time() * 1e6)
-    silent_after = int(3 * settings.heartbeat_interval_s * 1e6)
     views = _query(
         lambda db: list_agents(
-            db, now, silent_after_us=silent_after, in_pool=pool, host_id=host, state=state
+            db,
+            now,
+            silent_after_us=settings.silent_after_us,
+            in_pool=pool,
+            host_id=host,
+            state=state,
         )
     )
     _show(

@@ -206,6 +206,11 @@ class Settings:
             producer_linger_ms=_int(env, "CONCLAVE_PRODUCER_LINGER_MS", 0),
         )
 
+    @property
+    def silent_after_us(self) -> int:
+        """An agent with no heartbeat for this long shows as ``silent``: three periods."""
+        return int(3 * self.heartbeat_interval_s * 1_000_000)
+
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests use their own topic prefix)."""
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -90,40 +90,25 @@ async def gather(settings: Settings, db: asyncpg.Pool) -> Status:
     except BrokerUnavailable as exc:
         lag = []
         problems.append(f"lag unknown: {exc}")
-    halt = await db.fetchrow(
-        "SELECT kind, reason FROM system_events ORDER BY occurred_at DESC LIMIT 1"
-    )
-    head = await db.fetchrow(
-        "SELECT sequence, recorded_at FROM witness_entries ORDER BY sequence DESC LIMIT 1"
-    )
-    checkpoint = await db.fetchrow(
-        "SELECT origin, tree_size, signed_at FROM checkpoints ORDER BY signed_at DESC LIMIT 1"
-    )
-    silent_after = int(3 * settings.heartbeat_interval_s * 1e6)
-    agents = await queries.list_agents(db, now, silent_after_us=silent_after)
+    agents = await queries.list_agents(db, now, silent_after_us=settings.silent_after_us)
     hosts = await queries.list_hosts(db, now)
-    since = now - HOUR_US
-    dead = await db.fetchval(
-        "SELECT count(*) FROM tasks WHERE status = 'dead_lettered' AND finished_at >= $1", since
-    )
-    bad = await db.fetchval("SELECT count(*) FROM dead_letters WHERE recorded_at >= $1", since)
-    halted = halt is not None and halt["kind"] == "system.halt"
+    system = await queries.system(db, since_us=now - HOUR_US)
     return Status(
         at=now,
-        halted=halted,
-        halt_reason=halt["reason"] if halted and halt is not None else None,
+        halted=system.halt_reason is not None,
+        halt_reason=system.halt_reason,
         processes=[Process(p.kind, p.name, p.pid, p.metrics_port) for p in alive(settings.home)],
         lag=lag,
         pools=await queries.list_pools(db),
         agents=dict(Counter(a.state for a in agents)),
         hosts=dict(Counter(h.state for h in hosts)),
-        witness_head=head["sequence"] if head is not None else 0,
-        witness_head_at=head["recorded_at"] if head is not None else None,
-        checkpoint_size=checkpoint["tree_size"] if checkpoint is not None else None,
-        checkpoint_at=checkpoint["signed_at"] if checkpoint is not None else None,
-        checkpoint_origin=checkpoint["origin"] if checkpoint is not None else None,
-        dead_letters_last_hour=int(dead),
-        bad_records_last_hour=int(bad),
+        witness_head=system.witness_head,
+        witness_head_at=system.witness_head_at,
+        checkpoint_size=system.checkpoint_size,
+        checkpoint_at=system.checkpoint_at,
+        checkpoint_origin=system.checkpoint_origin,
+        dead_letters_last_hour=system.dead_lettered_since,
+        bad_records_last_hour=system.bad_records_since,
         problems=problems,
     )
 

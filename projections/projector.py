@@ -37,14 +37,7 @@ from aiokafka import TopicPartition
 
 from conclave import metrics, tracing
 from conclave.bus import topics_for
-from conclave.domain.events import (
-    PoolConfigured,
-    TaskCancelled,
-    TaskCompleted,
-    TaskDeadLettered,
-    TaskDependencyFailed,
-    TaskExpired,
-)
+from conclave.domain.events import TASK_ENDINGS, PoolConfigured
 from conclave.domain.validation import invalid_command
 from conclave.errors import BrokerUnavailable, DatabaseUnavailable, SchemaError
 from conclave.outage import Backoff, Outage
@@ -70,9 +63,6 @@ STANDBY_POLL_S = 1.0
 PROBE_IDLE_S = 2.0
 """After this long without records, ask the broker whether it is there at all."""
 FETCH_TIMEOUT_MS = 200
-_ENDS = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)
-"""Events that end a task: their projection is the last hop of its trace (a ``project``
-span for each, not for every record of the task: ~75 µs a span)."""
 DECODE_SLICE = 500
 """Records decoded between two chances for the commit in flight to go on."""
 
@@ -363,7 +353,9 @@ class Projector:
                 changes.reject(record, reason, "InvalidCommand")  # refused everywhere else
             elif isinstance(event, expected.get(record.topic, ())):
                 changes.add(envelope, event)
-                if isinstance(event, _ENDS):
+                # A task's end is its trace's last hop: one ``project`` span per traced
+                # task, not one per record (~75 µs a span).
+                if isinstance(event, TASK_ENDINGS):
                     changes.ended.append(record)
             else:
                 # Folding it would put it in the wrong table (a HALT on the tasks topic

@@ -37,6 +37,7 @@ __all__ = [
     "OutputView",
     "Page",
     "PoolView",
+    "SystemView",
     "TaskFilter",
     "TaskSummary",
     "TaskView",
@@ -48,6 +49,7 @@ __all__ = [
     "list_pools",
     "list_tasks",
     "next_redrive_id",
+    "system",
     "visible_outputs",
     "witness_entries",
 ]
@@ -587,3 +589,49 @@ async def list_agents(
             )
         )
     return views
+
+
+@dataclass(frozen=True, slots=True)
+class SystemView:
+    """What ``conclave status`` shows beside pools, agents and hosts."""
+
+    halt_reason: str | None
+    """Why the system is halted; ``None``: it is not."""
+    witness_head: int
+    witness_head_at: int | None
+    checkpoint_origin: str | None
+    checkpoint_size: int | None
+    """Entries the last signed checkpoint covers; ``None``: none published yet."""
+    checkpoint_at: int | None
+    dead_lettered_since: int
+    """Tasks dead-lettered since the time asked for."""
+    bad_records_since: int
+    """Records dead-lettered as malformed (not tasks) since then."""
+
+
+async def system(pool: asyncpg.Pool, since_us: int) -> SystemView:
+    """The halt, the witness head, the last checkpoint, and dead letters since ``since_us``."""
+    halt = await pool.fetchrow(
+        "SELECT kind, reason FROM system_events ORDER BY occurred_at DESC LIMIT 1"
+    )
+    head = await pool.fetchrow(
+        "SELECT sequence, recorded_at FROM witness_entries ORDER BY sequence DESC LIMIT 1"
+    )
+    checkpoint = await pool.fetchrow(
+        "SELECT origin, tree_size, signed_at FROM checkpoints ORDER BY signed_at DESC LIMIT 1"
+    )
+    dead = await pool.fetchval(
+        "SELECT count(*) FROM tasks WHERE status = 'dead_lettered' AND finished_at >= $1",
+        since_us,
+    )
+    bad = await pool.fetchval("SELECT count(*) FROM dead_letters WHERE recorded_at >= $1", since_us)
+    return SystemView(
+        halt_reason=halt["reason"] if halt is not None and halt["kind"] == "system.halt" else None,
+        witness_head=head["sequence"] if head is not None else 0,
+        witness_head_at=head["recorded_at"] if head is not None else None,
+        checkpoint_origin=checkpoint["origin"] if checkpoint is not None else None,
+        checkpoint_size=checkpoint["tree_size"] if checkpoint is not None else None,
+        checkpoint_at=checkpoint["signed_at"] if checkpoint is not None else None,
+        dead_lettered_since=int(dead),
+        bad_records_since=int(bad),
+    )

@@ -28,6 +28,7 @@ from conclave import metrics
 from conclave.bus import Outgoing, Position
 from conclave.domain import scheduling
 from conclave.domain.events import (
+    TASK_ENDINGS,
     TASKS_TOPIC_EVENTS,
     AgentCircuitClosed,
     AgentCircuitHalfOpened,
@@ -47,8 +48,6 @@ from conclave.domain.events import (
     Resume,
     TaskCancelled,
     TaskCompleted,
-    TaskDeadLettered,
-    TaskDependencyFailed,
     TaskDispatched,
     TaskExpired,
     TaskQueued,
@@ -71,7 +70,7 @@ __all__ = ["SchedulerShard"]
 log = logging.getLogger(__name__)
 
 _CHANGELOG = TASKS_TOPIC_EVENTS
-_FINISHED = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)
+_FINISHED = TASK_ENDINGS
 Command = TaskSubmitted | DeliberationRequested | CancelRequested
 E = TypeVar("E", bound=SchedulerEvent)
 _Decided = tuple[Envelope | None, SchedulerEvent, bytes | None]
@@ -543,13 +542,6 @@ class SchedulerShard:
 
 
 _SUBMISSIONS = frozenset({TaskSubmitted.TYPE, DeliberationRequested.TYPE})
-_OUTCOMES: dict[type[SchedulerEvent], str] = {
-    TaskCompleted: "completed",
-    TaskDeadLettered: "dead_lettered",
-    TaskCancelled: "cancelled",
-    TaskExpired: "expired",
-    TaskDependencyFailed: "dependency_failed",
-}
 
 
 def _agent_state(state: scheduling.SchedulerState, slot: AgentSlot) -> str:
@@ -588,7 +580,7 @@ def _account(event: SchedulerEvent, origin: _Origin, cause: Envelope | None, now
         origin.dispatched = True
     elif isinstance(event, TaskStalled):
         metrics.tasks_stalled.labels(pool).inc()
-    elif (outcome := _OUTCOMES.get(type(event))) is not None:
-        metrics.tasks_finished.labels(pool, outcome).inc()
+    elif isinstance(event, _FINISHED):
+        metrics.tasks_finished.labels(pool, event.TYPE.removeprefix("task.")).inc()
         if isinstance(event, TaskCompleted) and origin.since is not None:
             metrics.task_duration.labels(pool).observe(max(0, now - origin.since) / 1e6)

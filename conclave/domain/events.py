@@ -20,6 +20,7 @@ from conclave.domain.retry import DEFAULT_RETRY
 
 __all__ = [
     "TASKS_TOPIC_EVENTS",
+    "TASK_ENDINGS",
     "AgentCircuitClosed",
     "AgentCircuitHalfOpened",
     "AgentCircuitOpened",
@@ -626,6 +627,9 @@ Event = (
     | PoolConfigured
     | WorkerBeat
 )
+
+TASK_ENDINGS = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)
+"""Events that end a task (terminal); the part of ``TYPE`` after ``task.`` is its outcome."""
 
 TASKS_TOPIC_EVENTS = (
     TaskQueued,

@@ -7,8 +7,6 @@ test checks what a real collector would get."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -24,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from conclave.processes import alive
 from tests.faults.conftest import Cluster
+from tests.faults.test_processes import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -113,14 +112,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def conclave(cluster: Cluster, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "conclave.cli", *args],
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = cli(cluster.env, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
