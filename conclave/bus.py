@@ -374,6 +374,14 @@ class TransactionalProducer:
         # The claim: from now on a successor fences this incarnation, not the previous one.
         await self.commit([], {self.anchor: position}, note=self.note)
 
+    async def superseded(self) -> bool:
+        """After :class:`Fenced`: whether a newer instance claimed ``name`` (a successor:
+        this one is a zombie and must stop) rather than someone only fencing this
+        incarnation (the scheduler does, to a runtime host it judged lost), after which
+        :meth:`start` claims the next one and carries on."""
+        last = (await committed_offsets(self.settings, self.name, [self.anchor])).get(self.anchor)
+        return last is not None and _incarnation(last.metadata)[0] > self.incarnation
+
     async def stop(self) -> None:
         if self._producer is not None:
             # A producer whose broker went away can take long to close: do not wait on it.

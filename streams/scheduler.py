@@ -83,8 +83,6 @@ process): hosts' beats may not have reached us either."""
 HOST_GRACE_US = 5_000_000
 """After such a gap (and after starting), how long every host has to be heard from
 before it can be judged lost."""
-FENCE_AFTER_US = 15_000_000
-"""How long a host judged lost must stay lost (no beat) before its writer is fenced."""
 
 
 @dataclass(slots=True)
@@ -138,12 +136,10 @@ class SchedulerShard:
         """When the last batch with records came (None: not since the start)."""
         self._judge_hosts_from: int | None = None
         """No host is judged lost before this (None: not stepped since the start)."""
-        self._fence_at: dict[str, int] = {}
-        """Hosts judged lost -> when to fence them if they are still lost then."""
         self._to_fence: set[str] = set()
-        """Hosts to fence once the batch that found them due is committed."""
+        """Hosts to fence once the batch that judged them lost is committed."""
         self._recovered = True
-        """Restored and not stepped yet: the hosts still lost get a fence time again."""
+        """Restored and not stepped yet: the hosts still lost are fenced again."""
         self._shard_header = b"%d" % index
         self._commands = set(topics.commands)
         self._priority_of = {topics.command(p): p for p in Priority}
@@ -181,7 +177,6 @@ class SchedulerShard:
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
         self._heard_at = self._judge_hosts_from = None  # leases count again from the start
-        self._fence_at = {}
         self._to_fence = set()
         self._recovered = True
         if state is None:
@@ -279,7 +274,7 @@ class SchedulerShard:
                 if isinstance(lost, HostLost):
                     metrics.hosts_lost.labels(lost.pool).inc()
                     log.warning("%s: %s", self.name, lost.reason)
-                    self._fence_at[lost.host_id] = now + FENCE_AFTER_US
+                    self._to_fence.add(lost.host_id)
         self._fold(scheduling.expire(self.state, now), decided)
         opened = scheduling.tripped(
             self.state, now, threshold=self.breaker_failures, cooldown_us=self.breaker_cooldown_us
@@ -287,7 +282,9 @@ class SchedulerShard:
         for circuit in self._fold(opened, decided):
             log.warning("%s: agent %r: %s", self.name, circuit.agent_id, circuit.reason)
         self._fold(scheduling.half_opened(self.state, now), decided)
-        self._due_fences(now)
+        if self._recovered:  # the worker may have died between a judgement and its fence
+            self._recovered = False
+            self._to_fence |= self._lost_hosts()
         dispatches = scheduling.schedule(self.state, now, answer_within_us=self.answer_within_us)
         self._fold(dispatches, decided)
         for cause, decision, traceparent in decided:
@@ -469,12 +466,13 @@ class SchedulerShard:
         return None
 
     def fences(self) -> list[tuple[str, TopicPartition]]:
-        """Runtime hosts still lost ``FENCE_AFTER_US`` after they were judged so, to fence
-        now that the batch that found them is committed: a host killed in the middle of
-        a transaction would otherwise hold back every reader of the outputs it was
-        writing, for ever on the embedded broker. A host that was only cut off (a broker
-        outage stops every beat) beats again well before and is left alone: fencing it
-        would stop a live host."""
+        """Runtime hosts judged lost, to fence now that the batch that judged them is
+        committed: a host killed in the middle of a transaction holds back every reader
+        of the outputs it was writing (the witness, so every completion) until then, for
+        ever on the embedded broker. At once, not after a while: meanwhile the answers
+        of healthy hosts are held back too, past their deadlines. A host that was only
+        cut off or paused loses nothing it still had a claim to (judged lost, its
+        attempts were stalled) and claims its writer again (``RuntimeHost``)."""
         hosts, self._to_fence = self._to_fence, set()
         anchor = TopicPartition(self.topics.tasks, self.index)  # where hosts of my pools anchor
         return [(f"{self.topics.prefix}.runtime.{host}", anchor) for host in sorted(hosts)]
@@ -511,18 +509,6 @@ class SchedulerShard:
             yield "conclave_hosts", (pool, host_state), n
         yield "conclave_halted", (self.name,), 1.0 if state.halted else 0.0
 
-    def _due_fences(self, now: int) -> None:
-        """Move hosts whose fence time came to ``_to_fence``, if they are still lost."""
-        if self._recovered:  # the worker may have died between a judgement and its fence
-            self._recovered = False
-            for host in self._lost_hosts():
-                self._fence_at.setdefault(host, now + FENCE_AFTER_US)
-        for host, at in list(self._fence_at.items()):
-            if at <= now:
-                del self._fence_at[host]
-                if host in self._lost_hosts():
-                    self._to_fence.add(host)
-
     def _lost_hosts(self) -> set[str]:
         return {
             host
@@ -532,9 +518,6 @@ class SchedulerShard:
 
     def next_due(self) -> int | None:
         due = scheduling.next_due(self.state)
-        if self._fence_at:
-            fence = min(self._fence_at.values())
-            due = fence if due is None else min(due, fence)
         lease = scheduling.hosts_due(self.state)
         if lease is not None and self._judge_hosts_from is not None:
             lease = max(lease, self._judge_hosts_from)

@@ -287,9 +287,10 @@ class CommandRejected:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentReinstated:
-    """An agent that had stalled registered again: the scheduler gives it work again.
-    Written by the scheduler on the tasks topic, after its ``TaskStalled``, so that a
-    replay sees the two in the order they happened."""
+    """An agent that had stalled registered again, answered after all, or whose lost host
+    beat again: the scheduler gives it work again. Written by the scheduler on the tasks
+    topic, after its ``TaskStalled``, so that a replay sees the two in the order they
+    happened."""
 
     TYPE: ClassVar[str] = "agent.reinstated"
     agent_id: str

@@ -37,7 +37,8 @@ Rules enforced here (each has a test):
 * Idempotence: a duplicate command or fact yields no events.
 * One task per agent at a time: an agent's context belongs to one task.
 * Deadlines: an attempt with no answer by its dispatch's deadline is stalled (the
-  attempt counts) and its agent gets no work until it registers again.
+  attempt counts) and its agent gets no work until it registers again or its late
+  answer is witnessed (the answer completes nothing).
 * Host leases: a runtime host whose lease (its last ``HostBeat``) runs out is lost
   (:func:`lost_hosts`): each of its running attempts is stalled like one past its
   deadline, and its agents get no work until it beats or registers them again
@@ -160,6 +161,7 @@ SchedulerEvent = (
 )
 Outcome = (
     AgentCircuitClosed
+    | AgentReinstated
     | TaskQueued
     | TaskRetryScheduled
     | TaskCompleted
@@ -529,9 +531,9 @@ def _released(state: SchedulerState, completed: str) -> list[TaskQueued]:
 def _decide_witnessed(state: SchedulerState, entry: WitnessEntry, now: int) -> list[Outcome]:
     task = state.tasks.get(entry.task_id or "")
     if task is None or task.status is not TaskStatus.DISPATCHED or entry.agent_id != task.agent_id:
-        return []
+        return _answered_late(state, entry)
     if entry.attempt is not None and entry.attempt != task.attempt:
-        return []  # a late or redelivered entry of an earlier attempt
+        return _answered_late(state, entry)  # a late or redelivered entry of an earlier attempt
     agent_id = entry.agent_id
     assert agent_id is not None  # equal to the agent of a dispatched task
     if entry.subject_type == "agent.output":
@@ -552,6 +554,25 @@ def _decide_witnessed(state: SchedulerState, entry: WitnessEntry, now: int) -> l
         ]
         return _with_dependents(state, failed)
     return []
+
+
+def _answered_late(state: SchedulerState, entry: WitnessEntry) -> list[Outcome]:
+    """An agent that stalled (no answer by its deadline) and answers after all is alive
+    and done with that attempt: it gets work again. The answer itself changes nothing.
+    Not for an agent lost with its host: the host's beat says when that one is back
+    (:func:`revived`), and whether its host is the one that answered is not known here.
+    A late answer is not always the agent's fault: a reader held back (an open
+    transaction of a dead host holds every answer behind it) stalls healthy agents."""
+    agent_id = entry.agent_id
+    if (
+        agent_id is None
+        or entry.subject_type not in ("agent.output", "task.failed")
+        or agent_id not in state.suspects
+        or any(agent_id in lease.lost_agents for lease in state.hosts.values())
+    ):
+        return []
+    slot = state.agents.get(agent_id)
+    return [AgentReinstated(agent_id=agent_id, host_id=slot.host_id if slot else "")]
 
 
 def _retry_or_give_up(

@@ -50,7 +50,7 @@ from conclave.domain.events import (
     TaskFailed,
     now_us,
 )
-from conclave.errors import BrokerUnavailable, SchemaError
+from conclave.errors import BrokerUnavailable, Fenced, SchemaError
 from conclave.feed import fetched_to
 from conclave.outage import Backoff, Outage
 from conclave.records import Record
@@ -147,14 +147,16 @@ class RuntimeHost:
         self._wakeup = asyncio.Event()
         self._suspect = False
         """A transaction failed or the broker was away: recover before writing again."""
+        self._fenced = False
+        """The last commit was fenced: unless a successor took over, claim again."""
         self.failure: BaseException | None = None
         self.failed = asyncio.Event()
         """Set when the host cannot go on (another instance with its id took over)."""
         self._process = psutil.Process()
         self._turned_at = time.monotonic()
+        """When the consume loop last came round: the host beats only while it does."""
         self._fetched_to: int | None = None
         """The consumer's position after its last fetch, past transaction markers."""
-        """When the consume loop last came round: the host beats only while it does."""
         self._stuck = False
         self._host_header = config.host_id.encode()
         self._task_timeout_s = config.task_timeout_s or settings.task_timeout_s
@@ -260,9 +262,8 @@ class RuntimeHost:
                 await asyncio.wait_for(self._drained(), drain_s)
         for loop in self._loops:
             loop.cancel()
-        for loop in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, BrokerUnavailable):
-                await loop
+        # A loop that failed on its own was logged and kept in ``failure`` already.
+        await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
         if self._consumer is not None:
             await self._consumer.stop()
@@ -473,7 +474,10 @@ class RuntimeHost:
             self._wakeup.clear()
             if self._suspect:
                 try:
+                    if self._fenced and await self._writer.superseded():
+                        raise Fenced(f"{self.name}: another instance of this host took over")
                     await self._recover()
+                    self._fenced = False
                 except BrokerUnavailable as exc:
                     outage.failed(exc)
                     await backoff.wait()
@@ -492,6 +496,13 @@ class RuntimeHost:
                     outage.failed(exc)
                     await backoff.wait()
                     self._suspect = True  # what did the broker keep? recover from it
+                    self._wakeup.set()
+                    break
+                except Fenced:
+                    # Judged lost (cut off, paused) and fenced by the scheduler, whose
+                    # retries made this transaction's answers late anyway; or a successor.
+                    log.warning("%s: fenced; claiming this host's writer again", self.name)
+                    self._fenced = self._suspect = True
                     self._wakeup.set()
                     break
                 outage.recovered()

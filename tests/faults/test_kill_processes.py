@@ -132,7 +132,10 @@ async def test_runtime_host_killed_for_good_its_tasks_stall_and_complete_on_anot
         events.append(codec.decode(record.value)[1])
     stalled = [e for e in events if isinstance(e, TaskStalled)]
     assert stalled, "h1 was killed with tasks in flight"
-    assert {e.agent_id.split("-agent")[0] for e in stalled} == {"h1"}
+    # h2's answers may stall too, if h1 died inside a transaction: they are held back
+    # behind it until the scheduler judges h1 lost and fences it (then h2's late answers
+    # give its agents work again; seen in CI as 41 of 60 tasks queued for ever).
+    assert "h1" in {e.agent_id.split("-agent")[0] for e in stalled}
     assert not [e for e in events if isinstance(e, TaskDeadLettered)]
     late = [e for e in events if isinstance(e, TaskDispatched) and e.host_id == "h1"]
     stalled_at = max(events.index(e) for e in stalled)

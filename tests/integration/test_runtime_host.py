@@ -7,6 +7,8 @@ import asyncio
 import asyncpg
 import pytest
 
+from conclave.bus import TransactionalProducer, fence
+from conclave.errors import Fenced
 from projections.rows import TERMINAL
 from tests.integration.conftest import System, task_status
 
@@ -37,3 +39,32 @@ async def test_dispatches_arriving_while_the_host_reads_again_are_all_run(system
                 f"{len(missing)} of {len(task_ids)} tasks never ended: {missing[:5]}"
             )
             await asyncio.sleep(0.1)
+
+
+async def test_a_host_fenced_by_the_scheduler_claims_its_writer_again_and_goes_on(
+    system: System,
+) -> None:
+    """What the scheduler does to a host it judged lost (cut off or paused, not dead):
+    its next transaction is fenced; with no successor, it claims the next incarnation."""
+    async with system.running(2) as host:
+        await system.submit_visible("before")
+        before = host._writer.incarnation if host._writer else 0
+        await fence(system.settings, host.group_id, host._tp)
+        await system.submit_visible("after the fence")
+        assert not host.failed.is_set()
+        assert host._writer is not None
+        assert host._writer.incarnation > before
+
+
+async def test_a_host_whose_successor_took_over_stops(system: System) -> None:
+    """Two processes with one host id: the older one is a zombie once the newer claims."""
+    async with system.running(2) as host:
+        await system.submit_visible("before")
+        successor = TransactionalProducer(system.settings, host.group_id, host._tp)
+        await successor.start()
+        try:
+            await system.client.submit("to the zombie", pool=system.pool)
+            await asyncio.wait_for(host.failed.wait(), 30)
+            assert isinstance(host.failure, Fenced)
+        finally:
+            await successor.stop()

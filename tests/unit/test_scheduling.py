@@ -1200,12 +1200,38 @@ def test_an_attempt_without_answer_by_its_deadline_is_stalled_and_runs_elsewhere
     assert isinstance(retry, TaskQueued)
     assert isinstance(again, TaskDispatched)
     assert (again.agent_id, again.attempt) == ("a1", 2)  # not the agent that stalled
-    # The dead host's answer turns up after all: witnessed, but it changes nothing.
-    assert h.command(h.entry("agent.output", "t", "a0", attempt=1)) == []
+    assert "a0" in h.state.suspects  # no work for it until it is heard from again
     _, events = h.finish(h.state.tasks["t"], failed=False)
     assert [type(e) for e in events] == [TaskCompleted]
     assert h.state.pools["p0"].in_flight == 0
-    assert "a0" in h.state.suspects  # no work for it until its host registers it again
+
+
+@pytest.mark.parametrize("subject_type", ["agent.output", "task.failed"])
+def test_a_stalled_agent_whose_late_answer_is_witnessed_gets_work_again(
+    subject_type: str,
+) -> None:
+    """An answer held back (e.g. behind a dead host's open transaction) stalls a healthy
+    agent; its answer, witnessed late, completes nothing but shows the agent is back."""
+    h = Harness()
+    h.register("a0", host_id="h0")
+    h.command(submit("t", max_attempts=2))
+    h.tick(ANSWER_US)  # stalled; queued again with no agent to take it
+    assert h.dispatched() == []
+    late = h.command(h.entry(subject_type, "t", "a0", attempt=1))
+    assert late[0] == AgentReinstated(agent_id="a0", host_id="h0")
+    assert [(d.task_id, d.agent_id, d.attempt) for d in late[1:]] == [("t", "a0", 2)]
+    assert "a0" not in h.state.suspects
+    assert h.command(h.entry(subject_type, "t", "a0", attempt=1)) == []  # once
+
+
+def test_a_late_answer_of_an_agent_lost_with_its_host_waits_for_the_host() -> None:
+    h = Harness()
+    h.register("a0", host_id="h0")
+    h.beat("h0", lease_us=5_000)
+    h.command(submit("t", max_attempts=2))
+    h.tick(10_000)  # h0 lost, t stalled with it
+    assert h.command(h.entry("agent.output", "t", "a0", attempt=1)) == []
+    assert "a0" in h.state.suspects  # its host's next beat brings it back
 
 
 def test_a_stalled_last_attempt_dead_letters_the_task_with_the_reason() -> None:
