@@ -206,9 +206,9 @@ class SchedulerState:
     """Deadlines by task id, ranked ``(due,)`` in µs since the epoch, added and discarded
     by the folds: the answer deadline of a dispatched attempt, or the end of a retrying
     task's back-off (a task is never both)."""
-    suspects: set[str] = field(default_factory=set)
-    """Agents whose last attempt stalled, or whose host was lost: given no work until
-    they are reinstated."""
+    suspects: dict[str, tuple[str, int] | None] = field(default_factory=dict)
+    """Agents whose last attempt stalled (-> that attempt: task id, attempt number), or
+    whose host was lost (-> None): given no work until they are reinstated."""
     hosts: dict[str, HostLease] = field(default_factory=dict)
     """Host id -> its lease, for every host that ever beat."""
     failures: dict[str, int] = field(default_factory=dict)
@@ -407,7 +407,7 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "finished": [[task_id, status.value] for task_id, status in state.finished.items()],
         "deliberations": [d for d, _ in state.deliberations.items()],
         "timers": [[key, due] for (due, *_), key in state.timers.members()],
-        "suspects": sorted(state.suspects),
+        "suspects": sorted([a, *(s or ())] for a, s in state.suspects.items()),
         "capacities": dict(state.capacities),
         "hosts": [
             [host_id, h.pool, h.expires_at, h.judged, sorted(h.lost_agents)]
@@ -463,7 +463,10 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
         for deliberation_id in data["deliberations"]:
             state.deliberations.add(deliberation_id, None)
         state.timers = RankedSet(((due,), key) for key, due in data["timers"])
-        state.suspects = set(data.get("suspects", ()))  # absent before deadlines existed
+        # Absent before deadlines existed; bare agent ids before late answers counted.
+        for suspect in data.get("suspects", ()):
+            agent_id, *stall = [suspect] if isinstance(suspect, str) else suspect
+            state.suspects[agent_id] = (str(stall[0]), int(stall[1])) if stall else None
         state.capacities.update(data["capacities"])
         for host_id, pool, expires_at, judged, lost_agents in data["hosts"]:
             state.hosts[host_id] = HostLease(pool, expires_at, judged, set(lost_agents))

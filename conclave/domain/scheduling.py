@@ -557,8 +557,8 @@ def _decide_witnessed(state: SchedulerState, entry: WitnessEntry, now: int) -> l
 
 
 def _answered_late(state: SchedulerState, entry: WitnessEntry) -> list[Outcome]:
-    """An agent that stalled (no answer by its deadline) and answers after all is alive
-    and done with that attempt: it gets work again. The answer itself changes nothing.
+    """An agent that stalled (no answer by its deadline) and answers that very attempt
+    after all is alive and done with it: it gets work again. The answer itself changes nothing.
     Not for an agent lost with its host: the host's beat says when that one is back
     (:func:`revived`), and whether its host is the one that answered is not known here.
     A late answer is not always the agent's fault: a reader held back (an open
@@ -567,10 +567,10 @@ def _answered_late(state: SchedulerState, entry: WitnessEntry) -> list[Outcome]:
     if (
         agent_id is None
         or entry.subject_type not in ("agent.output", "task.failed")
-        or agent_id not in state.suspects
+        or state.suspects.get(agent_id) != (entry.task_id, entry.attempt)
         or any(agent_id in lease.lost_agents for lease in state.hosts.values())
     ):
-        return []
+        return []  # an answer from before the stall (a redelivery) says nothing of now
     slot = state.agents.get(agent_id)
     return [AgentReinstated(agent_id=agent_id, host_id=slot.host_id if slot else "")]
 
@@ -782,7 +782,7 @@ def evolve(
         case TaskRetryScheduled():
             _fold_retry_scheduled(state, event)
         case AgentReinstated():
-            state.suspects.discard(event.agent_id)
+            state.suspects.pop(event.agent_id, None)
             for lease in state.hosts.values():  # wherever it was lost (it may have moved)
                 lease.lost_agents.discard(event.agent_id)
             state.place(event.agent_id)
@@ -898,7 +898,7 @@ def _fold_stalled(state: SchedulerState, event: TaskStalled) -> None:
     task = state.tasks.get(event.task_id)
     if task is None or task.status is not TaskStatus.DISPATCHED or task.attempt != event.attempt:
         return  # a duplicate, or a stall that was already dealt with
-    state.suspects.add(event.agent_id)
+    state.suspects[event.agent_id] = (event.task_id, event.attempt)
     state.timers.discard(event.task_id)
     slot = state.agents.get(event.agent_id)
     if slot is not None:
@@ -932,7 +932,7 @@ def _fold_host_lost(state: SchedulerState, event: HostLost) -> None:
         return  # a duplicate
     host.judged = event.expires_at
     for agent_id in event.agent_ids:  # as decided: the registry may be folded later
-        state.suspects.add(agent_id)
+        state.suspects.setdefault(agent_id, None)
         host.lost_agents.add(agent_id)
         slot = state.agents.get(agent_id)
         if slot is not None:

@@ -260,9 +260,9 @@ class Harness:
         if isinstance(event, HostBeat):
             back = revived(self.state, event)
             lease = self.state.hosts[event.host_id]
-            assert {r.agent_id for r in back} == lease.lost_agents & self.state.suspects
+            assert {r.agent_id for r in back} == lease.lost_agents & self.state.suspects.keys()
             self._fold(back)
-            assert not self.state.hosts[event.host_id].lost_agents & self.state.suspects
+            assert not self.state.hosts[event.host_id].lost_agents & self.state.suspects.keys()
         if isinstance(event, Halt):
             running = {t.task_id for t in self.dispatched()}
             cancelled = halted(self.state, event)
@@ -818,11 +818,21 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.stalled))
     @rule(data=st.data())
     def late_answer_of_a_stalled_attempt(self, data: st.DataObject) -> None:
-        """Witnessed, but never a second outcome for the attempt the scheduler gave up."""
+        """Witnessed, but never a second outcome for the attempt the scheduler gave up;
+        its agent works again if that attempt is what it is suspect of."""
         stall = data.draw(st.sampled_from(self.stalled), label="stalled attempt")
         subject = data.draw(st.sampled_from(["agent.output", "task.failed"]))
         entry = self.h.entry(subject, stall.task_id, stall.agent_id, attempt=stall.attempt)
-        assert all(isinstance(e, TaskDispatched) for e in self.h.command(entry))
+        back = self.state.suspects.get(stall.agent_id) == (
+            stall.task_id,
+            stall.attempt,
+        ) and not any(stall.agent_id in lease.lost_agents for lease in self.state.hosts.values())
+        events = self.h.command(entry)
+        if back:
+            assert events[0] == AgentReinstated(agent_id=stall.agent_id, host_id=stall.host_id)
+            events = events[1:]
+        assert all(isinstance(e, TaskDispatched) for e in events)
+        assert stall.agent_id not in self.state.suspects or not back
 
     @rule(cancel_running=st.booleans())
     def halt(self, cancel_running: bool) -> None:
@@ -912,7 +922,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def an_agent_that_stalled_gets_no_work_until_it_registers_again(self) -> None:
-        assert not {t.agent_id for t in self.h.dispatched()} & self.state.suspects
+        assert not {t.agent_id for t in self.h.dispatched()} & self.state.suspects.keys()
         for agent_id in self.state.suspects:
             slot = self.state.agents[agent_id]
             pool = self.state.pools.get(slot.pool)
