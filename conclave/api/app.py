@@ -17,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 import asyncpg
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -134,14 +137,22 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(
+        response = AsciiJSON(
             {"detail": f"request body over {self.limit:,} bytes"}, status_code=413
         )
         await response(scope, receive, send)
 
 
+class AsciiJSON(JSONResponse):
+    """JSON with everything outside ASCII escaped: a lone surrogate a client sent (and a
+    422 quotes back) is then ``\\ud800`` in the text instead of a UnicodeEncodeError."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False).encode()
+
+
 def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+    return AsciiJSON({"detail": detail}, status_code=status)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -158,10 +169,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def no_read_models(_: Request, exc: Exception) -> JSONResponse:
         return _error(503, "the read models are not there yet: start `conclave projector`")
 
+    async def invalid(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return AsciiJSON({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
     async def bug(request: Request, exc: Exception) -> JSONResponse:
         log.error("API %s %s failed", request.method, request.url.path, exc_info=exc)
         return _error(500, "internal error (logged)")
 
+    app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(NotFound, not_found)
     app.add_exception_handler(InvalidCommand, refused)
     app.add_exception_handler(BadCursor, refused)
@@ -197,6 +213,7 @@ def create_app(
         version="1",
         summary="Tasks, deliberations, agents and the witness log of a Conclave, per tenant.",
         lifespan=lifespan,
+        default_response_class=AsciiJSON,
     )
     app.state.events_poll_s = events_poll_s
     _install_error_handlers(app)
