@@ -173,7 +173,8 @@ def serve_api(
                 err.print(f"[green]API serving[/] on http://{host}:{bound} (docs: /docs)")
                 stop.started()
                 try:
-                    await cli._first(stop.wait(), running)
+                    # shielded: _first cancels what it waited for, the server must stop itself
+                    await cli._first(stop.wait(), asyncio.shield(running))
                 finally:
                     server.should_exit = True
                     await running
