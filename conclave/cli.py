@@ -27,6 +27,7 @@ from rich.table import Table
 
 from conclave import logs, metrics, tracing
 from conclave.cli_agents import show_agents, show_hosts
+from conclave.cli_api import serve_api, tokens_app
 from conclave.cli_dev import dev_app
 from conclave.cli_status import show_status
 from conclave.cli_tasks import (
@@ -70,6 +71,8 @@ app.command("agents")(show_agents)
 app.command("hosts")(show_hosts)
 app.command("status")(show_status)
 app.add_typer(witness_app, name="witness")
+app.add_typer(tokens_app, name="tokens")
+app.command("api")(serve_api)
 
 out = Console()
 err = Console(stderr=True)
@@ -632,7 +635,7 @@ def demo(
         raise typer.Exit(1)
 
 
-_SERVICES = {"worker", "runtime", "projector"}
+_SERVICES = {"worker", "runtime", "projector", "api"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "PoolView",
     "SystemView",
     "TaskFilter",
+    "TaskState",
     "TaskSummary",
     "TaskView",
     "deliberation",
@@ -48,6 +49,7 @@ __all__ = [
     "list_hosts",
     "list_pools",
     "list_tasks",
+    "live_tasks",
     "next_redrive_id",
     "system",
     "visible_outputs",
@@ -175,10 +177,16 @@ _VISIBLE_OUTPUT = """
 """
 
 
-async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
-    row = await pool.fetchrow("SELECT * FROM tasks WHERE task_id = $1", task_id)
+async def get_task(pool: asyncpg.Pool, task_id: str, *, tenant: str | None = None) -> TaskView:
+    """One task; with ``tenant``, only that tenant's (another's is :class:`NotFound`, as if
+    it did not exist: the HTTP API never tells a tenant what another has)."""
+    row = await pool.fetchrow(
+        "SELECT * FROM tasks WHERE task_id = $1 AND ($2::text IS NULL OR tenant = $2)",
+        task_id,
+        tenant,
+    )
     if row is None:
-        raise await _missing(pool, "task", task_id, TaskSubmitted.TYPE)
+        raise await _missing(pool, "task", task_id, TaskSubmitted.TYPE, tenant)
     outputs = await pool.fetch(_VISIBLE_OUTPUT + " WHERE o.task_id = $1", task_id)
     accepted = [o for o in outputs if o["event_id"] == row["output_event_id"]]
     sealed = row["deliberation_id"] is not None and not await _all_finished(
@@ -192,7 +200,10 @@ async def get_task(pool: asyncpg.Pool, task_id: str) -> TaskView:
     known: dict[str, str] = {}
     if row["depends_on"]:  # most tasks have none: no round trip for them
         statuses = await pool.fetch(
-            "SELECT task_id, status FROM tasks WHERE task_id = ANY($1::text[])", row["depends_on"]
+            "SELECT task_id, status FROM tasks WHERE task_id = ANY($1::text[])"
+            " AND ($2::text IS NULL OR tenant = $2)",
+            row["depends_on"],
+            tenant,
         )
         known = {r["task_id"]: r["status"] for r in statuses}
     return TaskView(
@@ -321,14 +332,21 @@ async def _all_finished(pool: asyncpg.Pool, deliberation_id: str) -> bool:
     return bool(done)
 
 
-async def get_deliberation(pool: asyncpg.Pool, deliberation_id: str) -> DeliberationView:
-    """A deliberation: each agent's status; its answers and failures once all are in."""
+async def get_deliberation(
+    pool: asyncpg.Pool, deliberation_id: str, *, tenant: str | None = None
+) -> DeliberationView:
+    """A deliberation: each agent's status; its answers and failures once all are in.
+    With ``tenant``, only that tenant's (another's is :class:`NotFound`)."""
     rows = await pool.fetch(
-        "SELECT agent_id, status, error FROM tasks WHERE deliberation_id = $1 ORDER BY agent_id",
+        "SELECT agent_id, status, error FROM tasks WHERE deliberation_id = $1"
+        " AND ($2::text IS NULL OR tenant = $2) ORDER BY agent_id",
         deliberation_id,
+        tenant,
     )
     if not rows:
-        raise await _missing(pool, "deliberation", deliberation_id, DeliberationRequested.TYPE)
+        raise await _missing(
+            pool, "deliberation", deliberation_id, DeliberationRequested.TYPE, tenant
+        )
     revealed = all(r["status"] in TERMINAL for r in rows)
     answers = await visible_outputs(pool, deliberation_id) if revealed else []
     return DeliberationView(
@@ -344,14 +362,17 @@ async def get_deliberation(pool: asyncpg.Pool, deliberation_id: str) -> Delibera
     )
 
 
-async def _missing(pool: asyncpg.Pool, kind: str, subject: str, command: str) -> NotFound:
+async def _missing(
+    pool: asyncpg.Pool, kind: str, subject: str, command: str, tenant: str | None = None
+) -> NotFound:
     """Why there is no such task or deliberation: the scheduler rejected the command
-    (and said why), or nothing by that id was ever folded."""
+    (and said why), or nothing by that id was ever folded (for ``tenant``, if given)."""
     reason = await pool.fetchval(
         "SELECT reason FROM rejections WHERE subject_id = $1 AND command_type = $2"
-        " ORDER BY rejected_at LIMIT 1",
+        " AND ($3::text IS NULL OR tenant = $3) ORDER BY rejected_at LIMIT 1",
         subject,
         command,
+        tenant,
     )
     if reason is not None:
         return Rejected(f"{kind} {subject!r} was rejected: {reason}")
@@ -433,10 +454,13 @@ class PoolView:
     dependency_failed: int
 
 
-async def list_pools(pool: asyncpg.Pool) -> list[PoolView]:
-    """Every pool that has agents or tasks, by name."""
+async def list_pools(pool: asyncpg.Pool, *, tenant: str | None = None) -> list[PoolView]:
+    """Every pool that has agents or tasks, by name. With ``tenant``, tasks are counted
+    for that tenant only (agents and capacities are everyone's: the pools are shared)."""
     counts = await pool.fetch(
-        "SELECT pool, status, priority, count(*) AS n FROM tasks GROUP BY pool, status, priority"
+        "SELECT pool, status, priority, count(*) AS n FROM tasks"
+        " WHERE $1::text IS NULL OR tenant = $1 GROUP BY pool, status, priority",
+        tenant,
     )
     agents = await pool.fetch(
         "SELECT pool, count(*) AS n FROM agents WHERE pool IS NOT NULL GROUP BY pool"
@@ -548,16 +572,21 @@ async def list_agents(
     in_pool: str | None = None,
     host_id: str | None = None,
     state: str | None = None,
+    tenant: str | None = None,
 ) -> list[AgentView]:
     """Registered agents by id, with their state at ``now_us``; filtered by pool, host
-    and state when given."""
+    and state when given. Agents serve every tenant; with ``tenant``, an agent's current
+    task is shown only if it is that tenant's."""
     rows = await pool.fetch(
-        """SELECT a.*, h.lease_expires_at, h.lost_lease FROM agents a
+        """SELECT a.*, h.lease_expires_at, h.lost_lease,
+                  ($3::text IS NULL OR t.tenant = $3) AS task_shown FROM agents a
            LEFT JOIN hosts h ON h.host_id = a.host_id
+           LEFT JOIN tasks t ON $3::text IS NOT NULL AND t.task_id = a.current_task_id
            WHERE ($1::text IS NULL OR a.pool = $1) AND ($2::text IS NULL OR a.host_id = $2)
            ORDER BY a.agent_id""",
         in_pool,
         host_id,
+        tenant,
     )
     views = []
     for r in rows:
@@ -582,7 +611,7 @@ async def list_agents(
                 pool=r["pool"],
                 host_id=r["host_id"],
                 state=current,
-                current_task_id=r["current_task_id"],
+                current_task_id=r["current_task_id"] if r["task_shown"] else None,
                 last_heartbeat_at=beat,
                 suspended_reason=r["suspended_reason"] or r["circuit_reason"],
                 rss_bytes=r["rss_bytes"],
@@ -609,8 +638,9 @@ class SystemView:
     """Records dead-lettered as malformed (not tasks) since then."""
 
 
-async def system(pool: asyncpg.Pool, since_us: int) -> SystemView:
-    """The halt, the witness head, the last checkpoint, and dead letters since ``since_us``."""
+async def system(pool: asyncpg.Pool, since_us: int, *, tenant: str | None = None) -> SystemView:
+    """The halt, the witness head, the last checkpoint, and dead letters since ``since_us``
+    (with ``tenant``, that tenant's dead-lettered tasks only)."""
     halt = await pool.fetchrow(
         "SELECT kind, reason FROM system_events ORDER BY occurred_at DESC LIMIT 1"
     )
@@ -621,8 +651,10 @@ async def system(pool: asyncpg.Pool, since_us: int) -> SystemView:
         "SELECT origin, tree_size, signed_at FROM checkpoints ORDER BY signed_at DESC LIMIT 1"
     )
     dead = await pool.fetchval(
-        "SELECT count(*) FROM tasks WHERE status = 'dead_lettered' AND finished_at >= $1",
+        "SELECT count(*) FROM tasks WHERE status = 'dead_lettered' AND finished_at >= $1"
+        " AND ($2::text IS NULL OR tenant = $2)",
         since_us,
+        tenant,
     )
     bad = await pool.fetchval("SELECT count(*) FROM dead_letters WHERE recorded_at >= $1", since_us)
     return SystemView(
@@ -635,3 +667,31 @@ async def system(pool: asyncpg.Pool, since_us: int) -> SystemView:
         dead_lettered_since=int(dead),
         bad_records_since=int(bad),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """Where a task is now: what a live feed of changes compares."""
+
+    task_id: str
+    status: str
+    attempt: int
+    pool: str
+    agent_id: str | None
+    error: str | None
+    finished_at: int | None
+
+
+async def live_tasks(pool: asyncpg.Pool, tenant: str, finished_since: int) -> list[TaskState]:
+    """A tenant's unfinished tasks and those finished since ``finished_since`` (µs), by
+    id: a poller that compares two calls sees every change between them (a task that
+    both started and finished in between shows up finished)."""
+    rows = await pool.fetch(
+        """SELECT task_id, status, attempt, pool, agent_id, error, finished_at FROM tasks
+            WHERE tenant = $1 AND (status <> ALL($2::text[]) OR finished_at >= $3)
+            ORDER BY task_id""",
+        tenant,
+        sorted(TERMINAL),
+        finished_since,
+    )
+    return [TaskState(*r) for r in rows]

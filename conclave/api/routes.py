@@ -1,0 +1,367 @@
+"""The API's endpoints under ``/v1``: the read models as JSON, and the commands.
+
+Thin, like the CLI: the queries are :mod:`projections.queries` (called with the
+token's tenant), the commands :class:`conclave.client.Client` (whose envelope carries
+it). A command about a task or deliberation first reads it for the token's tenant, so a
+tenant can neither cancel nor redrive another's work, nor learn that it exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+
+from conclave.api.app import Caller, state_of
+from conclave.api.cursor import decode_cursor, encode_cursor
+from conclave.api.models import (
+    Accepted,
+    AgentOut,
+    AgentStateName,
+    CancelBody,
+    DeliberateBody,
+    DeliberationAccepted,
+    DeliberationOut,
+    Error,
+    HaltBody,
+    HostOut,
+    PoolOut,
+    PriorityName,
+    RedriveBody,
+    ResumeBody,
+    StatusOut,
+    SubmitBody,
+    TaskAccepted,
+    TaskOut,
+    TaskPage,
+    TaskSummaryOut,
+    storable,
+)
+from conclave.api.tokens import Principal
+from conclave.domain.events import Priority, now_us
+from conclave.domain.retry import RetryPolicy
+from conclave.domain.scheduler_state import TaskStatus
+from conclave.domain.validation import MAX_ID_LENGTH
+from conclave.errors import InvalidCommand, NotFound
+from projections import queries
+
+__all__ = ["router"]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    described = {
+        400: "A command the scheduler would refuse, or a cursor this API did not give out",
+        401: "No bearer token, or not a valid one",
+        403: "The token may not do this (halt and resume need an admin token)",
+        404: "No such resource for this token's tenant",
+        409: "The resource is not in a state that allows this",
+        413: "Request body over the limit (1 MiB)",
+        503: "Kafka or PostgreSQL is not reachable now",
+    }
+    return {code: {"model": Error, "description": described[code]} for code in (401, 503, *codes)}
+
+
+router = APIRouter(prefix="/v1")
+
+TaskId = Annotated[str, Path(min_length=1, max_length=2 * MAX_ID_LENGTH + 1)]
+DeliberationId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)]
+Filter = Annotated[str | None, Query(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+def _clean(**values: str | None) -> None:
+    """A 404 for a path id, or a 400 for a filter, that PostgreSQL could not even hold."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            storable(value)
+        except ValueError as exc:
+            raise InvalidCommand(f"{name} {exc}") from None
+
+
+def _us(moment: datetime | None) -> int | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1_000_000)
+
+
+# --- reads -----------------------------------------------------------------------------
+
+
+@router.get("/tasks", responses=_errors(400))
+async def list_tasks(
+    request: Request,
+    caller: Caller,
+    status: TaskStatus | None = None,
+    pool: Filter = None,
+    priority: PriorityName | None = None,
+    agent: Filter = None,
+    since: Annotated[
+        datetime | None, Query(description="Queued at or after (ISO 8601; UTC if no zone)")
+    ] = None,
+    until: Annotated[datetime | None, Query(description="Queued before")] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=1000, description="next_cursor of the previous page")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> TaskPage:
+    """This tenant's tasks, newest queued first, a page at a time."""
+    _clean(pool=pool, agent=agent)
+    where = queries.TaskFilter(
+        status=status.value if status is not None else None,
+        pool=pool,
+        priority=priority.value if priority is not None else None,
+        agent_id=agent,
+        tenant=caller.tenant,
+        since=_us(since),
+        until=_us(until),
+    )
+    after = decode_cursor(cursor) if cursor is not None else None
+    page = await queries.list_tasks(state_of(request).db, where, limit=limit, after=after)
+    return TaskPage(
+        tasks=[TaskSummaryOut.model_validate(t) for t in page.tasks],
+        next_cursor=encode_cursor(page.cursor) if page.cursor is not None else None,
+    )
+
+
+async def _task(request: Request, caller: Principal, task_id: str) -> queries.TaskView:
+    try:
+        storable(task_id)
+    except ValueError:
+        raise NotFound(f"no task {task_id!r}") from None
+    return await queries.get_task(state_of(request).db, task_id, tenant=caller.tenant)
+
+
+@router.get("/tasks/{task_id:path}", responses=_errors(404))
+async def get_task(request: Request, caller: Caller, task_id: TaskId) -> TaskOut:
+    """One task: status, witnessed answer (once visible), every failed attempt."""
+    return TaskOut.model_validate(await _task(request, caller, task_id))
+
+
+async def _deliberation(
+    request: Request, caller: Principal, deliberation_id: str
+) -> queries.DeliberationView:
+    try:
+        storable(deliberation_id)
+    except ValueError:
+        raise NotFound(f"no deliberation {deliberation_id!r}") from None
+    db = state_of(request).db
+    return await queries.get_deliberation(db, deliberation_id, tenant=caller.tenant)
+
+
+@router.get("/deliberations/{deliberation_id}", responses=_errors(404))
+async def get_deliberation(
+    request: Request, caller: Caller, deliberation_id: DeliberationId
+) -> DeliberationOut:
+    """Each agent's status; the answers, all together, once every agent is done."""
+    return DeliberationOut.model_validate(await _deliberation(request, caller, deliberation_id))
+
+
+@router.get("/pools", responses=_errors())
+async def list_pools(request: Request, caller: Caller) -> list[PoolOut]:
+    """Pools: agents and capacity (shared), this tenant's tasks by state."""
+    state = state_of(request)
+    views = await queries.list_pools(state.db, tenant=caller.tenant)
+    default = state.settings.pool_capacity
+    return [
+        PoolOut.model_validate(
+            {
+                **dataclasses.asdict(v),
+                "capacity": v.capacity if v.capacity is not None else default,
+                "default_capacity": v.capacity is None,
+            }
+        )
+        for v in views
+    ]
+
+
+@router.get("/agents", responses=_errors(400))
+async def list_agents(
+    request: Request,
+    caller: Caller,
+    pool: Filter = None,
+    host: Filter = None,
+    state: AgentStateName | None = None,
+) -> list[AgentOut]:
+    """Registered agents with their state; a current task only if it is this tenant's."""
+    _clean(pool=pool, host=host)
+    api = state_of(request)
+    views = await queries.list_agents(
+        api.db,
+        now_us(),
+        silent_after_us=api.settings.silent_after_us,
+        in_pool=pool,
+        host_id=host,
+        state=state,
+        tenant=caller.tenant,
+    )
+    return [AgentOut.model_validate(v) for v in views]
+
+
+@router.get("/hosts", responses=_errors())
+async def list_hosts(request: Request, caller: Caller) -> list[HostOut]:
+    """Runtime hosts: alive, silent or lost, with their agents."""
+    views = await queries.list_hosts(state_of(request).db, now_us())
+    return [HostOut.model_validate(v) for v in views]
+
+
+@router.get("/status", responses=_errors())
+async def status(request: Request, caller: Caller) -> StatusOut:
+    """The halt, the witness log's head and last signed checkpoint, this tenant's dead
+    letters of the last hour."""
+    hour_ago = now_us() - 3_600_000_000
+    view = await queries.system(state_of(request).db, hour_ago, tenant=caller.tenant)
+    return StatusOut.model_validate(
+        {**dataclasses.asdict(view), "dead_lettered_last_hour": view.dead_lettered_since}
+    )
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+@router.post("/tasks", status_code=202, responses=_errors(400, 413))
+async def submit(request: Request, caller: Caller, body: SubmitBody) -> TaskAccepted:
+    """Submit a task for this tenant; 202 once the broker has it. The same ``task_id``
+    twice runs once."""
+    retry = RetryPolicy(
+        backoff_ms=body.retry.backoff_ms,
+        multiplier=body.retry.multiplier,
+        max_backoff_ms=body.retry.max_backoff_ms,
+        jitter=body.retry.jitter,
+    )
+    if (reason := retry.invalid()) is not None:
+        raise InvalidCommand(
+            reason.replace("retry_", "retry.").replace("backoff_max", "max_backoff")
+        )
+    state = state_of(request)
+    for dependency in body.depends_on:
+        # Another tenant's task is no dependency: waiting on it would tell its fate.
+        if (
+            await state.db.fetchval(
+                "SELECT 1 FROM tasks WHERE task_id = $1 AND tenant = $2", dependency, caller.tenant
+            )
+            is None
+        ):
+            raise InvalidCommand(f"depends_on: no task {dependency!r} (not readable yet?)")
+    client = await state.client(caller.tenant)
+    task_id = await client.submit(
+        body.input,
+        task_id=body.task_id,
+        pool=body.pool,
+        priority=Priority.parse(body.priority.value),
+        agent_id=body.agent_id,
+        max_attempts=body.max_attempts,
+        retry=retry,
+        depends_on=body.depends_on,
+        start_within_ms=body.start_within_ms,
+        finish_by=body.finish_by,
+    )
+    return TaskAccepted(task_id=task_id)
+
+
+@router.post("/tasks/{task_id:path}/cancel", status_code=202, responses=_errors(400, 404, 413))
+async def cancel_task(
+    request: Request, caller: Caller, task_id: TaskId, body: CancelBody | None = None
+) -> Accepted:
+    """Cancel one of this tenant's tasks (waiting, queued, retrying or running). A
+    finished task's cancellation is rejected by the scheduler (see the task)."""
+    view = await _task(request, caller, task_id)
+    client = await state_of(request).client(caller.tenant)
+    await client.cancel(task_id, pool=view.pool, reason=body.reason if body else "")
+    return Accepted(detail=f"cancellation of task {task_id} sent")
+
+
+@router.post(
+    "/tasks/{task_id:path}/redrive", status_code=202, responses=_errors(400, 404, 409, 413)
+)
+async def redrive(
+    request: Request, caller: Caller, task_id: TaskId, body: RedriveBody | None = None
+) -> TaskAccepted:
+    """Run a dead-lettered task again as a new task ``<id>~<n>``, linked to it."""
+    view = await _task(request, caller, task_id)
+    if view.status != "dead_lettered":
+        raise HTTPException(409, f"task {task_id!r} is {view.status}, not dead-lettered")
+    state = state_of(request)
+    client = await state.client(caller.tenant)
+    new_id = await client.submit(
+        view.input,
+        task_id=await queries.next_redrive_id(state.db, view.task_id),
+        pool=view.pool,
+        priority=Priority.parse(view.priority),
+        # a deliberation's task is its agent's; any other runs on any agent (as the CLI)
+        agent_id=view.agent_id if view.deliberation_id is not None else None,
+        max_attempts=body.max_attempts if body and body.max_attempts else view.max_attempts,
+        retry=view.retry,
+        redrive_of=view.task_id,
+    )
+    return TaskAccepted(task_id=new_id)
+
+
+@router.post("/deliberations", status_code=202, responses=_errors(400, 413))
+async def deliberate(
+    request: Request, caller: Caller, body: DeliberateBody
+) -> DeliberationAccepted:
+    """Put one motion to many agents; their answers are revealed together."""
+    client = await state_of(request).client(caller.tenant)
+    deliberation_id = await client.deliberate(
+        body.motion,
+        agent_ids=body.agent_ids,
+        deliberation_id=body.deliberation_id,
+        pool=body.pool,
+        priority=Priority.parse(body.priority.value),
+        finish_by=body.finish_by,
+    )
+    return DeliberationAccepted(deliberation_id=deliberation_id)
+
+
+@router.post(
+    "/deliberations/{deliberation_id}/cancel", status_code=202, responses=_errors(400, 404, 413)
+)
+async def cancel_deliberation(
+    request: Request,
+    caller: Caller,
+    deliberation_id: DeliberationId,
+    body: CancelBody | None = None,
+) -> Accepted:
+    """Cancel every unfinished task of one of this tenant's deliberations."""
+    await _deliberation(request, caller, deliberation_id)
+    state = state_of(request)
+    pool = await state.db.fetchval(
+        "SELECT pool FROM tasks WHERE deliberation_id = $1 AND tenant = $2 LIMIT 1",
+        deliberation_id,
+        caller.tenant,
+    )
+    client = await state.client(caller.tenant)
+    await client.cancel(
+        deliberation_id=deliberation_id, pool=pool, reason=body.reason if body else ""
+    )
+    return Accepted(detail=f"cancellation of deliberation {deliberation_id} sent")
+
+
+def _admin(caller: Principal) -> None:
+    if not caller.admin:
+        raise HTTPException(403, "halt and resume stop every tenant's work: an admin token only")
+
+
+@router.post("/halt", status_code=202, responses=_errors(403, 413))
+async def halt(request: Request, caller: Caller, body: HaltBody) -> Accepted:
+    """Stop all dispatching until resumed (witnessed); admin tokens only."""
+    _admin(caller)
+    client = await state_of(request).client(caller.tenant)
+    await client.halt(
+        body.reason, operator=f"token:{caller.token_id}", cancel_running=body.cancel_running
+    )
+    return Accepted(detail="halt sent")
+
+
+@router.post("/resume", status_code=202, responses=_errors(403, 413))
+async def resume(request: Request, caller: Caller, body: ResumeBody) -> Accepted:
+    """Lift a halt (witnessed); admin tokens only."""
+    _admin(caller)
+    client = await state_of(request).client(caller.tenant)
+    await client.resume(body.reason, operator=f"token:{caller.token_id}")
+    return Accepted(detail="resume sent")
