@@ -375,6 +375,15 @@ def submit(
     finish_within: float | None = typer.Option(
         None, min=0.001, help="Expire unless finished within this many seconds from now."
     ),
+    key: str | None = typer.Option(
+        None, "--key", help="Fairness key: equal-priority tasks take turns between keys."
+    ),
+    key_limit: int | None = typer.Option(
+        None, "--key-limit", min=1, help="At most N tasks of this tenant's key in flight."
+    ),
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="Instead of --id: the same key runs once per tenant."
+    ),
 ) -> None:
     """Submit a task; prints its id (with --wait, its answer once it has one)."""
     from conclave.client import Client
@@ -410,6 +419,9 @@ def submit(
                 depends_on=depends_on,
                 start_within_ms=round(start_within * 1000) if start_within else None,
                 finish_by=_from_now(finish_within),
+                fairness_key=key,
+                key_limit=key_limit,
+                idempotency_key=idempotency_key,
             )
 
     submitted = _run(go())

@@ -14,6 +14,7 @@ reads.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import uuid
 from collections.abc import Sequence
 
@@ -36,7 +37,17 @@ from conclave.settings import Settings
 from conclave.topics import pool_partition
 from conclave.tracing import headers_for, tracer
 
-__all__ = ["Client"]
+__all__ = ["Client", "idempotent_task_id"]
+
+
+def idempotent_task_id(tenant: str, key: str) -> str:
+    """The task id an idempotency key stands for in ``tenant``: ``idem-`` and 40 hex
+    digits of SHA-256 over the tenant, a NUL and the key. The same key gives the same id
+    (so the scheduler runs it once); another tenant's same key, another id."""
+    if not key:
+        raise InvalidCommand("idempotency_key must not be empty")
+    digest = hashlib.sha256(tenant.encode() + b"\x00" + key.encode()).hexdigest()
+    return f"idem-{digest[:40]}"
 
 
 class Client:
@@ -73,6 +84,9 @@ class Client:
         depends_on: Sequence[str] = (),
         start_within_ms: int | None = None,
         finish_by: int | None = None,
+        fairness_key: str | None = None,
+        key_limit: int | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
         """Submit one task; returns its id. Submitting the same id twice runs it once.
 
@@ -92,7 +106,21 @@ class Client:
         ``start_within_ms``: not dispatched within this long of being accepted (waiting
         for dependencies included), the task ends ``expired``. ``finish_by`` (µs since the
         epoch, see :func:`conclave.domain.events.now_us`): not finished by then, it ends
-        ``expired``, a running attempt stopped."""
+        ``expired``, a running attempt stopped.
+
+        ``fairness_key``: tasks of equal priority in a pool take turns between tenants,
+        and between the keys of one tenant (a customer id, say); ``key_limit``: at most
+        this many tasks of the tenant's key (of the tenant, without a key) in flight in
+        the pool at once, however many agents are idle.
+
+        ``idempotency_key``: instead of a ``task_id``, a key of the caller's choosing:
+        the task id is derived from it and this client's tenant
+        (:func:`idempotent_task_id`), so submitting the same key again is a no-op that
+        returns the same id, and the same key in another tenant is another task."""
+        if idempotency_key is not None:
+            if task_id is not None:
+                raise InvalidCommand("give a task_id or an idempotency_key, not both")
+            task_id = idempotent_task_id(self.settings.tenant, idempotency_key)
         task_id = task_id or str(uuid.uuid4())
         event = _submitted(task_id, input, pool, priority, agent_id, max_attempts, retry)
         event = dataclasses.replace(
@@ -101,6 +129,8 @@ class Client:
             depends_on=list(depends_on),
             start_within_ms=start_within_ms,
             finish_by=finish_by,
+            fairness_key=fairness_key,
+            key_limit=key_limit,
         )
         _check(event)
         topic = self.topics.command(priority)
@@ -126,13 +156,16 @@ class Client:
         max_attempts: int = 1,
         retry: RetryPolicy = DEFAULT_RETRY,
         depends_on: Sequence[Sequence[str]] | None = None,
+        fairness_key: str | None = None,
+        key_limit: int | None = None,
     ) -> list[str]:
         """Submit one task per input, awaiting the broker's acknowledgements once per
         thousand rather than once per task; returns the task ids in order.
 
         ``depends_on[i]``: the dependencies of the ``i``-th task (see :meth:`submit`).
         Tasks of one call go to one topic partition in order, so a task may depend on
-        one earlier in the same call."""
+        one earlier in the same call. ``fairness_key`` and ``key_limit``: as for
+        :meth:`submit`, the same for every task of the call."""
         ids = list(task_ids) if task_ids is not None else [str(uuid.uuid4()) for _ in inputs]
         if len(ids) != len(inputs):
             raise ValueError("task_ids and inputs differ in length")
@@ -145,6 +178,10 @@ class Client:
             for i in range(start, min(start + 1000, len(ids))):
                 task_id = ids[i]
                 event = _submitted(task_id, inputs[i], pool, priority, None, max_attempts, retry)
+                if fairness_key is not None or key_limit is not None:
+                    event = dataclasses.replace(
+                        event, fairness_key=fairness_key, key_limit=key_limit
+                    )
                 if depends_on is not None and depends_on[i]:
                     event = dataclasses.replace(event, depends_on=list(depends_on[i]))
                 _check(event)

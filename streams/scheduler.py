@@ -320,7 +320,9 @@ class SchedulerShard:
         match event:
             case TaskSubmitted() | DeliberationRequested() | CancelRequested() | WitnessEntry():
                 with hop(f"schedule {event.TYPE}", record.headers) as onward:
-                    for outcome in scheduling.decide(self.state, event, now):
+                    for outcome in scheduling.decide(
+                        self.state, event, now, tenant=envelope.tenant
+                    ):
                         scheduling.evolve(self.state, outcome)
                         if isinstance(outcome, TaskQueued) and outcome.task_id not in self.origins:
                             traceparent = (

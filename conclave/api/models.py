@@ -119,6 +119,17 @@ class SubmitBody(_Body):
     )
     start_within_ms: int | None = Field(None, ge=1, le=MAX_LONG)
     finish_by: Micros | None = None
+    fairness_key: Id | None = Field(
+        None, description="Equal-priority tasks of a pool take turns between keys (and tenants)"
+    )
+    key_limit: int | None = Field(
+        None, ge=1, le=1_000_000, description="At most this many of the key's tasks in flight"
+    )
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
+        None,
+        description="Instead of task_id: the same key submitted again is a no-op that returns"
+        " the same task id (per tenant)",
+    )
 
 
 class DeliberateBody(_Body):

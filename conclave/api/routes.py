@@ -223,10 +223,11 @@ async def status(request: Request, caller: Caller) -> StatusOut:
 # --- commands --------------------------------------------------------------------------
 
 
-@router.post("/tasks", status_code=202, responses=_errors(400, 413))
+@router.post("/tasks", status_code=202, responses=_errors(400, 409, 413))
 async def submit(request: Request, caller: Caller, body: SubmitBody) -> TaskAccepted:
     """Submit a task for this tenant; 202 once the broker has it. The same ``task_id``
-    twice runs once."""
+    (or ``idempotency_key``) twice runs once; a ``task_id`` another tenant has used is
+    409."""
     retry = RetryPolicy(
         backoff_ms=body.retry.backoff_ms,
         multiplier=body.retry.multiplier,
@@ -238,6 +239,13 @@ async def submit(request: Request, caller: Caller, body: SubmitBody) -> TaskAcce
             reason.replace("retry_", "retry.").replace("backoff_max", "max_backoff")
         )
     state = state_of(request)
+    if body.task_id is not None and (
+        await state.db.fetchval(
+            "SELECT 1 FROM tasks WHERE task_id = $1 AND tenant <> $2", body.task_id, caller.tenant
+        )
+        is not None
+    ):
+        raise HTTPException(409, f"task id {body.task_id!r} is taken: choose another")
     for dependency in body.depends_on:
         # Another tenant's task is no dependency: waiting on it would tell its fate.
         if (
@@ -259,6 +267,9 @@ async def submit(request: Request, caller: Caller, body: SubmitBody) -> TaskAcce
         depends_on=body.depends_on,
         start_within_ms=body.start_within_ms,
         finish_by=body.finish_by,
+        fairness_key=body.fairness_key,
+        key_limit=body.key_limit,
+        idempotency_key=body.idempotency_key,
     )
     return TaskAccepted(task_id=task_id)
 

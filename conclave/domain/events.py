@@ -157,6 +157,13 @@ class TaskSubmitted:
     finish_by: int | None = None
     """Absolute deadline, µs since the epoch: not finished by then, the task ends
     ``expired`` (a running attempt is stopped)."""
+    fairness_key: str | None = None
+    """Tasks of equal priority in a pool are served round-robin between fairness keys
+    (schema v5): the scheduler qualifies this one with the command's tenant, so tenants
+    take turns even when none names a key."""
+    key_limit: int | None = None
+    """At most this many untargeted tasks of the same tenant and fairness key in flight in
+    the pool at once; the latest task queued with a limit sets the key's."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,7 +208,8 @@ class TaskQueued:
     max_attempts: int
     deliberation_id: str | None
     sequence: int
-    """The scheduler's arrival order; ties within one priority go to the lower sequence."""
+    """The scheduler's arrival order; ties of turn within one priority go to the lower
+    sequence."""
     retry_backoff_ms: int = DEFAULT_RETRY.backoff_ms
     """The task's retry policy (schema v2), as submitted."""
     retry_multiplier: float = DEFAULT_RETRY.multiplier
@@ -217,6 +225,15 @@ class TaskQueued:
     """Not dispatched by then (µs since the epoch), the task expires."""
     finish_by: int | None = None
     """Not finished by then (µs since the epoch), the task expires."""
+    fairness_key: str | None = None
+    """``tenant`` or ``tenant/key`` (schema v4): who the task takes turns with; ``None``
+    for targeted tasks and tasks queued before fairness existed."""
+    key_limit: int | None = None
+    """At most this many untargeted tasks of ``fairness_key`` in flight in the pool."""
+    turn: int = 0
+    """Fair queuing's place (schema v4): within one priority, tasks are served by turn,
+    then by ``sequence``. A key's tasks take consecutive turns, starting no earlier than
+    the turn last served in the pool, so keys take turns; 0 before fairness existed."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

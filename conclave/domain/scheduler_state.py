@@ -31,6 +31,7 @@ __all__ = [
     "SchedulerState",
     "TaskState",
     "TaskStatus",
+    "Turns",
     "from_snapshot",
     "to_snapshot",
 ]
@@ -39,11 +40,13 @@ NOTHING: frozenset[str] = frozenset()
 """The empty set of dependencies that every task without any shares."""
 DEFAULT_CAPACITY = 72
 DEFAULT_DEDUP_WINDOW = 100_000
-SNAPSHOT_VERSION = 5
+SNAPSHOT_VERSION = 6
 """2: tasks carry their retry policy; a task may wait out a retry back-off.
 3: tasks carry their dependencies (a task may wait for them) and their deadlines.
 4: runtime hosts' leases.
-5: agents' circuit breakers."""
+5: agents' circuit breakers.
+6: fairness keys, turns and per-key limits (a version 5 snapshot still reads: its tasks
+have none, turn 0, and its pools start their fair turns afresh)."""
 
 
 class TaskStatus(enum.Enum):
@@ -110,6 +113,19 @@ class TaskState:
     """Not dispatched by then (µs since the epoch): expired."""
     finish_by: int | None = None
     """Not finished by then: expired."""
+    fairness_key: str | None = None
+    """``tenant`` or ``tenant/key``: who the task takes turns with in its pool."""
+    key_limit: int | None = None
+    """At most this many untargeted tasks of ``fairness_key`` in flight in the pool."""
+    turn: int = 0
+    """Its place in fair queuing (:attr:`PoolState.virtual`)."""
+
+    @property
+    def limited_key(self) -> str | None:
+        """The key whose limit this task counts against: only untargeted tasks have one."""
+        if self.key_limit is None or self.targeted:
+            return None
+        return self.fairness_key or ""
 
     @property
     def expires_at(self) -> int | None:
@@ -122,8 +138,8 @@ class TaskState:
 
     @property
     def rank(self) -> Rank:
-        """Served in this order within a pool: priority, then arrival."""
-        return (int(self.priority), self.sequence)
+        """Served in this order within a pool: priority, then turn, then arrival."""
+        return (int(self.priority), self.turn, self.sequence)
 
 
 @dataclass(slots=True)
@@ -154,6 +170,21 @@ class HostLease:
 
 
 @dataclass(slots=True)
+class Turns:
+    """A pool's fair queuing (start-time fair queuing, equal weights). Kept apart from
+    :class:`PoolState`, which is dropped whenever a pool is empty: when that happens
+    depends on how recovery interleaves topics, and turns must not."""
+
+    virtual: int = 0
+    """The clock: the largest turn of a task dispatched in the pool. A task of key ``k``
+    queued for an attempt takes turn ``max(virtual, last[k]) + 1`` (targeted tasks,
+    which have no key, ``virtual + 1``), so keys of equal priority take turns and a key
+    that was quiet gets no credit for it."""
+    last: dict[str, int] = field(default_factory=dict)
+    """Fairness key -> the turn of its latest task, while that is ahead of ``virtual``."""
+
+
+@dataclass(slots=True)
 class PoolState:
     """One pool's indexes. An agent registered in the pool and not assigned a task is
     idle, and is in ``unclaimed`` or in ``claimed``: claimed if a queued task of this
@@ -174,10 +205,34 @@ class PoolState:
     """Idle agents a queued task waits for, by the rank of the best such task."""
     claimed_worst_first: RankedSet = field(default_factory=RankedSet)
     """The same agents, worst claim first: the ones an untargeted task may take."""
+    keyed: dict[str, RankedSet] = field(default_factory=dict)
+    """Key -> its queued untargeted tasks that count against a limit, by rank: apart from
+    ``untargeted`` so that a key at its limit costs nothing to skip."""
+    limits: dict[str, int] = field(default_factory=dict)
+    """Key -> how many of its tasks may be in flight: set by the latest task queued with a
+    limit, dropped when the key has nothing queued or running."""
+    running: dict[str, int] = field(default_factory=dict)
+    """Key -> its limited tasks in flight (keys with none are absent)."""
+    heads: RankedSet = field(default_factory=RankedSet)
+    """Keys with room under their limit and a queued task, by the rank of their best."""
 
     @property
     def empty(self) -> bool:
-        return not (self.in_flight or self.members or self.untargeted or self.targeted)
+        return not (
+            self.in_flight or self.members or self.untargeted or self.targeted or self.keyed
+        )
+
+    def place_key(self, key: str) -> None:
+        """Keep ``key`` in ``heads`` exactly while it has room and a queued task."""
+        queue = self.keyed.get(key)
+        best = queue.first() if queue is not None else None
+        running = self.running.get(key, 0)
+        if best is not None and running < self.limits.get(key, 0):
+            self.heads.add(key, best[0])
+        else:
+            self.heads.discard(key)
+            if best is None and not running:
+                self.limits.pop(key, None)
 
 
 @dataclass(slots=True)
@@ -199,6 +254,8 @@ class SchedulerState:
     assignments: dict[str, str] = field(default_factory=dict)
     """Agent id -> the dispatched task it works on. Kept apart from the agent registry
     so that folding a dispatch before its agent's registration still marks it busy."""
+    turns: dict[str, Turns] = field(default_factory=dict)
+    """Pool -> its fair turns, for pools that ever queued a task with a turn."""
     pools: dict[str, PoolState] = field(default_factory=dict)
     ready: set[str] = field(default_factory=set)
     """Pools where a dispatch is possible now (halt aside): all that schedule() reads."""
@@ -252,6 +309,11 @@ class SchedulerState:
             assert task.agent_id is not None
             pool.targeted.setdefault(task.agent_id, RankedSet()).add(task.task_id, task.rank)
             self.place(task.agent_id)  # its best claim may have changed
+        elif (key := task.limited_key) is not None:
+            assert task.key_limit is not None
+            pool.keyed.setdefault(key, RankedSet()).add(task.task_id, task.rank)
+            pool.limits[key] = task.key_limit
+            pool.place_key(key)
         else:
             pool.untargeted.add(task.task_id, task.rank)
         self.refresh(task.pool)
@@ -265,6 +327,12 @@ class SchedulerState:
             if not queue:
                 del pool.targeted[task.agent_id]
             self.place(task.agent_id)
+        elif (key := task.limited_key) is not None:
+            queue = pool.keyed[key]
+            queue.discard(task.task_id)
+            if not queue:
+                del pool.keyed[key]
+            pool.place_key(key)
         else:
             pool.untargeted.discard(task.task_id)
         self.refresh(task.pool)
@@ -308,9 +376,32 @@ class SchedulerState:
             if not members:
                 del self.by_deliberation[task.deliberation_id]
 
+    def start(self, task: TaskState) -> None:
+        """A queued task is dispatched: it takes its pool's capacity, its key's room, and
+        moves the pool's fair clock."""
+        pool = self.pool(task.pool)
+        pool.in_flight += 1
+        if (key := task.limited_key) is not None:
+            pool.running[key] = pool.running.get(key, 0) + 1
+        if task.turn:
+            turns = self.turns.setdefault(task.pool, Turns())
+            turns.virtual = max(turns.virtual, task.turn)
+            key = task.fairness_key
+            if key is not None and turns.last.get(key, 0) <= turns.virtual:
+                turns.last.pop(key, None)  # caught up: no turn to remember
+        self.unqueue(task)  # from the queue of its target or key, if it has one
+
     def release(self, task: TaskState) -> None:
         """Free the capacity and the agent a dispatched task held, and stop waiting."""
-        self.pool(task.pool).in_flight -= 1
+        pool = self.pool(task.pool)
+        pool.in_flight -= 1
+        if (key := task.limited_key) is not None:
+            left = pool.running[key] - 1
+            if left:
+                pool.running[key] = left
+            else:
+                del pool.running[key]
+            pool.place_key(key)
         self.timers.discard(task.task_id)
         agent_id = task.agent_id or ""
         if self.assignments.get(agent_id) == task.task_id:
@@ -355,7 +446,7 @@ class SchedulerState:
         if (
             pool is not None
             and pool.in_flight < self.capacity_of(name)
-            and (pool.claimed or (pool.unclaimed and pool.untargeted))
+            and (pool.claimed or (pool.unclaimed and (pool.untargeted or pool.heads)))
         ):
             self.ready.add(name)
         else:
@@ -401,6 +492,9 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
                 sorted(t.waiting_for) or None,  # a JSON parse (and its GC) far more
                 t.start_by,
                 t.finish_by,
+                t.fairness_key,
+                t.key_limit,
+                t.turn,
             ]
             for t in state.tasks.values()
         ],
@@ -416,6 +510,10 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "failures": dict(sorted(state.failures.items())),
         "breakers": sorted([key, until] for (until, *_), key in state.breakers.members()),
         "probing": sorted(state.probing),
+        "turns": {name: [t.virtual, dict(t.last)] for name, t in sorted(state.turns.items())},
+        "limits": {
+            name: dict(pool.limits) for name, pool in sorted(state.pools.items()) if pool.limits
+        },
     }
 
 
@@ -423,8 +521,10 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
     """The state :func:`to_snapshot` wrote, indexes rebuilt; ``ValueError`` if ``data``
     is not a snapshot of this version. ``capacity`` replaces the snapshot's: it is
     configuration, and may have changed since."""
-    if data.get("version") != SNAPSHOT_VERSION:
-        raise ValueError(f"scheduler snapshot version {data.get('version')!r} is not supported")
+    version = data.get("version")
+    if version not in (5, SNAPSHOT_VERSION):
+        raise ValueError(f"scheduler snapshot version {version!r} is not supported")
+    task_fields = list(_TASK_FIELDS if version == SNAPSHOT_VERSION else _TASK_FIELDS[:-3])
     try:
         state = SchedulerState(
             capacity=int(data["capacity"]) if capacity is None else capacity,
@@ -436,12 +536,15 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
             state.agents[agent_id] = AgentSlot(agent_id, pool, host_id)
             state.pool(pool).members.add(agent_id)
         state.assignments.update(data["assignments"])
-        if data["task_fields"] != list(_TASK_FIELDS):
+        if data["task_fields"] != task_fields:
             raise ValueError(f"task fields {data['task_fields']!r}")
         # The queues enqueue() builds one task at a time, built whole (heapify is O(n)).
         queues: dict[tuple[str, str | None], list[tuple[Rank, str]]] = {}
+        keyed: dict[tuple[str, str], list[tuple[Rank, str]]] = {}
         for row in data["tasks"]:
-            task = TaskState(*row)  # then the two enums and the set, from JSON
+            # A version 5 row lacks the last three fields (their defaults); then the two
+            # enums and the set, from JSON.
+            task = TaskState(*row)
             task.priority, task.status = _PRIORITIES[row[2]], _STATUSES[row[9]]
             task.depends_on = tuple(task.depends_on or ())
             task.waiting_for = frozenset(task.waiting_for) if task.waiting_for else NOTHING
@@ -452,12 +555,16 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
                 state.pool(task.pool).in_flight += 1
             elif task.status is TaskStatus.QUEUED:  # a waiting or retrying one is in none
                 target = task.agent_id if task.targeted else None
-                queues.setdefault((task.pool, target), []).append((task.rank, task.task_id))
+                if (key := task.limited_key) is not None:
+                    keyed.setdefault((task.pool, key), []).append((task.rank, task.task_id))
+                else:
+                    queues.setdefault((task.pool, target), []).append((task.rank, task.task_id))
         for (name, target), members in queues.items():
             if target is None:
                 state.pool(name).untargeted = RankedSet(members)
             else:
                 state.pool(name).targeted[target] = RankedSet(members)
+        _restore_fairness(state, keyed, data)
         for task_id, status in data["finished"]:
             state.finished.add(task_id, _STATUSES[status])
         for deliberation_id in data["deliberations"]:
@@ -480,3 +587,25 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ValueError(f"not a scheduler snapshot: {exc!r}") from exc
     return state
+
+
+def _restore_fairness(
+    state: SchedulerState,
+    keyed: Mapping[tuple[str, str], list[tuple[Rank, str]]],
+    data: Mapping[str, Any],
+) -> None:
+    """The queues, running counts and limits of limited keys, and each pool's turns
+    (absent before version 6)."""
+    for task in state.tasks.values():
+        if task.status is TaskStatus.DISPATCHED and (key := task.limited_key) is not None:
+            running = state.pool(task.pool).running
+            running[key] = running.get(key, 0) + 1
+    for (name, key), members in keyed.items():
+        state.pool(name).keyed[key] = RankedSet(members)
+    for name, limits in data.get("limits", {}).items():
+        state.pool(name).limits.update(limits)
+    for name, (virtual, last) in data.get("turns", {}).items():
+        state.turns[name] = Turns(int(virtual), dict(last))
+    for pool in state.pools.values():
+        for key in set(pool.keyed) | set(pool.running):
+            pool.place_key(key)

@@ -64,6 +64,7 @@ Rules enforced here (each has a test):
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from itertools import takewhile
 from typing import TypeVar
@@ -94,6 +95,7 @@ from conclave.domain.events import (
     TaskSubmitted,
     WitnessEntry,
 )
+from conclave.domain.ordered import Rank
 from conclave.domain.retry import retry_of
 from conclave.domain.scheduler_state import (
     DEFAULT_CAPACITY,
@@ -106,6 +108,7 @@ from conclave.domain.scheduler_state import (
     SchedulerState,
     TaskState,
     TaskStatus,
+    Turns,
     from_snapshot,
     to_snapshot,
 )
@@ -128,6 +131,7 @@ __all__ = [
     "due_timers",
     "evolve",
     "expire",
+    "fairness_key",
     "from_snapshot",
     "half_opened",
     "halted",
@@ -248,13 +252,17 @@ def decide(
     state: SchedulerState,
     cause: TaskSubmitted | DeliberationRequested | CancelRequested | WitnessEntry,
     now: int,
+    *,
+    tenant: str | None = None,
 ) -> list[Outcome]:
     """Events that a command or a witnessed fact implies at ``now``; ``[]`` for duplicates.
     ``now`` sets the due time of a retry. A command :func:`refusal` refuses yields
-    nothing useful: a dependency unknown here fails its dependent at once."""
+    nothing useful: a dependency unknown here fails its dependent at once. ``tenant``:
+    the command's, which qualifies a submission's fairness key."""
     if isinstance(cause, TaskSubmitted):
         if _known(state, cause.task_id):
             return []
+        key = fairness_key(tenant, cause.fairness_key) if cause.agent_id is None else None
         waiting = [d for d in cause.depends_on if status_of(state, d) is not TaskStatus.COMPLETED]
         queued: list[Outcome] = [
             TaskQueued(
@@ -266,6 +274,7 @@ def decide(
                 max_attempts=max(1, cause.max_attempts),
                 deliberation_id=None,
                 sequence=state.next_sequence,
+                turn=_turn(state, cause.pool, key),
                 **retry_of(cause).as_fields(),
                 redrive_of=cause.redrive_of,
                 depends_on=list(cause.depends_on),
@@ -276,6 +285,8 @@ def decide(
                     else None
                 ),
                 finish_by=cause.finish_by,
+                fairness_key=key,
+                key_limit=cause.key_limit if key is not None else None,
             )
         ]
         for dependency in waiting:
@@ -322,6 +333,7 @@ def decide(
                     max_attempts=1,
                     deliberation_id=cause.deliberation_id,
                     sequence=state.next_sequence + len(deliberating),
+                    turn=_turn(state, cause.pool, None),
                     finish_by=cause.finish_by,
                     start_by=None
                     if _registered(state, agent_id, cause.pool)
@@ -330,6 +342,22 @@ def decide(
             )
         return deliberating
     return _decide_witnessed(state, cause, now)
+
+
+def fairness_key(tenant: str | None, key: str | None) -> str:
+    """Who a task takes turns with: its tenant's key, or the tenant itself."""
+    if tenant is None:
+        return key or ""
+    return tenant if key is None else f"{tenant}/{key}"
+
+
+def _turn(state: SchedulerState, pool_name: str, key: str | None) -> int:
+    """The turn of a task of ``key`` queued now: one past the key's latest, or past the
+    pool's fair clock if the key has fallen behind it (or has no key: targeted tasks)."""
+    turns = state.turns.get(pool_name)
+    if turns is None:
+        return 1
+    return max(turns.virtual, turns.last.get(key, 0) if key is not None else 0) + 1
 
 
 def halted(state: SchedulerState, halt: Halt) -> list[TaskCancelled | TaskDependencyFailed]:
@@ -524,7 +552,7 @@ def _released(state: SchedulerState, completed: str) -> list[TaskQueued]:
     for dependent in sorted(state.dependents.get(completed, ())):
         task = state.tasks[dependent]
         if task.waiting_for == {completed}:
-            out.append(_requeued(task, task.sequence))
+            out.append(_requeued(task, task.sequence, task.turn))
     return out
 
 
@@ -598,11 +626,16 @@ def _retry_or_give_up(
             due=now + delay,
             reason=reason,
         )
-    return _requeued(task, state.next_sequence if sequence is None else sequence)
+    return _requeued(
+        task,
+        state.next_sequence if sequence is None else sequence,
+        _turn(state, task.pool, task.fairness_key),
+    )
 
 
-def _requeued(task: TaskState, sequence: int) -> TaskQueued:
-    """The task back in the queue for its next attempt, at the end of its priority."""
+def _requeued(task: TaskState, sequence: int, turn: int) -> TaskQueued:
+    """The task back in the queue: for its next attempt at the end of its key's turns,
+    or (released by its dependencies) in the place its submission gave it."""
     return TaskQueued(
         task_id=task.task_id,
         pool=task.pool,
@@ -616,6 +649,9 @@ def _requeued(task: TaskState, sequence: int) -> TaskQueued:
         depends_on=list(task.depends_on),
         start_by=task.start_by,
         finish_by=task.finish_by,
+        fairness_key=task.fairness_key,
+        key_limit=task.key_limit,
+        turn=turn,
     )
 
 
@@ -669,7 +705,7 @@ def expire(state: SchedulerState, now: int) -> list[Expired]:
             continue
         task = state.tasks.get(task_id)
         if task is not None and task.status is TaskStatus.RETRYING:
-            out.append(_requeued(task, place()))
+            out.append(_requeued(task, place(), _turn(state, task.pool, task.fairness_key)))
             continue
         if task is None or task.status is not TaskStatus.DISPATCHED or task.agent_id is None:
             continue  # not a deadline a live attempt waits on (folding removes those)
@@ -729,7 +765,7 @@ def _schedule_pool(
     unclaimed = iter(pool.unclaimed)
     claims = (c for c in pool.claimed if c[1] not in taken)
     worst_claims = (c for c in pool.claimed_worst_first if c[1] not in taken)
-    untargeted = iter(pool.untargeted)
+    untargeted = _untargeted(pool)
     claim, task = next(claims, None), next(untargeted, None)
     while free > 0 and idle > 0:
         if claim is not None and claim[1] in taken:  # taken by an untargeted task
@@ -761,6 +797,61 @@ def _schedule_pool(
             deliberation_id=queued.deliberation_id,
             deadline=deadline,
         )
+
+
+def _untargeted(pool: PoolState) -> Iterator[tuple[Rank, str]]:
+    """The pool's untargeted queued tasks in rank order, each key with a limit giving no
+    more than its room: the plain queue merged with the heads of keys that have room.
+    Each task yielded is taken (the caller asks for the next only after dispatching
+    it), so a key's next task joins the merge only once its head is taken: the cost is
+    O(log n) per task taken, whatever the number of keys or of tasks left behind."""
+    if not pool.heads:
+        yield from pool.untargeted
+        return
+    plain = iter(pool.untargeted)
+    heads = iter(pool.heads)
+    opened: list[tuple[Rank, str, str, Iterator[tuple[Rank, str]], int]] = []
+    """Keys whose head was taken: (rank, task id) of their next task, the key, the rest
+    of its queue, and the room left after that task."""
+    task, head = next(plain, None), next(heads, None)
+    while True:
+        best = min(
+            (
+                c
+                for c in (
+                    (task[0], task[1], 0) if task is not None else None,
+                    _first_of(pool, head[1], 1) if head is not None else None,
+                    (opened[0][0], opened[0][1], 2) if opened else None,
+                )
+                if c is not None
+            ),
+            default=None,
+        )
+        if best is None:
+            return
+        rank, task_id, source = best
+        yield rank, task_id
+        if source == 0:
+            task = next(plain, None)
+            continue
+        if source == 1:
+            assert head is not None
+            key = head[1]
+            rest = iter(pool.keyed[key])
+            next(rest)  # the head itself
+            room = pool.limits[key] - pool.running.get(key, 0) - 1
+            head = next(heads, None)
+        else:
+            _, _, key, rest, room = heapq.heappop(opened)
+            room -= 1
+        if room > 0 and (following := next(rest, None)) is not None:
+            heapq.heappush(opened, (following[0], following[1], key, rest, room))
+
+
+def _first_of(pool: PoolState, key: str, source: int) -> tuple[Rank, str, int]:
+    first = pool.keyed[key].first()
+    assert first is not None  # a key in heads has a queued task
+    return first[0], first[1], source
 
 
 def evolve(
@@ -845,9 +936,13 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
             waiting_for=frozenset(event.waiting_for) if event.waiting_for else NOTHING,
             start_by=event.start_by,
             finish_by=event.finish_by,
+            fairness_key=event.fairness_key,
+            key_limit=event.key_limit,
+            turn=event.turn,
         )
         state.tasks[event.task_id] = task
         state.track(task)
+        _take_turn(state, task)
         if event.deliberation_id is not None:
             state.deliberations.add(event.deliberation_id, None)
         state.next_sequence = max(state.next_sequence, event.sequence + 1)
@@ -870,10 +965,22 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
         state.timers.discard(task.task_id)
         task.status = TaskStatus.QUEUED
         task.sequence = event.sequence
+        task.turn = event.turn
+        _take_turn(state, task)
         if not task.targeted:
             task.agent_id = None
     state.next_sequence = max(state.next_sequence, event.sequence + 1)
     state.enqueue(task)
+
+
+def _take_turn(state: SchedulerState, task: TaskState) -> None:
+    """Remember the turn a task of a key took, while it is ahead of the pool's clock."""
+    key = task.fairness_key
+    if key is None or task.targeted or not task.turn:
+        return
+    turns = state.turns.setdefault(task.pool, Turns())
+    if task.turn > turns.virtual:
+        turns.last[key] = max(turns.last.get(key, 0), task.turn)
 
 
 def _fold_dispatched(state: SchedulerState, event: TaskDispatched) -> None:
@@ -882,8 +989,7 @@ def _fold_dispatched(state: SchedulerState, event: TaskDispatched) -> None:
         return  # a duplicate, or a dispatch of a task this fold never saw
     task.status = TaskStatus.DISPATCHED
     state.assignments[event.agent_id] = task.task_id
-    state.pool(task.pool).in_flight += 1
-    state.unqueue(task)  # from the queue of its target, if it has one
+    state.start(task)
     task.agent_id = event.agent_id
     task.attempt = event.attempt
     state.reckon(task)  # started: only its finish_by is left

@@ -48,7 +48,12 @@ def invalid_command(event: Event) -> str | None:
                 return "max_attempts must be at least 1"
             if event.redrive_of is not None and (reason := _bad_id("redrive_of", event.redrive_of)):
                 return reason
-            return retry_of(event).invalid() or _bad_dependencies(event) or _bad_deadlines(event)
+            return (
+                retry_of(event).invalid()
+                or _bad_dependencies(event)
+                or _bad_deadlines(event)
+                or _bad_fairness(event)
+            )
         case DeliberationRequested():
             if (reason := _bad_id("deliberation_id", event.deliberation_id)) is not None:
                 return reason
@@ -120,6 +125,17 @@ def _bad_deadlines(event: TaskSubmitted) -> str | None:
         return "start_within_ms must be positive"
     if event.finish_by is not None and event.finish_by <= 0:
         return "finish_by must be a time (µs since the epoch)"
+    return None
+
+
+def _bad_fairness(event: TaskSubmitted) -> str | None:
+    if event.fairness_key is not None and (reason := _bad_id("fairness_key", event.fairness_key)):
+        return reason
+    if event.key_limit is not None:
+        if not 1 <= event.key_limit <= MAX_CAPACITY:
+            return f"key_limit must be 1-{MAX_CAPACITY:,}"
+        if event.agent_id is not None:
+            return "key_limit applies to tasks any agent of the pool may run, not to one agent's"
     return None
 
 

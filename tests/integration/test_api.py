@@ -354,3 +354,36 @@ async def test_a_submitted_tasks_changes_stream_to_its_tenant_only(
     assert statuses[-1] == "completed"
     assert min(arrived.values()) - sent < 2.0, arrived  # its first change within 2 s
     assert seen[bob.name] == []  # nothing of alice's reaches bob
+
+
+async def test_idempotency_keys_fairness_fields_and_taken_ids_over_http(
+    system: System, alice: Tenant, bob: Tenant
+) -> None:
+    body = {"input": "charge", "pool": system.pool, "idempotency_key": "order-7"}
+    async with system.running(2):
+        first = await alice.http.post("/v1/tasks", json=body)
+        again = await alice.http.post("/v1/tasks", json=body)
+        theirs = await bob.http.post("/v1/tasks", json=body)
+        assert first.status_code == again.status_code == theirs.status_code == 202, first.text
+        task_id = first.json()["task_id"]
+        assert again.json()["task_id"] == task_id != theirs.json()["task_id"]
+        limited = await alice.http.post(
+            "/v1/tasks",
+            json={"input": "x", "pool": system.pool, "fairness_key": "c1", "key_limit": 1},
+        )
+        assert limited.status_code == 202, limited.text
+        for accepted in (task_id, theirs.json()["task_id"], limited.json()["task_id"]):
+            owner = bob if accepted == theirs.json()["task_id"] else alice
+            await eventually(lambda t=accepted, o=owner: _visible(o.http, t))
+    # A task id another tenant used is taken: refused, not silently dropped.
+    taken = await bob.http.post("/v1/tasks", json={"input": "x", "task_id": task_id})
+    assert taken.status_code == 409
+    assert "taken" in taken.json()["detail"]
+    for bad in (
+        {"key_limit": 0},
+        {"fairness_key": "a/b"},
+        {"task_id": "t", "idempotency_key": "k"},
+    ):
+        answer = await alice.http.post("/v1/tasks", json={"input": "x", **bad})
+        assert answer.status_code in (400, 422), (bad, answer.text)
+        assert answer.json()["detail"]

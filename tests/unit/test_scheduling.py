@@ -73,6 +73,7 @@ from conclave.domain.scheduling import (
     due_timers,
     evolve,
     expire,
+    fairness_key,
     from_snapshot,
     half_opened,
     halted,
@@ -237,19 +238,29 @@ class Harness:
             assert before + n <= state.capacity_of(name), f"{name} over its capacity"
         for d in dispatched:
             assert state.agents[d.agent_id].pool == d.pool, "an agent runs its own pool's tasks"
+        for (name, key), n in Counter(
+            (d.pool, state.tasks[d.task_id].limited_key)
+            for d in dispatched
+            if state.tasks[d.task_id].limited_key is not None
+        ).items():
+            assert key is not None
+            pool = state.pools[name]
+            assert pool.running.get(key, 0) + n <= pool.limits[key], f"{key} over its limit"
         self._fold(dispatched)
         assert schedule(state, self.now) == [], "schedule() must reach a fixpoint in one call"
         return dispatched
 
     def command(
-        self, cause: TaskSubmitted | DeliberationRequested | CancelRequested | WitnessEntry
+        self,
+        cause: TaskSubmitted | DeliberationRequested | CancelRequested | WitnessEntry,
+        tenant: str | None = None,
     ) -> list[Emitted]:
         self.now += 1000
         snapshot = copy.deepcopy(self.state)
-        decided = decide(self.state, cause, self.now)
+        decided = decide(self.state, cause, self.now, tenant=tenant)
         assert self.state == snapshot, "decide() must not change the state"
         if self.replica is not None:
-            assert decide(self.replica, cause, self.now) == decided
+            assert decide(self.replica, cause, self.now, tenant=tenant) == decided
         self._fold(decided)
         return [*decided, *self.schedule()]
 
@@ -468,6 +479,14 @@ def _check_priority(
     """
     chosen = {d.task_id for d in dispatched}
     holders = {d.agent_id: state.tasks[d.task_id] for d in dispatched}
+    keys_running = Counter(
+        (t.pool, t.limited_key)
+        for t in [
+            *(t for t in state.tasks.values() if t.status is TaskStatus.DISPATCHED),
+            *(state.tasks[d.task_id] for d in dispatched),
+        ]
+        if t.limited_key is not None
+    )
     for d in dispatched:
         task = state.tasks[d.task_id]
         if task.targeted:
@@ -476,6 +495,9 @@ def _check_priority(
             left = state.tasks[task_id]
             if left.pool != task.pool:
                 continue
+            key = left.limited_key
+            if key is not None and keys_running[(left.pool, key)] >= _limit(state, left.pool, key):
+                continue  # its key had no room
             if left.targeted:
                 if (left.agent_id, left.pool) not in idle_before:
                     continue
@@ -483,6 +505,10 @@ def _check_priority(
                 if holder is not None and holder.targeted and _better(holder, left):
                     continue
             assert not _better(left, task), f"{left.task_id} left behind for {task.task_id}"
+
+
+def _limit(state: SchedulerState, pool: str, key: str) -> int:
+    return state.pools[pool].limits[key]
 
 
 def reference_schedule(state: SchedulerState) -> list[TaskDispatched]:
@@ -507,6 +533,12 @@ def reference_schedule(state: SchedulerState) -> list[TaskDispatched]:
             and a.agent_id not in state.breakers
         }
         waiting = sorted(queued[pool], key=lambda t: t.rank)
+        limits = state.pools[pool].limits
+        keys_running = Counter(
+            t.limited_key
+            for t in state.tasks.values()
+            if t.status is TaskStatus.DISPATCHED and t.pool == pool and t.limited_key is not None
+        )
         wanted: dict[str, tuple[int, ...]] = {}
         for task in waiting:
             if task.targeted and task.agent_id in idle:
@@ -514,6 +546,9 @@ def reference_schedule(state: SchedulerState) -> list[TaskDispatched]:
         for task in waiting:
             if free <= 0 or not idle:
                 break
+            key = task.limited_key
+            if key is not None and keys_running[key] >= limits[key]:
+                continue  # its key has no room left
             if task.targeted:
                 agent = idle.get(task.agent_id or "")
             elif unclaimed := sorted(a for a in idle if a not in wanted):
@@ -526,6 +561,8 @@ def reference_schedule(state: SchedulerState) -> list[TaskDispatched]:
             del idle[agent.agent_id]
             wanted.pop(agent.agent_id, None)
             free -= 1
+            if key is not None:
+                keys_running[key] += 1
             dispatched.append(
                 TaskDispatched(
                     task_id=task.task_id,
@@ -605,6 +642,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             else st.just([]),
             label="depends_on",
         )
+        tenant = data.draw(st.sampled_from([None, "t0", "t1"]), label="tenant")
+        key = data.draw(st.sampled_from([None, "k0", "k1"]), label="fairness key")
+        key_limit = None if agent_id else data.draw(st.sampled_from([None, 1, 2]), label="limit")
         command = TaskSubmitted(
             task_id=task_id,
             pool=pool,
@@ -616,12 +656,18 @@ class SchedulerMachine(RuleBasedStateMachine):
             depends_on=depends_on,
             start_within_ms=start_within_ms,
             finish_by=finish_by,
+            fairness_key=key,
+            key_limit=key_limit,
         )
         known = status_of(self.state, task_id) is not None
         assert refusal(self.state, command) is None, "its dependencies are all known"
         sequence = self.state.next_sequence
+        qualified = None if agent_id else fairness_key(tenant, key)
+        fair = self.state.turns.get(pool)
+        behind = 0 if fair is None or qualified is None else fair.last.get(qualified, 0)
+        turn = 1 if fair is None else max(fair.virtual, behind) + 1
         statuses = {d: status_of(self.state, d) for d in depends_on}
-        events = self.h.command(command)
+        events = self.h.command(command, tenant=tenant)
         self.commands.append(command)
         if known:
             assert events == []
@@ -643,6 +689,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             waiting_for=waiting,
             start_by=None if start_within_ms is None else accepted_at + start_within_ms * 1000,
             finish_by=finish_by,
+            fairness_key=qualified,
+            key_limit=key_limit,
+            turn=turn,
         )
         failed = [d for d in waiting if (s := statuses[d]) is not None and s.failed]
         if failed:
@@ -900,7 +949,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         entries = sorted(
             (rank, task_id, name, target)
             for name, pool in self.state.pools.items()
-            for target, queue in [(None, pool.untargeted), *pool.targeted.items()]
+            for target, queue in [
+                (None, pool.untargeted),
+                *pool.targeted.items(),
+                *((None, q) for q in pool.keyed.values()),
+            ]
             for rank, task_id in queue.members()
         )
         queued = sorted(
@@ -1278,6 +1331,8 @@ def test_an_agent_that_stalled_works_again_once_registered_again() -> None:
             deliberation_id=None,
             sequence=3,
             retry_backoff_ms=0,
+            fairness_key="",
+            turn=3,
         )
     ]
     dispatched = h.register("a0", host_id="h0-restarted")
@@ -1791,8 +1846,17 @@ def test_a_snapshot_is_versioned_and_anything_else_is_refused() -> None:
     h.command(submit("t0"))
     h.command(submit("t1", priority=Priority.HIGH, agent_id="a1"))
     snapshot, restored = _round_trip(h.state)
-    assert snapshot["version"] == SNAPSHOT_VERSION == 5
+    assert snapshot["version"] == SNAPSHOT_VERSION == 6
     assert_same_state(h.state, restored)
+    # A version 5 snapshot (before fairness) still reads: its tasks take turn 0.
+    fields = len(snapshot["task_fields"]) - 3
+    old = {
+        **{k: v for k, v in snapshot.items() if k not in ("turns", "limits")},
+        "version": 5,
+        "task_fields": snapshot["task_fields"][:fields],
+        "tasks": [row[:fields] for row in snapshot["tasks"]],
+    }
+    assert {t.task_id: t.turn for t in from_snapshot(old).tasks.values()} == {"t0": 0, "t1": 0}
     with pytest.raises(ValueError, match="version 4"):
         from_snapshot({**snapshot, "version": 4})  # before circuit breakers
     with pytest.raises(ValueError, match="not a scheduler snapshot"):
@@ -2079,3 +2143,105 @@ def test_no_breakers_with_a_threshold_of_zero() -> None:
         _fail_on(h, "a0", f"t{i}")
     assert not _logged(h, AgentCircuitOpened)
     assert h.state.failures == {"a0": 10}
+
+
+# -- Fairness and per-key limits -------------------------------------------------------
+
+
+def _served_in_turn(h: Harness) -> list[str]:
+    """Finish what runs, one at a time, until nothing runs: the order tasks ran in."""
+    order = [t.task_id for t in h.dispatched()]
+    while running := h.dispatched():
+        h.finish(running[0], failed=False)
+        order += [t.task_id for t in h.dispatched() if t.task_id not in order]
+    return order
+
+
+def test_tenants_of_equal_priority_take_turns_whatever_they_queued() -> None:
+    h = Harness(capacity=1)
+    for n in range(6):
+        h.command(submit(f"a{n}"), tenant="acme")
+    for n in range(2):
+        h.command(submit(f"b{n}"), tenant="bolt")
+    h.command(submit("urgent", priority=Priority.HIGH), tenant="acme")
+    h.register("a0")
+    # Priority first; then acme's backlog does not hold bolt back: one each in turn.
+    assert _served_in_turn(h) == ["urgent", "a0", "b0", "a1", "b1", "a2", "a3", "a4", "a5"]
+
+
+def test_a_key_that_was_quiet_gets_no_credit_for_it() -> None:
+    h = Harness(capacity=1)
+    h.register("a0")
+    for n in range(4):
+        h.command(submit(f"a{n}", pool="p0"), tenant="acme")
+    h.finish(h.dispatched()[0], failed=False)  # a0 ran alone; a1 runs now
+    h.command(submit("b0"), tenant="bolt")
+    h.command(submit("b1"), tenant="bolt")
+    # bolt joins at the turn being served (after acme's task of that turn, which came
+    # first): it does not catch up on the turns it missed.
+    assert _served_in_turn(h) == ["a1", "a2", "b0", "a3", "b1"]
+
+
+def test_one_tenant_alone_is_served_in_arrival_order() -> None:
+    h = Harness(capacity=1)
+    for n in range(5):
+        h.command(submit(f"t{n}"), tenant="acme")
+    h.register("a0")
+    assert _served_in_turn(h) == [f"t{n}" for n in range(5)]
+
+
+def test_a_key_never_has_more_than_its_limit_in_flight_and_others_use_the_rest() -> None:
+    h = Harness(capacity=10)
+    for agent in AGENTS_BY_POOL["p0"]:  # three agents
+        h.register(agent)
+
+    def keyed(task_id: str, key: str, limit: int) -> TaskSubmitted:
+        return dataclasses.replace(submit(task_id), fairness_key=key, key_limit=limit)
+
+    for n in range(5):
+        h.command(keyed(f"c{n}", "customer-1", 2), tenant="acme")
+    running = lambda: [t.task_id for t in h.dispatched()]  # noqa: E731
+    assert running() == ["c0", "c1"]  # the third agent stays idle for customer-1
+    h.command(keyed("d0", "customer-2", 2), tenant="acme")
+    assert running() == ["c0", "c1", "d0"]
+    h.command(submit("other"), tenant="acme")
+    h.finish(h.state.tasks["c0"], failed=False)
+    assert running() == ["c1", "c2", "d0"]  # c2's turn came before other's
+    h.finish(h.state.tasks["d0"], failed=False)
+    assert running() == ["c1", "c2", "other"]  # c3 would be customer-1's third
+    assert h.state.pools["p0"].running == {"acme/customer-1": 2}
+    # The same key under another tenant is another key, with its own room.
+    h.command(keyed("x0", "customer-1", 1), tenant="xyz")
+    h.finish(h.state.tasks["other"], failed=False)
+    assert running() == ["c1", "c2", "x0"]
+    assert_same_state(h.state, from_snapshot(to_snapshot(h.state)))
+    assert _served_in_turn(h)[-2:] == ["c3", "c4"]
+    assert "p0" not in h.state.pools or not h.state.pools["p0"].limits
+
+
+def test_fairness_and_limits_are_validated() -> None:
+    assert invalid_command(dataclasses.replace(submit("t"), key_limit=0)) == (
+        "key_limit must be 1-1,000,000"
+    )
+    assert "fairness_key" in (
+        invalid_command(dataclasses.replace(submit("t"), fairness_key="a/b")) or ""
+    )
+    targeted = dataclasses.replace(submit("t", agent_id="a0"), key_limit=2)
+    assert "not to one agent's" in (invalid_command(targeted) or "")
+
+
+def test_a_burst_released_at_once_still_keeps_each_key_to_its_limit() -> None:
+    """One schedule() call with many idle agents: a key's tasks beyond its room stay
+    queued while other keys' tasks behind them run."""
+    h = Harness(capacity=10)
+    h.halt()
+    for n in range(4):
+        h.command(
+            dataclasses.replace(submit(f"c{n}"), fairness_key="customer-1", key_limit=2),
+            tenant="acme",
+        )
+    h.command(submit("z", priority=Priority.LOW), tenant="acme")
+    for agent in AGENTS_BY_POOL["p0"]:
+        h.register(agent)
+    h.resume()
+    assert [t.task_id for t in h.dispatched()] == ["c0", "c1", "z"]

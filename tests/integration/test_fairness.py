@@ -1,0 +1,112 @@
+"""Fairness between tenants and keys, per-key limits and idempotency keys on the
+embedded stack: real processors, a real runtime host, the Python client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+
+from conclave.client import Client, idempotent_task_id
+from conclave.errors import InvalidCommand
+from conclave.runtime.agents import AgentContext
+from tests.integration.conftest import System, eventually, has_status
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def tenant_client(system: System, tenant: str) -> AsyncIterator[Client]:
+    async with Client(dataclasses.replace(system.settings, tenant=tenant)) as client:
+        yield client
+
+
+async def all_completed(system: System, ids: list[str]) -> bool:
+    return all([await has_status(system.db, i, "completed") for i in ids])
+
+
+async def test_a_key_never_has_more_than_its_limit_running_while_idle_agents_serve_others(
+    system: System,
+) -> None:
+    running: Counter[str] = Counter()
+    most: Counter[str] = Counter()
+
+    async def agent(ctx: AgentContext) -> str:
+        key = ctx.input.split(":")[0]
+        running[key] += 1
+        most[key] = max(most[key], running[key])
+        try:
+            await asyncio.sleep(0.1)
+        finally:
+            running[key] -= 1
+        return ctx.input
+
+    client, pool = system.client, system.pool
+    ids = [
+        *await client.submit_many(
+            [f"c1:{n}" for n in range(12)], pool=pool, fairness_key="c1", key_limit=2
+        ),
+        *await client.submit_many(
+            [f"c2:{n}" for n in range(6)], pool=pool, fairness_key="c2", key_limit=3
+        ),
+        *await client.submit_many([f"free:{n}" for n in range(8)], pool=pool),
+    ]
+    async with system.running(8, agent):
+        await eventually(lambda: all_completed(system, ids), within=60)
+    assert most["c1"] == 2, "c1 ran two at a time, never more"
+    assert most["c2"] == 3
+    assert most["free"] >= 3, "the tasks with no limit used the agents the others left"
+
+
+async def test_tenants_take_turns_whatever_one_of_them_queued(system: System) -> None:
+    started: list[str] = []
+
+    async def agent(ctx: AgentContext) -> str:
+        started.append(ctx.input)
+        await asyncio.sleep(0.01)
+        return ctx.input
+
+    pool = system.pool
+    async with tenant_client(system, "acme") as acme, tenant_client(system, "bolt") as bolt:
+        a = await acme.submit_many([f"acme:{n}" for n in range(30)], pool=pool)
+        b = await bolt.submit_many([f"bolt:{n}" for n in range(5)], pool=pool)
+    async with system.running(1, agent):
+        await eventually(lambda: all_completed(system, [*a, *b]), within=60)
+    # One agent: they run one at a time, bolt's five taking every other turn.
+    places = [n for n, name in enumerate(started) if name.startswith("bolt")]
+    assert places == [1, 3, 5, 7, 9], started[:12]
+    tenants = dict(
+        await system.db.fetch(
+            "SELECT tenant, count(*) FROM tasks WHERE task_id = ANY($1) GROUP BY tenant", [*a, *b]
+        )
+    )
+    assert tenants == {"acme": 30, "bolt": 5}
+
+
+async def test_an_idempotency_key_runs_once_per_tenant(system: System) -> None:
+    runs: Counter[str] = Counter()
+
+    async def agent(ctx: AgentContext) -> str:
+        runs[ctx.task_id] += 1
+        return ctx.input
+
+    pool = system.pool
+    key = f"order-{pool}"
+    async with tenant_client(system, "acme") as acme, tenant_client(system, "bolt") as bolt:
+        first = await acme.submit("charge", pool=pool, idempotency_key=key)
+        again = await acme.submit("charge", pool=pool, idempotency_key=key)
+        other = await bolt.submit("charge", pool=pool, idempotency_key=key)
+        with pytest.raises(InvalidCommand, match="not both"):
+            await acme.submit("x", pool=pool, task_id="t", idempotency_key=key)
+        async with system.running(2, agent):
+            await eventually(lambda: all_completed(system, [first, other]))
+            # Submitted again once it ran: still a no-op returning the same id.
+            assert await acme.submit("charge", pool=pool, idempotency_key=key) == first
+            await asyncio.sleep(0.5)
+    assert first == again == idempotent_task_id("acme", key)
+    assert other == idempotent_task_id("bolt", key) != first
+    assert runs == {first: 1, other: 1}
