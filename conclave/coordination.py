@@ -164,6 +164,8 @@ class Coordinator:
         self._versions: dict[str, int] = {}
         """The newest version of each key this coordinator saw decided."""
         self._started = False
+        self._producing = False
+        self._starting = asyncio.Lock()
 
     async def __aenter__(self) -> Coordinator:
         await self.start()
@@ -175,9 +177,13 @@ class Coordinator:
     async def start(self) -> None:
         """Connect, and stand at the end of the decisions: every decision from now on is
         seen (so a request sent after this returns is answered here)."""
-        if self._started:
-            return
+        async with self._starting:  # agents of one host may all ask at once
+            if not self._started:
+                await self._start()
+
+    async def _start(self) -> None:
         await self._producer.start()
+        self._producing = True
         try:
             self._partitions = await self._producer.partitions(self.topics.coordination)
             consumer = new_consumer(self.settings, auto_offset_reset="latest")
@@ -205,7 +211,9 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._consumer.stop(), 10)
             self._consumer = None
-        await self._producer.stop()
+        if self._producing:
+            self._producing = False
+            await self._producer.stop()
         for future in self._waiting.values():
             future.cancel()
         self._waiting.clear()

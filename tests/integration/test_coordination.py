@@ -33,12 +33,14 @@ from conclave.coordination import (
 from conclave.devstack import StackInfo
 from conclave.domain.coordination import Fence
 from conclave.domain.events import DeadLetterRecord, LockExpired, LockGranted, now_us
+from conclave.errors import NotFound
+from conclave.runtime.agents import AgentContext, AgentFn
 from conclave.settings import Settings
 from schemas.codec import default_codec
 from streams.coordination import CoordinationShard
 from streams.core import Emitter, ShardRunner
 from streams.worker import Worker
-from tests.integration.conftest import RunningProjector, eventually
+from tests.integration.conftest import RunningProjector, System, eventually, output_visible
 
 pytestmark = pytest.mark.integration
 
@@ -325,3 +327,45 @@ async def test_state_versions_and_locks_in_the_read_models_and_cli(
     taken = await conclave("lock", "acquire", lock, "--holder", "cli", "--ttl", "5")
     assert taken.returncode == 1
     assert "locked by agent-1 until" in taken.stderr
+
+
+async def test_agents_take_locks_and_update_shared_state_from_their_context(
+    system: System,
+) -> None:
+    """Four agents, eight tasks, one shared counter: each task takes the lock, reads the
+    state, writes the next version. No update is lost and the versions have no gaps."""
+    key = f"counter-{secrets.token_hex(3)}"
+    lock = f"lock-{key}"
+
+    async def agent(ctx: AgentContext) -> str:
+        coordination = ctx.coordination
+        assert coordination is not None
+        async with await coordination.acquire_lock(lock, ctx.agent_id, ttl=30, wait=60) as lease:
+            try:
+                current = await coordination.read_state(key)
+                version, count = current.version, current.value
+            except NotFound:
+                version, count = 0, 0
+            return str(await coordination.update_state(key, version, count + 1)) + f"@{lease.token}"
+
+    async with system.running(4, agent=with_db(agent, system.db)):
+        ids = [await system.client.submit(f"n{i}", pool=system.pool) for i in range(8)]
+        for task_id in ids:
+            await eventually(lambda t=task_id: output_visible(system.db, t))  # type: ignore[misc]
+    rows = await system.db.fetch(
+        "SELECT version, value_json FROM state_versions WHERE key = $1 ORDER BY version", key
+    )
+    assert [(r["version"], json.loads(r["value_json"])) for r in rows] == [
+        (v, v) for v in range(1, 9)
+    ]
+
+
+def with_db(agent: AgentFn, db: asyncpg.Pool) -> AgentFn:
+    """The agent with its host's coordinator able to read state (the read models)."""
+
+    async def run(ctx: AgentContext) -> str:
+        assert ctx.coordination is not None
+        ctx.coordination.db = db
+        return await agent(ctx)
+
+    return run
