@@ -155,7 +155,9 @@ class Coordinator:
         self.settings = settings
         self.topics = topics_for(settings)
         self.db = db
-        self._producer = EventProducer(settings, producer=producer_name)
+        self._producer_name = producer_name
+        self._producer: EventProducer | None = None
+        """Made on start: an aiokafka producer never started warns when collected."""
         self._codec = default_codec()
         self._consumer: AIOKafkaConsumer | None = None
         self._tail: asyncio.Task[None] | None = None
@@ -182,10 +184,11 @@ class Coordinator:
                 await self._start()
 
     async def _start(self) -> None:
-        await self._producer.start()
+        producer = self._producer = EventProducer(self.settings, producer=self._producer_name)
+        await producer.start()
         self._producing = True
         try:
-            self._partitions = await self._producer.partitions(self.topics.coordination)
+            self._partitions = await producer.partitions(self.topics.coordination)
             consumer = new_consumer(self.settings, auto_offset_reset="latest")
             await consumer.start()
             self._consumer = consumer
@@ -211,9 +214,10 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._consumer.stop(), 10)
             self._consumer = None
-        if self._producing:
+        if self._producer is not None and self._producing:
             self._producing = False
             await self._producer.stop()
+        self._producer = None
         for future in self._waiting.values():
             future.cancel()
         self._waiting.clear()
@@ -345,6 +349,7 @@ class Coordinator:
             raise InvalidCommand(reason)
         future: asyncio.Future[co.Decision] = asyncio.get_running_loop().create_future()
         self._waiting[request.request_id] = future
+        assert self._producer is not None
         try:
             await self._producer.send(
                 self.topics.coordination_requests,
