@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 from conclave.bus import EventProducer, ensure_topics, read_history, topics_for
+from conclave.children import ChildProcesses
 from conclave.coordination import (
     Coordinator,
     LeaseLost,
@@ -369,3 +370,71 @@ def with_db(agent: AgentFn, db: asyncpg.Pool) -> AgentFn:
         return await agent(ctx)
 
     return run
+
+
+async def test_a_worker_killed_mid_load_and_restarted_keeps_tokens_and_versions(
+    settings: Settings,
+) -> None:
+    """``conclave worker`` as a process, killed with -9 while three clients contend for
+    one lock and a fourth updates one key; restarted with the same id, it goes on: every
+    fencing token granted once and in increasing order, versions 1..N without a gap."""
+    own = await fresh(settings)
+    children = ChildProcesses(own)
+    children.spawn("worker", ["worker", "--id", "kw"], ready_marker=b"processors running")
+    stop = asyncio.Event()
+    tokens: list[int] = []
+    versions: list[int] = []
+    try:
+        await children.ready("worker")
+        async with clients(own, 4) as coordinators:
+
+            async def contend(client: Coordinator, holder: str) -> None:
+                while not stop.is_set():
+                    lease = await client.acquire_lock("hot", holder, ttl=60, wait=120)
+                    tokens.append(lease.token)
+                    await lease.release()
+
+            async def update(client: Coordinator) -> None:
+                version = 0
+                while not stop.is_set():
+                    version = await client.update_state("counter", version, version)
+                    versions.append(version)
+
+            load = [
+                *(asyncio.create_task(contend(c, f"h{i}")) for i, c in enumerate(coordinators[:3])),
+                asyncio.create_task(update(coordinators[3])),
+            ]
+            await eventually(lambda: _true(len(tokens) >= 20 and len(versions) >= 10), within=30)
+            await kill(children, "worker")
+            before = (len(tokens), len(versions))
+            children.spawn("worker", ["worker", "--id", "kw"], ready_marker=b"processors running")
+            await children.ready("worker")
+            await eventually(
+                lambda: _true(len(tokens) >= before[0] + 20 and len(versions) >= before[1] + 10),
+                within=60,
+            )
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*load), 60)
+    finally:
+        stop.set()
+        children.stop()
+        for name in list(children.children):
+            await kill(children, name)
+    assert tokens == list(range(1, len(tokens) + 1))
+    assert versions == list(range(1, len(versions) + 1))
+    granted = [e.fencing_token for e in await decisions(own) if isinstance(e, LockGranted)]
+    assert granted == list(range(1, len(granted) + 1))  # every token granted exactly once
+
+
+async def kill(children: ChildProcesses, name: str) -> None:
+    """``kill -9`` and close the pipe its log was read from (once the reader saw the end)."""
+    child = children.children.pop(name)
+    child.kill()
+    child.wait()
+    await asyncio.sleep(0.3)
+    if child.stderr is not None:
+        child.stderr.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
