@@ -134,6 +134,9 @@ class CoordinationState:
     states: dict[str, Versioned] = field(default_factory=dict)
     recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
     """Request ids decided lately (a re-sent request is not decided twice)."""
+    active: set[str] = field(default_factory=set)
+    """Locks held or waited for: the only ones time can decide about. Every lock name
+    ever used is kept (its last token), so timers must not look at all of them."""
 
     def lock(self, name: str) -> Lock:
         lock = self.locks.get(name)
@@ -148,9 +151,22 @@ class CoordinationState:
         return entry
 
 
+_LOCK_EVENTS = (
+    LockRequested,
+    LockRenewRequested,
+    LockReleaseRequested,
+    LockGranted,
+    LockWaiting,
+    LockDenied,
+    LockRenewed,
+    LockReleased,
+    LockExpired,
+)
+
+
 def subject(event: Request | Decision) -> str:
     """The lock name or state key an event is about (its record key)."""
-    return event.name if hasattr(event, "name") else event.key  # type: ignore[union-attr]
+    return event.name if isinstance(event, _LOCK_EVENTS) else event.key
 
 
 def when(us: int) -> str:
@@ -284,7 +300,7 @@ def due(state: CoordinationState, now: int, names: Iterable[str] | None = None) 
     granted), waiters whose wait is over (denied). Folds nothing; the caller folds the
     decisions in order. ``names``: only these locks (default: every lock)."""
     out: list[Decision] = []
-    for name in sorted(state.locks if names is None else names):
+    for name in sorted(state.active if names is None else names):
         lock = state.locks.get(name)
         if lock is None:
             continue
@@ -320,8 +336,9 @@ def due(state: CoordinationState, now: int, names: Iterable[str] | None = None) 
 
 def next_due(state: CoordinationState) -> int | None:
     """When :func:`due` has something to decide next (µs since the epoch), if ever."""
-    times = [lock.expires_at for lock in state.locks.values() if lock.holder is not None]
-    times += [w.wait_until for lock in state.locks.values() for w in lock.waiters]
+    locks = [state.locks[name] for name in state.active]
+    times = [lock.expires_at for lock in locks if lock.holder is not None]
+    times += [w.wait_until for lock in locks for w in lock.waiters]
     return min(times, default=None)
 
 
@@ -333,10 +350,20 @@ def evolve(state: CoordinationState, event: Decision) -> None:
         while len(state.recent) > RECENT_REQUESTS:
             state.recent.popitem(last=False)
     match event:
-        case LockGranted() | LockWaiting() | LockDenied() | LockRenewed() | LockReleased():
-            _fold_lock(state.lock(event.name), event)
-        case LockExpired():
-            _fold_lock(state.lock(event.name), event)
+        case (
+            LockGranted()
+            | LockWaiting()
+            | LockDenied()
+            | LockRenewed()
+            | LockReleased()
+            | LockExpired()
+        ):
+            lock = state.lock(event.name)
+            _fold_lock(lock, event)
+            if lock.holder is not None or lock.waiters:
+                state.active.add(event.name)
+            else:
+                state.active.discard(event.name)
         case StateUpdated():
             entry = state.versioned(event.key)
             entry.version, entry.value_json = event.version, event.value_json
@@ -576,4 +603,5 @@ def from_snapshot(data: Mapping[str, Any]) -> CoordinationState:
             int(version), value, {k: (int(v), s) for k, (v, s) in checkpoints.items()}
         )
     state.recent = OrderedDict.fromkeys(data["recent"])
+    state.active = {n for n, lock in state.locks.items() if lock.holder is not None or lock.waiters}
     return state

@@ -70,6 +70,7 @@ class Coordination(RuleBasedStateMachine):
         self.holding: dict[str, tuple[str, int, int] | None] = {}
         self.queue: dict[str, list[str]] = {n: [] for n in NAMES}
         self.granted_tokens: dict[str, list[int]] = {n: [] for n in NAMES}
+        self.wait_until: dict[str, int] = {}
         self.versions: dict[str, int] = {}
         self.values: dict[str, dict[int, str]] = {k: {} for k in KEYS}
         self.labels: dict[str, dict[str, int]] = {k: {} for k in KEYS}
@@ -93,7 +94,10 @@ class Coordination(RuleBasedStateMachine):
                 assert d.fencing_token == self.top_token.get(d.name, 0) + 1
                 queue = self.queue[d.name]
                 if d.request_id in queue:
-                    assert queue[0] == d.request_id, "a waiter was served out of order"
+                    # Only a waiter whose wait ran out (denied in this step) is passed over.
+                    ahead = queue[: queue.index(d.request_id)]
+                    passed_over = [r for r in ahead if self.wait_until[r] > self.now]
+                    assert not passed_over, "a waiter was served out of order"
                     queue.remove(d.request_id)
                 self.top_token[d.name] = d.fencing_token
                 self.granted_tokens[d.name].append(d.fencing_token)
@@ -102,6 +106,7 @@ class Coordination(RuleBasedStateMachine):
             case LockWaiting():
                 assert self.holding.get(d.name) is not None or self.queue[d.name]
                 self.queue[d.name].append(d.request_id)
+                self.wait_until[d.request_id] = d.wait_until
             case LockDenied():
                 if d.request_id in self.queue[d.name]:
                     self.queue[d.name].remove(d.request_id)
@@ -269,6 +274,8 @@ class Coordination(RuleBasedStateMachine):
         assert co.to_snapshot(replayed) == co.to_snapshot(self.state)
         restored = co.from_snapshot(json.loads(json.dumps(co.to_snapshot(self.state))))
         assert co.to_snapshot(restored) == co.to_snapshot(self.state)
+        busy = {n for n, lock in self.state.locks.items() if lock.holder or lock.waiters}
+        assert self.state.active == replayed.active == restored.active == busy
 
     @invariant()
     def nothing_overdue_after_a_step(self) -> None:
