@@ -377,3 +377,36 @@ def test_invalid_requests_are_answered_with_the_reason(request_: co.Request, rea
     assert isinstance(answer, LockDenied | StateUpdateRejected)
     assert answer.reason.startswith("invalid: ")
     assert reason in answer.reason
+
+
+def test_the_locks_read_model_follows_grants_waiters_and_expiry() -> None:
+    """projections.rows.fold_lock over a lock's decisions, as the projector folds them."""
+    from conclave.domain.events import new_envelope
+    from projections.rows import fold_lock
+
+    state = co.CoordinationState()
+    t0 = 1_700_000_000_000_000
+    decided = step(
+        state,
+        t0,
+        [
+            LockRequested(name="r", holder="a", ttl_ms=100, wait_ms=0, request_id="1"),
+            LockRequested(name="r", holder="b", ttl_ms=100, wait_ms=50, request_id="2"),
+            LockRequested(name="r", holder="c", ttl_ms=100, wait_ms=900, request_id="3"),
+        ],
+    )
+    decided += step(state, t0 + 100 * MS, [])  # a expires, b's wait is over, c is granted
+    row = None
+    rows = []
+    for decision in decided:
+        row = fold_lock(row, new_envelope(decision.TYPE, tenant="t", producer="p"), decision, "r")  # type: ignore[arg-type]
+        assert row is not None
+        rows.append((row.state, row.holder, row.fencing_token, list(row.waiters)))
+    assert rows == [
+        ("held", "a", 1, []),
+        ("held", "a", 1, ["b"]),
+        ("held", "a", 1, ["b", "c"]),
+        ("expired", "a", 1, ["b", "c"]),
+        ("held", "c", 2, ["b"]),
+        ("held", "c", 2, []),  # b denied: its wait ran out while a held the lock
+    ]
