@@ -33,7 +33,7 @@ from conclave.coordination import (
 )
 from conclave.devstack import StackInfo
 from conclave.domain.coordination import Fence
-from conclave.domain.events import DeadLetterRecord, LockExpired, LockGranted, now_us
+from conclave.domain.events import DeadLetterRecord, LockExpired, LockGranted, LockWaiting, now_us
 from conclave.errors import NotFound
 from conclave.runtime.agents import AgentContext, AgentFn
 from conclave.settings import Settings
@@ -147,10 +147,13 @@ async def test_waiters_are_served_first_come_first_served(settings: Settings) ->
             order.append(lease.holder)
             await lease.release()
 
+        async def in_line(n: int) -> bool:
+            return sum(isinstance(e, LockWaiting) for e in await decisions(own)) >= n
+
         waiting = []
         for i in (1, 2, 3):
             waiting.append(asyncio.create_task(wait_then_release(i)))
-            await asyncio.sleep(0.2)  # each in line before the next asks
+            await eventually(lambda i=i: in_line(i), within=20)  # type: ignore[misc]
         await first.release()
         await asyncio.wait_for(asyncio.gather(*waiting), 20)
         assert order == ["h1", "h2", "h3"]
