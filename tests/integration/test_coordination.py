@@ -255,9 +255,54 @@ async def test_invalid_requests_are_refused_before_sending(settings: Settings) -
 # -- on the session's worker and projector: read models and CLI --------------------------
 
 
+@pytest.fixture
+def env(stack: StackInfo, settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        **stack.env(),
+        "CONCLAVE_TOPIC_PREFIX": settings.topic_prefix,
+        "COLUMNS": "200",
+    }
+
+
+async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own; awaited, so that the session's worker (on this
+    event loop) goes on deciding meanwhile."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "conclave.cli",
+        *args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
+
+
+async def test_locks_from_the_shell(env: dict[str, str], processors: Worker) -> None:
+    lock = f"shell-{secrets.token_hex(3)}"
+    async with Coordinator(processors.settings) as client:
+        held = await client.acquire_lock(lock, "agent-1", ttl=60)
+        taken = await cli(env, "lock", "acquire", lock, "--holder", "cli", "--ttl", "5")
+        assert taken.returncode == 1
+        assert taken.stderr.strip().startswith("error: locked by agent-1 until 20")
+        other = f"{lock}-cli"
+        token = (await cli(env, "lock", "acquire", other, "--holder", "cli", "--ttl", "60")).stdout
+        assert token.strip() == "1"
+        wrong = await cli(env, "lock", "release", other, "--token", "7", "--holder", "cli")
+        assert wrong.returncode == 1
+        assert "token 7 is stale" in wrong.stderr
+        released = await cli(env, "lock", "release", other, "--token", "1", "--holder", "cli")
+        assert released.returncode == 0, released.stderr
+        await held.release()
+
+
 async def test_state_versions_and_locks_in_the_read_models_and_cli(
     settings: Settings,
-    stack: StackInfo,
+    env: dict[str, str],
     db: asyncpg.Pool,
     processors: Worker,
     projector: RunningProjector,
@@ -283,54 +328,27 @@ async def test_state_versions_and_locks_in_the_read_models_and_cli(
         return row is not None and tuple(row) == ("agent-1", lease.token, "held")
 
     await eventually(shown, within=20)
-    env = {
-        **os.environ,
-        **stack.env(),
-        "CONCLAVE_TOPIC_PREFIX": settings.topic_prefix,
-        "COLUMNS": "200",
-    }
 
-    async def conclave(*args: str) -> subprocess.CompletedProcess[str]:
-        """The CLI in a process of its own; awaited, so that the session's worker (on this
-        event loop) goes on deciding meanwhile."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "conclave.cli",
-            *args,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-        assert process.returncode is not None
-        return subprocess.CompletedProcess(
-            args, process.returncode, stdout.decode(), stderr.decode()
-        )
-
-    listed = await conclave("locks", "--json")
+    listed = await cli(env, "locks", "--json")
     assert listed.returncode == 0, listed.stderr
     assert any(v["name"] == lock and v["holder"] == "agent-1" for v in json.loads(listed.stdout))
-    table = await conclave("locks")
+    table = await cli(env, "locks")
     assert lock in table.stdout
     assert "agent-1" in table.stdout
-    assert (await conclave("state", "get", key, "--version", "2")).stdout.strip() == '{"step": 2}'
-    stale = await conclave("state", "put", key, "--expect", "1", '{"step": 9}')
+    assert (await cli(env, "state", "get", key, "--version", "2")).stdout.strip() == '{"step": 2}'
+    stale = await cli(env, "state", "put", key, "--expect", "1", '{"step": 9}')
     assert stale.returncode == 1
     assert stale.stderr.strip() == f"error: stale: {key!r} is at version 3, not 1"
-    put = await conclave("state", "put", key, "--expect", "3", '{"step": 9}')
+    put = await cli(env, "state", "put", key, "--expect", "3", '{"step": 9}')
     assert (put.returncode, put.stdout.strip()) == (0, "4"), put.stderr
-    bad = await conclave("state", "put", key, "--expect", "4", "{not json")
+    bad = await cli(env, "state", "put", key, "--expect", "4", "{not json")
     assert bad.returncode != 0
     assert "Traceback" not in bad.stderr
-    missing = await conclave("state", "get", "no-such-key")
+    missing = await cli(env, "state", "get", "no-such-key")
     assert missing.returncode == 1
     assert missing.stderr.strip() == "error: no state 'no-such-key'"
-    history = await conclave("state", "history", key)
+    history = await cli(env, "state", "history", key)
     assert "restored 'start' (version 1)" in history.stdout
-    taken = await conclave("lock", "acquire", lock, "--holder", "cli", "--ttl", "5")
-    assert taken.returncode == 1
-    assert "locked by agent-1 until" in taken.stderr
 
 
 async def test_agents_take_locks_and_update_shared_state_from_their_context(
