@@ -23,7 +23,9 @@ Measured in one run, each part on a fresh embedded stack (its own broker and Pos
   400 sequential steps;
 * telemetry (:mod:`bench.telemetry`): throughput with tracing off, at the default
   sampling and with every task traced, as ratios; one scrape of each process's
-  metrics endpoint with 20,000 tasks queued.
+  metrics endpoint with 20,000 tasks queued;
+* locks and versioned state (:mod:`bench.coordination`): lock acquisition p50/p99
+  uncontended and with 10 clients on one lock, state update -> new version p50/p99.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import peers, telemetry, throughput, workloads
+from bench import coordination, peers, telemetry, throughput, workloads
 from conclave.demo import DemoConfig, DemoReport, percentiles, run_demo
 from conclave.devstack import EmbeddedStack
 from conclave.domain import witness
@@ -305,7 +307,9 @@ def main() -> None:
         help="tasks of history before each restart (200000 works, but the embedded "
         "broker rewrites its whole file every ~2 s; see docs/processing.md)",
     )
-    parser.add_argument("--only", choices=["demo", "scale", "workloads", "telemetry"], default=None)
+    parser.add_argument(
+        "--only", choices=["demo", "scale", "workloads", "telemetry", "coordination"], default=None
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result: dict[str, Any] = {}
@@ -328,6 +332,8 @@ def main() -> None:
             "tracing": [asdict(r) for r in tracing_rows],
             "scrapes": [asdict(s) for s in scrapes],
         }
+    if args.only in (None, "coordination"):
+        result["coordination"] = [asdict(r) for r in asyncio.run(coordination.run(500))]
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -345,6 +351,8 @@ def main() -> None:
             [telemetry.TracingFigures(**r) for r in result["telemetry"]["tracing"]],
             [telemetry.ScrapeFigures(**s) for s in result["telemetry"]["scrapes"]],
         )
+    if "coordination" in result:
+        coordination.show([coordination.Latency(**r) for r in result["coordination"]])
 
 
 def _ints(text: str) -> list[int]:

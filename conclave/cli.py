@@ -28,6 +28,7 @@ from rich.table import Table
 from conclave import logs, metrics, tracing
 from conclave.cli_agents import show_agents, show_hosts
 from conclave.cli_api import serve_api, tokens_app
+from conclave.cli_coordination import list_locks, lock_app, state_app
 from conclave.cli_dev import dev_app
 from conclave.cli_status import show_status
 from conclave.cli_tasks import (
@@ -73,6 +74,9 @@ app.command("status")(show_status)
 app.add_typer(witness_app, name="witness")
 app.add_typer(tokens_app, name="tokens")
 app.command("api")(serve_api)
+app.command("locks")(list_locks)
+app.add_typer(lock_app, name="lock")
+app.add_typer(state_app, name="state")
 
 out = Console()
 err = Console(stderr=True)

@@ -86,6 +86,9 @@ GAUGES: Mapping[str, tuple[str, tuple[str, ...]]] = {
         "Time since the witness shard last signed a checkpoint",
         (),
     ),
+    "conclave_locks_held": ("Resource locks held now, per coordination shard", ("shard",)),
+    "conclave_lock_waiters": ("Lock requests waiting in line, per coordination shard", ("shard",)),
+    "conclave_state_keys": ("Versioned-state keys, per coordination shard", ("shard",)),
     "conclave_agents_running": ("Agents of this runtime host working on an attempt", ("pool",)),
     "conclave_projection_lag_records": (
         "Records on a history topic not yet folded into the read models",

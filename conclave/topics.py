@@ -106,6 +106,18 @@ class Topics:
         worker id). Liveness only, so kept for an hour."""
         return f"{self.prefix}.workers"
 
+    @property
+    def coordination_requests(self) -> str:
+        """Lock and versioned-state requests from clients (key: lock name or state key;
+        partition: :func:`pool_partition` of the key, so one shard owns each)."""
+        return f"{self.prefix}.coordination.requests"
+
+    @property
+    def coordination(self) -> str:
+        """The coordination processor's decisions (grants, expiries, new versions,
+        rejections): its changelog, and what clients await (key as the requests')."""
+        return f"{self.prefix}.coordination"
+
     def snapshots(self, processor: str) -> str:
         """Snapshots of one processor's state, one partition per shard: a restart reads the
         latest one and a short tail instead of all history. A cache, not history: kept for
@@ -124,6 +136,7 @@ class Topics:
             self.checkpoints,
             self.deadletter,
             self.control,
+            self.coordination,
         ]
 
     def specs(self) -> list[TopicSpec]:
@@ -144,5 +157,8 @@ class Topics:
             TopicSpec(self.workers, 1, KEEP_AN_HOUR, "processor workers' beats and shards"),
             TopicSpec(self.snapshots("scheduler"), n, KEEP_A_WEEK, "scheduler snapshots"),
             TopicSpec(self.snapshots("witness"), 1, KEEP_A_WEEK, "witness snapshots"),
+            TopicSpec(self.coordination_requests, n, KEEP_FOREVER, "lock and state requests"),
+            TopicSpec(self.coordination, n, KEEP_FOREVER, "lock and state decisions"),
+            TopicSpec(self.snapshots("coordination"), n, KEEP_A_WEEK, "coordination snapshots"),
         ]
         return specs

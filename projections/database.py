@@ -73,6 +73,11 @@ READ_MODEL_TABLES = (
     "pool_settings",
     "dead_letters",
     "rejections",
+    "locks",
+    "lock_events",
+    "state_versions",
+    "state_checkpoints",
+    "state_rejections",
     "projection_offsets",
 )
 

@@ -29,6 +29,7 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 from conclave.domain.events import (
+    COORDINATION_DECISIONS,
     TASKS_TOPIC_EVENTS,
     AgentCircuitClosed,
     AgentCircuitHalfOpened,
@@ -44,8 +45,18 @@ from conclave.domain.events import (
     Heartbeat,
     HostBeat,
     HostLost,
+    LockDenied,
+    LockExpired,
+    LockGranted,
+    LockReleased,
+    LockRenewed,
+    LockWaiting,
     PoolConfigured,
     Resume,
+    StateCheckpointed,
+    StateRestored,
+    StateUpdated,
+    StateUpdateRejected,
     TaskCancelled,
     TaskCompleted,
     TaskDeadLettered,
@@ -73,10 +84,12 @@ __all__ = [
     "Changes",
     "Consumed",
     "HostRow",
+    "LockRow",
     "Table",
     "TaskRow",
     "fold_agent",
     "fold_host",
+    "fold_lock",
     "fold_task",
     "projected_from",
 ]
@@ -216,6 +229,23 @@ class HostRow:
     lost_reason: str | None
 
 
+@dataclass(slots=True)
+class LockRow:
+    """One row of ``locks``: the lock's latest decision."""
+
+    name: str
+    holder: str | None
+    """The holder now (``state`` held), else the last one."""
+    fencing_token: int
+    expires_at: int | None
+    state: str
+    """``held``, ``released`` or ``expired``."""
+    waiters: list[str]
+    """Holders in line, first first."""
+    waiting_requests: list[str]
+    updated_at: int
+
+
 def _table(name: str, row: type[Any], types: Mapping[str, str], key: str) -> Table:
     return Table(name, tuple((f.name, types[f.name]) for f in dataclasses.fields(row)), key)
 
@@ -288,7 +318,22 @@ HOSTS = _table(
     },
     "host_id",
 )
-KEYED_TABLES = (TASKS, AGENTS, HOSTS)
+LOCKS = _table(
+    "locks",
+    LockRow,
+    {
+        "name": "text",
+        "holder": "text",
+        "fencing_token": "bigint",
+        "expires_at": "bigint",
+        "state": "text",
+        "waiters": "text[]",
+        "waiting_requests": "text[]",
+        "updated_at": "bigint",
+    },
+    "name",
+)
+KEYED_TABLES = (TASKS, AGENTS, HOSTS, LOCKS)
 
 OUTPUTS = Table(
     "outputs",
@@ -388,7 +433,54 @@ REJECTIONS = Table(
         ("rejected_at", "bigint"),
     ),
 )
+LOCK_EVENTS = Table(
+    "lock_events",
+    (
+        ("event_id", "text"),
+        ("name", "text"),
+        ("kind", "text"),
+        ("holder", "text"),
+        ("fencing_token", "bigint"),
+        ("expires_at", "bigint"),
+        ("reason", "text"),
+        ("request_id", "text"),
+        ("occurred_at", "bigint"),
+    ),
+)
+STATE_VERSIONS = Table(
+    "state_versions",
+    (
+        ("key", "text"),
+        ("version", "bigint"),
+        ("value_json", "text"),
+        ("request_id", "text"),
+        ("restored_from", "bigint"),
+        ("label", "text"),
+        ("updated_at", "bigint"),
+    ),
+)
+STATE_CHECKPOINTS = Table(
+    "state_checkpoints",
+    (("key", "text"), ("label", "text"), ("version", "bigint"), ("checkpointed_at", "bigint")),
+)
+STATE_REJECTIONS = Table(
+    "state_rejections",
+    (
+        ("event_id", "text"),
+        ("key", "text"),
+        ("action", "text"),
+        ("expected_version", "bigint"),
+        ("current_version", "bigint"),
+        ("reason", "text"),
+        ("request_id", "text"),
+        ("rejected_at", "bigint"),
+    ),
+)
 APPENDS = (
+    LOCK_EVENTS,
+    STATE_VERSIONS,
+    STATE_CHECKPOINTS,
+    STATE_REJECTIONS,
     OUTPUTS,
     TASK_FAILURES,
     WITNESS_ENTRIES,
@@ -559,6 +651,54 @@ def fold_host(
     return row
 
 
+LockEvent = LockGranted | LockWaiting | LockDenied | LockRenewed | LockReleased | LockExpired
+
+
+def fold_lock(
+    row: LockRow | None, envelope: Envelope, event: LockEvent, name: str
+) -> LockRow | None:
+    """The ``locks`` row after one lock decision (decisions of one lock are in order:
+    one partition, one key). A denial alone makes no row (a request for nothing)."""
+    if row is None and isinstance(event, LockDenied):
+        return None
+    if row is None:
+        row = LockRow(name, None, 0, None, "released", [], [], envelope.occurred_at)
+    row.updated_at = envelope.occurred_at
+    request_id = getattr(event, "request_id", None)
+    if request_id in row.waiting_requests:
+        i = row.waiting_requests.index(request_id)
+        del row.waiting_requests[i], row.waiters[i]
+    if isinstance(event, LockGranted):
+        row.holder, row.fencing_token, row.expires_at = (
+            event.holder,
+            event.fencing_token,
+            event.expires_at,
+        )
+        row.state = "held"
+    elif isinstance(event, LockWaiting):
+        row.waiters.append(event.holder)
+        row.waiting_requests.append(event.request_id)
+    elif isinstance(event, LockRenewed) and event.fencing_token == row.fencing_token:
+        row.expires_at = event.expires_at
+    elif isinstance(event, LockReleased | LockExpired) and event.fencing_token == row.fencing_token:
+        row.state = "released" if isinstance(event, LockReleased) else "expired"
+    return row
+
+
+def _lock_event(env: Envelope, e: LockEvent) -> tuple[Any, ...]:
+    return (
+        env.event_id,
+        e.name,
+        e.TYPE.removeprefix("lock."),
+        e.holder,
+        getattr(e, "fencing_token", None),
+        getattr(e, "expires_at", None) or getattr(e, "wait_until", None),
+        getattr(e, "reason", None),
+        getattr(e, "request_id", None),
+        env.occurred_at,
+    )
+
+
 Fold = Callable[[Any, Envelope, Any, str], Any]
 """(stored row or None, envelope, event, the row's key) -> the row after the event."""
 Append = Callable[[Envelope, Any], tuple[Any, ...]]
@@ -572,6 +712,7 @@ def _one(name: str) -> Callable[[Any], list[str]]:
 _TASK = (TASKS, _one("task_id"), fold_task)
 _AGENT = (AGENTS, _one("agent_id"), fold_agent)
 _HOST = (HOSTS, _one("host_id"), fold_host)
+_LOCK = (LOCKS, _one("name"), fold_lock)
 
 KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], ...]] = {
     TaskQueued: (_TASK,),
@@ -591,6 +732,12 @@ KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], 
     Heartbeat: (_AGENT,),
     HostBeat: (_HOST,),
     HostLost: (_HOST, (AGENTS, attrgetter("agent_ids"), fold_agent)),
+    LockGranted: (_LOCK,),
+    LockWaiting: (_LOCK,),
+    LockDenied: (_LOCK,),
+    LockRenewed: (_LOCK,),
+    LockReleased: (_LOCK,),
+    LockExpired: (_LOCK,),
 }
 """Events that change keyed-state rows: per table, the rows' keys and the rule."""
 _FOLDS: Mapping[tuple[type[Any], Table], Fold] = {
@@ -603,6 +750,41 @@ def _system(env: Envelope, e: Halt | Resume) -> tuple[Any, ...]:
 
 
 APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
+    **dict.fromkeys((LockGranted, LockWaiting, LockDenied), (LOCK_EVENTS, _lock_event)),
+    **dict.fromkeys((LockRenewed, LockReleased, LockExpired), (LOCK_EVENTS, _lock_event)),
+    StateUpdated: (
+        STATE_VERSIONS,
+        lambda env, e: (e.key, e.version, e.value_json, e.request_id, None, None, env.occurred_at),
+    ),
+    StateRestored: (
+        STATE_VERSIONS,
+        lambda env, e: (
+            e.key,
+            e.new_version,
+            e.value_json,
+            e.request_id,
+            e.from_version,
+            e.label,
+            env.occurred_at,
+        ),
+    ),
+    StateCheckpointed: (
+        STATE_CHECKPOINTS,
+        lambda env, e: (e.key, e.label, e.version, env.occurred_at),
+    ),
+    StateUpdateRejected: (
+        STATE_REJECTIONS,
+        lambda env, e: (
+            env.event_id,
+            e.key,
+            e.action,
+            e.expected_version,
+            e.current_version,
+            e.reason,
+            e.request_id,
+            env.occurred_at,
+        ),
+    ),
     AgentOutput: (
         OUTPUTS,
         lambda env, e: (
@@ -711,13 +893,15 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
         topics.checkpoints: (WitnessCheckpoint,),
         topics.deadletter: (DeadLetterRecord,),
         topics.control: (Halt, Resume, PoolConfigured),
+        topics.coordination: COORDINATION_DECISIONS,
     }
 
 
-_ROW_TYPES: Mapping[Table, type[TaskRow] | type[AgentRow] | type[HostRow]] = {
+_ROW_TYPES: Mapping[Table, type[TaskRow] | type[AgentRow] | type[HostRow] | type[LockRow]] = {
     TASKS: TaskRow,
     AGENTS: AgentRow,
     HOSTS: HostRow,
+    LOCKS: LockRow,
 }
 
 

@@ -68,6 +68,22 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.Resume,
     ev.PoolConfigured,
     ev.WorkerBeat,
+    ev.LockRequested,
+    ev.LockRenewRequested,
+    ev.LockReleaseRequested,
+    ev.LockGranted,
+    ev.LockWaiting,
+    ev.LockDenied,
+    ev.LockRenewed,
+    ev.LockReleased,
+    ev.LockExpired,
+    ev.StateUpdateRequested,
+    ev.StateCheckpointRequested,
+    ev.StateRestoreRequested,
+    ev.StateUpdated,
+    ev.StateUpdateRejected,
+    ev.StateCheckpointed,
+    ev.StateRestored,
 )
 
 

@@ -1,7 +1,8 @@
 """A worker: runs the stream-processor shards that are its own, and takes over the shards
 of workers that stopped beating.
 
-Every shard (``scheduler-0`` .. ``scheduler-<n-1>``, ``witness-0``) runs in exactly one
+Every shard (``scheduler-0`` .. ``scheduler-<n-1>``, ``witness-0``, ``coordination-0`` ..
+``coordination-<n-1>``) runs in exactly one
 worker at a time. Which one is decided by :func:`conclave.domain.ownership.plan` from the
 workers' beats, re-evaluated a few times a second: start one worker or ten, kill any of
 them with -9, and the shards end up running again within a lease (5 s by default) plus
@@ -27,6 +28,7 @@ from conclave.outage import Outage
 from conclave.settings import Settings
 from conclave.transparency.keyfiles import read_signer
 from schemas.codec import default_codec
+from streams.coordination import CoordinationShard
 from streams.core import Clock, Emitter, Shard, ShardRunner
 from streams.membership import Membership
 from streams.scheduler import SchedulerShard
@@ -40,7 +42,11 @@ DEFAULT_LEASE_MS = 5_000
 
 
 def shard_names(partitions: int) -> list[str]:
-    return [*(f"scheduler-{i}" for i in range(partitions)), "witness-0"]
+    return [
+        *(f"scheduler-{i}" for i in range(partitions)),
+        "witness-0",
+        *(f"coordination-{i}" for i in range(partitions)),
+    ]
 
 
 @dataclass(slots=True)
@@ -212,6 +218,8 @@ def build_shard(settings: Settings, name: str, partitions: int) -> Shard:
             checkpoint_every=settings.checkpoint_every,
             checkpoint_interval_s=settings.checkpoint_interval_s,
         )
+    if kind == "coordination":
+        return CoordinationShard(topics, int(index), emitter)
     raise ConfigError(f"unknown shard {name!r}")
 
 
@@ -225,7 +233,14 @@ def shard_inputs(settings: Settings, partitions: int) -> dict[str, list[TopicPar
 async def _partitions(settings: Settings) -> int:
     """The partition count every pool-partitioned topic shares (refuses a mix)."""
     topics = topics_for(settings)
-    pooled = [*topics.commands, topics.agents, topics.tasks, topics.outputs]
+    pooled = [
+        *topics.commands,
+        topics.agents,
+        topics.tasks,
+        topics.outputs,
+        topics.coordination_requests,
+        topics.coordination,
+    ]
     producer = EventProducer(settings, producer="worker")
     await producer.start()
     try:

@@ -19,6 +19,8 @@ from typing import ClassVar
 from conclave.domain.retry import DEFAULT_RETRY
 
 __all__ = [
+    "COORDINATION_DECISIONS",
+    "COORDINATION_REQUESTS",
     "TASKS_TOPIC_EVENTS",
     "TASK_ENDINGS",
     "AgentCircuitClosed",
@@ -37,9 +39,25 @@ __all__ = [
     "Heartbeat",
     "HostBeat",
     "HostLost",
+    "LockDenied",
+    "LockExpired",
+    "LockGranted",
+    "LockReleaseRequested",
+    "LockReleased",
+    "LockRenewRequested",
+    "LockRenewed",
+    "LockRequested",
+    "LockWaiting",
     "PoolConfigured",
     "Priority",
     "Resume",
+    "StateCheckpointRequested",
+    "StateCheckpointed",
+    "StateRestoreRequested",
+    "StateRestored",
+    "StateUpdateRejected",
+    "StateUpdateRequested",
+    "StateUpdated",
     "TaskCancelled",
     "TaskCompleted",
     "TaskDeadLettered",
@@ -613,6 +631,208 @@ class WorkerBeat:
     """How long after this beat the worker counts as alive."""
 
 
+# -- Coordination: resource locks and versioned state (streams/coordination.py) --------
+# Requests come from clients on the coordination requests topic; decisions are the
+# coordination processor's changelog, keyed by lock name or state key. Every decision
+# names the ``request_id`` it answers (``None``: decided by time alone), which is how a
+# client awaits its answer.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockRequested:
+    """Take lock ``name`` for ``holder`` for ``ttl_ms``; if another holds it, wait up to
+    ``wait_ms`` in line (0: fail at once with who holds it until when)."""
+
+    TYPE: ClassVar[str] = "lock.requested"
+    name: str
+    holder: str
+    ttl_ms: int
+    wait_ms: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockRenewRequested:
+    """Extend the lease granted with ``fencing_token`` to ``ttl_ms`` from now."""
+
+    TYPE: ClassVar[str] = "lock.renew_requested"
+    name: str
+    holder: str
+    fencing_token: int
+    ttl_ms: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockReleaseRequested:
+    """Give up the lease granted with ``fencing_token``."""
+
+    TYPE: ClassVar[str] = "lock.release_requested"
+    name: str
+    holder: str
+    fencing_token: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockGranted:
+    """``holder`` holds lock ``name`` until ``expires_at`` (µs since the epoch, the
+    processor's clock) unless renewed. ``fencing_token`` is larger than every token this
+    lock was granted with before: a resource that remembers the largest token it saw
+    refuses a holder whose lease has passed to another."""
+
+    TYPE: ClassVar[str] = "lock.granted"
+    name: str
+    holder: str
+    fencing_token: int
+    expires_at: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockWaiting:
+    """The lock is held: ``holder`` waits in line (first come, first served) until
+    ``wait_until``, then is denied."""
+
+    TYPE: ClassVar[str] = "lock.waiting"
+    name: str
+    holder: str
+    ttl_ms: int
+    wait_until: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockDenied:
+    """A request about lock ``name`` was refused: ``action`` is ``acquire``, ``renew`` or
+    ``release``; ``reason`` says why (``locked by X until T``, a stale token, ...)."""
+
+    TYPE: ClassVar[str] = "lock.denied"
+    name: str
+    holder: str
+    action: str
+    reason: str
+    request_id: str
+    held_by: str | None
+    """Who holds the lock at the decision, if anyone."""
+    held_until: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockRenewed:
+    TYPE: ClassVar[str] = "lock.renewed"
+    name: str
+    holder: str
+    fencing_token: int
+    expires_at: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockReleased:
+    TYPE: ClassVar[str] = "lock.released"
+    name: str
+    holder: str
+    fencing_token: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockExpired:
+    """The lease granted with ``fencing_token`` ran out unrenewed: decided by the
+    processor when its clock passed ``expires_at``, not by a clean-up job."""
+
+    TYPE: ClassVar[str] = "lock.expired"
+    name: str
+    holder: str
+    fencing_token: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateUpdateRequested:
+    """Set ``key`` to ``value_json`` if its version is still ``expected_version`` (0: the
+    key has no version yet); a stale update is rejected, never merged."""
+
+    TYPE: ClassVar[str] = "state.update_requested"
+    key: str
+    expected_version: int
+    value_json: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateCheckpointRequested:
+    """Label ``key``'s current version ``label`` (if it is still ``expected_version``,
+    when given), to restore it later."""
+
+    TYPE: ClassVar[str] = "state.checkpoint_requested"
+    key: str
+    label: str
+    expected_version: int | None
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateRestoreRequested:
+    """Make the value of checkpoint ``label`` ``key``'s next version (if its version is
+    still ``expected_version``, when given); history is kept."""
+
+    TYPE: ClassVar[str] = "state.restore_requested"
+    key: str
+    label: str
+    expected_version: int | None
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateUpdated:
+    """``key`` is at ``version`` (one more than before: versions have no gaps)."""
+
+    TYPE: ClassVar[str] = "state.updated"
+    key: str
+    version: int
+    value_json: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateUpdateRejected:
+    """A request about ``key`` was refused; ``action`` is ``update``, ``checkpoint`` or
+    ``restore``. ``current_version`` is the version it would have had to name."""
+
+    TYPE: ClassVar[str] = "state.update_rejected"
+    key: str
+    action: str
+    expected_version: int | None
+    current_version: int
+    reason: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateCheckpointed:
+    TYPE: ClassVar[str] = "state.checkpointed"
+    key: str
+    version: int
+    label: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateRestored:
+    """``key``'s ``new_version`` has the value of ``from_version`` (checkpoint
+    ``label``), written again so that the log alone says what the state is."""
+
+    TYPE: ClassVar[str] = "state.restored"
+    key: str
+    from_version: int
+    new_version: int
+    label: str
+    value_json: str
+    request_id: str
+
+
 Event = (
     TaskSubmitted
     | CancelRequested
@@ -644,6 +864,22 @@ Event = (
     | Resume
     | PoolConfigured
     | WorkerBeat
+    | LockRequested
+    | LockRenewRequested
+    | LockReleaseRequested
+    | LockGranted
+    | LockWaiting
+    | LockDenied
+    | LockRenewed
+    | LockReleased
+    | LockExpired
+    | StateUpdateRequested
+    | StateCheckpointRequested
+    | StateRestoreRequested
+    | StateUpdated
+    | StateUpdateRejected
+    | StateCheckpointed
+    | StateRestored
 )
 
 TASK_ENDINGS = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)
@@ -667,3 +903,27 @@ TASKS_TOPIC_EVENTS = (
     CommandRejected,
 )
 """What the scheduler writes on the tasks topic (its changelog), in no particular order."""
+
+COORDINATION_REQUESTS = (
+    LockRequested,
+    LockRenewRequested,
+    LockReleaseRequested,
+    StateUpdateRequested,
+    StateCheckpointRequested,
+    StateRestoreRequested,
+)
+"""What clients write on the coordination requests topic."""
+
+COORDINATION_DECISIONS = (
+    LockGranted,
+    LockWaiting,
+    LockDenied,
+    LockRenewed,
+    LockReleased,
+    LockExpired,
+    StateUpdated,
+    StateUpdateRejected,
+    StateCheckpointed,
+    StateRestored,
+)
+"""What the coordination processor writes (its changelog)."""

@@ -13,10 +13,13 @@ import inspect
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conclave.errors import AgentLoadError
 from conclave.runtime.genai import model_call
+
+if TYPE_CHECKING:
+    from conclave.coordination import Coordinator
 
 SIMULATED_MODEL = "simulated"
 
@@ -42,6 +45,10 @@ class AgentContext:
     deliberation_id: str | None
     memory: dict[str, Any] = field(default_factory=dict)
     """The agent's own memory, kept across its tasks, never shared with another agent."""
+    coordination: Coordinator | None = None
+    """Resource locks and versioned state shared with other agents and processes
+    (``await ctx.coordination.acquire_lock(...)``, ``update_state(...)``), through the
+    coordination processor: its host's, connected on first use. ``None`` outside a host."""
 
 
 AgentFn = Callable[[AgentContext], Awaitable[str]]

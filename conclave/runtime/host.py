@@ -37,6 +37,7 @@ from conclave.bus import (
     new_consumer,
     topics_for,
 )
+from conclave.coordination import Coordinator
 from conclave.domain.events import (
     AgentOutput,
     AgentRegistered,
@@ -128,6 +129,8 @@ class RuntimeHost:
         self.topics = topics_for(settings)
         self.name = f"runtime:{config.host_id}"
         self.producer = EventProducer(settings, producer=self.name)
+        self.coordination = Coordinator(settings, producer_name=self.name)
+        """The agents' locks and versioned state: connected when an agent first uses it."""
         self.memories: dict[str, dict[str, object]] = {a: {} for a in config.agent_ids}
         self.current: dict[str, str | None] = dict.fromkeys(config.agent_ids)
         self._partition = 0
@@ -271,6 +274,7 @@ class RuntimeHost:
         if self._writer is not None:
             await self._writer.stop()
             self._writer = None
+        await self.coordination.stop()
         await self.producer.stop()
 
     async def _drained(self) -> None:
@@ -389,6 +393,7 @@ class RuntimeHost:
             input=event.input,
             deliberation_id=event.deliberation_id,
             memory=self.memories[event.agent_id],
+            coordination=self.coordination,
         )
         self.current[event.agent_id] = event.task_id
         # Log lines of the run (the host's and the agent's own) name the task and agent.

@@ -46,6 +46,9 @@ async def test_bad_records_on_every_topic_then_a_restart_brick_nothing(cluster: 
         topics.workers,
         topics.snapshots("scheduler"),
         topics.snapshots("witness"),
+        topics.coordination_requests,
+        topics.coordination,
+        topics.snapshots("coordination"),
     ]
     sent: dict[tuple[str, int], bytes | None] = {}
     async with Client(settings, producer_name="vandal") as vandal:
