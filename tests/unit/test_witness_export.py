@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def export(n: int, sizes: tuple[int, ...] = (), salt: str = "") -> list[str]:
     )
 
 
-def broken(lines: list[str | bytes], **kw: object) -> LogBroken:
+def broken(lines: Sequence[str | bytes], **kw: object) -> LogBroken:
     with pytest.raises(LogBroken) as caught:
         verify_export(lines, **kw)  # type: ignore[arg-type]
     return caught.value
@@ -224,14 +225,15 @@ def test_malformed_headers_and_files_are_findings() -> None:
     assert broken([]).where == "line 1"
     assert "empty" in broken([]).reason
     header = entry_fields(lines[0])
-    for change, reason in [
+    changes: list[tuple[dict[str, object], str]] = [
         ({"keys": ["nonsense"]}, "a key is refused"),
         ({"keys": "x"}, "not a list"),
         ({"origin": 3}, "origin"),
         ({"schemas": {"00" * 8: "{}"}}, "not the fingerprint of its form"),
         ({"extra": 1}, "exactly the keys"),
-    ]:
-        bad = json.dumps({**header, **change})
+    ]
+    for change, reason in changes:
+        bad = json.dumps(header | change)
         found = broken([bad, *lines[1:]])
         assert (found.where, reason in found.reason) == ("line 1", True), str(found)
     found = broken([lines[0].encode(), b"\xff\xfe not utf-8\n", *(x.encode() for x in lines[1:])])
