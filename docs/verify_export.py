@@ -191,7 +191,7 @@ def verify(path, vkeys):
             if end is not None:
                 raise Bad(f"{where}: a line after the closing line")
             try:
-                fields = json.loads(line)
+                fields = json.loads(line.decode())  # UnicodeDecodeError is a ValueError
             except ValueError:
                 raise Bad(f"{where}: not JSON") from None
             if not isinstance(fields, dict):
