@@ -62,7 +62,7 @@ def _progress(
         return
     with Progress(
         TextColumn(what),
-        BarColumn(),
+        BarColumn(bar_width=20),
         _Rate(),
         TimeElapsedColumn(),
         console=console,
