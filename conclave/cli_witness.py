@@ -242,7 +242,8 @@ def export_command(
         if partial is not None and destination is not None:
             os.replace(partial, destination)
     except LogBroken as exc:
-        raise _fail(f"the log is broken at {exc.where}: {exc.reason}; nothing exported") from None
+        outcome = "the lines on stdout are incomplete" if partial is None else "nothing written"
+        raise _fail(f"the log is broken at {exc.where}: {exc.reason}; {outcome}") from None
     except (ConclaveError, OSError) as exc:
         raise _fail(str(exc)) from None
     finally:
