@@ -212,7 +212,9 @@ def forge(value: bytes, **changes: object) -> bytes:
     return codec.encode(envelope, dataclasses.replace(entry, **changes))  # type: ignore[arg-type]
 
 
-async def test_a_forged_topic_is_refused_at_its_first_bad_sequence(system: System) -> None:
+async def test_a_forged_topic_is_refused_at_its_first_bad_sequence(
+    system: System, tmp_path: Path
+) -> None:
     settings = system.settings
     _, n = await real_log(system)
     key = public_key(settings)
@@ -263,6 +265,16 @@ async def test_a_forged_topic_is_refused_at_its_first_bad_sequence(system: Syste
     assert refused.stderr.strip() == (
         "topic: broken at sequence 3 (offset 2): entry_hash does not match its contents"
     )
+    # An export of it is refused at the same place, and leaves no file behind.
+    target = tmp_path / "forged.jsonl"
+    made = cli(own, "witness", "export", "--vkey", key.text(), "-o", str(target))
+    assert made.returncode == 1
+    assert "broken at sequence 3 (offset 2): entry_hash does not match its contents" in (
+        made.stderr
+    )
+    assert "nothing written" in made.stderr
+    assert not target.exists()
+    assert not target.with_name("forged.jsonl.part").exists()
 
 
 async def test_rows_changed_in_postgres_are_refused_at_their_sequence(
