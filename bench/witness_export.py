@@ -8,6 +8,8 @@ For a chain of N entries (default 1,000,000) with a signed checkpoint every 1,00
 * verify (Conclave): entries/s of ``verify_export`` over the file, as
   ``conclave witness verify --export`` runs it (JSON per line, entry bytes parsed,
   readable fields compared, chain, tree, signatures);
+* verify --jobs N: the same in N processes (``verify_export_parallel``): entries per
+  second of wall-clock time, and per CPU-second of all the processes;
 * verify (standalone): the same file through docs/verify_export.py in a process of
   its own (its CPU time, from the child's rusage);
 * the floor: the hashing alone (entry_hash, leaf hash, tree nodes) over the same
@@ -19,6 +21,7 @@ CPU time (process time), so other processes on a shared machine do not count.
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 import subprocess
 import sys
@@ -33,6 +36,7 @@ from conclave.domain.witness import ChainHead, leaf_bytes, next_entry
 from conclave.transparency.export import export_lines, verify_export
 from conclave.transparency.keys import SignerKey
 from conclave.transparency.note import sign_note
+from conclave.transparency.parallel import verify_export_parallel
 from schemas.codec import default_codec
 
 EVERY = 1_000
@@ -105,6 +109,22 @@ def main(n: int) -> None:
             f"verify (Conclave)  {n / seconds:>12,.0f} entries/s   ({seconds:.2f} s CPU, "
             f"{checked.checker.checkpoints:,} checkpoints)"
         )
+
+        for jobs in (2, os.cpu_count() or 2):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            own, wall = time.process_time(), time.perf_counter()
+            checked = verify_export_parallel(path, [key.verifier], jobs=jobs)
+            wall = time.perf_counter() - wall
+            own = time.process_time() - own
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = own + (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            assert checked.checker.size == n
+            print(
+                f"verify --jobs {jobs:<3} {n / wall:>12,.0f} entries/s wall   "
+                f"({n / cpu:,.0f} per CPU-second, {cpu:.2f} s CPU in all)"
+            )
+            if jobs == os.cpu_count():
+                break
 
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(

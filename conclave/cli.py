@@ -582,13 +582,16 @@ def witness_verify(
         typer.Option("--vkey", help="A trusted public key, or a .vkey file; repeat for several."),
     ] = None,
     origin: str | None = typer.Option(None, help="The log's origin (default: the key's name)."),
+    jobs: int = typer.Option(
+        1, help="With --export FILE: check it in this many processes (0: one per core)."
+    ),
 ) -> None:
     """Recompute the witness log; exits 1 naming the first bad sequence number (or line).
 
     With --from or --export, also the Merkle root at each published checkpoint and its
     signature; progress on stderr, a summary at the end."""
     if export is not None or from_ is not None:
-        _verify_log(from_, export, vkeys or [], origin)
+        _verify_log(from_, export, vkeys or [], origin, jobs)
         return
     from conclave.verify import verify_sources
 
@@ -620,7 +623,7 @@ def _refuse(message: str) -> typer.Exit:
 
 
 def _verify_log(
-    from_: str | None, export: Path | None, vkeys: list[str], origin: str | None
+    from_: str | None, export: Path | None, vkeys: list[str], origin: str | None, jobs: int
 ) -> None:
     from conclave.exporting import known_keys, verify_export_file, verify_log
     from conclave.transparency.export import LogBroken
@@ -628,6 +631,8 @@ def _verify_log(
 
     if from_ is not None and export is not None:
         raise _refuse("give --from or --export, not both")
+    if jobs < 0:
+        raise _refuse("--jobs must be 0 (one per core) or more")
     if from_ not in (None, "topic", "postgres"):
         raise _refuse(f"--from must be topic or postgres, not {from_!r}")
     try:
@@ -638,7 +643,12 @@ def _verify_log(
     try:
         if export is not None:
             try:
-                checked = verify_export_file(export, trusted, origin=origin, console=err)
+                if jobs != 1 and str(export) != "-":
+                    from conclave.transparency.parallel import verify_export_parallel
+
+                    checked = verify_export_parallel(export, trusted, origin=origin, jobs=jobs)
+                else:
+                    checked = verify_export_file(export, trusted, origin=origin, console=err)
             except OSError as exc:
                 raise _refuse(f"cannot read {export}: {exc.strerror or exc}") from None
             checker = checked.checker

@@ -313,6 +313,16 @@ def test_verify_export_from_the_command_line(tmp_path: Path) -> None:
         f"export {bad}: broken at line 6 (sequence 4): previous_hash does not match the prior entry"
     )
     assert "Traceback" not in err
+    code, _, err = run("verify", "--export", str(bad), "--jobs", "2")  # the same, in 2
+    assert code == 1
+    assert err.strip() == (
+        f"export {bad}: broken at line 6 (sequence 4): previous_hash does not match the prior entry"
+    )
+    code, out, err = run(
+        "verify", "--export", str(good), "--jobs", "3", "--vkey", KEY.verifier.text()
+    )
+    assert code == 0, err
+    assert out.strip().startswith(f"export {good}: chain intact, 9 entries, 2 checkpoints checked")
 
     code, _, err = run("verify", "--export", str(tmp_path / "missing.jsonl"))
     assert code == 1
