@@ -33,6 +33,7 @@ from conclave.transparency.export import (
     LogChecker,
     _end,
     _entry,
+    _fast_entry,
     _header,
     _object,
 )
@@ -124,11 +125,16 @@ class _Part:
     """(line, on an entry line, entries of this range before it, reason)."""
 
 
+class _EntryBroken(LogBroken):
+    def __init__(self, before: int, reason: str) -> None:
+        super().__init__("", reason)
+        self.before = before
+
+
 def _check_part(
     path: str, start: int, stop: int, keys: Sequence[VerifierKey], origin: str | None
 ) -> _Part:
     part, checker = _Part(), _RangeChecker(keys, origin)
-    loads = json.loads
     with open(path, "rb") as file:
         file.seek(start)
         at = start
@@ -137,47 +143,63 @@ def _check_part(
                 break
             at += len(text)
             part.lines += 1
-            number = part.lines
             try:
-                try:
-                    fields = loads(text.decode())
-                except ValueError:
-                    fields = _object(text, number)
-                if part.end is not None:
-                    raise LogBroken("", "a line after the closing line")
-                if type(fields) is not dict:
-                    raise LogBroken("", "not a JSON object")
-                if "sequence" in fields:
-                    if not part.first_entry_line:
-                        part.first_entry_line = number
-                    before = checker.count
-                    try:
-                        _entry(checker, fields, "")
-                    except LogBroken as exc:
-                        part.failure = (number, True, before, exc.reason)
-                        break
-                elif "checkpoint" in fields:
-                    note = fields["checkpoint"]
-                    if len(fields) != 1 or not isinstance(note, str):
-                        raise LogBroken("", 'a checkpoint line is {"checkpoint": signed note}')
-                    try:
-                        signed = open_checkpoint(note, checker.keys, origin=checker.origin)
-                    except WitnessProofError as exc:
-                        raise LogBroken("", f"checkpoint refused, {exc}") from None
-                    cp = signed.checkpoint
-                    part.checkpoints.append(
-                        (number, cp.size, cp.root, checker.count, list(checker.nodes.nodes))
-                    )
-                elif "end" in fields:
-                    part.end = (number, fields)
-                else:
-                    raise LogBroken("", "neither an entry, a checkpoint nor the closing line")
+                _check_line(part, checker, text, part.lines)
+            except _EntryBroken as exc:
+                part.failure = (part.lines, True, exc.before, exc.reason)
+                break
             except LogBroken as exc:
-                part.failure = (number, False, checker.count, exc.reason)
+                part.failure = (part.lines, False, checker.count, exc.reason)
                 break
     part.first, part.count, part.head = checker.first, checker.count, checker.head
     part.nodes = list(checker.nodes.nodes)
     return part
+
+
+def _check_line(part: _Part, checker: _RangeChecker, text: bytes, number: int) -> None:
+    """One line of a range, as ``verify_export`` checks it; what it cannot check without
+    the lines before is recorded in ``part``."""
+    try:
+        line = text.decode()
+    except UnicodeDecodeError:
+        line = ""  # not JSON: said below
+    if part.end is None and line.startswith('{"sequence":'):
+        part.first_entry_line = part.first_entry_line or number
+        # Not the range's first entry: that one sets where the range starts.
+        if checker.first is not None and _fast_entry(checker, line):
+            checker.count += 1
+            return
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        fields = _object(text, number)
+    if part.end is not None:
+        raise LogBroken("", "a line after the closing line")
+    if type(fields) is not dict:
+        raise LogBroken("", "not a JSON object")
+    if "sequence" in fields:
+        part.first_entry_line = part.first_entry_line or number
+        before = checker.count
+        try:
+            _entry(checker, fields, "")
+        except LogBroken as exc:
+            raise _EntryBroken(before, exc.reason) from None
+    elif "checkpoint" in fields:
+        note = fields["checkpoint"]
+        if len(fields) != 1 or not isinstance(note, str):
+            raise LogBroken("", 'a checkpoint line is {"checkpoint": signed note}')
+        try:
+            signed = open_checkpoint(note, checker.keys, origin=checker.origin)
+        except WitnessProofError as exc:
+            raise LogBroken("", f"checkpoint refused, {exc}") from None
+        cp = signed.checkpoint
+        part.checkpoints.append(
+            (number, cp.size, cp.root, checker.count, list(checker.nodes.nodes))
+        )
+    elif "end" in fields:
+        part.end = (number, fields)
+    else:
+        raise LogBroken("", "neither an entry, a checkpoint nor the closing line")
 
 
 def _cuts(path: Path, start: int, jobs: int) -> list[tuple[int, int]]:

@@ -336,3 +336,66 @@ def test_verify_export_from_the_command_line(tmp_path: Path) -> None:
     code, _, err = run("verify", "--export", str(good), "--from", "topic")
     assert code == 1
     assert "not both" in err
+
+
+def test_lines_as_conclave_writes_them_take_the_fast_path() -> None:
+    from conclave.transparency.export import LogChecker, _fast_entry
+
+    checker = LogChecker([KEY.verifier])
+    lines = [line for line in export(9) if line.startswith('{"sequence":')]
+    assert all(_fast_entry(checker, line) for line in lines)
+    assert checker.size == 9
+    assert checker.root == tree_of(chain(9)).root()
+    # Out of turn, nothing changes and the line is left to the field-by-field checks.
+    assert not _fast_entry(checker, lines[0])
+    assert checker.size == 9
+
+
+@pytest.mark.parametrize(
+    ("attribution", "reason"),
+    [
+        ('"task_id":"t\\u00e9\\n","agent_id":null,"attempt":-0,"detail":"\\"x\\""}', None),
+        ('"task_id":null, "agent_id":null,"attempt":null,"detail":""} \t', None),
+        ('"task_id":"é","agent_id":"a","attempt":12,"detail":"d/\\/"}', None),
+        ('"task_id":1,"agent_id":null,"attempt":null,"detail":""}', "task_id is not a string"),
+        ('"task_id":null,"agent_id":null,"attempt":"1","detail":""}', "attempt is not an integer"),
+        ('"task_id":null,"agent_id":null,"attempt":1.0,"detail":""}', "attempt is not an integer"),
+        ('"task_id":null,"agent_id":null,"attempt":01,"detail":""}', "not JSON"),
+        ('"task_id":null,"agent_id":null,"attempt":null,"detail":"\\x"}', "not JSON"),
+        ('"task_id":null,"agent_id":null,"attempt":null,"detail":"\t"}', "not JSON"),
+        ('"task_id":null,"agent_id":null,"attempt":null,"detail":""}x', "not JSON"),
+        ('"task_id":null,"agent_id":null,"attempt":null,"detail":null}', "detail is not a string"),
+        ('"task_id":null,"agent_id":null,"attempt":null}', "other keys than expected: detail"),
+    ],
+)
+def test_attribution_is_json_of_the_right_types(attribution: str, reason: str | None) -> None:
+    """The fast path and the field-by-field checks agree on every way of writing it."""
+    lines = export(3)
+    head, _, _ = lines[2].partition('"task_id":')
+    lines[2] = head + attribution
+    if reason is None:
+        assert verify_export(lines).checker.size == 3
+    else:
+        found = broken(lines)
+        where = "line 3" if reason == "not JSON" else "line 3 (sequence 2)"
+        assert (found.where, reason in found.reason) == (where, True), str(found)
+
+
+def test_a_line_that_only_looks_like_its_rendering_is_not_taken_for_it() -> None:
+    """An event id with a quote, written raw instead of escaped: not JSON, whatever the
+    fast path's rendering of the entry bytes would look like."""
+    from conclave.domain.witness import ChainHead, digest, next_entry
+
+    entry = next_entry(
+        ChainHead(),
+        subject_type="agent.output",
+        subject_event_id='a","x":"b',
+        subject_digest=digest(b"r"),
+        recorded_at=1,
+    )
+    lines = list(export_lines([entry], [], [KEY.verifier], schemas={}))
+    assert verify_export(lines).checker.size == 1
+    lines[1] = lines[1].replace('a\\",\\"x\\":\\"b', 'a","x":"b')
+    found = broken(lines)
+    assert found.where == "line 2 (sequence 1)"
+    assert "other keys than expected: x" in found.reason
