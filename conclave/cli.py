@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import asyncpg
 import typer
@@ -583,9 +583,32 @@ def resume(reason: str = typer.Argument(...), operator: str = typer.Option("oper
 
 @witness_app.command("verify")
 def witness_verify(
-    source: str = typer.Option("both", help="topic, db or both."),
+    source: str = typer.Option("both", help="topic, db or both: the chain only."),
+    from_: str | None = typer.Option(
+        None,
+        "--from",
+        help="topic or postgres: the chain, the tree and every published checkpoint.",
+    ),
+    export: Annotated[
+        Path | None,
+        typer.Option(help="Check an export file (`conclave witness export`; - is stdin)."),
+    ] = None,
+    vkeys: Annotated[
+        list[str] | None,
+        typer.Option("--vkey", help="A trusted public key, or a .vkey file; repeat for several."),
+    ] = None,
+    origin: str | None = typer.Option(None, help="The log's origin (default: the key's name)."),
+    jobs: int = typer.Option(
+        1, help="With --export FILE: check it in this many processes (0: one per core)."
+    ),
 ) -> None:
-    """Recompute the witness chain; exits 1 naming the first bad sequence number."""
+    """Recompute the witness log; exits 1 naming the first bad sequence number (or line).
+
+    With --from or --export, also the Merkle root at each published checkpoint and its
+    signature; progress on stderr, a summary at the end."""
+    if export is not None or from_ is not None:
+        _verify_log(from_, export, vkeys or [], origin, jobs)
+        return
     from conclave.verify import verify_sources
 
     if source not in ("topic", "db", "both"):
@@ -608,6 +631,64 @@ def witness_verify(
             )
     if bad:
         raise typer.Exit(1)
+
+
+def _refuse(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+def _verify_log(
+    from_: str | None, export: Path | None, vkeys: list[str], origin: str | None, jobs: int
+) -> None:
+    from conclave.exporting import known_keys, verify_export_file, verify_log
+    from conclave.transparency.export import LogBroken
+    from conclave.transparency.keyfiles import read_verifier
+
+    if from_ is not None and export is not None:
+        raise _refuse("give --from or --export, not both")
+    if jobs < 0:
+        raise _refuse("--jobs must be 0 (one per core) or more")
+    if from_ not in (None, "topic", "postgres"):
+        raise _refuse(f"--from must be topic or postgres, not {from_!r}")
+    try:
+        trusted = [read_verifier(value) for value in vkeys]
+    except ConclaveError as exc:
+        raise _refuse(str(exc)) from None
+    label = f"export {export}" if export is not None else str(from_)
+    try:
+        if export is not None:
+            try:
+                if jobs != 1 and str(export) != "-":
+                    from conclave.transparency.parallel import verify_export_parallel
+
+                    checked = verify_export_parallel(export, trusted, origin=origin, jobs=jobs)
+                else:
+                    checked = verify_export_file(export, trusted, origin=origin, console=err)
+            except OSError as exc:
+                raise _refuse(f"cannot read {export}: {exc.strerror or exc}") from None
+            checker = checked.checker
+            if checked.keys_from_export and checker.checkpoints:
+                err.print(
+                    "[yellow]signatures checked against the keys the export carries; "
+                    "--vkey checks them against a key you trust[/]",
+                    soft_wrap=True,
+                )
+        else:
+            settings = _settings()
+            source: Literal["topic", "postgres"] = "topic" if from_ == "topic" else "postgres"
+            verified = _run(
+                verify_log(
+                    settings, source, known_keys(settings, trusted), origin=origin, console=err
+                )
+            )
+            for finding in verified.findings:
+                err.print(f"[yellow]{label}: not an entry:[/] {finding}", soft_wrap=True)
+            checker = verified.checker
+    except LogBroken as exc:
+        err.print(f"[red]{label}: broken at {exc.where}: {exc.reason}[/]", soft_wrap=True)
+        raise typer.Exit(1) from None
+    out.print(f"{label}: chain intact, {checker.summary()}", soft_wrap=True)
 
 
 @app.command()

@@ -194,3 +194,64 @@ def consistency_command(
     except (ConclaveError, ValueError) as exc:
         raise _fail(str(exc)) from None
     _emit(bundle.to_json(), to)
+
+
+@witness_app.command("export")
+def export_command(
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="The export file, or - for stdout.")
+    ] = "-",
+    source: Annotated[
+        str, typer.Option("--from", help="Read the log from the topic or from postgres.")
+    ] = "topic",
+    fmt: Annotated[str, typer.Option("--format", help="jsonl (JSON lines).")] = "jsonl",
+    vkeys: Annotated[
+        list[str] | None,
+        typer.Option("--vkey", help="Another public key to carry (the log's own is always)."),
+    ] = None,
+) -> None:
+    """Write the witness log as JSON lines with everything needed to re-verify the chain,
+    the tree and the signed checkpoints offline (docs/witness.md, "Export")."""
+    import os
+    import sys
+
+    from conclave.exporting import export_log, known_keys
+    from conclave.settings import Settings
+    from conclave.transparency.export import LogBroken
+    from conclave.transparency.keyfiles import read_verifier
+
+    if fmt != "jsonl":
+        raise _fail(f"--format must be jsonl, not {fmt!r}")
+    if source not in ("topic", "postgres"):
+        raise _fail(f"--from must be topic or postgres, not {source!r}")
+    destination = None if output == "-" else Path(output)
+    partial = None if destination is None else destination.with_name(destination.name + ".part")
+    try:
+        settings = Settings.from_env()
+        keys = known_keys(settings, [read_verifier(value) for value in vkeys or ()])
+        with (
+            open(partial, "w", encoding="utf-8", newline="\n")
+            if partial is not None
+            else open(sys.stdout.fileno(), "w", encoding="utf-8", closefd=False)
+        ) as file:
+            checker, findings = asyncio.run(
+                export_log(
+                    settings, "topic" if source == "topic" else "postgres", keys, file, console=err
+                )
+            )
+        if partial is not None and destination is not None:
+            os.replace(partial, destination)
+    except LogBroken as exc:
+        outcome = "the lines on stdout are incomplete" if partial is None else "nothing written"
+        raise _fail(f"the log is broken at {exc.where}: {exc.reason}; {outcome}") from None
+    except (ConclaveError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+    for finding in findings:
+        err.print(f"[yellow]not an entry:[/] {finding}")
+    err.print(
+        f"exported {checker.size} entries and {checker.checkpoints} checkpoints "
+        f"(root {checker.root.hex()}) to {output if destination else 'stdout'}"
+    )

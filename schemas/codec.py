@@ -94,6 +94,8 @@ class _Schema:
     version: int
     parsed: Any
     fingerprint: bytes
+    canonical: str
+    """The Parsing Canonical Form, shared named types inlined: what ``fingerprint`` is of."""
 
 
 class SchemaRegistry:
@@ -140,6 +142,11 @@ class SchemaRegistry:
             out.setdefault(schema.name, []).append((schema.version, schema.fingerprint.hex()))
         return {name: [fp for _, fp in sorted(v)] for name, v in sorted(out.items())}
 
+    def canonical_forms(self) -> dict[str, str]:
+        """Fingerprint (hex) -> the Parsing Canonical Form it is the CRC-64-AVRO of, for
+        every known schema version: what a reader needs to decode any record."""
+        return {fp.hex(): schema.canonical for fp, schema in self._by_fingerprint.items()}
+
 
 def _load(document: Mapping[str, Any], named: Mapping[str, dict[str, Any]]) -> _Schema:
     full = _inline(dict(document), dict(named), set())
@@ -151,7 +158,11 @@ def _load(document: Mapping[str, Any], named: Mapping[str, dict[str, Any]]) -> _
         raise SchemaError(f"invalid schema {document.get('name')!r}: {exc}") from exc
     name = f"{document['namespace']}.{document['name']}"
     return _Schema(
-        name=name, version=int(document.get("version", 1)), parsed=parsed, fingerprint=fingerprint
+        name=name,
+        version=int(document.get("version", 1)),
+        parsed=parsed,
+        fingerprint=fingerprint,
+        canonical=canonical,
     )
 
 
