@@ -73,6 +73,7 @@ READ_MODEL_TABLES = (
     "pool_settings",
     "dead_letters",
     "rejections",
+    "projection_digests",
     "projection_offsets",
 )
 

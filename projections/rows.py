@@ -45,6 +45,7 @@ from conclave.domain.events import (
     HostBeat,
     HostLost,
     PoolConfigured,
+    ProjectionDigest,
     Resume,
     TaskCancelled,
     TaskCompleted,
@@ -388,6 +389,19 @@ REJECTIONS = Table(
         ("rejected_at", "bigint"),
     ),
 )
+PROJECTION_DIGESTS = Table(
+    "projection_digests",
+    (
+        ("event_id", "text"),
+        ("schema_name", "text"),
+        ("tables", "text[]"),
+        ("positions", "text[]"),
+        ("digest", "text"),
+        ("reason", "text"),
+        ("computed_at", "bigint"),
+    ),
+)
+"""Every read-model digest a replay committed to the witness log (``projection.digest``)."""
 APPENDS = (
     OUTPUTS,
     TASK_FAILURES,
@@ -397,6 +411,7 @@ APPENDS = (
     POOL_SETTINGS,
     DEAD_LETTERS,
     REJECTIONS,
+    PROJECTION_DIGESTS,
 )
 
 
@@ -675,6 +690,18 @@ APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
     ),
     Halt: (SYSTEM_EVENTS, _system),
     Resume: (SYSTEM_EVENTS, _system),
+    ProjectionDigest: (
+        PROJECTION_DIGESTS,
+        lambda env, e: (
+            env.event_id,
+            e.schema,
+            e.tables,
+            e.positions,
+            e.digest,
+            e.reason,
+            env.occurred_at,
+        ),
+    ),
     PoolConfigured: (
         POOL_SETTINGS,
         lambda env, e: (env.event_id, e.pool, e.capacity, e.reason, e.operator, env.occurred_at),
@@ -710,7 +737,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
         topics.witness: (WitnessEntry,),
         topics.checkpoints: (WitnessCheckpoint,),
         topics.deadletter: (DeadLetterRecord,),
-        topics.control: (Halt, Resume, PoolConfigured),
+        topics.control: (Halt, Resume, PoolConfigured, ProjectionDigest),
     }
 
 
