@@ -3,9 +3,9 @@
 Witnessed: agent outputs and failures (from the outputs topic) and halt/resume, pool
 capacities and projection digests (from the control topic). One shard, because one chain
 has one head. Its state (the head, the input positions and a window of recently witnessed
-event ids) is a fold of the witness topic itself: every entry names the record it witnesses (topic, partition, offset), so
-a restarted witness resumes exactly after the last entry that was committed, whatever
-the broker lost or kept of anything else, and never forks, skips or repeats.
+event ids) is a fold of the witness topic itself: every entry names the record it
+witnesses (topic, partition, offset), so a restarted witness resumes exactly after the
+last entry that was committed, whatever the broker lost or kept of anything else, and never forks, skips or repeats.
 """
 
 from __future__ import annotations
