@@ -5,7 +5,8 @@ capacities and projection digests (from the control topic). One shard, because o
 has one head. Its state (the head, the input positions and a window of recently witnessed
 event ids) is a fold of the witness topic itself: every entry names the record it
 witnesses (topic, partition, offset), so a restarted witness resumes exactly after the
-last entry that was committed, whatever the broker lost or kept of anything else, and never forks, skips or repeats.
+last entry that was committed, whatever the broker lost or kept of anything else, and
+never forks, skips or repeats.
 """
 
 from __future__ import annotations

@@ -137,9 +137,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = AsciiJSON(
-            {"detail": f"request body over {self.limit:,} bytes"}, status_code=413
-        )
+        response = AsciiJSON({"detail": f"request body over {self.limit:,} bytes"}, status_code=413)
         await response(scope, receive, send)
 
 
