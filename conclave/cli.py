@@ -29,6 +29,7 @@ from conclave import logs, metrics, tracing
 from conclave.cli_agents import show_agents, show_hosts
 from conclave.cli_api import serve_api, tokens_app
 from conclave.cli_dev import dev_app
+from conclave.cli_replay import replay
 from conclave.cli_status import show_status
 from conclave.cli_tasks import (
     deliberation_app,
@@ -73,6 +74,28 @@ app.command("status")(show_status)
 app.add_typer(witness_app, name="witness")
 app.add_typer(tokens_app, name="tokens")
 app.command("api")(serve_api)
+app.command("replay")(replay)
+
+
+@app.callback()
+def _options(
+    schema: str | None = typer.Option(
+        None,
+        "--schema",
+        help="Read commands query this schema (one built by `conclave replay --as-of`); "
+        "also CONCLAVE_SCHEMA.",
+    ),
+) -> None:
+    """Conclave: an event-sourced orchestrator for fleets of AI agents, on Kafka."""
+    if schema is not None:
+        from projections.asof import check_schema_name
+
+        try:
+            check_schema_name(schema)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        os.environ["CONCLAVE_SCHEMA"] = schema
+
 
 out = Console()
 err = Console(stderr=True)
@@ -592,19 +615,6 @@ def witness_verify(
             )
     if bad:
         raise typer.Exit(1)
-
-
-@app.command()
-def replay(
-    yes: bool = typer.Option(False, "--yes", help="Do not ask before dropping the read models."),
-) -> None:
-    """Drop the read models and rebuild them by replaying every history topic from offset 0."""
-    from conclave.verify import rebuild
-
-    if not yes and not typer.confirm("Drop and rebuild every read model?"):
-        raise typer.Exit(1)
-    applied = _run(rebuild(_settings(), progress=True))
-    out.print(f"replayed {applied} event(s)")
 
 
 @app.command()

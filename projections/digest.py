@@ -176,14 +176,13 @@ async def digest_table(conn: asyncpg.Connection, schema: str, table: str) -> Tab
 
 
 async def digest_schema(conn: asyncpg.Connection, schema: str) -> SchemaDigest:
-    """Every read model's digest, and the positions the rows cover, in one snapshot."""
-    tables = []
-    async with conn.transaction(readonly=True, isolation="repeatable_read"):
-        await conn.execute(_SESSION)
-        for table in DIGESTED_TABLES:
-            tables.append(await digest_table(conn, schema, table))
-        rows: Sequence[asyncpg.Record] = await conn.fetch(
-            f'SELECT topic, partition, next_offset FROM "{schema}".projection_offsets'
-        )
+    """Every read model's digest, and the positions the rows cover. Runs in the caller's
+    transaction (a cursor needs one): repeatable read for one snapshot, or one that holds
+    the schema's swap lock so that nobody writes it meanwhile."""
+    await conn.execute(_SESSION)
+    tables = [await digest_table(conn, schema, table) for table in DIGESTED_TABLES]
+    rows: Sequence[asyncpg.Record] = await conn.fetch(
+        f'SELECT topic, partition, next_offset FROM "{schema}".projection_offsets'
+    )
     positions = tuple(sorted((r[0], int(r[1]), int(r[2])) for r in rows))
     return SchemaDigest(schema, tuple(tables), positions)
