@@ -163,7 +163,7 @@ async def digest_table(conn: asyncpg.Connection, schema: str, table: str) -> Tab
     listed = ", ".join(f'"{c}"' for c in columns)
     query = (
         f'SELECT t::text AS r FROM (SELECT {listed} FROM "{schema}"."{table}") AS t '
-        'ORDER BY 1 COLLATE "C"'
+        'ORDER BY t::text COLLATE "C"'
     )
     sha = hashlib.sha256()
     count = 0
