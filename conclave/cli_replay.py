@@ -83,26 +83,28 @@ def replay(
         raise typer.BadParameter("give --as-of or --as-of-offsets, not both")
     if into is not None and not modes[1]:
         raise typer.BadParameter("--into names the schema of --as-of or --as-of-offsets")
+    cutoff: datetime | None = None
+    offsets: dict[tuple[str, int], int] | None = None
+    name = ""
+    if modes[1]:
+        from projections.digest import parse_positions
+
+        try:
+            if as_of is not None:
+                cutoff = asof.parse_as_of(as_of, datetime.now(UTC))
+                name = into or asof.asof_schema_name(cutoff)
+            else:
+                offsets = parse_positions(as_of_offsets or "")
+                name = into or asof.asof_schema_name(datetime.now(UTC))
+            asof.check_schema_name(name)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
     settings = Settings.from_env()
     if list_:
         _list(settings)
     elif drop is not None:
         _drop(settings, drop)
     elif modes[1]:
-        try:
-            if as_of is not None:
-                cutoff = asof.parse_as_of(as_of, datetime.now(UTC))
-                offsets = None
-                name = into or asof.asof_schema_name(cutoff)
-            else:
-                from projections.digest import parse_positions
-
-                assert as_of_offsets is not None
-                cutoff, offsets = None, parse_positions(as_of_offsets)
-                name = into or asof.asof_schema_name(datetime.now(UTC))
-            asof.check_schema_name(name)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from None
         _as_of(settings, name, cutoff, offsets)
     else:
         _rebuild(settings, swap=not check, witness_wait=witness_wait)
