@@ -10,9 +10,11 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+from aiokafka import TopicPartition
 
 from conclave.cli_replay import _commit_digest
 from conclave.errors import ConclaveError
+from conclave.settings import Settings
 from conclave.verify import verify_sources
 from projections import queries
 from projections.database import connect, schema_for
@@ -60,7 +62,8 @@ async def test_rebuild_equals_live_and_an_altered_row_is_named(system: System) -
 
     # A replay swaps the rebuilt rows in: the edit is gone, and the digests agree again.
     replayed = await rebuild(system.settings)
-    assert replayed.differ == ["tasks"] and replayed.swapped
+    assert replayed.differ == ["tasks"]
+    assert replayed.swapped
     assert await system.db.fetchval("SELECT input FROM tasks WHERE task_id = $1", ids[0]) == "d0"
     assert (await rebuild(system.settings, swap=False)).differ == []
 
@@ -88,7 +91,7 @@ async def test_queries_answer_and_the_live_projector_goes_on_across_a_swap(
                         view = await queries.get_task(pool, before[0])
                         if view.status != "completed":
                             failures.append(f"status {view.status}")
-                    except Exception as exc:  # noqa: BLE001 -- any failure is the finding
+                    except Exception as exc:
                         failures.append(f"{type(exc).__name__}: {exc}")
                     reads += 1
                     await asyncio.sleep(0.005)
@@ -110,7 +113,8 @@ async def test_queries_answer_and_the_live_projector_goes_on_across_a_swap(
             stop.set()
             during = await submitting
             await reading
-        assert result.swapped and result.differ == []
+        assert result.swapped
+        assert result.differ == []
         assert reads > 20, "the reader ran during the rebuild"
         assert failures == []
         assert during, "tasks were submitted during the rebuild"
@@ -201,28 +205,42 @@ async def test_as_of_a_time_gives_exactly_the_earlier_state(system: System) -> N
         # The live read models are the present.
         assert await has_status(system.db, held[0], "completed")
 
-        # The same point as an offset vector gives the same rows.
-        offsets = {(tp.topic, tp.partition): o for tp, o in covered.items()}
-        await build_as_of(settings, other, offsets=offsets)
-        admin = await asyncpg.connect(settings.database_url)
-        try:
-            async with admin.transaction(isolation="repeatable_read", readonly=True):
-                a = await digest_schema(admin, name)
-                b = await digest_schema(admin, other)
-        finally:
-            await admin.close()
-        assert a.tables == b.tables and a.positions == b.positions
-
-        listed = {s.name: s.description for s in await list_as_of(settings)}
-        assert name in listed and other in listed and "as of time" in listed[name]
-        with pytest.raises(ConclaveError, match="exists already"):
-            await build_as_of(settings, name, cutoff=as_of)
+        # The same point as an offset vector gives the same rows; both are listed.
+        await _same_at_offsets_and_listed(settings, name, other, covered, as_of)
     finally:
         for schema in (name, other):
             await drop_as_of(settings, schema)
     names = {s.name for s in await list_as_of(settings)}
-    assert name not in names and other not in names
+    assert name not in names
+    assert other not in names
     with pytest.raises(ConclaveError, match="not built by"):
         await drop_as_of(settings, schema_for(settings))
     with pytest.raises(ConclaveError, match="does not exist"):
         await connect(settings.with_(read_schema=name), reader=True)
+
+
+async def _same_at_offsets_and_listed(
+    settings: Settings,
+    name: str,
+    other: str,
+    covered: dict[TopicPartition, int],
+    as_of: datetime,
+) -> None:
+    offsets = {(tp.topic, tp.partition): o for tp, o in covered.items()}
+    await build_as_of(settings, other, offsets=offsets)
+    admin = await asyncpg.connect(settings.database_url)
+    try:
+        async with admin.transaction(isolation="repeatable_read", readonly=True):
+            a = await digest_schema(admin, name)
+            b = await digest_schema(admin, other)
+    finally:
+        await admin.close()
+    assert a.tables == b.tables
+    assert a.positions == b.positions
+
+    listed = {s.name: s.description for s in await list_as_of(settings)}
+    assert name in listed
+    assert other in listed
+    assert "as of time" in listed[name]
+    with pytest.raises(ConclaveError, match="exists already"):
+        await build_as_of(settings, name, cutoff=as_of)
