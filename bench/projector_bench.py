@@ -341,7 +341,9 @@ async def copy_rows(settings: Settings) -> tuple[int, float, float]:
         await pool.close()
 
 
-async def measure_rebuild(info: StackInfo, tasks: int, agents: int) -> dict[str, Any]:
+async def measure_rebuild(
+    info: StackInfo, tasks: int, agents: int, max_batch: int
+) -> dict[str, Any]:
     """Fresh topics with ``tasks`` tasks' history folded live, then rebuilt and swapped."""
     from projections.rebuild import rebuild
 
@@ -354,7 +356,7 @@ async def measure_rebuild(info: StackInfo, tasks: int, agents: int) -> dict[str,
     try:
         live = await fold(settings, Projector)
         cpu, started = time.process_time(), time.perf_counter()
-        result = await rebuild(settings)
+        result = await rebuild(settings, max_batch=max_batch)
         seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
         if result.differ:
             raise SystemExit(f"rebuilt read models differ: {result.differ}")
@@ -372,6 +374,8 @@ async def measure_rebuild(info: StackInfo, tasks: int, agents: int) -> dict[str,
         "rebuild_cpu_s": round(cpu_s, 2),
         "rebuild_events_per_s": round(events / seconds),
         "rebuild_s_per_million": round(seconds / events * 1e6, 1),
+        "live_projector_paused_s": round(result.paused_s, 2),
+        "max_batch": max_batch,
         "copy_s": round(copy_s, 2),
         "copy_cpu_s": round(copy_cpu_s, 2),
         "of_copy": round(copy_s / seconds, 2),
@@ -381,12 +385,12 @@ async def measure_rebuild(info: StackInfo, tasks: int, agents: int) -> dict[str,
     return figures
 
 
-async def bench_rebuild(tasks: int, agents: int, runs: int) -> dict[str, Any]:
+async def bench_rebuild(tasks: int, agents: int, runs: int, max_batch: int) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="conclave-rebuild-bench-"))
     stack = EmbeddedStack(home)
     info = stack.up(kafka_port=0, pg_port=0)
     try:
-        results = [await measure_rebuild(info, tasks, agents) for _ in range(runs)]
+        results = [await measure_rebuild(info, tasks, agents, max_batch) for _ in range(runs)]
     finally:
         stack.down()
         shutil.rmtree(home, ignore_errors=True)
@@ -403,9 +407,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rebuild", action="store_true", help="Time conclave replay (shadow, digests, swap)."
     )
+    parser.add_argument("--max-batch", type=int, default=5000, help="With --rebuild.")
     args = parser.parse_args(argv)
     if args.rebuild:
-        figures = asyncio.run(bench_rebuild(args.tasks, args.agents, args.runs))
+        figures = asyncio.run(bench_rebuild(args.tasks, args.agents, args.runs, args.max_batch))
         if args.json:
             print(json.dumps(figures))
             return
@@ -416,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
             f"(goal >= {REBUILD_GOAL_EVENTS_PER_S:,}), {figures['rebuild_s_per_million']} s "
             f"per million (goal < {REBUILD_GOAL_S_PER_MILLION:.0f}); raw COPY of the same rows "
             f"{figures['copy_s']} s: rebuild = {figures['of_copy']} of COPY "
-            f"(goal >= {REBUILD_GOAL_OF_COPY}); load {figures['load']}"
+            f"(goal >= {REBUILD_GOAL_OF_COPY}); live projector paused "
+            f"{figures['live_projector_paused_s']} s for the swap; load {figures['load']}"
         )
         return
     result = asyncio.run(bench(args.tasks, args.agents, args.runs))

@@ -168,7 +168,10 @@ def _rebuild(settings: Settings, *, swap: bool, witness_wait: float) -> None:
         if result.differ:
             raise ReplayFailed("the rebuilt read models differ from the live ones", code=2)
         return
-    out.print(f"swapped in: schema {result.schema} holds the rebuilt read models")
+    out.print(
+        f"swapped in: schema {result.schema} holds the rebuilt read models "
+        f"(the live projector waited {result.paused_s:.2f} s for the swap)"
+    )
     if result.differ:
         err.print("[yellow]the live rows that differed were replaced by the rebuilt ones[/]")
     sequence = asyncio.run(_commit_digest(settings, result, witness_wait))

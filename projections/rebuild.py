@@ -53,7 +53,7 @@ from projections.database import (
     unavailable,
 )
 from projections.digest import SchemaDigest
-from projections.projector import Projector
+from projections.projector import DEFAULT_MAX_BATCH, Projector
 
 __all__ = [
     "AsOfSchema",
@@ -87,6 +87,9 @@ class RebuildResult:
     differ: list[str]
     """Tables whose digests differ (empty: the rebuilt rows equal the live ones)."""
     swapped: bool
+    paused_s: float = 0.0
+    """How long the live projector waited: the swap lock held (last records folded into
+    the shadow, both schemas digested, renamed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +119,11 @@ async def _raw(settings: Settings) -> asyncpg.Connection:
 
 
 async def rebuild(
-    settings: Settings, *, swap: bool = True, progress: Progress | None = None
+    settings: Settings,
+    *,
+    swap: bool = True,
+    progress: Progress | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> RebuildResult:
     """Rebuild the read models into a shadow schema; compare digests with the live ones;
     swap the shadow in (``swap``) or drop it (a check)."""
@@ -131,7 +138,7 @@ async def rebuild(
         with unavailable():
             await migrate(live_pool)  # the live schema must have every table the shadow has
         shadow_pool = await connect(settings, schema=shadow, max_size=2)
-        projector = Projector(settings, shadow_pool)
+        projector = Projector(settings, shadow_pool, max_batch=max_batch)
         await projector.start()
         # Drops what a crashed rebuild left, under the shadow's lock: one rebuild at a time.
         try:
@@ -145,6 +152,7 @@ async def rebuild(
             await admin.execute(f'DROP SCHEMA IF EXISTS "{old}" CASCADE')
             async with admin.transaction():
                 await admin.execute("SELECT pg_advisory_xact_lock($1)", swap_lock_key(live))
+                locked = time.monotonic()
                 # The live schema stands still now: bring the shadow to exactly its positions.
                 live_at = await _stored(admin, live)
                 projector.bound(limits=_with_zeros(live_at, projector))
@@ -156,11 +164,14 @@ async def rebuild(
                     differ.append("projection_offsets")
                 if swap:
                     await admin.execute(
+                        # Tokens created meanwhile wait, then go into the rebuilt schema.
+                        f'LOCK TABLE "{live}".api_tokens IN SHARE MODE; '
                         f'DELETE FROM "{shadow}".api_tokens; '
                         f'INSERT INTO "{shadow}".api_tokens SELECT * FROM "{live}".api_tokens; '
                         f'ALTER SCHEMA "{live}" RENAME TO "{old}"; '
                         f'ALTER SCHEMA "{shadow}" RENAME TO "{live}"'
                     )
+            paused = time.monotonic() - locked
         await projector.stop()
         projector = None
         with unavailable():
@@ -169,7 +180,14 @@ async def rebuild(
             await admin.execute(f'DROP SCHEMA IF EXISTS "{shadow if not swap else old}" CASCADE')
         rebuilt_digest = _named(rebuilt_digest, live)
         return RebuildResult(
-            live, events, time.monotonic() - started, live_digest, rebuilt_digest, differ, swap
+            live,
+            events,
+            time.monotonic() - started,
+            live_digest,
+            rebuilt_digest,
+            differ,
+            swap,
+            paused,
         )
     finally:
         if projector is not None:
