@@ -5,6 +5,7 @@ live projector running throughout."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import UTC, datetime
 
@@ -69,8 +70,9 @@ async def test_rebuild_equals_live_and_an_altered_row_is_named(system: System) -
 
 
 async def test_queries_answer_and_the_live_projector_goes_on_across_a_swap(
-    system: System,
+    system: System, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="projections.projector")
     async with system.running(4):
         before = [await system.client.submit(f"b{i}", pool=system.pool) for i in range(6)]
         await _completed(system, before)
@@ -122,12 +124,19 @@ async def test_queries_answer_and_the_live_projector_goes_on_across_a_swap(
         # Submitted during and after the swap: the live projector folded them into the
         # rebuilt schema, from its positions, none lost.
         await _completed(system, [*during, *after])
+    # It noticed the swap (the schema's OID changed) and repositioned, rather than going on
+    # from where it was in the schema swapped away.
+    assert any("was swapped for a rebuilt one" in r.getMessage() for r in caplog.records)
+    assert await _left_over(system) == [], "the old and shadow schemas are dropped after the swap"
+
+
+async def _left_over(system: System) -> list[str]:
     schema = schema_for(system.settings)
-    left = await system.db.fetch(
+    rows = await system.db.fetch(
         "SELECT nspname FROM pg_namespace WHERE nspname = ANY($1::text[])",
         [f"{schema}__shadow", f"{schema}__old"],
     )
-    assert left == [], "the old and shadow schemas are dropped after the swap"
+    return [r[0] for r in rows]
 
 
 async def test_the_digest_is_witnessed_and_the_chain_verifies(system: System) -> None:
