@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from aiokafka import TopicPartition
 
+from conclave.bus import topics_for
 from conclave.cli_replay import _commit_digest
 from conclave.errors import ConclaveError
 from conclave.settings import Settings
@@ -156,6 +157,12 @@ async def test_the_digest_is_witnessed_and_the_chain_verifies(system: System) ->
     )
     assert sorted(stored["tables"]) == sorted(t.text() for t in result.rebuilt.tables)
     await _caught_up(system)
+    # Nobody refused it: the scheduler reads the control topic too, and ignores it.
+    control = topics_for(system.settings).control
+    refused = await system.db.fetch(
+        "SELECT processor, reason FROM dead_letters WHERE source_topic = $1", control
+    )
+    assert refused == []
     for verified in await verify_sources(system.settings):
         assert verified.violation is None, (verified.source, verified.violation)
 
