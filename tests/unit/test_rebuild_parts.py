@@ -164,3 +164,11 @@ def test_replay_bad_input_is_one_message_and_exit_2(args: list[str], said: str) 
     words = " ".join(result.output.translate(str.maketrans("", "", "│╭╮╰╯─")).split())
     assert said in words
     assert "Traceback" not in result.output
+
+
+def test_every_read_model_is_digested() -> None:
+    # A read model added later (by another issue) must be digested too, or a rebuild
+    # could differ in it unseen: READ_MODEL_TABLES is what a replay rebuilds.
+    from projections.database import READ_MODEL_TABLES
+
+    assert set(DIGESTED_TABLES) == set(READ_MODEL_TABLES) - {"projection_offsets"}
