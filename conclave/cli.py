@@ -30,6 +30,7 @@ from conclave.cli_agents import show_agents, show_hosts
 from conclave.cli_api import serve_api, tokens_app
 from conclave.cli_coordination import list_locks, lock_app, state_app
 from conclave.cli_dev import dev_app
+from conclave.cli_replay import replay
 from conclave.cli_status import show_status
 from conclave.cli_tasks import (
     deliberation_app,
@@ -77,6 +78,28 @@ app.command("api")(serve_api)
 app.command("locks")(list_locks)
 app.add_typer(lock_app, name="lock")
 app.add_typer(state_app, name="state")
+app.command("replay")(replay)
+
+
+@app.callback()
+def _options(
+    schema: str | None = typer.Option(
+        None,
+        "--schema",
+        help="Read commands query this schema (one built by `conclave replay --as-of`); "
+        "also CONCLAVE_SCHEMA.",
+    ),
+) -> None:
+    """Conclave: an event-sourced orchestrator for fleets of AI agents, on Kafka."""
+    if schema is not None:
+        from projections.asof import check_schema_name
+
+        try:
+            check_schema_name(schema)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        os.environ["CONCLAVE_SCHEMA"] = schema
+
 
 out = Console()
 err = Console(stderr=True)
@@ -689,19 +712,6 @@ def _verify_log(
         err.print(f"[red]{label}: broken at {exc.where}: {exc.reason}[/]", soft_wrap=True)
         raise typer.Exit(1) from None
     out.print(f"{label}: chain intact, {checker.summary()}", soft_wrap=True)
-
-
-@app.command()
-def replay(
-    yes: bool = typer.Option(False, "--yes", help="Do not ask before dropping the read models."),
-) -> None:
-    """Drop the read models and rebuild them by replaying every history topic from offset 0."""
-    from conclave.verify import rebuild
-
-    if not yes and not typer.confirm("Drop and rebuild every read model?"):
-        raise typer.Exit(1)
-    applied = _run(rebuild(_settings(), progress=True))
-    out.print(f"replayed {applied} event(s)")
 
 
 @app.command()

@@ -38,7 +38,7 @@ def show_status(as_json: AsJson = False, watch: Watch = False, interval: Interva
 async def _show(settings: Settings, *, as_json: bool, watch: bool, interval: float) -> None:
     from projections.database import connect
 
-    db = await connect(settings)
+    db = await connect(settings, reader=True)
     try:
         status = await gather(settings, db)
         if as_json:

@@ -65,7 +65,7 @@ def _query(run: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
     from projections.database import connect
 
     async def go() -> T:
-        pool = await connect(Settings.from_env())
+        pool = await connect(Settings.from_env(), reader=True)
         try:
             return await run(pool)
         finally:

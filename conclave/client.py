@@ -24,9 +24,11 @@ from conclave.bus import EventProducer, topics_for
 from conclave.domain.events import (
     CancelRequested,
     DeliberationRequested,
+    Envelope,
     Halt,
     PoolConfigured,
     Priority,
+    ProjectionDigest,
     Resume,
     TaskSubmitted,
 )
@@ -272,6 +274,10 @@ class Client:
         event = PoolConfigured(pool=pool, capacity=capacity, reason=reason, operator=operator)
         _check(event)
         await self._producer.send(self.topics.control, "system", event, partition=0)
+
+    async def record_digest(self, event: ProjectionDigest) -> Envelope:
+        """Commit a projection digest to the witness log (via the control topic)."""
+        return await self._producer.send(self.topics.control, "system", event, partition=0)
 
     async def halt(
         self, reason: str, *, operator: str = "operator", cancel_running: bool = False

@@ -100,6 +100,10 @@ class Settings:
     kafka_security: KafkaSecurity = KafkaSecurity()
     home: Path = Path(".conclave")
     topic_prefix: str = "conclave"
+    read_schema: str | None = None
+    """Read commands query this PostgreSQL schema (``CONCLAVE_SCHEMA``, ``conclave --schema``)
+    instead of the live read models: one built by ``conclave replay --as-of``. Writers
+    (projector, API tokens) never use it."""
     partitions: int = 1
     replication_factor: int = 1
     tenant: str = "default"
@@ -181,6 +185,7 @@ class Settings:
             kafka_security=_kafka_security(env),
             home=home,
             topic_prefix=env.get("CONCLAVE_TOPIC_PREFIX", "conclave"),
+            read_schema=_schema_name(env),
             partitions=_int(env, "CONCLAVE_PARTITIONS", 1),
             replication_factor=_int(env, "CONCLAVE_REPLICATION_FACTOR", 1),
             tenant=env.get("CONCLAVE_TENANT", "default"),
@@ -260,6 +265,17 @@ def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _schema_name(env: Mapping[str, str]) -> str | None:
+    name = env.get("CONCLAVE_SCHEMA", "").strip()
+    if not name:
+        return None
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ConfigError(
+            f"CONCLAVE_SCHEMA={name!r} is not a schema name: lower-case letters, digits and _"
+        )
+    return name
 
 
 def _trace_exporter(env: Mapping[str, str]) -> Literal["none", "otlp", "console"]:

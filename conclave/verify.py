@@ -1,5 +1,5 @@
 """Verification and rebuild: the witness chain from Kafka and from PostgreSQL,
-and dropping the read models to fold them again from offset 0."""
+and rebuilding the read models from offset 0 (:mod:`projections.rebuild`)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,12 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from conclave.bus import read_history, topics_for
 from conclave.domain.events import WitnessCheckpoint, WitnessEntry
 from conclave.domain.witness import ChainViolation, check_subjects, digest, first_violation
 from conclave.errors import SchemaError
 from conclave.settings import Settings
 from projections.database import connect
-from projections.projector import Projector
 from projections.queries import witness_entries
 from schemas.codec import default_codec
 
@@ -107,28 +104,9 @@ async def verify_sources(settings: Settings, source: str = "both") -> list[Verif
     return results
 
 
-async def rebuild(settings: Settings, *, progress: bool = False) -> int:
-    """Drop every read model and replay the history topics from offset 0 (refused with
-    one line while a projector is active for the schema)."""
-    pool = await connect(settings)
-    try:
-        projector = Projector(settings, pool)
-        await projector.start()
-        try:
-            if not progress:
-                return await projector.rebuild()
-            with Progress(
-                TextColumn("replaying"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                transient=True,
-            ) as bar:
-                task = bar.add_task("replay", total=None)
-                return await projector.rebuild(
-                    lambda done, total: bar.update(task, completed=done, total=total)
-                )
-        finally:
-            await projector.stop()
-    finally:
-        await pool.close()
+async def rebuild(settings: Settings) -> int:
+    """Rebuild every read model in a shadow schema and swap it in (see
+    :mod:`projections.rebuild`); returns the records folded."""
+    from projections.rebuild import rebuild as shadow_rebuild
+
+    return (await shadow_rebuild(settings)).events

@@ -31,6 +31,7 @@ __all__ = [
     "migrate",
     "projector_lock_key",
     "schema_for",
+    "swap_lock_key",
     "unavailable",
 ]
 
@@ -78,6 +79,7 @@ READ_MODEL_TABLES = (
     "state_versions",
     "state_checkpoints",
     "state_rejections",
+    "projection_digests",
     "projection_offsets",
 )
 
@@ -106,6 +108,18 @@ def projector_lock_key(schema: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def swap_lock_key(schema: str) -> int:
+    """The advisory-lock key of swapping ``schema`` for a rebuilt one.
+
+    A projector takes it *shared* in every batch's transaction (and checks there that its
+    schema is still the one it positioned itself in); a swap takes it *exclusive* in the
+    transaction that renames the schemas, so that no batch commits into a schema being
+    swapped away, and the next batch notices the swap and resumes from the positions the
+    rebuilt schema holds (see :mod:`projections.rebuild`)."""
+    digest = hashlib.blake2b(f"conclave.swap:{schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 @contextlib.contextmanager
 def unavailable(what: str = "PostgreSQL") -> Iterator[None]:
     """asyncpg's "not now" errors raised in the block, as :class:`DatabaseUnavailable`."""
@@ -119,21 +133,44 @@ def unavailable(what: str = "PostgreSQL") -> Iterator[None]:
 
 
 async def connect(
-    settings: Settings, *, min_size: int = 0, max_size: int = 4, schema: str | None = None
+    settings: Settings,
+    *,
+    min_size: int = 0,
+    max_size: int = 4,
+    schema: str | None = None,
+    reader: bool = False,
 ) -> asyncpg.Pool:
     """A pool whose sessions read and write the read models of ``schema`` (by default
     the one of the settings' topic prefix, see :func:`schema_for`).
+
+    The one place where sessions get their schema. A ``reader`` (a query command) with
+    ``settings.read_schema`` set (``conclave --schema NAME``, ``CONCLAVE_SCHEMA``) reads
+    that schema instead -- one built by ``conclave replay --as-of`` -- in read-only
+    sessions; it must exist (it is never created here).
 
     ``min_size`` is 0 by default: with a floor, asyncpg reconnects in the background
     while PostgreSQL is down and logs a WARNING with a traceback for every attempt.
     Idle connections are kept all the same (for ``max_inactive_connection_lifetime``).
     """
-    schema = schema or schema_for(settings)
+    elsewhere = reader and schema is None and settings.read_schema is not None
+    schema = schema or (settings.read_schema if elsewhere else None) or schema_for(settings)
     options = postgres_options(settings)  # ConfigError on a TLS file that is missing
+    server_settings = {"search_path": schema}
+    if elsewhere:
+        server_settings["default_transaction_read_only"] = "on"
     with _connection_errors(settings):
         bootstrap = await asyncpg.connect(settings.database_url, timeout=10, **options)
         try:
-            await bootstrap.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            if elsewhere:
+                if not await bootstrap.fetchval(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema
+                ):
+                    raise ConfigError(
+                        f"schema {schema} does not exist (CONCLAVE_SCHEMA / --schema): "
+                        "`conclave replay --list` lists those built with --as-of"
+                    )
+            else:
+                await bootstrap.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         except asyncpg.UniqueViolationError:
             pass  # created concurrently by another process
         finally:
@@ -143,7 +180,7 @@ async def connect(
             min_size=min_size,
             max_size=max_size,
             timeout=10,
-            server_settings={"search_path": schema},
+            server_settings=server_settings,
             **options,
         )
     assert pool is not None

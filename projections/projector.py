@@ -17,6 +17,14 @@ The contract:
 - **Batches, coalesced.** Hundreds to thousands of records per transaction, a
   statement per table (:mod:`projections.store`), each task's or agent's events
   folded into its final row first (:mod:`projections.rows`).
+- **Swaps are noticed.** Every batch's transaction takes the schema's swap lock shared
+  and checks that the schema is still the one the projector positioned itself in: a
+  rebuild swapping a rebuilt schema in (:mod:`projections.rebuild`) waits for the batch
+  in flight, and the next batch rolls back and resumes from the positions stored in the
+  new schema. Nothing is written into a schema being swapped away, nothing skipped.
+- **Bounded folds.** A fold can stop at an offset per partition, or at the first record
+  of each partition at or after a time (``conclave replay --as-of``): records past the
+  bound are neither folded nor counted in the positions.
 - **Bad input is kept, not fatal.** Undecodable bytes, tombstones (null values),
   empty values, events on the wrong topic and records PostgreSQL refuses become
   ``dead_letters`` rows with the reason.
@@ -43,7 +51,13 @@ from conclave.errors import BrokerUnavailable, DatabaseUnavailable, SchemaError
 from conclave.outage import Backoff, Outage
 from conclave.settings import Settings
 from projections import store
-from projections.database import ProjectorActive, drop_read_models, migrate, unavailable
+from projections.database import (
+    ProjectorActive,
+    drop_read_models,
+    migrate,
+    swap_lock_key,
+    unavailable,
+)
 from projections.lock import SchemaLock
 from projections.rows import Changes, Consumed, projected_from
 from projections.source import HistorySource
@@ -65,6 +79,10 @@ PROBE_IDLE_S = 2.0
 FETCH_TIMEOUT_MS = 200
 DECODE_SLICE = 500
 """Records decoded between two chances for the commit in flight to go on."""
+
+
+class SchemaSwapped(Exception):
+    """The schema was swapped for a rebuilt one under this projector: reposition."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +134,32 @@ class Projector:
         self._kafka = Outage(log, "projector", f"Kafka at {settings.kafka_bootstrap}")
         self._standing_by = False
         self._heard_from_broker = 0.0
+        self._schema_oid: int | None = None
+        """The schema positioned in (its OID: a swap keeps the name, not the OID)."""
+        self._swap_key = 0
+        self._limits: dict[TopicPartition, int] = {}
+        """Offsets not to fold from (per partition): a bounded fold's end."""
+        self._cutoff_ms: int | None = None
+        """Record time (ms) not to fold from: each partition ends at its first record
+        at or after it (that record's offset becomes the partition's limit)."""
+
+    def bound(
+        self, limits: dict[TopicPartition, int] | None = None, cutoff_ms: int | None = None
+    ) -> None:
+        """Fold nothing at or past ``limits`` (offsets per partition) nor from the first
+        record of each partition whose timestamp is at or after ``cutoff_ms``."""
+        self._limits = dict(limits or {})
+        self._cutoff_ms = cutoff_ms
+
+    @property
+    def partitions(self) -> list[TopicPartition]:
+        """Every history partition read (known after :meth:`start`)."""
+        return list(self._source.partitions)
+
+    @property
+    def limits(self) -> dict[TopicPartition, int]:
+        """The bounds in force: given, or found at the cutoff time so far."""
+        return dict(self._limits)
 
     @property
     def active(self) -> bool:
@@ -127,6 +171,7 @@ class Projector:
         :class:`DatabaseUnavailable`); folding starts in :meth:`run`, :meth:`catch_up`
         or :meth:`rebuild`."""
         self.schema = await self._lock.resolve()
+        self._swap_key = swap_lock_key(self.schema)
         name = f"projector for schema {self.schema}"
         self._postgres = Outage(log, name, "PostgreSQL")
         self._kafka = Outage(log, name, f"Kafka at {self.settings.kafka_bootstrap}")
@@ -225,6 +270,12 @@ class Projector:
                     self._kafka.failed(exc)
                     self._unposition()
                     await _pause(stop, self._backoff.delay())
+                except SchemaSwapped:
+                    log.info(
+                        "schema %s was swapped for a rebuilt one; resuming from its positions",
+                        self.schema,
+                    )
+                    self._unposition()
             return folded
         finally:
             # A batch read ahead is not in the read models: whoever folds next starts
@@ -249,9 +300,14 @@ class Projector:
             if self._standing_by:
                 self._standing_by = False
                 log.info("projector for schema %s is active now", self.schema)
+        conn = self._lock.connection
         with unavailable():
-            await store.prepare(self._lock.connection)
-            stored = await store.stored_positions(self._lock.connection)
+            await store.prepare(conn)
+            async with conn.transaction():
+                # Under the swap lock: the positions and the OID are of one schema.
+                await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", self._swap_key)
+                self._schema_oid = await conn.fetchval(_SCHEMA_OID)
+                stored = await store.stored_positions(conn)
         self._positions = await self._source.seek(stored)
         self._read_to = dict(self._positions)
         return True
@@ -281,7 +337,10 @@ class Projector:
 
     def _reached(self, until: dict[TopicPartition, int]) -> bool:
         committed = self._committed()
-        return all(committed.get(tp, 0) >= end for tp, end in until.items())
+        limits = self._limits
+        return all(
+            committed.get(tp, 0) >= min(end, limits.get(tp, end)) for tp, end in until.items()
+        )
 
     async def _step(self) -> int:
         """Fold one batch in one transaction; returns the records folded.
@@ -311,6 +370,8 @@ class Projector:
             self._heard_from_broker = now
             self._kafka.recovered()
         positions = await self._source.positions()
+        if self._limits or self._cutoff_ms is not None:
+            records = self._within_bounds(records, positions)
         moved = {tp: at for tp, at in positions.items() if at != self._read_to.get(tp)}
         self._read_to.update(moved)
         changes = Changes()
@@ -320,16 +381,39 @@ class Projector:
             self._decode(records[start : start + DECODE_SLICE], changes)
         return _Batch(records, moved, changes, read_at_ns)
 
+    def _within_bounds(
+        self, records: list[Consumed], positions: dict[TopicPartition, int]
+    ) -> list[Consumed]:
+        """``records`` short of the bounds; ``positions`` clamped to them (in place)."""
+        limits, cutoff = self._limits, self._cutoff_ms
+        kept: list[Consumed] = []
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            limit = limits.get(tp)
+            if limit is not None and record.offset >= limit:
+                continue
+            stamp = getattr(record, "timestamp", None)
+            if cutoff is not None and stamp is not None and stamp >= cutoff:
+                limits[tp] = record.offset  # this partition ends here
+                continue
+            kept.append(record)
+        for tp, limit in limits.items():
+            if tp in positions and positions[tp] > limit:
+                positions[tp] = limit
+        return kept
+
     async def _commit(self, conn: asyncpg.Connection, batch: _Batch) -> None:
         with unavailable():
             try:
                 async with conn.transaction():
+                    await self._same_schema(conn)
                     await store.apply(conn, batch.changes)
                     await store.save_positions(conn, batch.moved)
             except asyncpg.DataError:
                 # A record PostgreSQL refuses (a NUL in text, say) must not wedge every
                 # later batch: fold the rest and dead-letter only the refused ones.
                 async with conn.transaction():
+                    await self._same_schema(conn)
                     await self._bisect(conn, batch.records)
                     await store.save_positions(conn, batch.moved)
         self._committed().update(batch.moved)
@@ -339,6 +423,15 @@ class Projector:
         self._backoff.reset()
         self._postgres.recovered()
         self.batches.set()
+
+    async def _same_schema(self, conn: asyncpg.Connection) -> None:
+        """Take the swap lock shared for this transaction; :class:`SchemaSwapped` if the
+        schema is not the one positioned in any more (a rebuild swapped it)."""
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", self._swap_key)
+        # A statement of its own: its snapshot is taken after the lock was granted, so it
+        # sees a swap that committed while this batch waited.
+        if await conn.fetchval(_SCHEMA_OID) != self._schema_oid:
+            raise SchemaSwapped(self.schema)
 
     def _decode(self, records: list[Consumed], changes: Changes) -> Changes:
         """Add what ``records`` do to the read models to ``changes``, bad ones dead-lettered."""
@@ -379,6 +472,9 @@ class Projector:
             refused = Changes()
             refused.reject(records[0], f"read model refused it: {exc}", type(exc).__name__)
             await store.apply(conn, refused)
+
+
+_SCHEMA_OID = "SELECT oid FROM pg_namespace WHERE nspname = current_schema()"
 
 
 def _discard(task: asyncio.Task[_Batch]) -> None:

@@ -52,6 +52,7 @@ from conclave.domain.events import (
     LockRenewed,
     LockWaiting,
     PoolConfigured,
+    ProjectionDigest,
     Resume,
     StateCheckpointed,
     StateRestored,
@@ -476,6 +477,19 @@ STATE_REJECTIONS = Table(
         ("rejected_at", "bigint"),
     ),
 )
+PROJECTION_DIGESTS = Table(
+    "projection_digests",
+    (
+        ("event_id", "text"),
+        ("schema_name", "text"),
+        ("tables", "text[]"),
+        ("positions", "text[]"),
+        ("digest", "text"),
+        ("reason", "text"),
+        ("computed_at", "bigint"),
+    ),
+)
+"""Every read-model digest a replay committed to the witness log (``projection.digest``)."""
 APPENDS = (
     LOCK_EVENTS,
     STATE_VERSIONS,
@@ -489,6 +503,7 @@ APPENDS = (
     POOL_SETTINGS,
     DEAD_LETTERS,
     REJECTIONS,
+    PROJECTION_DIGESTS,
 )
 
 
@@ -857,6 +872,18 @@ APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
     ),
     Halt: (SYSTEM_EVENTS, _system),
     Resume: (SYSTEM_EVENTS, _system),
+    ProjectionDigest: (
+        PROJECTION_DIGESTS,
+        lambda env, e: (
+            env.event_id,
+            e.schema,
+            e.tables,
+            e.positions,
+            e.digest,
+            e.reason,
+            env.occurred_at,
+        ),
+    ),
     PoolConfigured: (
         POOL_SETTINGS,
         lambda env, e: (env.event_id, e.pool, e.capacity, e.reason, e.operator, env.occurred_at),
@@ -892,7 +919,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
         topics.witness: (WitnessEntry,),
         topics.checkpoints: (WitnessCheckpoint,),
         topics.deadletter: (DeadLetterRecord,),
-        topics.control: (Halt, Resume, PoolConfigured),
+        topics.control: (Halt, Resume, PoolConfigured, ProjectionDigest),
         topics.coordination: COORDINATION_DECISIONS,
     }
 

@@ -67,6 +67,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.Halt,
     ev.Resume,
     ev.PoolConfigured,
+    ev.ProjectionDigest,
     ev.WorkerBeat,
     ev.LockRequested,
     ev.LockRenewRequested,

@@ -45,6 +45,7 @@ from conclave.domain.events import (
     HostLost,
     PoolConfigured,
     Priority,
+    ProjectionDigest,
     Resume,
     TaskCancelled,
     TaskCompleted,
@@ -146,7 +147,8 @@ class SchedulerShard:
         # What each non-command input topic may carry (commands are checked by
         # invalid_command). Anything else is dead-lettered, not ignored.
         self.accepts: dict[str, tuple[type[Any], ...]] = {
-            topics.control: (Halt, Resume, PoolConfigured),
+            # A projection digest is witnessed and changes nothing here.
+            topics.control: (Halt, Resume, PoolConfigured, ProjectionDigest),
             topics.agents: (AgentRegistered, HostBeat),
             topics.witness: (WitnessEntry,),
         }
@@ -223,6 +225,8 @@ class SchedulerShard:
             return [
                 self.emitter.dead_letter(record, reason=reason, error_type="InvalidEvent", now=0)
             ]
+        if isinstance(event, ProjectionDigest):
+            return []  # about the read models: no scheduling state
         assert isinstance(
             event, (*_CHANGELOG, AgentRegistered, HostBeat, Halt, Resume, PoolConfigured)
         )

@@ -1,11 +1,12 @@
 """The witness processor: appends one hash-chained entry per witnessed event.
 
-Witnessed: agent outputs and failures (from the outputs topic) and halt/resume (from the
-control topic). One shard, because one chain has one head. Its state (the head, the
-input positions and a window of recently witnessed event ids) is a fold of the witness
-topic itself: every entry names the record it witnesses (topic, partition, offset), so
-a restarted witness resumes exactly after the last entry that was committed, whatever
-the broker lost or kept of anything else, and never forks, skips or repeats.
+Witnessed: agent outputs and failures (from the outputs topic) and halt/resume, pool
+capacities and projection digests (from the control topic). One shard, because one chain
+has one head. Its state (the head, the input positions and a window of recently witnessed
+event ids) is a fold of the witness topic itself: every entry names the record it
+witnesses (topic, partition, offset), so a restarted witness resumes exactly after the
+last entry that was committed, whatever the broker lost or kept of anything else, and
+never forks, skips or repeats.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from conclave.domain.events import (
     Event,
     Halt,
     PoolConfigured,
+    ProjectionDigest,
     Resume,
     TaskFailed,
     WitnessCheckpoint,
@@ -263,7 +265,7 @@ class WitnessShard:
         return at + self.checkpoint_interval_us
 
 
-_CONTROL = (Halt, Resume, PoolConfigured)
+_CONTROL = (Halt, Resume, PoolConfigured, ProjectionDigest)
 _OUTPUTS = (AgentOutput, TaskFailed)
 
 
@@ -275,5 +277,7 @@ def _detail(event: Event) -> str:
             return event.reason
         case PoolConfigured():
             return f"{event.pool}: capacity {event.capacity}: {event.reason}"
+        case ProjectionDigest():
+            return f"{event.schema}: {event.reason}: {event.digest}"
         case _:
             return ""

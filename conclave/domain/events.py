@@ -50,6 +50,7 @@ __all__ = [
     "LockWaiting",
     "PoolConfigured",
     "Priority",
+    "ProjectionDigest",
     "Resume",
     "StateCheckpointRequested",
     "StateCheckpointed",
@@ -617,6 +618,25 @@ class PoolConfigured:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ProjectionDigest:
+    """The digest of every read model of ``schema`` and the positions its rows cover, as
+    ``conclave replay`` computed them after a rebuild: on the control topic, witnessed, so
+    that a later rebuild can be proven equal to what was live. Changes no state but its
+    own read model (``projection_digests``)."""
+
+    TYPE: ClassVar[str] = "projection.digest"
+    schema: str
+    tables: list[str]
+    """``table:rows:sha256`` per read model, sorted by table."""
+    positions: list[str]
+    """``topic:partition:next_offset`` per history partition, sorted."""
+    digest: str
+    """SHA-256 (hex) over the table lines: the whole schema in one value."""
+    reason: str
+    """``replay`` (rebuilt and swapped in) or ``check`` (rebuilt and compared only)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerBeat:
     """A stream-processor worker is alive and owns ``shards``: how workers share shards
     and take over a dead one's without waiting for the broker to evict anybody."""
@@ -863,6 +883,7 @@ Event = (
     | Halt
     | Resume
     | PoolConfigured
+    | ProjectionDigest
     | WorkerBeat
     | LockRequested
     | LockRenewRequested

@@ -396,6 +396,7 @@ WRITTEN_FINGERPRINTS = [
     pytest.param("TaskSubmitted", "94bb4815e7d72870", id="TaskSubmitted-v3"),
     ("TaskRetryScheduled", "04521fc07f7b38df"),
     ("CommandRejected", "5194ac345d06b881"),
+    ("ProjectionDigest", "9fc9e73bbba87ce9"),
 ]
 
 
