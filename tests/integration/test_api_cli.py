@@ -63,6 +63,8 @@ def test_tokens_and_the_api_from_the_shell(env: dict[str, str]) -> None:
             match = re.search(r"API serving on http://127\.0\.0\.1:(\d+)", lines[-1])
         assert match, lines
         base = f"http://127.0.0.1:{match[1]}"
+        assert api.stderr.readline().strip() == f"dashboard: {base}/dashboard (asks for a token)"
+        assert httpx.get(f"{base}/dashboard").headers["content-type"].startswith("text/html")
         headers = {"Authorization": f"Bearer {token}"}
         assert httpx.get(f"{base}/v1/status", headers=headers).status_code == 200
         assert httpx.get(f"{base}/v1/status").status_code == 401
