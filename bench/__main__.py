@@ -23,7 +23,9 @@ Measured in one run, each part on a fresh embedded stack (its own broker and Pos
   400 sequential steps;
 * telemetry (:mod:`bench.telemetry`): throughput with tracing off, at the default
   sampling and with every task traced, as ratios; one scrape of each process's
-  metrics endpoint with 20,000 tasks queued.
+  metrics endpoint with 20,000 tasks queued;
+* the HTTP API (:mod:`bench.api_latency`): query latency p50/p99 of the main endpoints
+  under 50 concurrent clients, 20,000 tasks in the read models.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import peers, telemetry, throughput, workloads
+from bench import api_latency, peers, telemetry, throughput, workloads
 from conclave.demo import DemoConfig, DemoReport, percentiles, run_demo
 from conclave.devstack import EmbeddedStack
 from conclave.domain import witness
@@ -305,7 +307,9 @@ def main() -> None:
         help="tasks of history before each restart (200000 works, but the embedded "
         "broker rewrites its whole file every ~2 s; see docs/processing.md)",
     )
-    parser.add_argument("--only", choices=["demo", "scale", "workloads", "telemetry"], default=None)
+    parser.add_argument(
+        "--only", choices=["demo", "scale", "workloads", "telemetry", "api"], default=None
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result: dict[str, Any] = {}
@@ -328,6 +332,8 @@ def main() -> None:
             "tracing": [asdict(r) for r in tracing_rows],
             "scrapes": [asdict(s) for s in scrapes],
         }
+    if args.only in (None, "api"):
+        result["api"] = [asdict(r) for r in api_latency.bench(tasks=args.tasks)]
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -345,6 +351,9 @@ def main() -> None:
             [telemetry.TracingFigures(**r) for r in result["telemetry"]["tracing"]],
             [telemetry.ScrapeFigures(**s) for s in result["telemetry"]["scrapes"]],
         )
+    if "api" in result:
+        rows = [api_latency.Row(**r) for r in result["api"]]
+        Console().print(api_latency.table(rows, clients=50, tasks=args.tasks))
 
 
 def _ints(text: str) -> list[int]:
