@@ -20,6 +20,7 @@
   const TOKEN_KEY = "conclave.token";
   const RECENT_TASKS = 25;
   const RECENT_FAILURES = 15;
+  const MAX_AGENT_ROWS = 40;
   const REFRESH_MS = 500;
   const MAX_RETRY_MS = 10000;
   const FAILED = new Set(["dead_lettered", "retrying", "expired", "dependency_failed"]);
@@ -244,7 +245,7 @@
 
   function when(us) {
     if (!us) return "-";
-    return new Date(us / 1000).toISOString().replace("T", " ").slice(0, 19);
+    return new Date(us / 1000).toISOString().replace("T", " ").slice(0, 19) + "Z";
   }
 
   function setLive(on, text) {
@@ -305,18 +306,26 @@
         return li;
       }),
     );
-    const sorted = [...agents.values()].sort((a, b) => (a.agent_id < b.agent_id ? -1 : 1));
-    fill(
-      "agents",
-      sorted.map((a) => {
-        const tr = document.createElement("tr");
-        tr.dataset.agentId = a.agent_id;
-        tr.dataset.state = a.state;
-        tr.append(cell(a.agent_id), cell(a.pool), cell(a.state, "state-" + a.state));
-        tr.append(cell(a.current_task_id));
-        return tr;
-      }),
+    // the busy and the troubled first, then the idle; a fleet of a thousand is counted
+    // above, not listed
+    const rank = (a) => (a.state === "idle" ? 2 : a.state === "busy" ? 1 : 0);
+    const sorted = [...agents.values()].sort(
+      (a, b) => rank(a) - rank(b) || (a.agent_id < b.agent_id ? -1 : 1),
     );
+    const rows = sorted.slice(0, MAX_AGENT_ROWS).map((a) => {
+      const tr = document.createElement("tr");
+      tr.dataset.agentId = a.agent_id;
+      tr.dataset.state = a.state;
+      tr.append(cell(a.agent_id), cell(a.pool), cell(a.state, "state-" + a.state));
+      tr.append(cell(a.current_task_id));
+      return tr;
+    });
+    if (sorted.length > MAX_AGENT_ROWS) {
+      const more = document.createElement("tr");
+      more.append(cell(`and ${sorted.length - MAX_AGENT_ROWS} more`, "note"));
+      rows.push(more);
+    }
+    fill("agents", rows);
   }
 
   function taskRow(t, columns, fresh) {
