@@ -26,6 +26,8 @@ Measured in one run, each part on a fresh embedded stack (its own broker and Pos
   metrics endpoint with 20,000 tasks queued;
 * locks and versioned state (:mod:`bench.coordination`): lock acquisition p50/p99
   uncontended and with 10 clients on one lock, state update -> new version p50/p99.
+* the HTTP API (:mod:`bench.api_latency`): query latency p50/p99 of the main endpoints
+  under 50 concurrent clients, 20,000 tasks in the read models.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import coordination, peers, telemetry, throughput, workloads
+from bench import api_latency, coordination, peers, telemetry, throughput, workloads
 from conclave.demo import DemoConfig, DemoReport, percentiles, run_demo
 from conclave.devstack import EmbeddedStack
 from conclave.domain import witness
@@ -308,7 +310,9 @@ def main() -> None:
         "broker rewrites its whole file every ~2 s; see docs/processing.md)",
     )
     parser.add_argument(
-        "--only", choices=["demo", "scale", "workloads", "telemetry", "coordination"], default=None
+        "--only",
+        choices=["demo", "scale", "workloads", "telemetry", "coordination", "api"],
+        default=None,
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -334,6 +338,8 @@ def main() -> None:
         }
     if args.only in (None, "coordination"):
         result["coordination"] = [asdict(r) for r in asyncio.run(coordination.run(500))]
+    if args.only in (None, "api"):
+        result["api"] = [asdict(r) for r in api_latency.bench(tasks=args.tasks)]
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -353,6 +359,9 @@ def main() -> None:
         )
     if "coordination" in result:
         coordination.show([coordination.Latency(**r) for r in result["coordination"]])
+    if "api" in result:
+        rows = [api_latency.Row(**r) for r in result["api"]]
+        Console().print(api_latency.table(rows, clients=50, tasks=args.tasks))
 
 
 def _ints(text: str) -> list[int]:

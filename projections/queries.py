@@ -628,6 +628,8 @@ class SystemView:
     """Why the system is halted; ``None``: it is not."""
     witness_head: int
     witness_head_at: int | None
+    witness_head_hash: str | None
+    """The head entry's hash (hex), which covers every entry before it; ``None``: empty."""
     checkpoint_origin: str | None
     checkpoint_size: int | None
     """Entries the last signed checkpoint covers; ``None``: none published yet."""
@@ -645,7 +647,8 @@ async def system(pool: asyncpg.Pool, since_us: int, *, tenant: str | None = None
         "SELECT kind, reason FROM system_events ORDER BY occurred_at DESC LIMIT 1"
     )
     head = await pool.fetchrow(
-        "SELECT sequence, recorded_at FROM witness_entries ORDER BY sequence DESC LIMIT 1"
+        "SELECT sequence, recorded_at, entry_hash FROM witness_entries"
+        " ORDER BY sequence DESC LIMIT 1"
     )
     checkpoint = await pool.fetchrow(
         "SELECT origin, tree_size, signed_at FROM checkpoints ORDER BY signed_at DESC LIMIT 1"
@@ -661,6 +664,7 @@ async def system(pool: asyncpg.Pool, since_us: int, *, tenant: str | None = None
         halt_reason=halt["reason"] if halt is not None and halt["kind"] == "system.halt" else None,
         witness_head=head["sequence"] if head is not None else 0,
         witness_head_at=head["recorded_at"] if head is not None else None,
+        witness_head_hash=bytes(head["entry_hash"]).hex() if head is not None else None,
         checkpoint_origin=checkpoint["origin"] if checkpoint is not None else None,
         checkpoint_size=checkpoint["tree_size"] if checkpoint is not None else None,
         checkpoint_at=checkpoint["signed_at"] if checkpoint is not None else None,

@@ -190,6 +190,7 @@ def create_app(
 ) -> FastAPI:
     """The API for ``settings``' Kafka and PostgreSQL; nothing is opened until the app's
     lifespan starts (uvicorn, or ``app.router.lifespan_context(app)`` in a test)."""
+    from conclave.api.dashboard import router as dashboard_router
     from conclave.api.events import router as events_router
     from conclave.api.routes import router
     from projections.database import connect, migrate
@@ -217,5 +218,6 @@ def create_app(
     _install_error_handlers(app)
     app.include_router(router)
     app.include_router(events_router)
+    app.include_router(dashboard_router)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app

@@ -86,13 +86,15 @@ class Changes:
                 )
         self.agents = states
         head = await db.fetchrow(
-            "SELECT sequence, recorded_at FROM witness_entries ORDER BY sequence DESC LIMIT 1"
+            "SELECT sequence, recorded_at, entry_hash FROM witness_entries"
+            " ORDER BY sequence DESC LIMIT 1"
         )
         sequence = head["sequence"] if head is not None else 0
         if sequence != self.head:
             self.head = sequence
             recorded = head["recorded_at"] if head is not None else None
-            changes.append(("witness", {"head": sequence, "recorded_at": recorded}))
+            digest = bytes(head["entry_hash"]).hex() if head is not None else None
+            changes.append(("witness", {"head": sequence, "recorded_at": recorded, "hash": digest}))
         return changes
 
 

@@ -299,6 +299,8 @@ class StatusOut(_Out):
     halt_reason: str | None
     witness_head: int
     witness_head_at: int | None
+    witness_head_hash: str | None
+    """The head entry's SHA-256 (hex), covering every entry before it."""
     checkpoint_origin: str | None
     checkpoint_size: int | None
     checkpoint_at: int | None

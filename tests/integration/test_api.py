@@ -185,6 +185,10 @@ async def test_deliberations_agents_and_status_per_tenant(
     assert (await bob.http.get(f"/v1/tasks/{agent_task}")).status_code == 404
     status = (await alice.http.get("/v1/status")).json()
     assert status["witness_head"] > 0
+    head_hash = await system.db.fetchval(
+        "SELECT entry_hash FROM witness_entries WHERE sequence = $1", status["witness_head"]
+    )
+    assert status["witness_head_hash"] == bytes(head_hash).hex()
     hosts = (await alice.http.get("/v1/hosts")).json()
     assert hosts
 

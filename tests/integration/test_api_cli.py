@@ -63,6 +63,16 @@ def test_tokens_and_the_api_from_the_shell(env: dict[str, str]) -> None:
             match = re.search(r"API serving on http://127\.0\.0\.1:(\d+)", lines[-1])
         assert match, lines
         base = f"http://127.0.0.1:{match[1]}"
+        assert api.stderr.readline().strip() == f"dashboard: {base}/dashboard (asks for a token)"
+        assert httpx.get(f"{base}/dashboard").headers["content-type"].startswith("text/html")
+        with httpx.Client(base_url=base) as http:  # one connection, requests one by one
+            times = []
+            for _ in range(21):
+                started = time.perf_counter()
+                http.get("/dashboard/dashboard.css").raise_for_status()
+                times.append(time.perf_counter() - started)
+        # Nagle's algorithm against delayed ACKs would make each ~40 ms (TCP_NODELAY)
+        assert sorted(times)[10] < 0.025, times
         headers = {"Authorization": f"Bearer {token}"}
         assert httpx.get(f"{base}/v1/status", headers=headers).status_code == 200
         assert httpx.get(f"{base}/v1/status").status_code == 401

@@ -4,7 +4,9 @@ checks every string passes, and the OpenAPI document the fuzz test starts from."
 from __future__ import annotations
 
 import contextlib
+import re
 import typing
+from importlib import resources
 
 import pytest
 from hypothesis import given
@@ -116,3 +118,34 @@ def test_every_endpoint_is_in_the_openapi_document_behind_a_bearer_token() -> No
     for key, op in operations.items():
         assert op["security"] == [{"HTTPBearer": []}], key
         assert "401" in op["responses"], key
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8080/dashboard"),
+        ("0.0.0.0", "http://127.0.0.1:8080/dashboard"),
+        ("::", "http://[::1]:8080/dashboard"),
+        ("fe80::1", "http://[fe80::1]:8080/dashboard"),
+        ("conclave.example", "http://conclave.example:8080/dashboard"),
+    ],
+)
+def test_the_dashboard_url_printed_at_start_up_is_one_to_browse_to(host: str, url: str) -> None:
+    from conclave.cli_api import _dashboard_url
+
+    assert _dashboard_url(host, 8080) == url
+
+
+def test_the_dashboard_writes_tenants_text_as_text_only() -> None:
+    """Task ids, errors and pool names are tenants' text: the script never parses any of
+    it as markup or code, and loads nothing from elsewhere."""
+    static = resources.files("conclave.api").joinpath("static")
+    script = static.joinpath("dashboard.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script, sink
+    page = static.joinpath("dashboard.html").read_text()
+    assert re.findall(r'(?:src|href)="([^"]+)"', page) == [
+        "/dashboard/dashboard.css",
+        "/dashboard/dashboard.js",
+    ]
+    assert "<script>" not in page  # no inline script: the CSP would refuse it
