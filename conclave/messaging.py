@@ -181,9 +181,11 @@ class Messenger:
             committed = await consumer.committed(tp) if self._group else None
             if committed is None or committed < 0:
                 await consumer.seek_to_end(tp)
+                start = await consumer.position(tp)  # now, before anyone knows this inbox
+                if self._group:  # a restart reads what came while it was down
+                    await consumer.commit({tp: start})
             else:
                 consumer.seek(tp, committed)
-            await consumer.position(tp)  # resolved now, before anyone is told of this inbox
         except KafkaError as exc:
             await self.stop()
             raise BrokerUnavailable(f"cannot read {self.topics.messages}: {exc}") from exc
@@ -330,7 +332,7 @@ class Messenger:
             host_id=route.host_id if route else None,
             pool=route.pool if route else None,
             expires_at=None if ttl is None else now_us() + round(ttl * 1_000_000),
-            priority=int(priority),
+            priority=Priority(priority),
             expects_reply=expects_reply,
             payload=payload,
         )

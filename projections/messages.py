@@ -19,7 +19,7 @@ class MessageView:
     agent_id: str | None
     host_id: str | None
     pool: str | None
-    priority: int
+    priority: str
     expects_reply: bool
     expires_at: int | None
     payload: str

@@ -889,8 +889,8 @@ class AgentMessage:
     """The inbox it is for (``None`` for a broadcast)."""
     pool: str | None
     expires_at: int | None
-    priority: int
-    """0 (critical) to 3 (low), as :class:`Priority`: delivered first within a fetch."""
+    priority: Priority
+    """Higher priority is delivered first within what one fetch of an inbox gives."""
     expects_reply: bool
     """An ``ask``: the sender awaits a response (or error) with this id as correlation."""
     payload: str

@@ -22,7 +22,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from conclave.domain.events import AgentMessage, Priority
+from conclave.domain.events import AgentMessage
 from conclave.domain.validation import MAX_ID_LENGTH, MAX_INPUT_BYTES
 
 __all__ = [
@@ -133,8 +133,6 @@ def invalid_message(message: AgentMessage) -> str | None:
         value = getattr(message, name)
         if not value or len(value) > MAX_ID_LENGTH:
             return f"{name} must be 1-{MAX_ID_LENGTH} characters"
-    if message.priority not in {p.value for p in Priority}:
-        return f"priority must be 0-{max(Priority)} (critical to low)"
     size = len(message.payload.encode())
     if size > MAX_PAYLOAD_BYTES:
         return f"payload of {size} bytes exceeds {MAX_PAYLOAD_BYTES}"

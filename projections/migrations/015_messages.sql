@@ -10,7 +10,7 @@ CREATE TABLE IF NOT EXISTS messages (
     agent_id text,                               -- resolved agent (null: broadcast, answer)
     host_id text,
     pool text,
-    priority integer NOT NULL,
+    priority text NOT NULL,                      -- critical, high, normal, low
     expects_reply boolean NOT NULL,
     expires_at bigint,
     payload text NOT NULL,
