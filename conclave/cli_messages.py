@@ -7,6 +7,7 @@ import dataclasses
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from conclave.cli_tasks import AsJson, Limit, _print_json, _query, _when, out
@@ -67,14 +68,14 @@ def list_messages(
         table.add_column(column, overflow="fold")
     for v in views:
         payload = v.payload if len(v.payload) <= 60 else v.payload[:57] + "..."
-        table.add_row(
+        table.add_row(  # names and payloads are anybody's text: no markup in them
             _when(v.sent_at),
             v.kind,
-            v.sender,
-            v.recipient,
-            v.agent_id or "-",
+            escape(v.sender),
+            escape(v.recipient),
+            escape(v.agent_id or "-"),
             (v.correlation_id or "-")[:12],
-            payload,
+            escape(payload),
             style=None if v.kind != "error" else "red",
         )
     out.print(table)

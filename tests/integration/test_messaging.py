@@ -12,18 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from conclave.domain.events import AgentMessage
+from conclave.bus import EventProducer
+from conclave.devstack import StackInfo
+from conclave.domain.events import AgentMessage, Heartbeat
 from conclave.errors import ConclaveError
 from conclave.messaging import AskTimeout, Messenger, RemoteError, UnknownRecipient
 from conclave.runtime.agents import AgentContext
 from conclave.runtime.host import HostConfig, RuntimeHost
 from conclave.settings import Settings
+from conclave.topics import HOST_HEADER
 from projections import queries
 from projections.messages import recent_messages
 from tests.integration.conftest import System, eventually
@@ -254,3 +261,94 @@ async def test_bad_messages_are_refused_before_sending(system: System) -> None:
             await m.tell(a, "hi", kind="gossip")
         with pytest.raises(ConclaveError, match="ttl must be positive"):
             await m.tell(a, "hi", ttl=0)
+
+
+async def test_bad_records_in_an_inbox_are_dead_lettered_and_the_host_goes_on(
+    system: System,
+) -> None:
+    talker = Talker()
+    async with system.running(1, talker) as host, messenger(system.settings) as m:
+        (a,) = host.config.agent_ids
+        header = [(HOST_HEADER, host.config.host_id.encode())]
+        async with EventProducer(system.settings, producer="test") as producer:
+            topic, partition = host.topics.messages, host.messenger.partition
+            await producer.send_raw(topic, a, b"garbage", header, partition=partition)
+            beat = Heartbeat(agent_id=a, host_id="h", task_id=None, rss_bytes=1)
+            await producer.send(topic, a, beat, partition=partition, headers=header)
+        assert await m.ask(a, "still there?", timeout=5) == f"{a} got still there?"
+
+        async def letters() -> list[str]:
+            rows = await system.db.fetch(
+                "SELECT reason FROM dead_letters WHERE source_topic = $1 AND processor = $2"
+                " ORDER BY source_offset",
+                host.topics.messages,
+                host.name,
+            )
+            return [r["reason"] for r in rows]
+
+        reasons = await eventually(lambda: _count(letters, 2))
+        assert reasons[0] == "not an Avro single-object record (bad magic)"
+        assert reasons[1] == "agent.heartbeat carries a message header"
+
+
+async def _count(probe: object, n: int) -> list[str] | None:
+    assert callable(probe)
+    found: list[str] = await probe()
+    return found if len(found) >= n else None
+
+
+async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "conclave.cli",
+        *args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
+
+
+async def test_messages_from_the_shell(system: System, stack: StackInfo) -> None:
+    env = {
+        **os.environ,
+        **stack.env(),
+        "CONCLAVE_TOPIC_PREFIX": system.settings.topic_prefix,
+        "COLUMNS": "200",
+    }
+    talker = Talker(silent=True)
+    async with (
+        system.running(1, Talker()) as host,
+        system.host(f"{system.pool}-s", 1, talker, prefix=f"{system.pool}-silent") as quiet,
+    ):
+        (a,) = host.config.agent_ids
+        asked = await cli(env, "message", "send", a, "hi [b]", "--ask", "--timeout", "10")
+        assert (asked.returncode, asked.stdout.strip()) == (0, f"{a} got hi [b]"), asked.stderr
+        told = await cli(env, "message", "send", a, "fyi", "--ttl", "30")
+        assert told.returncode == 0, told.stderr
+        assert len(told.stdout.strip()) == 32  # the message id
+        (q,) = quiet.config.agent_ids
+        slow = await cli(env, "message", "send", q, "hello?", "--ask", "--timeout", "0.5")
+        assert slow.returncode == 1
+        assert slow.stderr.strip() == f"error: no answer from '{q}' within 0.5 s"
+        unknown = await cli(env, "message", "send", "nobody-at-all", "x", "--ask")
+        assert unknown.returncode == 1
+        assert unknown.stderr.strip() == "error: no agent or pool named 'nobody-at-all'"
+
+    async def listed() -> list[dict[str, object]] | None:
+        shown = await cli(env, "messages", "--agent", a, "--json")
+        assert shown.returncode == 0, shown.stderr
+        rows: list[dict[str, object]] = json.loads(shown.stdout)
+        return rows if len(rows) >= 2 else None
+
+    rows = await eventually(listed, within=20)
+    assert {(r["kind"], r["payload"]) for r in rows} >= {
+        ("query", "hi [b]"),
+        ("notification", "fyi"),
+    }
+    table = await cli(env, "messages", "--agent", a)
+    assert "hi [b]" in table.stdout
+    assert "notification" in table.stdout
