@@ -465,10 +465,10 @@ class Messenger:
                 try:
                     _, event = self.producer.codec.decode(record.value)
                 except SchemaError as exc:
-                    await self._dead_letter(record, str(exc), "InvalidEvent")
+                    await self.dead_letter(record, str(exc), "InvalidEvent")
                     continue
                 if not isinstance(event, AgentMessage):
-                    await self._dead_letter(
+                    await self.dead_letter(
                         record, f"{event.TYPE} carries a message header", "InvalidEvent"
                     )
                     continue
@@ -491,7 +491,7 @@ class Messenger:
                 message.recipient,
                 late_ms,
             )
-            await self._dead_letter(record, "expired", "MessageExpired")
+            await self.dead_letter(record, "expired", "MessageExpired")
             return
         if message.kind in dm.ANSWERS:
             future = self._waiting.get(message.correlation_id or "")
@@ -507,7 +507,8 @@ class Messenger:
             return
         await self._deliver(message, record)
 
-    async def _dead_letter(self, record: Record, reason: str, error_type: str) -> None:
+    async def dead_letter(self, record: Record, reason: str, error_type: str) -> None:
+        """Keep a message that cannot be delivered, with the reason, in the dead letters."""
         await self.producer.send(
             self.topics.deadletter,
             f"{record.topic}/{record.partition}/{record.offset}",

@@ -52,6 +52,7 @@ from conclave.domain.events import (
     TaskFailed,
     now_us,
 )
+from conclave.domain.messaging import expired
 from conclave.errors import BrokerUnavailable, Fenced, SchemaError
 from conclave.feed import fetched_to
 from conclave.messaging import Messenger, UnknownRecipient, error_payload
@@ -412,12 +413,18 @@ class RuntimeHost:
                 await self._dead_letter(record, reason)
             return
         for agent_id in targets:
-            handling = asyncio.create_task(self._handle(agent_id, message))
+            handling = asyncio.create_task(self._handle(agent_id, message, record))
             self._handling.add(handling)
             handling.add_done_callback(self._handling.discard)
 
-    async def _handle(self, agent_id: str, message: AgentMessage) -> None:
+    async def _handle(self, agent_id: str, message: AgentMessage, record: Record) -> None:
         async with self._message_turns[agent_id]:
+            if expired(message, now_us()):  # it waited behind the agent's earlier messages
+                log.info(
+                    "%s: message %s to %s expired in line", self.name, message.message_id, agent_id
+                )
+                await self.messenger.dead_letter(record, "expired", "MessageExpired")
+                return
             answer: str | None
             failed = False
             if self.on_message is None:

@@ -24,7 +24,7 @@ import pytest
 
 from conclave.bus import EventProducer
 from conclave.devstack import StackInfo
-from conclave.domain.events import AgentMessage, Heartbeat
+from conclave.domain.events import AgentMessage, Heartbeat, Priority
 from conclave.errors import ConclaveError
 from conclave.messaging import AskTimeout, Messenger, RemoteError, UnknownRecipient
 from conclave.runtime.agents import AgentContext
@@ -55,6 +55,8 @@ class Talker:
 
     async def on_message(self, ctx: AgentContext, message: AgentMessage) -> str | None:
         self.received.append((ctx.agent_id, message.kind, message.payload))
+        if message.payload == "slow":
+            await asyncio.sleep(1.0)
         if message.payload == "fail":
             raise ValueError("asked to fail")
         if self.silent:
@@ -168,6 +170,55 @@ async def test_an_expired_message_is_dead_lettered_and_never_delivered(
     _, decoded = host.producer.codec.decode(letters[0]["original"])
     assert isinstance(decoded, AgentMessage)
     assert decoded.message_id == late
+
+
+async def test_a_message_that_expires_waiting_behind_another_is_not_delivered(
+    system: System,
+) -> None:
+    talker = Talker()
+    async with system.running(1, talker) as host, messenger(system.settings) as m:
+        (a,) = host.config.agent_ids
+        await m.tell(a, "slow")  # its handler takes 1 s; the next message waits its turn
+        queued = await m.tell(a, "short-lived", ttl=0.3)
+        after = await m.tell(a, "patient", ttl=30)
+        await eventually(lambda: _received(talker, 2), within=10)
+
+        async def letters() -> list[asyncpg.Record]:
+            found: list[asyncpg.Record] = await system.db.fetch(
+                "SELECT * FROM dead_letters WHERE source_topic = $1 AND processor = $2",
+                host.topics.messages,
+                host.name,
+            )
+            return found
+
+        (letter,) = await eventually(letters, within=10)
+    assert [p for _, _, p in talker.received] == ["slow", "patient"]
+    assert letter["reason"] == "expired"
+    _, decoded = host.producer.codec.decode(letter["original"])
+    assert isinstance(decoded, AgentMessage)
+    assert decoded.message_id != after
+    assert decoded.message_id == queued
+
+
+async def test_within_a_fetch_higher_priority_is_delivered_first(
+    system: System, settings: Settings
+) -> None:
+    talker = Talker()
+    config = HostConfig(pool=system.pool, agent_ids=[f"{system.pool}-p"], host_id=system.pool)
+    host = RuntimeHost(settings, config, talker)
+    await host.start()
+    await host.stop()  # its inbox position is committed: what comes next waits for it
+    async with messenger(settings) as m:
+        for payload, priority in (("low", Priority.LOW), ("normal", Priority.NORMAL)):
+            await m.tell(config.agent_ids[0], payload, priority=priority)
+        await m.tell(config.agent_ids[0], "critical", priority=Priority.CRITICAL)
+    host = RuntimeHost(settings, config, talker)
+    await host.start()
+    try:
+        await eventually(lambda: _received(talker, 3), within=10)
+    finally:
+        await host.stop()
+    assert [p for _, _, p in talker.received] == ["critical", "normal", "low"]
 
 
 async def test_a_broadcast_reaches_every_agent_of_the_pool_once(system: System) -> None:
