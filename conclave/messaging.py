@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from conclave import metrics
 from conclave.bus import EventProducer, Outgoing, new_consumer, topics_for
 from conclave.domain import messaging as dm
 from conclave.domain.events import AgentMessage, AgentRegistered, DeadLetterRecord, Priority, now_us
@@ -491,6 +492,8 @@ class Messenger:
                 message.recipient,
                 late_ms,
             )
+            if self._deliver is not None and self.pool is not None:
+                metrics.agent_messages.labels(self.pool, "expired").inc()
             await self.dead_letter(record, "expired", "MessageExpired")
             return
         if message.kind in dm.ANSWERS:

@@ -405,6 +405,7 @@ class RuntimeHost:
         elif message.agent_id in self.memories:
             targets = [message.agent_id]
         else:  # registered here once, gone now (a host restarted with other agents)
+            metrics.agent_messages.labels(self.config.pool, "refused").inc()
             reason = f"no agent {message.agent_id!r} on host {self.config.host_id}"
             if message.expects_reply:
                 payload = error_payload(UnknownRecipient.__name__, reason)
@@ -423,53 +424,57 @@ class RuntimeHost:
                 log.info(
                     "%s: message %s to %s expired in line", self.name, message.message_id, agent_id
                 )
+                metrics.agent_messages.labels(self.config.pool, "expired").inc()
                 await self.messenger.dead_letter(record, "expired", "MessageExpired")
                 return
-            answer: str | None
-            failed = False
-            if self.on_message is None:
-                answer = error_payload("NotAccepted", f"agent {agent_id} takes no messages")
-                failed = True
-            else:
-                ctx = AgentContext(
-                    agent_id=agent_id,
-                    task_id="",
-                    attempt=0,
-                    input=message.payload,
-                    deliberation_id=None,
-                    memory=self.memories[agent_id],
-                    coordination=self.coordination,
-                    messenger=self.messenger,
-                    message=message,
-                )
-                left_s = self._task_timeout_s
-                if message.expires_at is not None:
-                    left_s = min(left_s, max(0.0, (message.expires_at - now_us()) / 1e6))
-                try:
-                    with logs.about(None, agent_id):
-                        answer = await asyncio.wait_for(self.on_message(ctx, message), left_s)
-                    if answer is not None:
-                        answer = _checked(answer)
-                except asyncio.CancelledError:
-                    raise  # the host is stopping
-                except Exception as exc:  # any handler error is the asker's answer
-                    text = str(exc)
-                    if isinstance(exc, TimeoutError) and not text:
-                        text = "no answer before the message expired"
-                    log.warning(
-                        "%s: %s failed on message %s: %s: %s",
-                        self.name,
-                        agent_id,
-                        message.message_id,
-                        type(exc).__name__,
-                        text[:200],
-                    )
-                    answer, failed = error_payload(type(exc).__name__, text), True
+            answer, outcome = await self._answer_of(agent_id, message)
+            metrics.agent_messages.labels(self.config.pool, outcome).inc()
             if message.expects_reply and answer is not None:
                 try:
-                    await self.messenger.answer(message, answer, error=failed, sender=agent_id)
+                    await self.messenger.answer(
+                        message, answer, error=outcome != "handled", sender=agent_id
+                    )
                 except BrokerUnavailable as exc:
                     log.warning("%s: answer to %s lost: %s", self.name, message.message_id, exc)
+
+    async def _answer_of(self, agent_id: str, message: AgentMessage) -> tuple[str | None, str]:
+        """The agent's answer to ``message`` (an error payload if it failed), and the
+        outcome: ``handled``, ``failed`` or ``refused`` (it takes no messages)."""
+        if self.on_message is None:
+            return error_payload("NotAccepted", f"agent {agent_id} takes no messages"), "refused"
+        ctx = AgentContext(
+            agent_id=agent_id,
+            task_id="",
+            attempt=0,
+            input=message.payload,
+            deliberation_id=None,
+            memory=self.memories[agent_id],
+            coordination=self.coordination,
+            messenger=self.messenger,
+            message=message,
+        )
+        left_s = self._task_timeout_s
+        if message.expires_at is not None:
+            left_s = min(left_s, max(0.0, (message.expires_at - now_us()) / 1e6))
+        try:
+            with logs.about(None, agent_id):
+                answer = await asyncio.wait_for(self.on_message(ctx, message), left_s)
+            return (None if answer is None else _checked(answer)), "handled"
+        except asyncio.CancelledError:
+            raise  # the host is stopping
+        except Exception as exc:  # any handler error is the asker's answer
+            text = str(exc)
+            if isinstance(exc, TimeoutError) and not text:
+                text = "no answer before the message expired"
+            log.warning(
+                "%s: %s failed on message %s: %s: %s",
+                self.name,
+                agent_id,
+                message.message_id,
+                type(exc).__name__,
+                text[:200],
+            )
+            return error_payload(type(exc).__name__, text), "failed"
 
     async def _dead_letter(self, record: Record, reason: str) -> None:
         log.warning("%s dead-lettered %s@%d: %s", self.name, record.topic, record.offset, reason)
