@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from conclave.bus import EventProducer
 from conclave.devstack import StackInfo
@@ -193,6 +194,10 @@ async def test_a_message_that_expires_waiting_behind_another_is_not_delivered(
 
         (letter,) = await eventually(letters, within=10)
     assert [p for _, _, p in talker.received] == ["slow", "patient"]
+    counted = {"pool": system.pool, "outcome": "expired"}
+    assert REGISTRY.get_sample_value("conclave_agent_messages_total", counted) == 1
+    counted["outcome"] = "handled"
+    assert REGISTRY.get_sample_value("conclave_agent_messages_total", counted) == 2
     assert letter["reason"] == "expired"
     _, decoded = host.producer.codec.decode(letter["original"])
     assert isinstance(decoded, AgentMessage)
