@@ -403,7 +403,7 @@ class Messenger:
                     raise BrokerUnavailable(f"cannot read {self.topics.agents}: {exc}") from exc
                 self._loops.append(asyncio.create_task(self._tail(), name="messages-directory"))
                 self._directory_started = True
-        await self._caught_up()
+                await self._caught_up()  # once; later, only a miss looks again (_route)
 
     async def _caught_up(self) -> None:
         consumer = self._directory_consumer
@@ -411,10 +411,10 @@ class Messenger:
         tps = list(consumer.assignment())
         ends = await consumer.end_offsets(tps)
         while True:
+            self._directory_read.clear()  # before looking: a batch read meanwhile wakes us
             positions = {tp: await consumer.position(tp) for tp in ends}
             if all(positions[tp] >= end for tp, end in ends.items()):
                 return
-            self._directory_read.clear()
             await self._directory_read.wait()
 
     async def _tail(self) -> None:
