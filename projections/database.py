@@ -79,6 +79,7 @@ READ_MODEL_TABLES = (
     "state_versions",
     "state_checkpoints",
     "state_rejections",
+    "messages",
     "projection_digests",
     "projection_offsets",
 )

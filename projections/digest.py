@@ -56,6 +56,7 @@ DIGESTED_TABLES = (
     "state_versions",
     "state_checkpoints",
     "state_rejections",
+    "messages",
     "projection_digests",
 )
 """Every read model except the positions (stated apart), in the order they are shown."""

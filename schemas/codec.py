@@ -85,6 +85,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.StateUpdateRejected,
     ev.StateCheckpointed,
     ev.StateRestored,
+    ev.AgentMessage,
 )
 
 
