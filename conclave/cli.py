@@ -564,16 +564,23 @@ def capacity(
     tasks: int = typer.Argument(..., min=0, help="Tasks in flight at most (0 stops dispatching)."),
     reason: str = typer.Option("", help="Why: witnessed with the change."),
     operator: str = typer.Option("operator"),
+    aging: int | None = typer.Option(
+        None, "--aging", min=1, help="A task gains a priority level per N turns served."
+    ),
 ) -> None:
-    """Set a pool's capacity from now on (witnessed); other pools keep theirs."""
+    """Set a pool's capacity (and aging: strict priority without --aging) from now on
+    (witnessed); other pools keep theirs."""
     from conclave.client import Client
 
     async def go() -> None:
         async with Client(_settings()) as client:
-            await client.configure_pool(pool, capacity=tasks, reason=reason, operator=operator)
+            await client.configure_pool(
+                pool, capacity=tasks, reason=reason, operator=operator, aging_turns=aging
+            )
 
     _run(go())
-    out.print(f"capacity of {pool} set to {tasks}")
+    aged = f", aging {aging} turn(s) per level" if aging else ", strict priority"
+    out.print(f"capacity of {pool} set to {tasks}{aged}")
 
 
 @app.command()

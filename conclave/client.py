@@ -266,12 +266,23 @@ class Client:
         )
 
     async def configure_pool(
-        self, pool: str, *, capacity: int, reason: str = "", operator: str = "operator"
+        self,
+        pool: str,
+        *,
+        capacity: int,
+        reason: str = "",
+        operator: str = "operator",
+        aging_turns: int | None = None,
     ) -> None:
         """Set ``pool``'s capacity (tasks in flight at most) from now on; witnessed. 0 stops
         dispatching to it; lowering it stops nothing that runs. Other pools keep theirs:
-        a foreground and a background pool never take each other's places."""
-        event = PoolConfigured(pool=pool, capacity=capacity, reason=reason, operator=operator)
+        a foreground and a background pool never take each other's places.
+        ``aging_turns``: ``None`` (the default) serves by strict priority; ``N`` lets a
+        task accepted from now on gain one priority level per ``N`` turns served in the
+        pool, so low priority cannot starve."""
+        event = PoolConfigured(
+            pool=pool, capacity=capacity, reason=reason, operator=operator, aging_turns=aging_turns
+        )
         _check(event)
         await self._producer.send(self.topics.control, "system", event, partition=0)
 

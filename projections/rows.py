@@ -408,6 +408,7 @@ POOL_SETTINGS = Table(
         ("reason", "text"),
         ("operator", "text"),
         ("configured_at", "bigint"),
+        ("aging_turns", "integer"),
     ),
 )
 """Every capacity an operator set (``conclave capacity``): the newest per pool holds."""
@@ -924,7 +925,15 @@ APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
     ),
     PoolConfigured: (
         POOL_SETTINGS,
-        lambda env, e: (env.event_id, e.pool, e.capacity, e.reason, e.operator, env.occurred_at),
+        lambda env, e: (
+            env.event_id,
+            e.pool,
+            e.capacity,
+            e.reason,
+            e.operator,
+            env.occurred_at,
+            e.aging_turns,
+        ),
     ),
     DeadLetterRecord: (
         DEAD_LETTERS,

@@ -254,6 +254,10 @@ class TaskQueued:
     """Fair queuing's place (schema v4): within one priority, tasks are served by turn,
     then by ``sequence``. A key's tasks take consecutive turns, starting no earlier than
     the turn last served in the pool, so keys take turns; 0 before fairness existed."""
+    aging_turns: int | None = None
+    """The pool's aging when the task was accepted (stamped, so that recovery ranks it the
+    same whatever order it folds topics in): ``None`` ranks by priority then turn; ``N``
+    by ``turn + N x priority level``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -616,6 +620,10 @@ class PoolConfigured:
     capacity: int
     reason: str
     operator: str
+    aging_turns: int | None = None
+    """Schema v2. ``None``: strict priority. ``N``: a queued task gains one priority level
+    for every ``N`` turns served in the pool, so low priority cannot starve. Each
+    ``PoolConfigured`` sets the pool's whole configuration."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -45,8 +45,8 @@ SNAPSHOT_VERSION = 6
 3: tasks carry their dependencies (a task may wait for them) and their deadlines.
 4: runtime hosts' leases.
 5: agents' circuit breakers.
-6: fairness keys, turns and per-key limits (a version 5 snapshot still reads: its tasks
-have none, turn 0, and its pools start their fair turns afresh)."""
+6: fairness keys, turns, per-key limits and aging (a version 5 snapshot still reads: its
+tasks have none, turn 0, and its pools start their fair turns afresh)."""
 
 
 class TaskStatus(enum.Enum):
@@ -118,7 +118,9 @@ class TaskState:
     key_limit: int | None = None
     """At most this many untargeted tasks of ``fairness_key`` in flight in the pool."""
     turn: int = 0
-    """Its place in fair queuing (:attr:`PoolState.virtual`)."""
+    """Its place in fair queuing (:attr:`Turns.virtual`)."""
+    aging_turns: int | None = None
+    """Its pool's aging when it was accepted: ``None``, strict priority."""
 
     @property
     def limited_key(self) -> str | None:
@@ -138,8 +140,12 @@ class TaskState:
 
     @property
     def rank(self) -> Rank:
-        """Served in this order within a pool: priority, then turn, then arrival."""
-        return (int(self.priority), self.turn, self.sequence)
+        """Served in this order within a pool: priority, then turn, then arrival; with
+        aging, turn plus ``aging_turns`` per priority level, then arrival (a low task
+        waits at most that many turns per level for the ones above it)."""
+        if self.aging_turns is None:
+            return (int(self.priority), self.turn, self.sequence)
+        return (0, self.turn + self.aging_turns * int(self.priority), self.sequence)
 
 
 @dataclass(slots=True)
@@ -243,6 +249,8 @@ class SchedulerState:
     ``ready`` stale; to change it, pass ``capacity`` to :func:`from_snapshot`."""
     capacities: dict[str, int] = field(default_factory=dict)
     """Pool -> its own capacity, as configured (``PoolConfigured``) at run time."""
+    aging: dict[str, int] = field(default_factory=dict)
+    """Pool -> its aging (``PoolConfigured.aging_turns``), for pools that age."""
     dedup_window: int = DEFAULT_DEDUP_WINDOW
     """How many finished task ids (and expanded deliberation ids) are remembered; read
     once, when the windows are made."""
@@ -495,6 +503,7 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
                 t.fairness_key,
                 t.key_limit,
                 t.turn,
+                t.aging_turns,
             ]
             for t in state.tasks.values()
         ],
@@ -511,6 +520,7 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "breakers": sorted([key, until] for (until, *_), key in state.breakers.members()),
         "probing": sorted(state.probing),
         "turns": {name: [t.virtual, dict(t.last)] for name, t in sorted(state.turns.items())},
+        "aging": dict(sorted(state.aging.items())),
         "limits": {
             name: dict(pool.limits) for name, pool in sorted(state.pools.items()) if pool.limits
         },
@@ -524,7 +534,7 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
     version = data.get("version")
     if version not in (5, SNAPSHOT_VERSION):
         raise ValueError(f"scheduler snapshot version {version!r} is not supported")
-    task_fields = list(_TASK_FIELDS if version == SNAPSHOT_VERSION else _TASK_FIELDS[:-3])
+    task_fields = list(_TASK_FIELDS if version == SNAPSHOT_VERSION else _TASK_FIELDS[:-4])
     try:
         state = SchedulerState(
             capacity=int(data["capacity"]) if capacity is None else capacity,
@@ -542,7 +552,7 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
         queues: dict[tuple[str, str | None], list[tuple[Rank, str]]] = {}
         keyed: dict[tuple[str, str], list[tuple[Rank, str]]] = {}
         for row in data["tasks"]:
-            # A version 5 row lacks the last three fields (their defaults); then the two
+            # A version 5 row lacks the last four fields (their defaults); then the two
             # enums and the set, from JSON.
             task = TaskState(*row)
             task.priority, task.status = _PRIORITIES[row[2]], _STATUSES[row[9]]
@@ -604,6 +614,7 @@ def _restore_fairness(
         state.pool(name).keyed[key] = RankedSet(members)
     for name, limits in data.get("limits", {}).items():
         state.pool(name).limits.update(limits)
+    state.aging.update(data.get("aging", {}))
     for name, (virtual, last) in data.get("turns", {}).items():
         state.turns[name] = Turns(int(virtual), dict(last))
     for pool in state.pools.values():

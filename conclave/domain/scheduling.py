@@ -287,6 +287,7 @@ def decide(
                 finish_by=cause.finish_by,
                 fairness_key=key,
                 key_limit=cause.key_limit if key is not None else None,
+                aging_turns=state.aging.get(cause.pool),
             )
         ]
         for dependency in waiting:
@@ -334,6 +335,7 @@ def decide(
                     deliberation_id=cause.deliberation_id,
                     sequence=state.next_sequence + len(deliberating),
                     turn=_turn(state, cause.pool, None),
+                    aging_turns=state.aging.get(cause.pool),
                     finish_by=cause.finish_by,
                     start_by=None
                     if _registered(state, agent_id, cause.pool)
@@ -652,6 +654,7 @@ def _requeued(task: TaskState, sequence: int, turn: int) -> TaskQueued:
         fairness_key=task.fairness_key,
         key_limit=task.key_limit,
         turn=turn,
+        aging_turns=task.aging_turns,
     )
 
 
@@ -911,8 +914,7 @@ def evolve(
         case Resume():
             state.halted = False
         case PoolConfigured():
-            state.capacities[event.pool] = event.capacity
-            state.refresh(event.pool)
+            _fold_configured(state, event)
     return state
 
 
@@ -939,6 +941,7 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
             fairness_key=event.fairness_key,
             key_limit=event.key_limit,
             turn=event.turn,
+            aging_turns=event.aging_turns,
         )
         state.tasks[event.task_id] = task
         state.track(task)
@@ -971,6 +974,17 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
             task.agent_id = None
     state.next_sequence = max(state.next_sequence, event.sequence + 1)
     state.enqueue(task)
+
+
+def _fold_configured(state: SchedulerState, event: PoolConfigured) -> None:
+    """The pool's whole configuration from now on; queued tasks keep the aging they were
+    accepted with."""
+    state.capacities[event.pool] = event.capacity
+    if event.aging_turns is None:
+        state.aging.pop(event.pool, None)
+    else:
+        state.aging[event.pool] = event.aging_turns
+    state.refresh(event.pool)
 
 
 def _take_turn(state: SchedulerState, task: TaskState) -> None:

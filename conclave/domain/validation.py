@@ -83,6 +83,8 @@ def invalid_command(event: Event) -> str | None:
                 return "pool must not be empty"
             if not 0 <= event.capacity <= MAX_CAPACITY:
                 return f"capacity must be 0-{MAX_CAPACITY:,}"
+            if event.aging_turns is not None and not 1 <= event.aging_turns <= MAX_CAPACITY:
+                return f"aging_turns must be 1-{MAX_CAPACITY:,}"
             return None
         case Halt() | Resume():
             return None

@@ -110,3 +110,38 @@ async def test_an_idempotency_key_runs_once_per_tenant(system: System) -> None:
     assert first == again == idempotent_task_id("acme", key)
     assert other == idempotent_task_id("bolt", key) != first
     assert runs == {first: 1, other: 1}
+
+
+async def test_with_aging_a_low_task_is_not_starved_by_a_stream_of_critical_ones(
+    system: System,
+) -> None:
+    from conclave.domain.events import Priority
+    from tests.integration.test_skeleton import cli
+
+    pool = system.pool
+    said = cli(system.settings, "capacity", pool, "1", "--aging", "1", "--reason", "aging test")
+    assert "aging 1 turn(s) per level" in said.stdout
+    await eventually(
+        lambda: system.db.fetchval("SELECT aging_turns FROM pool_settings WHERE pool = $1", pool)
+    )
+    started: list[str] = []
+
+    async def agent(ctx: AgentContext) -> str:
+        started.append(ctx.input)
+        return ctx.input
+
+    low = await system.client.submit("low", pool=pool, priority=Priority.LOW)
+    await eventually(lambda: has_status(system.db, low, "queued"))  # accepted first: turn 1
+    critical = [
+        await system.client.submit(f"c{n:02}", pool=pool, priority=Priority.CRITICAL)
+        for n in range(10)
+    ]
+    await eventually(lambda: all_statuses(system, critical, "queued"))
+    async with system.running(1, agent):
+        await eventually(lambda: all_completed(system, [low, *critical]), within=60)
+    # LOW (level 3) ranks as turn 1 + 3: after two critical tasks, not after all ten.
+    assert started.index("low") == 2, started
+
+
+async def all_statuses(system: System, ids: list[str], status: str) -> bool:
+    return all([await has_status(system.db, i, status) for i in ids])

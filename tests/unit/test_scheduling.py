@@ -692,6 +692,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             fairness_key=qualified,
             key_limit=key_limit,
             turn=turn,
+            aging_turns=self.state.aging.get(pool),
         )
         failed = [d for d in waiting if (s := statuses[d]) is not None and s.failed]
         if failed:
@@ -919,10 +920,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.h.drive()
         self._check_all_terminal()
 
-    @rule(pool=POOLS, capacity=st.integers(0, 3))
-    def configure_pool(self, pool: str, capacity: int) -> None:
-        """An operator sets a pool's capacity: lower than what runs, it preempts nothing."""
-        self.h.fact(PoolConfigured(pool=pool, capacity=capacity, reason="test", operator="op"))
+    @rule(pool=POOLS, capacity=st.integers(0, 3), aging=st.sampled_from([None, 1, 2]))
+    def configure_pool(self, pool: str, capacity: int, aging: int | None) -> None:
+        """An operator sets a pool's capacity (lower than what runs, it preempts nothing)
+        and its aging (tasks accepted from now on)."""
+        self.h.fact(
+            PoolConfigured(
+                pool=pool, capacity=capacity, reason="test", operator="op", aging_turns=aging
+            )
+        )
 
     @invariant()
     def capacity_is_never_exceeded(self) -> None:
@@ -1849,9 +1855,9 @@ def test_a_snapshot_is_versioned_and_anything_else_is_refused() -> None:
     assert snapshot["version"] == SNAPSHOT_VERSION == 6
     assert_same_state(h.state, restored)
     # A version 5 snapshot (before fairness) still reads: its tasks take turn 0.
-    fields = len(snapshot["task_fields"]) - 3
+    fields = len(snapshot["task_fields"]) - 4
     old = {
-        **{k: v for k, v in snapshot.items() if k not in ("turns", "limits")},
+        **{k: v for k, v in snapshot.items() if k not in ("turns", "limits", "aging")},
         "version": 5,
         "task_fields": snapshot["task_fields"][:fields],
         "tasks": [row[:fields] for row in snapshot["tasks"]],
@@ -2245,3 +2251,27 @@ def test_a_burst_released_at_once_still_keeps_each_key_to_its_limit() -> None:
         h.register(agent)
     h.resume()
     assert [t.task_id for t in h.dispatched()] == ["c0", "c1", "z"]
+
+
+def test_with_aging_a_low_task_waits_a_bounded_number_of_turns() -> None:
+    def low_place(aging: int | None) -> int:
+        h = Harness(capacity=1)
+        h.fact(PoolConfigured(pool="p0", capacity=1, reason="t", operator="op", aging_turns=aging))
+        h.halt()
+        h.command(submit("low", priority=Priority.LOW))
+        for n in range(20):
+            h.command(submit(f"c{n:02}", priority=Priority.CRITICAL))
+        h.register("a0")
+        h.resume()
+        return _served_in_turn(h).index("low")
+
+    assert low_place(None) == 20, "strict priority: low goes last"
+    # Accepted at turn 1, LOW (level 3) ranks as turn 1 + 3 x 2 = 7: after the critical
+    # tasks of turns 2-6 (c00 took turn 2), ahead of c05, which has turn 7 but came later.
+    assert low_place(2) == 5
+    assert low_place(1) == 2
+
+
+def test_aging_is_validated() -> None:
+    bad = PoolConfigured(pool="p0", capacity=1, reason="t", operator="op", aging_turns=0)
+    assert invalid_command(bad) == "aging_turns must be 1-1,000,000"
