@@ -118,6 +118,18 @@ class Topics:
         rejections): its changelog, and what clients await (key as the requests')."""
         return f"{self.prefix}.coordination"
 
+    @property
+    def workflow_requests(self) -> str:
+        """Workflow run and cancel requests from clients (key: workflow id; one partition:
+        one workflow shard)."""
+        return f"{self.prefix}.workflows.requests"
+
+    @property
+    def workflows(self) -> str:
+        """The workflow processor's decisions (started, step submitted and completed,
+        ended, rejected): its changelog (key: workflow id)."""
+        return f"{self.prefix}.workflows"
+
     def snapshots(self, processor: str) -> str:
         """Snapshots of one processor's state, one partition per shard: a restart reads the
         latest one and a short tail instead of all history. A cache, not history: kept for
@@ -137,6 +149,7 @@ class Topics:
             self.deadletter,
             self.control,
             self.coordination,
+            self.workflows,
         ]
 
     def specs(self) -> list[TopicSpec]:
@@ -160,5 +173,8 @@ class Topics:
             TopicSpec(self.coordination_requests, n, KEEP_FOREVER, "lock and state requests"),
             TopicSpec(self.coordination, n, KEEP_FOREVER, "lock and state decisions"),
             TopicSpec(self.snapshots("coordination"), n, KEEP_A_WEEK, "coordination snapshots"),
+            TopicSpec(self.workflow_requests, 1, KEEP_FOREVER, "workflow run and cancel requests"),
+            TopicSpec(self.workflows, 1, KEEP_FOREVER, "workflow decisions"),
+            TopicSpec(self.snapshots("workflows"), 1, KEEP_A_WEEK, "workflow snapshots"),
         ]
         return specs

@@ -56,6 +56,8 @@ DIGESTED_TABLES = (
     "state_versions",
     "state_checkpoints",
     "state_rejections",
+    "workflows",
+    "workflow_steps",
     "projection_digests",
 )
 """Every read model except the positions (stated apart), in the order they are shown."""
