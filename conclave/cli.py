@@ -43,6 +43,7 @@ from conclave.cli_tasks import (
     task_app,
 )
 from conclave.cli_witness import witness_app
+from conclave.cli_workflows import list_workflows, submit_batch, workflow_app
 from conclave.errors import ConclaveError
 from conclave.settings import LogSettings, Settings
 
@@ -79,6 +80,9 @@ app.command("locks")(list_locks)
 app.add_typer(lock_app, name="lock")
 app.add_typer(state_app, name="state")
 app.command("replay")(replay)
+app.add_typer(workflow_app, name="workflow")
+app.command("workflows")(list_workflows)
+app.command("submit-batch")(submit_batch)
 
 
 @app.callback()
