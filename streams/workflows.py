@@ -8,7 +8,10 @@ output is never used). Its changelog is the workflows topic. When every dependen
 step has completed, it renders the step's input and writes ``workflow.step_submitted``
 **and** the step's ``task.submitted`` (on its priority's command topic) in the
 transaction that also commits its input positions: a crash never submits a step twice nor
-loses one, and a restart resumes from the last completed step.
+loses one, and a restart resumes from the last completed step. A step whose input reads
+no output goes earlier, once its dependencies are submitted, with them as its task's
+``depends_on`` (when their pools share its scheduler shard): the scheduler then queues it
+in the decision that completes the last one, one hop sooner.
 
 The tasks and outputs topics are state-only inputs too: what was read from them but not
 decided yet (an output whose ``task.completed`` was not read yet) is folded again at
@@ -156,7 +159,7 @@ class WorkflowShard:
         # settle() folds what it decides: keep the workflows it may end, for their
         # tenants and the pools of the steps it cancels.
         before = {w: self.state.running[w] for w in self.state.dirty if w in self.state.running}
-        for decision in wf.settle(self.state):
+        for decision in wf.settle(self.state, same_shard=self._same_shard):
             out += self._emit(decision, None, now, before)
         return out
 
@@ -190,6 +193,7 @@ class WorkflowShard:
                 input=decision.input,
                 agent_id=decision.agent_id,
                 max_attempts=decision.max_attempts,
+                depends_on=list(decision.depends_on),
             )
             out.append(
                 self._command(
@@ -198,10 +202,14 @@ class WorkflowShard:
             )
         elif isinstance(decision, WorkflowEnded) and running is not None:
             for name in decision.cancelled_steps:
+                step = running.steps[name]
+                if any(running.steps[d].status != "completed" for d in step.spec.depends_on):
+                    continue  # it waits on a step cancelled here: the scheduler fails it too
                 task_id = wf.task_id_of(decision.workflow_id, name)
                 cancel = CancelRequested(task_id=task_id, reason=f"workflow {decision.reason}")
-                pool = running.steps[name].spec.pool
-                out.append(self._command(Priority.CRITICAL, pool, task_id, cancel, tenant, now))
+                out.append(
+                    self._command(Priority.CRITICAL, step.spec.pool, task_id, cancel, tenant, now)
+                )
         return out
 
     def _command(
@@ -223,6 +231,9 @@ class WorkflowShard:
             tenant=tenant,
             correlation_id=task_id,
         )
+
+    def _same_shard(self, a: str, b: str) -> bool:
+        return pool_partition(a, self.partitions) == pool_partition(b, self.partitions)
 
     def next_due(self) -> int | None:
         return 0 if self.state.dirty else None  # observations folded at recovery

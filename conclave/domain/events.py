@@ -913,8 +913,9 @@ class WorkflowRejected:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkflowStepSubmitted:
-    """Every dependency of ``step`` completed: its input was rendered and it was submitted
-    as task ``task_id`` (the ``task.submitted`` is in the same transaction)."""
+    """``step`` was submitted as task ``task_id`` with its rendered input (the
+    ``task.submitted`` is in the same transaction): once every dependency completed, or,
+    for a step whose input reads no output, once they were submitted (``depends_on``)."""
 
     TYPE: ClassVar[str] = "workflow.step_submitted"
     workflow_id: str
@@ -926,6 +927,10 @@ class WorkflowStepSubmitted:
     max_attempts: int
     input: str
     """The rendered input."""
+    depends_on: list[str] = field(default_factory=list)
+    """Step tasks the scheduler still has to see complete before it queues this one: a
+    step whose input reads no output is submitted as soon as its dependencies are, so
+    that the scheduler releases it in the decision that completes the last one."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,16 +17,18 @@ The processor folds its own decisions (:func:`evolve`) and observes the schedule
 about step tasks (:func:`observe_output`, :func:`observe_end`); :func:`settle` then says
 what follows: a completed step (its output is the one ``task.completed`` names, never
 another output of the same task), the next steps submitted once *all* their
-dependencies completed, or the end of the workflow. Observations are idempotent and
-only concern open steps, so folding the inputs again after a restart decides nothing
-twice.
+dependencies completed (a step whose input reads no output: once they were submitted,
+with the unfinished ones as its task's ``depends_on``, so the scheduler releases it
+without a round trip through this processor), or the end of the workflow. Observations
+are idempotent and only concern open steps, so folding the inputs again after a restart
+decides nothing twice.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +114,9 @@ class StepSpec:
     max_attempts: int = 1
     depends_on: tuple[str, ...] = ()
     """Explicit dependencies and every step the template reads, sorted."""
+    reads_outputs: bool = field(default=False, compare=False)
+    """Whether the template reads a step's output (else the step may be submitted before
+    its dependencies complete, for the scheduler to hold)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,8 +280,9 @@ def _step(raw: Any, input: Any) -> StepSpec:
                 _walk(input, ref.path, "input")
             except InvalidWorkflow as exc:
                 raise InvalidWorkflow(f"step {name!r}: {exc}") from None
-    deps = sorted({*depends, *(r.step for r in refs if r.step is not None)})
-    return StepSpec(name, template, pool, agent, priority, attempts, tuple(deps))
+    reads = {r.step for r in refs if r.step is not None}
+    deps = sorted({*depends, *reads})
+    return StepSpec(name, template, pool, agent, priority, attempts, tuple(deps), bool(reads))
 
 
 def _cycle(graph: Mapping[str, Iterable[str]]) -> list[str]:
@@ -423,8 +429,22 @@ def is_open(state: WorkflowsState, task_id: str) -> bool:
     return step is not None and step[1].status == "submitted"
 
 
-def settle(state: WorkflowsState, workflow_ids: Iterable[str] | None = None) -> list[Decision]:
-    """Everything the observations (and a fresh start) decide, evolved into ``state``."""
+def _same_pool(a: str, b: str) -> bool:
+    return a == b
+
+
+def settle(
+    state: WorkflowsState,
+    workflow_ids: Iterable[str] | None = None,
+    *,
+    same_shard: Callable[[str, str], bool] = _same_pool,
+) -> list[Decision]:
+    """Everything the observations (and a fresh start) decide, evolved into ``state``.
+
+    ``same_shard(pool_a, pool_b)``: whether two pools share a scheduler shard, so that a
+    task of one may depend on a task of the other (scheduler dependencies resolve within
+    a shard); a step whose input reads no output is then submitted with its unfinished
+    dependencies as the task's ``depends_on``, one hop earlier."""
     out: list[Decision] = []
     ids = sorted(state.dirty if workflow_ids is None else workflow_ids)
     state.dirty.difference_update(ids)
@@ -432,20 +452,28 @@ def settle(state: WorkflowsState, workflow_ids: Iterable[str] | None = None) -> 
         wf = state.running.get(wid)
         if wf is None:
             continue
-        for decision in _settle(wf):
+        for decision in _settle(wf, same_shard):
             evolve(state, decision)
             out.append(decision)
     return out
 
 
-def _settle(wf: Workflow) -> list[Decision]:
+def _settle(wf: Workflow, same_shard: Callable[[str, str], bool]) -> list[Decision]:
     out: list[Decision] = []
+    failed = [
+        s for s in wf.steps.values()
+        if s.status == "submitted" and s.ended is not None and s.ended[0] != "completed"
+    ]  # fmt: skip
+    if failed:
+        # The culprit, rather than a step the scheduler failed because it waited on it.
+        step = min(failed, key=lambda s: s.ended is not None and s.ended[0] == "dependency_failed")
+        assert step.ended is not None
+        outcome, _, reason = step.ended
+        return [_end(wf, "failed", step.spec.name, f"{outcome}: {reason}")]
     for step in wf.steps.values():
         if step.status != "submitted" or step.ended is None:
             continue
-        outcome, output_id, reason = step.ended
-        if outcome != "completed":
-            return [*out, _end(wf, "failed", step.spec.name, f"{outcome}: {reason}")]
+        _, output_id, _ = step.ended
         if output_id is None or output_id not in step.outputs_seen:
             continue  # the accepted output is not read yet; it follows the completion
         completed = WorkflowStepCompleted(
@@ -460,29 +488,55 @@ def _settle(wf: Workflow) -> list[Decision]:
     outputs = {n: s.output for n, s in wf.steps.items() if s.status == "completed"}
     if len(outputs) == len(wf.steps):
         return [*out, _end(wf, "completed", None, "every step completed")]
-    for step in wf.steps.values():
-        if step.status != "pending" or not all(d in outputs for d in step.spec.depends_on):
-            continue
-        try:
-            rendered = render(step.spec.input, wf.input, {k: v or "" for k, v in outputs.items()})
-        except InvalidWorkflow as exc:
-            return [*out, _end(wf, "failed", step.spec.name, f"input: {exc}")]
-        if len(rendered.encode()) > MAX_INPUT_BYTES:
-            reason = f"input: rendered to more than {MAX_INPUT_BYTES:,} bytes"
-            return [*out, _end(wf, "failed", step.spec.name, reason)]
-        submitted = WorkflowStepSubmitted(
-            workflow_id=wf.workflow_id,
-            step=step.spec.name,
-            task_id=task_id_of(wf.workflow_id, step.spec.name),
-            pool=step.spec.pool,
-            agent_id=step.spec.agent_id,
-            priority=step.spec.priority,
-            max_attempts=step.spec.max_attempts,
-            input=rendered,
-        )
-        _fold_step(wf, submitted)
-        out.append(submitted)
+    progressed = True
+    while progressed:  # a step submitted early may let the next one go early too
+        progressed = False
+        for step in wf.steps.values():
+            decision = _submit(wf, step, outputs, same_shard)
+            if isinstance(decision, WorkflowEnded):
+                return [*out, decision]
+            if decision is not None:
+                _fold_step(wf, decision)
+                out.append(decision)
+                progressed = True
     return out
+
+
+def _submit(
+    wf: Workflow,
+    step: Step,
+    outputs: Mapping[str, str | None],
+    same_shard: Callable[[str, str], bool],
+) -> WorkflowStepSubmitted | WorkflowEnded | None:
+    """``step`` submitted, if it may go now; the workflow's end if its input cannot be
+    rendered."""
+    if step.status != "pending":
+        return None
+    waits = [d for d in step.spec.depends_on if d not in outputs]
+    if waits and (
+        step.spec.reads_outputs
+        or any(wf.steps[d].status != "submitted" for d in waits)
+        or not all(same_shard(wf.steps[d].spec.pool, step.spec.pool) for d in waits)
+    ):
+        return None
+    try:
+        rendered = render(step.spec.input, wf.input, {k: v or "" for k, v in outputs.items()})
+    except InvalidWorkflow as exc:
+        return _end(wf, "failed", step.spec.name, f"input: {exc}")
+    if len(rendered.encode()) > MAX_INPUT_BYTES:
+        reason = f"input: rendered to more than {MAX_INPUT_BYTES:,} bytes"
+        return _end(wf, "failed", step.spec.name, reason)
+    return WorkflowStepSubmitted(
+        workflow_id=wf.workflow_id,
+        step=step.spec.name,
+        task_id=task_id_of(wf.workflow_id, step.spec.name),
+        pool=step.spec.pool,
+        agent_id=step.spec.agent_id,
+        priority=step.spec.priority,
+        max_attempts=step.spec.max_attempts,
+        input=rendered,
+        depends_on=[task_id_of(wf.workflow_id, d) for d in waits],
+    )
 
 
 def _end(wf: Workflow, outcome: str, failed_step: str | None, reason: str) -> WorkflowEnded:

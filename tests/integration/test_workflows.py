@@ -165,8 +165,11 @@ async def test_cancel_a_running_workflow_as_a_whole(system: System) -> None:
             raise
         return "never"
 
+    definition = fan(system.pool)
+    # e reads no output: it goes to the scheduler at once, its task waiting for a's
+    definition["steps"].append({"name": "e", "pool": system.pool, "depends_on": ["a"]})
     async with system.running(1, agent):
-        wid = await system.client.run_workflow(fan(system.pool), {"topic": "t"})
+        wid = await system.client.run_workflow(definition, {"topic": "t"})
 
         async def running() -> bool:
             return (
@@ -186,13 +189,19 @@ async def test_cancel_a_running_workflow_as_a_whole(system: System) -> None:
         "b": "skipped",
         "c": "skipped",
         "d": "skipped",
+        "e": "cancelled",
     }
 
-    async def task_cancelled() -> bool:
-        status = await system.db.fetchval("SELECT status FROM tasks WHERE task_id = $1", f"{wid}.a")
-        return status == "cancelled"
+    async def tasks_ended() -> bool:
+        rows = await system.db.fetch(
+            "SELECT task_id, status FROM tasks WHERE task_id = ANY($1)", [f"{wid}.a", f"{wid}.e"]
+        )
+        return {r["task_id"]: r["status"] for r in rows} == {
+            f"{wid}.a": "cancelled",
+            f"{wid}.e": "dependency_failed",  # the scheduler ended it with a
+        }
 
-    await eventually(task_cancelled)
+    await eventually(tasks_ended)
 
 
 async def test_invalid_workflows_are_refused_before_sending(client: Client) -> None:

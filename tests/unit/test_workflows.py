@@ -257,12 +257,17 @@ def test_bad_runs_are_rejected_with_the_reason() -> None:
 
 @st.composite
 def dags(draw: st.DrawFn) -> dict[str, Any]:
+    """Steps ``s<i>`` depending on earlier ones, each dependency either read in the input
+    template (the step waits for the output) or only named in ``depends_on`` (the step
+    may go to the scheduler early, its task waiting there)."""
     n = draw(st.integers(1, 8))
     steps = []
     for i in range(n):
         deps = draw(st.sets(st.integers(0, i - 1), max_size=3)) if i else set()
-        refs = " ".join(f"[{{{{ steps.s{d}.output }}}}]" for d in sorted(deps))
-        steps.append({"name": f"s{i}", "input": f"s{i}:{refs}"})
+        read = {d for d in deps if draw(st.booleans())}
+        refs = " ".join(f"[{{{{ steps.s{d}.output }}}}]" for d in sorted(read))
+        named = [f"s{d}" for d in sorted(deps - read)]
+        steps.append({"name": f"s{i}", "input": f"s{i}:{refs}", "depends_on": named})
     return {"steps": steps}
 
 
@@ -272,36 +277,69 @@ def test_each_step_is_submitted_exactly_once_and_only_after_its_dependencies(
     definition: dict[str, Any], data: st.DataObject
 ) -> None:
     """Observations arrive in any order, repeated, with forged outputs among them, and the
-    state is sometimes rebuilt from a snapshot (a restart): every step is still
-    submitted once, after all its dependencies completed, with their accepted outputs."""
+    state is sometimes rebuilt from a snapshot (a restart): every step is still submitted
+    once; a step that reads outputs only after its dependencies completed, with their
+    accepted outputs; one that reads none after they were submitted, naming those not
+    completed yet as its task's dependencies (a task completes only after those)."""
     state = wf.WorkflowsState()
     log = run(state, "w", definition, None)
-    deps = {s.name: s.depends_on for s in wf.parse(definition).steps}
+    spec = {s.name: s for s in wf.parse(definition).steps}
+    finished: set[str] = set()  # steps whose task the scheduler completed
+
+    def completed_in_log() -> set[str]:
+        return {d.step for d in log if isinstance(d, WorkflowStepCompleted)}
+
     while state.running:
-        open_ = sorted(s for s in submitted(log) if not any(
-            isinstance(d, WorkflowStepCompleted) and d.step == s for d in log))  # fmt: skip
-        step = data.draw(st.sampled_from(open_))
+        done = completed_in_log()
+        # a task runs once its scheduler dependencies completed
+        runnable = sorted(
+            s for s in submitted(log)
+            if s not in done and all(d in finished for d in spec[s].depends_on)
+        )  # fmt: skip
+        step = data.draw(st.sampled_from(runnable))
         task = f"w.{step}"
         kind = data.draw(st.sampled_from(["both", "output", "forged", "end", "restart"]))
-        if kind == "both":  # the usual order: the output, then the completion naming it
+        if kind in ("both", "output"):
             wf.observe_output(state, task, f"ok-{step}", f"<{step}>")
+        if kind in ("both", "end"):
             wf.observe_end(state, task, "completed", f"ok-{step}", "")
-        elif kind == "output":
-            wf.observe_output(state, task, f"ok-{step}", f"<{step}>")
-        elif kind == "forged":
+            finished.add(step)
+        if kind == "forged":
             wf.observe_output(state, task, f"forged-{data.draw(st.integers(0, 9))}", "FORGED")
-        elif kind == "end":
-            wf.observe_end(state, task, "completed", f"ok-{step}", "")
-        else:
+        if kind == "restart":
             state = wf.from_snapshot(json.loads(json.dumps(wf.to_snapshot(state))))
         log += wf.settle(state)
     subs = [d for d in log if isinstance(d, WorkflowStepSubmitted)]
-    assert sorted(d.step for d in subs) == sorted(deps)  # each once
+    assert sorted(d.step for d in subs) == sorted(spec)  # each once
     position = {id(d): i for i, d in enumerate(log)}
-    done = {d.step: position[id(d)] for d in log if isinstance(d, WorkflowStepCompleted)}
+    at = {d.step: position[id(d)] for d in subs}
+    done_at = {d.step: position[id(d)] for d in log if isinstance(d, WorkflowStepCompleted)}
     for d in subs:
-        assert all(done[dep] < position[id(d)] for dep in deps[d.step])
-        expected = f"{d.step}:" + " ".join(f"[<{dep}>]" for dep in deps[d.step])
-        assert d.input == expected  # never a forged output
+        here = position[id(d)]
+        for dep in spec[d.step].depends_on:
+            if done_at[dep] < here:
+                assert f"w.{dep}" not in d.depends_on
+            else:  # went early: only without reading outputs, the scheduler holding it
+                assert not spec[d.step].reads_outputs
+                assert at[dep] < here
+                assert f"w.{dep}" in d.depends_on
+        read = sorted(r.step for r in wf.references(spec[d.step].input) if r.step)
+        assert d.input == f"{d.step}:" + " ".join(f"[<{r}>]" for r in read)  # never forged
     assert isinstance(log[-1], WorkflowEnded)
     assert log[-1].outcome == "completed"
+
+
+def test_a_chain_that_reads_no_output_goes_to_the_scheduler_at_once() -> None:
+    state = wf.WorkflowsState()
+    chain = {"steps": [{"name": "a"}, {"name": "b", "depends_on": "a"}, {"name": "c",
+             "depends_on": "b"}, {"name": "d", "input": "{{ steps.c.output }}"}]}  # fmt: skip
+    out = run(state, "w", chain, None)
+    subs = [d for d in out if isinstance(d, WorkflowStepSubmitted)]
+    assert [(d.step, d.depends_on) for d in subs] == [("a", []), ("b", ["w.a"]), ("c", ["w.b"])]
+    complete(state, "w.a", "A")
+    complete(state, "w.b", "B")
+    assert submitted(complete(state, "w.c", "C")) == {"d": "C"}
+    # pools in different scheduler shards: no early submission
+    state = wf.WorkflowsState()
+    apart = {"steps": [{"name": "a", "pool": "p1"}, {"name": "b", "depends_on": "a"}]}
+    assert submitted(run(state, "v", apart, 0)) == {"a": ""}
