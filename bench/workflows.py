@@ -6,10 +6,12 @@ no-op agent. Run twice on one fresh embedded stack, each on a topic prefix of it
 
 * **plain dependencies**: S tasks submitted at once, task ``i`` ``depends_on`` task
   ``i - 1`` (the scheduler releases each; ``bench.workloads``'s "sequential");
-* **workflow**: one workflow of S steps, step ``i`` ``depends_on`` step ``i - 1``: the
-  workflow processor submits each step when the previous one's completion and accepted
-  output are read. (Not ``{{ steps.s<i-1>.output }}``: the simulated agent quotes its
-  input in its answer, so a chain of 400 would grow past the output limit.)
+* **workflow**: one workflow of S steps, step ``i`` ``depends_on`` step ``i - 1`` and
+  reads no output: the workflow processor hands the chain to the scheduler at once (each
+  task depending on the one before), so it runs as the plain chain does;
+* **workflow passing data**: step ``i``'s input is ``{{ steps.s<i-1>.output }}`` (an
+  agent that adds one to its input): each step is submitted by the workflow processor
+  once the previous one's completion and accepted output are read, one more hop per step.
 
 Wall time from the submission to the last task (plain) or the workflow (``workflows``
 row) finished in the read model, and, for the workflow, the processor's own span
@@ -30,9 +32,10 @@ import psutil
 
 from bench.throughput import POOL, _System, stack
 from bench.workloads import PUBLISHED_400_STEPS_S, _chains, _until_finished
-from conclave.bus import read_history, topics_for
+from conclave.bus import ensure_topics, read_history, topics_for
 from conclave.client import Client
 from conclave.domain.events import WorkflowEnded, WorkflowStarted
+from conclave.runtime.agents import AgentContext
 from conclave.settings import Settings
 from projections.database import connect
 from schemas.codec import default_codec
@@ -95,6 +98,42 @@ async def _plain(settings: Settings, steps: int) -> Figures:
     )
 
 
+async def count_up(ctx: AgentContext) -> str:
+    """The data-passing run's agent: its input plus one."""
+    return str(int(ctx.input) + 1)
+
+
+class _Counting(_System):
+    """The stack with :func:`count_up` as the agent of its runtime host."""
+
+    async def start(self) -> None:
+        await ensure_topics(self.settings)
+        self.children.spawn(
+            "worker", ["worker", "--id", "bench-worker"], ready_marker=b"processors running"
+        )
+        self.children.spawn(
+            "runtime-0",
+            ["runtime", "--host-id", "bench-host-0", "--pool", POOL, "--agents", "4",
+             "--agent", "bench.workflows:count_up"],
+            ready_marker=b"running",
+        )  # fmt: skip
+        self.children.spawn("projector", ["projector"], ready_marker=b"projector running")
+        await asyncio.gather(*(self.children.ready(n) for n in list(self.children.children)))
+
+
+def passing(steps: int) -> dict[str, object]:
+    return {
+        "name": f"passing-{steps}",
+        "steps": [
+            {"name": "s0", "pool": POOL, "input": "0"},
+            *(
+                {"name": f"s{i}", "pool": POOL, "input": f"{{{{ steps.s{i - 1}.output }}}}"}
+                for i in range(1, steps)
+            ),
+        ],
+    }
+
+
 def definition(steps: int) -> dict[str, object]:
     return {
         "name": f"sequential-{steps}",
@@ -108,8 +147,9 @@ def definition(steps: int) -> dict[str, object]:
     }
 
 
-async def _workflow(settings: Settings, steps: int) -> Figures:
-    system = _System(settings.with_(topic_prefix=f"{settings.topic_prefix}wfl"), 4, 1)
+async def _workflow(settings: Settings, steps: int, *, data: bool = False) -> Figures:
+    own = settings.with_(topic_prefix=f"{settings.topic_prefix}{'wfd' if data else 'wfl'}")
+    system = _Counting(own, 4, 1) if data else _System(own, 4, 1)
     await system.start()
     db = await connect(system.settings)
     try:
@@ -117,7 +157,8 @@ async def _workflow(settings: Settings, steps: int) -> Figures:
         cpu = _cpu(system)
         started = time.monotonic()
         async with Client(system.settings, producer_name="bench") as client:
-            wid = await client.run_workflow(definition(steps), workflow_id="bench-sequential")
+            shape = passing(steps) if data else definition(steps)
+            wid = await client.run_workflow(shape, workflow_id="bench-sequential")
         while (status := await db.fetchval(
             "SELECT status FROM workflows WHERE workflow_id = $1", wid
         )) in (None, "running"):  # fmt: skip
@@ -129,6 +170,11 @@ async def _workflow(settings: Settings, steps: int) -> Figures:
         if status != "completed":
             reason = await db.fetchval("SELECT reason FROM workflows WHERE workflow_id = $1", wid)
             raise RuntimeError(f"workflow {status}: {reason}")
+        if data:
+            last = await db.fetchval(
+                "SELECT output FROM workflow_steps WHERE task_id = $1", f"{wid}.s{steps - 1}"
+            )
+            assert last == str(steps), last
         times = {}
         codec = default_codec()
         async for r in read_history(system.settings, [topics_for(system.settings).workflows]):
@@ -139,7 +185,7 @@ async def _workflow(settings: Settings, steps: int) -> Figures:
         await db.close()
         system.stop()
     return Figures(
-        name="workflow",
+        name="workflow passing data" if data else "workflow",
         steps=steps,
         seconds=round(seconds, 2),
         ms_per_step=round(1000 * seconds / steps, 1),
@@ -150,7 +196,11 @@ async def _workflow(settings: Settings, steps: int) -> Figures:
 
 async def run(steps: int = 400) -> list[Figures]:
     async with stack() as (settings, _embedded):
-        return [await _plain(settings, steps), await _workflow(settings, steps)]
+        return [
+            await _plain(settings, steps),
+            await _workflow(settings, steps),
+            await _workflow(settings, steps, data=True),
+        ]
 
 
 def main() -> None:
