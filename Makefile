@@ -21,7 +21,7 @@ demo: venv
 	$(BIN)/conclave demo
 
 test: venv
-	infra/ensure-chromium.sh
+	tests/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
 
 # The peer baselines (Dramatiq, Celery) need the `bench` extra; `make test` never does.

@@ -26,6 +26,8 @@ Measured in one run, each part on a fresh embedded stack (its own broker and Pos
   metrics endpoint with 20,000 tasks queued;
 * locks and versioned state (:mod:`bench.coordination`): lock acquisition p50/p99
   uncontended and with 10 clients on one lock, state update -> new version p50/p99.
+* agents talking to agents (:mod:`bench.messaging`): ask -> answer round trip p50/p99,
+  one at a time and 20 in flight, and one-way messages per second.
 * the HTTP API (:mod:`bench.api_latency`): query latency p50/p99 of the main endpoints
   under 50 concurrent clients, 20,000 tasks in the read models.
 """
@@ -49,7 +51,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import api_latency, coordination, peers, telemetry, throughput, workloads
+from bench import (
+    api_latency,
+    coordination,
+    messaging,
+    peers,
+    telemetry,
+    throughput,
+    workloads,
+)
 from conclave.demo import DemoConfig, DemoReport, percentiles, run_demo
 from conclave.devstack import EmbeddedStack
 from conclave.domain import witness
@@ -311,7 +321,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["demo", "scale", "workloads", "telemetry", "coordination", "api"],
+        choices=["demo", "scale", "workloads", "telemetry", "coordination", "messaging", "api"],
         default=None,
     )
     parser.add_argument("--json", action="store_true")
@@ -338,6 +348,8 @@ def main() -> None:
         }
     if args.only in (None, "coordination"):
         result["coordination"] = [asdict(r) for r in asyncio.run(coordination.run(500))]
+    if args.only in (None, "messaging"):
+        result["messaging"] = [asdict(r) for r in asyncio.run(messaging.run(500))]
     if args.only in (None, "api"):
         result["api"] = [asdict(r) for r in api_latency.bench(tasks=args.tasks)]
     if args.json:
@@ -359,6 +371,8 @@ def main() -> None:
         )
     if "coordination" in result:
         coordination.show([coordination.Latency(**r) for r in result["coordination"]])
+    if "messaging" in result:
+        messaging.show([messaging.Figures(**r) for r in result["messaging"]])
     if "api" in result:
         rows = [api_latency.Row(**r) for r in result["api"]]
         Console().print(api_latency.table(rows, clients=50, tasks=args.tasks))

@@ -30,6 +30,7 @@ from conclave.cli_agents import show_agents, show_hosts
 from conclave.cli_api import serve_api, tokens_app
 from conclave.cli_coordination import list_locks, lock_app, state_app
 from conclave.cli_dev import dev_app
+from conclave.cli_messages import list_messages, message_app
 from conclave.cli_replay import replay
 from conclave.cli_status import show_status
 from conclave.cli_tasks import (
@@ -79,6 +80,8 @@ app.command("api")(serve_api)
 app.command("locks")(list_locks)
 app.add_typer(lock_app, name="lock")
 app.add_typer(state_app, name="state")
+app.add_typer(message_app, name="message")
+app.command("messages")(list_messages)
 app.command("replay")(replay)
 app.add_typer(workflow_app, name="workflow")
 app.command("workflows")(list_workflows)
@@ -309,7 +312,7 @@ def runtime(
 ) -> None:
     """Run an agent runtime host until interrupted."""
     from conclave.processes import register
-    from conclave.runtime.agents import load_agent
+    from conclave.runtime.agents import load_agent, load_handler
     from conclave.runtime.host import HostConfig, RuntimeHost
 
     options: dict[str, Any] = (
@@ -318,6 +321,7 @@ def runtime(
         else {}
     )
     fn = load_agent(agent, **options)
+    on_message = load_handler(agent, fn)
     config = HostConfig(
         pool=pool, agent_ids=[f"{prefix}-{i:03d}" for i in range(agents)], agent_ref=agent
     )
@@ -329,7 +333,7 @@ def runtime(
     async def serve(stop: Lifetime) -> None:
         with register(settings.home, "runtime", config.host_id) as registered:
             async with _observed(settings, registered):
-                host = RuntimeHost(settings, config, fn)
+                host = RuntimeHost(settings, config, fn, on_message)
                 await host.start()
                 err.print(
                     f"[green]runtime {config.host_id}[/] running {agents} agent(s) in pool {pool!r}"

@@ -168,6 +168,11 @@ agent_run_duration = Histogram(
     unit="seconds",
     buckets=_DURATION_BUCKETS,
 )
+agent_messages = Counter(
+    "conclave_agent_messages",
+    "Messages for an agent of this host, by outcome (handled, failed, expired, refused)",
+    ("pool", "outcome"),
+)
 projected = Counter(
     "conclave_projected_records", "History records folded into the read models", (DESTINATION,)
 )

@@ -14,11 +14,23 @@ from aiokafka.partitioner import murmur2
 
 from conclave.domain.events import Priority
 
-__all__ = ["HOST_HEADER", "SHARD_HEADER", "TopicSpec", "Topics", "pool_partition"]
+__all__ = [
+    "BROADCAST_HEADER",
+    "HOST_HEADER",
+    "SHARD_HEADER",
+    "TopicSpec",
+    "Topics",
+    "pool_partition",
+]
 
 HOST_HEADER = "conclave-host"
 """Kafka header on a dispatch naming the runtime host it is for: hosts skip the rest of
 the tasks topic without decoding it."""
+
+BROADCAST_HEADER = "conclave-broadcast"
+"""Kafka header on a message to every agent of a pool, naming the pool: the pool's hosts
+read it, the others skip it without decoding it. A message for one inbox carries
+:data:`HOST_HEADER` instead."""
 
 SHARD_HEADER = "conclave-shard"
 """Kafka header on a witness entry naming the scheduler shard (pool partition) whose task it
@@ -130,6 +142,14 @@ class Topics:
         ended, rejected): its changelog (key: workflow id)."""
         return f"{self.prefix}.workflows"
 
+    @property
+    def messages(self) -> str:
+        """Agent-to-agent messages and their answers (key: the recipient as addressed;
+        partition: :func:`pool_partition` of the recipient's pool, or the asker's inbox
+        partition for an answer, so each recipient's messages stay in order). History:
+        replayable and folded into the ``messages`` read model."""
+        return f"{self.prefix}.messages"
+
     def snapshots(self, processor: str) -> str:
         """Snapshots of one processor's state, one partition per shard: a restart reads the
         latest one and a short tail instead of all history. A cache, not history: kept for
@@ -150,6 +170,7 @@ class Topics:
             self.control,
             self.coordination,
             self.workflows,
+            self.messages,
         ]
 
     def specs(self) -> list[TopicSpec]:
@@ -176,5 +197,6 @@ class Topics:
             TopicSpec(self.workflow_requests, 1, KEEP_FOREVER, "workflow run and cancel requests"),
             TopicSpec(self.workflows, 1, KEEP_FOREVER, "workflow decisions"),
             TopicSpec(self.snapshots("workflows"), 1, KEEP_A_WEEK, "workflow snapshots"),
+            TopicSpec(self.messages, n, KEEP_FOREVER, "agent-to-agent messages"),
         ]
         return specs

@@ -81,6 +81,7 @@ READ_MODEL_TABLES = (
     "state_rejections",
     "workflows",
     "workflow_steps",
+    "messages",
     "projection_digests",
     "projection_offsets",
 )

@@ -58,6 +58,7 @@ DIGESTED_TABLES = (
     "state_rejections",
     "workflows",
     "workflow_steps",
+    "messages",
     "projection_digests",
 )
 """Every read model except the positions (stated apart), in the order they are shown."""

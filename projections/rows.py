@@ -36,6 +36,7 @@ from conclave.domain.events import (
     AgentCircuitClosed,
     AgentCircuitHalfOpened,
     AgentCircuitOpened,
+    AgentMessage,
     AgentOutput,
     AgentRegistered,
     AgentReinstated,
@@ -541,6 +542,24 @@ LOCK_EVENTS = Table(
         ("occurred_at", "bigint"),
     ),
 )
+MESSAGES = Table(
+    "messages",
+    (
+        ("message_id", "text"),
+        ("kind", "text"),
+        ("correlation_id", "text"),
+        ("sender", "text"),
+        ("recipient", "text"),
+        ("agent_id", "text"),
+        ("host_id", "text"),
+        ("pool", "text"),
+        ("priority", "text"),
+        ("expects_reply", "boolean"),
+        ("expires_at", "bigint"),
+        ("payload", "text"),
+        ("sent_at", "bigint"),
+    ),
+)
 STATE_VERSIONS = Table(
     "state_versions",
     (
@@ -585,6 +604,7 @@ PROJECTION_DIGESTS = Table(
 """Every read-model digest a replay committed to the witness log (``projection.digest``)."""
 APPENDS = (
     LOCK_EVENTS,
+    MESSAGES,
     STATE_VERSIONS,
     STATE_CHECKPOINTS,
     STATE_REJECTIONS,
@@ -988,6 +1008,24 @@ def _system(env: Envelope, e: Halt | Resume) -> tuple[Any, ...]:
 APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
     **dict.fromkeys((LockGranted, LockWaiting, LockDenied), (LOCK_EVENTS, _lock_event)),
     **dict.fromkeys((LockRenewed, LockReleased, LockExpired), (LOCK_EVENTS, _lock_event)),
+    AgentMessage: (
+        MESSAGES,
+        lambda env, e: (
+            e.message_id,
+            e.kind,
+            e.correlation_id,
+            e.sender,
+            e.recipient,
+            e.agent_id,
+            e.host_id,
+            e.pool,
+            e.priority.label,
+            e.expects_reply,
+            e.expires_at,
+            e.payload,
+            env.occurred_at,
+        ),
+    ),
     StateUpdated: (
         STATE_VERSIONS,
         lambda env, e: (e.key, e.version, e.value_json, e.request_id, None, None, env.occurred_at),
@@ -1143,6 +1181,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
         topics.control: (Halt, Resume, PoolConfigured, ProjectionDigest),
         topics.coordination: COORDINATION_DECISIONS,
         topics.workflows: WORKFLOW_DECISIONS,
+        topics.messages: (AgentMessage,),
     }
 
 

@@ -92,6 +92,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.WorkflowStepSubmitted,
     ev.WorkflowStepCompleted,
     ev.WorkflowEnded,
+    ev.AgentMessage,
 )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "AgentCircuitClosed",
     "AgentCircuitHalfOpened",
     "AgentCircuitOpened",
+    "AgentMessage",
     "AgentOutput",
     "AgentRegistered",
     "AgentReinstated",
@@ -961,6 +962,48 @@ class WorkflowEnded:
     cancelled_steps: list[str] = field(default_factory=list)
 
 
+# -- agent-to-agent messages ------------------------------------------------------------
+# One record type for every kind of message (conclave.domain.messaging says which kinds
+# there are and what each field means for each); on the messages topic, in the partition
+# of the recipient's pool (or of the asker's inbox, for an answer).
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentMessage:
+    """A message from an agent (or a client) to an agent, a pool, or every agent of a
+    pool. ``host_id`` names the inbox it is delivered to (the same value is in the record's
+    host header, so no other host decodes it); a broadcast has none and is read by every
+    host of ``pool``. ``expires_at`` (µs since the epoch): not delivered after it, but
+    dead-lettered with the reason ``expired``."""
+
+    TYPE: ClassVar[str] = "agent.message"
+    message_id: str
+    kind: str
+    """command, query, response, event, notification, error, data or heartbeat."""
+    correlation_id: str | None
+    """For a response or an error: the ``message_id`` it answers."""
+    sender: str
+    """The sending agent's id, or a client's name."""
+    reply_to: str
+    """The sender's inbox (its host id, or a client's inbox id): where answers go."""
+    reply_partition: int
+    """The partition of the messages topic that inbox reads."""
+    recipient: str
+    """As addressed: an agent id, ``pool:NAME`` (any one agent of the pool) or
+    ``broadcast:NAME`` (every agent of the pool)."""
+    agent_id: str | None
+    """The agent it was resolved to (``None`` for a broadcast, or an answer to a client)."""
+    host_id: str | None
+    """The inbox it is for (``None`` for a broadcast)."""
+    pool: str | None
+    expires_at: int | None
+    priority: Priority
+    """Higher priority is delivered first within what one fetch of an inbox gives."""
+    expects_reply: bool
+    """An ``ask``: the sender awaits a response (or error) with this id as correlation."""
+    payload: str
+
+
 Event = (
     TaskSubmitted
     | CancelRequested
@@ -1016,6 +1059,7 @@ Event = (
     | WorkflowStepSubmitted
     | WorkflowStepCompleted
     | WorkflowEnded
+    | AgentMessage
 )
 
 TASK_ENDINGS = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)

@@ -20,17 +20,21 @@ from conclave.runtime.genai import model_call
 
 if TYPE_CHECKING:
     from conclave.coordination import Coordinator
+    from conclave.domain.events import AgentMessage
+    from conclave.messaging import Messenger
 
 SIMULATED_MODEL = "simulated"
 
 __all__ = [
     "AgentContext",
     "AgentFn",
+    "MessageHandler",
     "PermanentFailure",
     "SimulatedAgent",
     "SimulatedFailure",
     "TransientFailure",
     "load_agent",
+    "load_handler",
 ]
 
 
@@ -49,9 +53,49 @@ class AgentContext:
     """Resource locks and versioned state shared with other agents and processes
     (``await ctx.coordination.acquire_lock(...)``, ``update_state(...)``), through the
     coordination processor: its host's, connected on first use. ``None`` outside a host."""
+    messenger: Messenger | None = None
+    """Its host's messaging (what :meth:`ask`, :meth:`tell` and :meth:`broadcast` use)."""
+    message: AgentMessage | None = None
+    """In a message handler (``on_message``): the message being handled (``task_id`` is
+    then empty and ``input`` is the message's payload)."""
+
+    def _messages(self) -> Messenger:
+        if self.messenger is None:
+            raise RuntimeError("messaging needs a runtime host: this context has none")
+        return self.messenger
+
+    async def ask(
+        self,
+        recipient: str,
+        payload: str,
+        *,
+        timeout: float = 10.0,  # noqa: ASYNC109 - the ask's own deadline, also its TTL
+        **options: Any,
+    ) -> str:
+        """Ask ``recipient`` (an agent id, ``pool:NAME`` for any one agent of a pool) and
+        return its answer; :class:`~conclave.messaging.AskTimeout` after ``timeout``
+        seconds, :class:`~conclave.messaging.RemoteError` if it answered with an error,
+        :class:`~conclave.messaging.UnknownRecipient` if nobody has that name."""
+        return await self._messages().ask(
+            recipient, payload, timeout=timeout, sender=self.agent_id, **options
+        )
+
+    async def tell(self, recipient: str, payload: str, **options: Any) -> str:
+        """Send without awaiting an answer (``ttl=`` seconds: not delivered after it);
+        returns the message id."""
+        return await self._messages().tell(recipient, payload, sender=self.agent_id, **options)
+
+    async def broadcast(self, pool: str, payload: str, **options: Any) -> str:
+        """Send to every agent of ``pool`` but this one, once each."""
+        return await self._messages().broadcast(pool, payload, sender=self.agent_id, **options)
 
 
 AgentFn = Callable[[AgentContext], Awaitable[str]]
+MessageHandler = Callable[[AgentContext, "AgentMessage"], Awaitable[str | None]]
+"""``async def on_message(ctx, message) -> str | None``: an agent's answer to a message.
+For an ask, a string is the response and an exception the error answer; ``None`` answers
+nothing (the asker times out). Found as the attribute ``on_message`` of the agent
+callable, or next to it in its module."""
 
 
 class PermanentFailure(Exception):
@@ -102,6 +146,12 @@ class SimulatedAgent:
         stance = ("aye", "nay", "abstain")[verdict[0] % 3]
         return f"{ctx.agent_id} votes {stance} on {ctx.input!r} [{verdict[:4].hex()}]"
 
+    async def on_message(self, ctx: AgentContext, message: AgentMessage) -> str | None:
+        """Answers an ask at once, with who answered what; anything else is just taken."""
+        if not message.expects_reply:
+            return None
+        return f"{ctx.agent_id} heard {message.payload!r}"
+
 
 def load_agent(ref: str, **options: Any) -> AgentFn:
     """Resolve ``simulated`` or ``module:function`` to an async agent callable."""
@@ -124,3 +174,16 @@ def load_agent(ref: str, **options: Any) -> AgentFn:
         raise AgentLoadError(f"{ref!r} is not an async callable")
     fn: AgentFn = target
     return fn
+
+
+def load_handler(ref: str, agent: AgentFn) -> MessageHandler | None:
+    """The message handler of agent ``ref``: ``agent.on_message``, or ``on_message`` in
+    its module (``module:function`` refs), or ``None`` (the agent takes no messages)."""
+    handler = getattr(agent, "on_message", None)
+    if handler is None and ":" in ref:
+        module = importlib.import_module(ref.partition(":")[0])
+        handler = getattr(module, "on_message", None)
+    if handler is not None and not inspect.iscoroutinefunction(handler):
+        raise AgentLoadError(f"on_message of {ref!r} is not an async function")
+    found: MessageHandler | None = handler
+    return found

@@ -39,6 +39,7 @@ from conclave.bus import (
 )
 from conclave.coordination import Coordinator
 from conclave.domain.events import (
+    AgentMessage,
     AgentOutput,
     AgentRegistered,
     DeadLetterRecord,
@@ -51,11 +52,13 @@ from conclave.domain.events import (
     TaskFailed,
     now_us,
 )
+from conclave.domain.messaging import expired
 from conclave.errors import BrokerUnavailable, Fenced, SchemaError
 from conclave.feed import fetched_to
+from conclave.messaging import Messenger, UnknownRecipient, error_payload
 from conclave.outage import Backoff, Outage
 from conclave.records import Record
-from conclave.runtime.agents import AgentContext, AgentFn, PermanentFailure
+from conclave.runtime.agents import AgentContext, AgentFn, MessageHandler, PermanentFailure
 from conclave.settings import Settings
 from conclave.topics import HOST_HEADER, pool_partition
 from conclave.tracing import hop
@@ -122,15 +125,36 @@ class _Progress:
 
 
 class RuntimeHost:
-    def __init__(self, settings: Settings, config: HostConfig, agent: AgentFn) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        config: HostConfig,
+        agent: AgentFn,
+        on_message: MessageHandler | None = None,
+    ) -> None:
         self.settings = settings
         self.config = config
         self.agent = agent
+        self.on_message: MessageHandler | None = on_message or getattr(agent, "on_message", None)
+        """How its agents answer messages (``None``: they take none; an ask gets an error)."""
         self.topics = topics_for(settings)
         self.name = f"runtime:{config.host_id}"
         self.producer = EventProducer(settings, producer=self.name)
         self.coordination = Coordinator(settings, producer_name=self.name)
         """The agents' locks and versioned state: connected when an agent first uses it."""
+        self.messenger = Messenger(
+            settings,
+            name=self.name,
+            inbox=config.host_id,
+            pool=config.pool,
+            deliver=self._message,
+            group=f"{self.group_id}.messages",
+        )
+        """Its agents' messages: the inbox is the host id, read from the position
+        committed by the last instance of this host."""
+        self._message_turns: dict[str, asyncio.Lock] = {a: asyncio.Lock() for a in config.agent_ids}
+        """One message at a time per agent, in the order they arrived."""
+        self._handling: set[asyncio.Task[None]] = set()
         self.memories: dict[str, dict[str, object]] = {a: {} for a in config.agent_ids}
         self.current: dict[str, str | None] = dict.fromkeys(config.agent_ids)
         self._partition = 0
@@ -175,6 +199,7 @@ class RuntimeHost:
             self._partition = pool_partition(self.config.pool, partitions)
             self._tp = TopicPartition(self.topics.tasks, self._partition)
             await self._open_consumer()
+            await self.messenger.start()  # before registering: no message can be missed
             await self._register()
         except BaseException:
             await self.stop()
@@ -274,6 +299,10 @@ class RuntimeHost:
         if self._writer is not None:
             await self._writer.stop()
             self._writer = None
+        for handling in self._handling:
+            handling.cancel()
+        await asyncio.gather(*self._handling, return_exceptions=True)
+        await self.messenger.stop()
         await self.coordination.stop()
         await self.producer.stop()
 
@@ -368,6 +397,85 @@ class RuntimeHost:
         self._cancelled[event.task_id] = event.reason
         running[1].cancel()
 
+    async def _message(self, message: AgentMessage, record: Record) -> None:
+        """A message for one of this host's agents, or for every one of its pool's (a
+        broadcast: all but the sender). Handled one at a time per agent, in order."""
+        if message.agent_id is None:
+            targets = [a for a in self.config.agent_ids if a != message.sender]
+        elif message.agent_id in self.memories:
+            targets = [message.agent_id]
+        else:  # registered here once, gone now (a host restarted with other agents)
+            metrics.agent_messages.labels(self.config.pool, "refused").inc()
+            reason = f"no agent {message.agent_id!r} on host {self.config.host_id}"
+            if message.expects_reply:
+                payload = error_payload(UnknownRecipient.__name__, reason)
+                await self.messenger.answer(message, payload, error=True, sender=self.name)
+            else:
+                await self._dead_letter(record, reason)
+            return
+        for agent_id in targets:
+            handling = asyncio.create_task(self._handle(agent_id, message, record))
+            self._handling.add(handling)
+            handling.add_done_callback(self._handling.discard)
+
+    async def _handle(self, agent_id: str, message: AgentMessage, record: Record) -> None:
+        async with self._message_turns[agent_id]:
+            if expired(message, now_us()):  # it waited behind the agent's earlier messages
+                log.info(
+                    "%s: message %s to %s expired in line", self.name, message.message_id, agent_id
+                )
+                metrics.agent_messages.labels(self.config.pool, "expired").inc()
+                await self.messenger.dead_letter(record, "expired", "MessageExpired")
+                return
+            answer, outcome = await self._answer_of(agent_id, message)
+            metrics.agent_messages.labels(self.config.pool, outcome).inc()
+            if message.expects_reply and answer is not None:
+                try:
+                    await self.messenger.answer(
+                        message, answer, error=outcome != "handled", sender=agent_id
+                    )
+                except BrokerUnavailable as exc:
+                    log.warning("%s: answer to %s lost: %s", self.name, message.message_id, exc)
+
+    async def _answer_of(self, agent_id: str, message: AgentMessage) -> tuple[str | None, str]:
+        """The agent's answer to ``message`` (an error payload if it failed), and the
+        outcome: ``handled``, ``failed`` or ``refused`` (it takes no messages)."""
+        if self.on_message is None:
+            return error_payload("NotAccepted", f"agent {agent_id} takes no messages"), "refused"
+        ctx = AgentContext(
+            agent_id=agent_id,
+            task_id="",
+            attempt=0,
+            input=message.payload,
+            deliberation_id=None,
+            memory=self.memories[agent_id],
+            coordination=self.coordination,
+            messenger=self.messenger,
+            message=message,
+        )
+        left_s = self._task_timeout_s
+        if message.expires_at is not None:
+            left_s = min(left_s, max(0.0, (message.expires_at - now_us()) / 1e6))
+        try:
+            with logs.about(None, agent_id):
+                answer = await asyncio.wait_for(self.on_message(ctx, message), left_s)
+            return (None if answer is None else _checked(answer)), "handled"
+        except asyncio.CancelledError:
+            raise  # the host is stopping
+        except Exception as exc:  # any handler error is the asker's answer
+            text = str(exc)
+            if isinstance(exc, TimeoutError) and not text:
+                text = "no answer before the message expired"
+            log.warning(
+                "%s: %s failed on message %s: %s: %s",
+                self.name,
+                agent_id,
+                message.message_id,
+                type(exc).__name__,
+                text[:200],
+            )
+            return error_payload(type(exc).__name__, text), "failed"
+
     async def _dead_letter(self, record: Record, reason: str) -> None:
         log.warning("%s dead-lettered %s@%d: %s", self.name, record.topic, record.offset, reason)
         await self.producer.send(
@@ -394,6 +502,7 @@ class RuntimeHost:
             deliberation_id=event.deliberation_id,
             memory=self.memories[event.agent_id],
             coordination=self.coordination,
+            messenger=self.messenger,
         )
         self.current[event.agent_id] = event.task_id
         # Log lines of the run (the host's and the agent's own) name the task and agent.

@@ -181,7 +181,8 @@ async def test_runtime_host_killed_for_good_loses_its_work_when_its_lease_runs_o
     assert {a["agent_id"]: a["state"] for a in agents if a["host_id"] == "h1"} == dict.fromkeys(
         h1_agents, "lost"
     )
-    assert {a["state"] for a in agents if a["host_id"] == "h2"} <= {"idle", "busy"}
+    # Like its host: silent once check_invariants stopped the projector (on a slow run).
+    assert {a["state"] for a in agents if a["host_id"] == "h2"} <= {"idle", "busy", "silent"}
 
 
 async def test_projector_killed_under_load_catches_up_without_losing_a_row(
