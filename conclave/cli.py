@@ -44,6 +44,7 @@ from conclave.cli_tasks import (
     task_app,
 )
 from conclave.cli_witness import witness_app
+from conclave.cli_workflows import list_workflows, submit_batch, workflow_app
 from conclave.errors import ConclaveError
 from conclave.settings import LogSettings, Settings
 
@@ -82,6 +83,9 @@ app.add_typer(state_app, name="state")
 app.add_typer(message_app, name="message")
 app.command("messages")(list_messages)
 app.command("replay")(replay)
+app.add_typer(workflow_app, name="workflow")
+app.command("workflows")(list_workflows)
+app.command("submit-batch")(submit_batch)
 
 
 @app.callback()

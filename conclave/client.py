@@ -5,6 +5,7 @@
         report = await client.submit("write the report", depends_on=[task_id])
         deliberation_id = await client.deliberate("Shall we adjourn?", agent_ids=[...])
         await client.cancel(report)
+        workflow_id = await client.run_workflow(definition, {"topic": "minutes"})
 
 Every call returns once the broker has acknowledged the command. Commands of one pool go
 to one partition (:func:`conclave.topics.pool_partition`), the one its scheduler shard
@@ -15,12 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from opentelemetry import trace
 
 from conclave.bus import EventProducer, topics_for
+from conclave.domain import workflows
 from conclave.domain.events import (
     CancelRequested,
     DeliberationRequested,
@@ -31,6 +35,8 @@ from conclave.domain.events import (
     ProjectionDigest,
     Resume,
     TaskSubmitted,
+    WorkflowCancelRequested,
+    WorkflowRunRequested,
 )
 from conclave.domain.retry import DEFAULT_RETRY, RetryPolicy
 from conclave.domain.validation import invalid_command
@@ -262,6 +268,56 @@ class Client:
             event,
             partition=await self._partition(topic, pool),
             correlation_id=subject,
+            headers=headers_for(),
+        )
+
+    async def run_workflow(
+        self,
+        definition: Mapping[str, Any],
+        input: Any = None,
+        *,
+        workflow_id: str | None = None,
+    ) -> str:
+        """Run a workflow: ``definition`` is the mapping a workflow file holds (``name``,
+        ``steps``: each with ``name``, ``input`` template, ``pool`` or ``agent``,
+        ``priority``, ``max_attempts``, ``depends_on``; see
+        :mod:`conclave.domain.workflows`), ``input`` any JSON value its templates read.
+        Returns the workflow id (``wf-`` and 12 hex digits unless given; the same id runs
+        once). Unknown references, cycles and input paths ``input`` lacks raise
+        :class:`~conclave.errors.InvalidCommand` before anything is sent; the workflow
+        processor checks again and writes ``workflow.rejected`` with the reason."""
+        workflow_id = workflow_id or f"wf-{uuid.uuid4().hex[:12]}"
+        if workflows.WORKFLOW_ID.fullmatch(workflow_id) is None:
+            raise InvalidCommand("workflow_id must be 1-100 of A-Z a-z 0-9 _ -")
+        try:
+            spec = workflows.parse(dict(definition), input)
+            input_json = json.dumps(input)
+        except (ValueError, TypeError) as exc:
+            raise InvalidCommand(str(exc)) from None
+        event = WorkflowRunRequested(
+            workflow_id=workflow_id, definition_json=spec.to_json(), input_json=input_json
+        )
+        await self._producer.send(
+            self.topics.workflow_requests,
+            workflow_id,
+            event,
+            partition=0,
+            correlation_id=workflow_id,
+            headers=headers_for(),
+        )
+        return workflow_id
+
+    async def cancel_workflow(self, workflow_id: str, *, reason: str = "") -> None:
+        """Cancel a running workflow as a whole: its running steps are cancelled (their
+        agents stopped), the others never run. A finished or unknown workflow: rejected
+        (``workflow.rejected``), nothing else happens."""
+        event = WorkflowCancelRequested(workflow_id=workflow_id, reason=reason)
+        await self._producer.send(
+            self.topics.workflow_requests,
+            workflow_id,
+            event,
+            partition=0,
+            correlation_id=workflow_id,
             headers=headers_for(),
         )
 

@@ -131,6 +131,18 @@ class Topics:
         return f"{self.prefix}.coordination"
 
     @property
+    def workflow_requests(self) -> str:
+        """Workflow run and cancel requests from clients (key: workflow id; one partition:
+        one workflow shard)."""
+        return f"{self.prefix}.workflows.requests"
+
+    @property
+    def workflows(self) -> str:
+        """The workflow processor's decisions (started, step submitted and completed,
+        ended, rejected): its changelog (key: workflow id)."""
+        return f"{self.prefix}.workflows"
+
+    @property
     def messages(self) -> str:
         """Agent-to-agent messages and their answers (key: the recipient as addressed;
         partition: :func:`pool_partition` of the recipient's pool, or the asker's inbox
@@ -157,6 +169,7 @@ class Topics:
             self.deadletter,
             self.control,
             self.coordination,
+            self.workflows,
             self.messages,
         ]
 
@@ -181,6 +194,9 @@ class Topics:
             TopicSpec(self.coordination_requests, n, KEEP_FOREVER, "lock and state requests"),
             TopicSpec(self.coordination, n, KEEP_FOREVER, "lock and state decisions"),
             TopicSpec(self.snapshots("coordination"), n, KEEP_A_WEEK, "coordination snapshots"),
+            TopicSpec(self.workflow_requests, 1, KEEP_FOREVER, "workflow run and cancel requests"),
+            TopicSpec(self.workflows, 1, KEEP_FOREVER, "workflow decisions"),
+            TopicSpec(self.snapshots("workflows"), 1, KEEP_A_WEEK, "workflow snapshots"),
             TopicSpec(self.messages, n, KEEP_FOREVER, "agent-to-agent messages"),
         ]
         return specs

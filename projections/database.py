@@ -79,6 +79,8 @@ READ_MODEL_TABLES = (
     "state_versions",
     "state_checkpoints",
     "state_rejections",
+    "workflows",
+    "workflow_steps",
     "messages",
     "projection_digests",
     "projection_offsets",

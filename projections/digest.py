@@ -56,6 +56,8 @@ DIGESTED_TABLES = (
     "state_versions",
     "state_checkpoints",
     "state_rejections",
+    "workflows",
+    "workflow_steps",
     "messages",
     "projection_digests",
 )

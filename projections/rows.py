@@ -23,6 +23,7 @@ on how the topics interleave.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -31,6 +32,7 @@ from typing import Any, Protocol
 from conclave.domain.events import (
     COORDINATION_DECISIONS,
     TASKS_TOPIC_EVENTS,
+    WORKFLOW_DECISIONS,
     AgentCircuitClosed,
     AgentCircuitHalfOpened,
     AgentCircuitOpened,
@@ -71,6 +73,11 @@ from conclave.domain.events import (
     TaskStalled,
     WitnessCheckpoint,
     WitnessEntry,
+    WorkflowEnded,
+    WorkflowRejected,
+    WorkflowStarted,
+    WorkflowStepCompleted,
+    WorkflowStepSubmitted,
 )
 from conclave.domain.retry import retry_of
 from conclave.domain.scheduler_state import TaskStatus
@@ -82,6 +89,8 @@ __all__ = [
     "HOSTS",
     "KEYED_TABLES",
     "TASKS",
+    "WORKFLOWS",
+    "WORKFLOW_STEPS",
     "AgentRow",
     "Changes",
     "Consumed",
@@ -89,10 +98,14 @@ __all__ = [
     "LockRow",
     "Table",
     "TaskRow",
+    "WorkflowRow",
+    "WorkflowStepRow",
     "fold_agent",
     "fold_host",
     "fold_lock",
     "fold_task",
+    "fold_workflow",
+    "fold_workflow_step",
     "projected_from",
 ]
 
@@ -248,6 +261,46 @@ class LockRow:
     updated_at: int
 
 
+@dataclass(slots=True)
+class WorkflowRow:
+    """One row of ``workflows``."""
+
+    workflow_id: str
+    tenant: str
+    name: str
+    status: str
+    """``running``, ``completed``, ``failed``, ``cancelled`` or ``rejected``."""
+    input_json: str
+    definition_json: str
+    steps: int
+    failed_step: str | None
+    reason: str | None
+    started_at: int
+    ended_at: int | None
+
+
+@dataclass(slots=True)
+class WorkflowStepRow:
+    """One row of ``workflow_steps`` (key: the step's task id)."""
+
+    task_id: str
+    workflow_id: str
+    step: str
+    position: int
+    pool: str
+    agent_id: str | None
+    priority: str
+    max_attempts: int
+    depends_on: list[str]
+    status: str
+    """``pending``, ``submitted``, ``completed``, ``failed``, ``skipped``, ``cancelled``."""
+    input: str | None
+    output: str | None
+    output_event_id: str | None
+    submitted_at: int | None
+    ended_at: int | None
+
+
 def _table(name: str, row: type[Any], types: Mapping[str, str], key: str) -> Table:
     return Table(name, tuple((f.name, types[f.name]) for f in dataclasses.fields(row)), key)
 
@@ -335,7 +388,47 @@ LOCKS = _table(
     },
     "name",
 )
-KEYED_TABLES = (TASKS, AGENTS, HOSTS, LOCKS)
+WORKFLOWS = _table(
+    "workflows",
+    WorkflowRow,
+    {
+        "workflow_id": "text",
+        "tenant": "text",
+        "name": "text",
+        "status": "text",
+        "input_json": "text",
+        "definition_json": "text",
+        "steps": "integer",
+        "failed_step": "text",
+        "reason": "text",
+        "started_at": "bigint",
+        "ended_at": "bigint",
+    },
+    "workflow_id",
+)
+WORKFLOW_STEPS = _table(
+    "workflow_steps",
+    WorkflowStepRow,
+    {
+        "task_id": "text",
+        "workflow_id": "text",
+        "step": "text",
+        "position": "integer",
+        "pool": "text",
+        "agent_id": "text",
+        "priority": "text",
+        "max_attempts": "integer",
+        "depends_on": "text[]",
+        "status": "text",
+        "input": "text",
+        "output": "text",
+        "output_event_id": "text",
+        "submitted_at": "bigint",
+        "ended_at": "bigint",
+    },
+    "task_id",
+)
+KEYED_TABLES = (TASKS, AGENTS, HOSTS, LOCKS, WORKFLOWS, WORKFLOW_STEPS)
 
 OUTPUTS = Table(
     "outputs",
@@ -735,6 +828,127 @@ def _lock_event(env: Envelope, e: LockEvent) -> tuple[Any, ...]:
     )
 
 
+WorkflowEvent = (
+    WorkflowStarted
+    | WorkflowRejected
+    | WorkflowStepSubmitted
+    | WorkflowStepCompleted
+    | WorkflowEnded
+)
+
+
+def fold_workflow(
+    row: WorkflowRow | None, envelope: Envelope, event: WorkflowEvent, _workflow_id: str
+) -> WorkflowRow | None:
+    """The ``workflows`` row after one workflow decision."""
+    match event:
+        case WorkflowStarted():
+            if row is None or row.status == "rejected":
+                steps = len(json.loads(event.definition_json)["steps"])
+                row = WorkflowRow(
+                    event.workflow_id,
+                    event.tenant,
+                    event.name,
+                    "running",
+                    event.input_json,
+                    event.definition_json,
+                    steps,
+                    None,
+                    None,
+                    envelope.occurred_at,
+                    None,
+                )
+        case WorkflowRejected():
+            if row is None and event.action == "run":
+                row = WorkflowRow(
+                    event.workflow_id,
+                    envelope.tenant,
+                    "",
+                    "rejected",
+                    "",
+                    "",
+                    0,
+                    None,
+                    event.reason,
+                    envelope.occurred_at,
+                    envelope.occurred_at,
+                )
+        case WorkflowEnded():
+            if row is not None and row.status == "running":
+                row.status = event.outcome
+                row.failed_step = event.failed_step
+                row.reason = event.reason
+                row.ended_at = envelope.occurred_at
+        case _:
+            pass
+    return row
+
+
+def fold_workflow_step(
+    row: WorkflowStepRow | None, envelope: Envelope, event: WorkflowEvent, task_id: str
+) -> WorkflowStepRow | None:
+    """The ``workflow_steps`` row after one workflow decision."""
+    match event:
+        case WorkflowStarted():
+            if row is None:
+                steps = json.loads(event.definition_json)["steps"]
+                step = task_id.partition(".")[2]
+                for position, s in enumerate(steps):
+                    if s["name"] == step:
+                        row = WorkflowStepRow(
+                            task_id,
+                            event.workflow_id,
+                            step,
+                            position,
+                            s["pool"],
+                            s["agent"],
+                            s["priority"],
+                            s["max_attempts"],
+                            list(s["depends_on"]),
+                            "pending",
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,
+                        )
+        case WorkflowStepSubmitted():
+            if row is not None and row.status == "pending":
+                row.status = "submitted"
+                row.input = event.input
+                row.submitted_at = envelope.occurred_at
+        case WorkflowStepCompleted():
+            if row is not None and row.status == "submitted":
+                row.status = "completed"
+                row.output = event.output
+                row.output_event_id = event.output_event_id
+                row.ended_at = envelope.occurred_at
+        case WorkflowEnded():
+            if row is not None and row.status in ("pending", "submitted"):
+                if row.step == event.failed_step:
+                    row.status = "failed"
+                elif row.status == "pending":
+                    row.status = "skipped"
+                else:
+                    row.status = "cancelled"
+                row.ended_at = envelope.occurred_at
+        case _:
+            pass
+    return row
+
+
+def _all_steps(event: WorkflowStarted) -> list[str]:
+    steps = json.loads(event.definition_json)["steps"]
+    return [f"{event.workflow_id}.{s['name']}" for s in steps]
+
+
+def _ended_steps(event: WorkflowEnded) -> list[str]:
+    names = [*event.skipped_steps, *event.cancelled_steps]
+    if event.failed_step is not None:
+        names.append(event.failed_step)
+    return [f"{event.workflow_id}.{name}" for name in names]
+
+
 Fold = Callable[[Any, Envelope, Any, str], Any]
 """(stored row or None, envelope, event, the row's key) -> the row after the event."""
 Append = Callable[[Envelope, Any], tuple[Any, ...]]
@@ -749,6 +963,8 @@ _TASK = (TASKS, _one("task_id"), fold_task)
 _AGENT = (AGENTS, _one("agent_id"), fold_agent)
 _HOST = (HOSTS, _one("host_id"), fold_host)
 _LOCK = (LOCKS, _one("name"), fold_lock)
+_WORKFLOW = (WORKFLOWS, _one("workflow_id"), fold_workflow)
+_STEP = (WORKFLOW_STEPS, _one("task_id"), fold_workflow_step)
 
 KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], ...]] = {
     TaskQueued: (_TASK,),
@@ -774,6 +990,11 @@ KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], 
     LockRenewed: (_LOCK,),
     LockReleased: (_LOCK,),
     LockExpired: (_LOCK,),
+    WorkflowStarted: (_WORKFLOW, (WORKFLOW_STEPS, _all_steps, fold_workflow_step)),
+    WorkflowRejected: (_WORKFLOW,),
+    WorkflowStepSubmitted: (_STEP,),
+    WorkflowStepCompleted: (_STEP,),
+    WorkflowEnded: (_WORKFLOW, (WORKFLOW_STEPS, _ended_steps, fold_workflow_step)),
 }
 """Events that change keyed-state rows: per table, the rows' keys and the rule."""
 _FOLDS: Mapping[tuple[type[Any], Table], Fold] = {
@@ -968,15 +1189,18 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
         topics.deadletter: (DeadLetterRecord,),
         topics.control: (Halt, Resume, PoolConfigured, ProjectionDigest),
         topics.coordination: COORDINATION_DECISIONS,
+        topics.workflows: WORKFLOW_DECISIONS,
         topics.messages: (AgentMessage,),
     }
 
 
-_ROW_TYPES: Mapping[Table, type[TaskRow] | type[AgentRow] | type[HostRow] | type[LockRow]] = {
+_ROW_TYPES: Mapping[Table, type[Any]] = {
     TASKS: TaskRow,
     AGENTS: AgentRow,
     HOSTS: HostRow,
     LOCKS: LockRow,
+    WORKFLOWS: WorkflowRow,
+    WORKFLOW_STEPS: WorkflowStepRow,
 }
 
 

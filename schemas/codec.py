@@ -85,6 +85,13 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.StateUpdateRejected,
     ev.StateCheckpointed,
     ev.StateRestored,
+    ev.WorkflowRunRequested,
+    ev.WorkflowCancelRequested,
+    ev.WorkflowStarted,
+    ev.WorkflowRejected,
+    ev.WorkflowStepSubmitted,
+    ev.WorkflowStepCompleted,
+    ev.WorkflowEnded,
     ev.AgentMessage,
 )
 

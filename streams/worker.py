@@ -2,7 +2,7 @@
 of workers that stopped beating.
 
 Every shard (``scheduler-0`` .. ``scheduler-<n-1>``, ``witness-0``, ``coordination-0`` ..
-``coordination-<n-1>``) runs in exactly one
+``coordination-<n-1>``, ``workflows-0``) runs in exactly one
 worker at a time. Which one is decided by :func:`conclave.domain.ownership.plan` from the
 workers' beats, re-evaluated a few times a second: start one worker or ten, kill any of
 them with -9, and the shards end up running again within a lease (5 s by default) plus
@@ -33,6 +33,7 @@ from streams.core import Clock, Emitter, Shard, ShardRunner
 from streams.membership import Membership
 from streams.scheduler import SchedulerShard
 from streams.witness import WitnessShard
+from streams.workflows import WorkflowShard
 
 __all__ = ["Worker", "build_shard", "shard_inputs", "shard_names"]
 
@@ -46,6 +47,7 @@ def shard_names(partitions: int) -> list[str]:
         *(f"scheduler-{i}" for i in range(partitions)),
         "witness-0",
         *(f"coordination-{i}" for i in range(partitions)),
+        "workflows-0",
     ]
 
 
@@ -220,6 +222,8 @@ def build_shard(settings: Settings, name: str, partitions: int) -> Shard:
         )
     if kind == "coordination":
         return CoordinationShard(topics, int(index), emitter)
+    if kind == "workflows":
+        return WorkflowShard(topics, partitions, emitter)
     raise ConfigError(f"unknown shard {name!r}")
 
 

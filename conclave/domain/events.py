@@ -23,6 +23,8 @@ __all__ = [
     "COORDINATION_REQUESTS",
     "TASKS_TOPIC_EVENTS",
     "TASK_ENDINGS",
+    "WORKFLOW_DECISIONS",
+    "WORKFLOW_REQUESTS",
     "AgentCircuitClosed",
     "AgentCircuitHalfOpened",
     "AgentCircuitOpened",
@@ -74,6 +76,13 @@ __all__ = [
     "WitnessCheckpoint",
     "WitnessEntry",
     "WorkerBeat",
+    "WorkflowCancelRequested",
+    "WorkflowEnded",
+    "WorkflowRejected",
+    "WorkflowRunRequested",
+    "WorkflowStarted",
+    "WorkflowStepCompleted",
+    "WorkflowStepSubmitted",
     "new_envelope",
     "now_us",
 ]
@@ -862,6 +871,105 @@ class StateRestored:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowRunRequested:
+    """A user asks for a workflow (a DAG of named steps) to be run on ``input_json``."""
+
+    TYPE: ClassVar[str] = "workflow.run_requested"
+    workflow_id: str
+    definition_json: str
+    """The definition as JSON (name, steps: pool or agent, priority, max_attempts, input
+    template, depends_on), see :mod:`conclave.domain.workflows`."""
+    input_json: str
+    """The workflow's input, JSON: what ``{{ input... }}`` references read."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowCancelRequested:
+    """Cancel a running workflow as a whole: its running steps are cancelled, the rest
+    never run."""
+
+    TYPE: ClassVar[str] = "workflow.cancel_requested"
+    workflow_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowStarted:
+    """The workflow processor accepted a workflow (valid DAG, every reference known)."""
+
+    TYPE: ClassVar[str] = "workflow.started"
+    workflow_id: str
+    name: str
+    definition_json: str
+    """The normalised definition: every step with its pool, priority, dependencies."""
+    input_json: str
+    tenant: str
+    """The tenant its steps are submitted as (the run request's)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowRejected:
+    """A run or cancel request was refused; nothing else happened."""
+
+    TYPE: ClassVar[str] = "workflow.rejected"
+    workflow_id: str
+    action: str
+    """``run`` or ``cancel``."""
+    request_event_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowStepSubmitted:
+    """``step`` was submitted as task ``task_id`` with its rendered input (the
+    ``task.submitted`` is in the same transaction): once every dependency completed, or,
+    for a step whose input reads no output, once they were submitted (``depends_on``)."""
+
+    TYPE: ClassVar[str] = "workflow.step_submitted"
+    workflow_id: str
+    step: str
+    task_id: str
+    pool: str
+    agent_id: str | None
+    priority: Priority
+    max_attempts: int
+    input: str
+    """The rendered input."""
+    depends_on: list[str] = field(default_factory=list)
+    """Step tasks the scheduler still has to see complete before it queues this one: a
+    step whose input reads no output is submitted as soon as its dependencies are, so
+    that the scheduler releases it in the decision that completes the last one."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowStepCompleted:
+    """``step``'s task completed; ``output`` is its accepted answer (the output the
+    scheduler's ``task.completed`` names), which later steps' templates read."""
+
+    TYPE: ClassVar[str] = "workflow.step_completed"
+    workflow_id: str
+    step: str
+    task_id: str
+    output_event_id: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowEnded:
+    """Terminal: ``outcome`` is ``completed``, ``failed`` (``failed_step`` names the step)
+    or ``cancelled``. Steps never submitted are ``skipped``; tasks still running were
+    cancelled (``cancelled_tasks``, each with a ``task.cancel_requested`` alongside)."""
+
+    TYPE: ClassVar[str] = "workflow.ended"
+    workflow_id: str
+    outcome: str
+    failed_step: str | None
+    reason: str
+    skipped_steps: list[str] = field(default_factory=list)
+    cancelled_steps: list[str] = field(default_factory=list)
+
+
 # -- agent-to-agent messages ------------------------------------------------------------
 # One record type for every kind of message (conclave.domain.messaging says which kinds
 # there are and what each field means for each); on the messages topic, in the partition
@@ -952,6 +1060,13 @@ Event = (
     | StateUpdateRejected
     | StateCheckpointed
     | StateRestored
+    | WorkflowRunRequested
+    | WorkflowCancelRequested
+    | WorkflowStarted
+    | WorkflowRejected
+    | WorkflowStepSubmitted
+    | WorkflowStepCompleted
+    | WorkflowEnded
     | AgentMessage
 )
 
@@ -1000,3 +1115,15 @@ COORDINATION_DECISIONS = (
     StateRestored,
 )
 """What the coordination processor writes (its changelog)."""
+
+WORKFLOW_REQUESTS = (WorkflowRunRequested, WorkflowCancelRequested)
+"""What clients write on the workflow requests topic."""
+
+WORKFLOW_DECISIONS = (
+    WorkflowStarted,
+    WorkflowRejected,
+    WorkflowStepSubmitted,
+    WorkflowStepCompleted,
+    WorkflowEnded,
+)
+"""What the workflow processor writes (its changelog)."""
