@@ -23,6 +23,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from conclave import payloads
 from conclave.bus import EventProducer, topics_for
 from conclave.domain import workflows
 from conclave.domain.events import (
@@ -39,7 +40,7 @@ from conclave.domain.events import (
     WorkflowRunRequested,
 )
 from conclave.domain.retry import DEFAULT_RETRY, RetryPolicy
-from conclave.domain.validation import invalid_command
+from conclave.domain.validation import MAX_INPUT_BYTES, invalid_command
 from conclave.errors import InvalidCommand
 from conclave.settings import Settings
 from conclave.topics import pool_partition
@@ -124,12 +125,20 @@ class Client:
         ``idempotency_key``: instead of a ``task_id``, a key of the caller's choosing:
         the task id is derived from it and this client's tenant
         (:func:`idempotent_task_id`), so submitting the same key again is a no-op that
-        returns the same id, and the same key in another tenant is another task."""
+        returns the same id, and the same key in another tenant is another task.
+
+        An ``input`` over one record's limit (900,000 bytes of UTF-8) is stored in chunks
+        on the payloads topic and the task carries a reference to it, which the runtime
+        host resolves before the agent sees the input (:mod:`conclave.payloads`; at most
+        64 MiB)."""
         if idempotency_key is not None:
             if task_id is not None:
                 raise InvalidCommand("give a task_id or an idempotency_key, not both")
             task_id = idempotent_task_id(self.settings.tenant, idempotency_key)
         task_id = task_id or str(uuid.uuid4())
+        if len(input) * 4 > MAX_INPUT_BYTES and len(data := input.encode()) > MAX_INPUT_BYTES:
+            ref = await payloads.store(self._producer, self.topics.payloads, task_id, data)
+            input = ref.text()
         event = _submitted(task_id, input, pool, priority, agent_id, max_attempts, retry)
         event = dataclasses.replace(
             event,

@@ -143,6 +143,13 @@ class Topics:
         return f"{self.prefix}.workflows"
 
     @property
+    def payloads(self) -> str:
+        """Task inputs larger than one record, in chunks of raw bytes (key: the task id);
+        the task's input is a reference to them (:mod:`conclave.payloads`). Not a history
+        topic: nothing is folded from it, hosts read the chunks they are given."""
+        return f"{self.prefix}.payloads"
+
+    @property
     def messages(self) -> str:
         """Agent-to-agent messages and their answers (key: the recipient as addressed;
         partition: :func:`pool_partition` of the recipient's pool, or the asker's inbox
@@ -198,5 +205,6 @@ class Topics:
             TopicSpec(self.workflows, 1, KEEP_FOREVER, "workflow decisions"),
             TopicSpec(self.snapshots("workflows"), 1, KEEP_A_WEEK, "workflow snapshots"),
             TopicSpec(self.messages, n, KEEP_FOREVER, "agent-to-agent messages"),
+            TopicSpec(self.payloads, 1, KEEP_FOREVER, "task inputs too large for one record"),
         ]
         return specs

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
 
-from conclave import logs, metrics
+from conclave import logs, metrics, payloads
 from conclave.bus import (
     EventProducer,
     Outgoing,
@@ -493,6 +493,12 @@ class RuntimeHost:
             partition=0,
         )
 
+    async def _answer(self, ctx: AgentContext) -> str:
+        """The agent's answer; an input passed by reference is resolved first."""
+        if (ref := payloads.parse(ctx.input)) is not None:
+            ctx.input = (await payloads.load(self.settings, ref)).decode()
+        return await self.agent(ctx)
+
     async def _run(self, cause: Envelope, event: TaskDispatched, record: Record) -> None:
         ctx = AgentContext(
             agent_id=event.agent_id,
@@ -516,7 +522,7 @@ class RuntimeHost:
             started = time.perf_counter()
             outcome: AgentOutput | TaskFailed
             try:
-                content = _checked(await asyncio.wait_for(self.agent(ctx), self._task_timeout_s))
+                content = _checked(await asyncio.wait_for(self._answer(ctx), self._task_timeout_s))
             except asyncio.CancelledError:
                 if event.task_id not in self._cancelled:
                     raise  # the host is stopping

@@ -4,6 +4,8 @@ file or stdin, inputs too large for one record, ``task show --follow``."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from conclave import payloads
 from conclave.client import Client
 from conclave.domain.events import now_us
 from conclave.errors import InvalidCommand, NotFound
@@ -89,20 +92,42 @@ async def test_submit_wait_prints_the_answer_or_the_failure(system: System, tmp_
         assert "completed" in followed.stderr
 
 
-async def test_an_input_larger_than_one_record_is_refused_before_it_is_sent(
+async def test_an_input_larger_than_one_record_goes_by_reference_and_the_agent_sees_it_whole(
     system: System, tmp_path: Path
 ) -> None:
+    seen: dict[str, str] = {}
+
+    async def measure(ctx: AgentContext) -> str:
+        seen[ctx.task_id] = ctx.input
+        data = ctx.input.encode()
+        return f"{len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}"
+
     big = tmp_path / "big.txt"
-    big.write_text("x" * 2_000_000)  # 2 MB: the argument list could not even hold it
-    refused = await asyncio.to_thread(
-        conclave, system.settings, "submit", "--file", str(big), "--pool", system.pool
-    )
-    assert refused.returncode != 0
-    assert "input is 2,000,000 bytes; at most 900,000" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    text = "".join(f"line {n} é\n" for n in range(200_000))  # ~2.6 MB: 6 chunks
+    big.write_text(text)
+    async with system.running(1, measure):
+        submitted = await asyncio.to_thread(
+            conclave, system.settings, "submit", "--file", str(big), "--pool", system.pool, "--wait"
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        assert f"{len(text.encode())} bytes, sha256 {digest}" in submitted.stdout
+        # The scheduler and the read models hold the reference, not the bytes.
+        (task_id,) = seen
+        stored = await system.db.fetchval("SELECT input FROM tasks WHERE task_id = $1", task_id)
+        assert stored.startswith(payloads.PREFIX)
+        assert len(stored) < 2000
+        # A reference whose chunks are not what was stored fails the attempt, permanently.
+        ref = payloads.parse(stored)
+        assert ref is not None
+        forged = dataclasses.replace(ref, sha256="0" * 64).text()
+        bad = await system.client.submit(forged, pool=system.pool)
+        await eventually(lambda: has_status(system.db, bad, "dead_lettered"))
+        failure = await queries.get_task(system.db, bad)
+        assert "PayloadUnavailable" in (failure.error or "")
     async with Client(system.settings) as client:
-        with pytest.raises(InvalidCommand, match="pass a reference"):
-            await client.submit("é" * 500_000, pool=system.pool)
+        with pytest.raises(InvalidCommand, match="at most 67,108,864 even by reference"):
+            await client.submit("x" * (payloads.MAX_PAYLOAD_BYTES + 1), pool=system.pool)
 
 
 async def test_a_deliberations_answers_are_revealed_together(system: System) -> None:
