@@ -89,6 +89,7 @@ GAUGES: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "conclave_locks_held": ("Resource locks held now, per coordination shard", ("shard",)),
     "conclave_lock_waiters": ("Lock requests waiting in line, per coordination shard", ("shard",)),
     "conclave_state_keys": ("Versioned-state keys, per coordination shard", ("shard",)),
+    "conclave_workflows_running": ("Workflows started, not ended, per workflow shard", ("shard",)),
     "conclave_agents_running": ("Agents of this runtime host working on an attempt", ("pool",)),
     "conclave_projection_lag_records": (
         "Records on a history topic not yet folded into the read models",

@@ -250,7 +250,7 @@ async def test_bad_requests_are_4xx_with_a_message(app: FastAPI, alice: Tenant) 
         ("POST", "/v1/tasks", {"json": {"input": "x", "task_id": "a/b"}}, 400),
         ("POST", "/v1/tasks", {"json": {"input": "x", "retry": {"jitter": 2}}}, 400),
         ("POST", "/v1/tasks", surrogate, 422),
-        ("POST", "/v1/tasks", {"json": {"input": "x" * 950_000}}, 400),
+        ("POST", "/v1/deliberations", {"json": {"motion": "x" * 950_000}}, 400),
         ("POST", "/v1/tasks", {"json": {"input": "x" * (1024 * 1024)}}, 413),
         ("POST", "/v1/halt", {"json": {"reason": "r"}}, 403),
         ("POST", "/v1/resume", {"json": {"reason": "r"}}, 403),

@@ -155,9 +155,10 @@ async def _steps_settled(db: asyncpg.Pool, wid: str) -> dict[str, asyncpg.Record
 
 
 async def test_cancel_a_running_workflow_as_a_whole(system: System) -> None:
-    stopped = asyncio.Event()
+    started, stopped = asyncio.Event(), asyncio.Event()
 
     async def agent(ctx: AgentContext) -> str:
+        started.set()
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
@@ -178,6 +179,9 @@ async def test_cancel_a_running_workflow_as_a_whole(system: System) -> None:
             )
 
         await eventually(running)
+        # Working, not only dispatched: a cancel that reaches the host before the agent
+        # starts stops the attempt before the agent ever runs (nothing to see stopping).
+        await asyncio.wait_for(started.wait(), 30)
         await system.client.cancel_workflow(wid, reason="changed my mind")
         row = await ended(system.db, wid)
         await asyncio.wait_for(stopped.wait(), 30)
