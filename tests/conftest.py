@@ -48,6 +48,10 @@ def settings(stack: StackInfo) -> Settings:
             "CONCLAVE_TOPIC_PREFIX": f"t{secrets.token_hex(4)}",
             # Checkpoints signed within a second of the log growing: tests wait less.
             "CONCLAVE_CHECKPOINT_INTERVAL_S": "1",
+            # The worker shares this process with the tests: on a loaded machine its
+            # scheduler may read a live host's beats late and judge it lost (its running
+            # attempts then stall). Tests of losing hosts set a lease of their own.
+            "CONCLAVE_HOST_LEASE_S": "15",
         }
     )
 
