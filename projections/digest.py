@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from projections.database import READ_MODEL_TABLES
+
 __all__ = [
     "DIGESTED_TABLES",
     "EXCLUDED",
@@ -39,28 +41,7 @@ __all__ = [
     "parse_positions",
 ]
 
-DIGESTED_TABLES = (
-    "tasks",
-    "outputs",
-    "task_failures",
-    "witness_entries",
-    "checkpoints",
-    "agents",
-    "hosts",
-    "system_events",
-    "pool_settings",
-    "dead_letters",
-    "rejections",
-    "locks",
-    "lock_events",
-    "state_versions",
-    "state_checkpoints",
-    "state_rejections",
-    "workflows",
-    "workflow_steps",
-    "messages",
-    "projection_digests",
-)
+DIGESTED_TABLES = tuple(t for t in READ_MODEL_TABLES if t != "projection_offsets")
 """Every read model except the positions (stated apart), in the order they are shown."""
 
 EXCLUDED: Mapping[str, frozenset[str]] = {}
