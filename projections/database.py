@@ -24,6 +24,7 @@ from conclave.settings import Settings, redacted_url
 
 __all__ = [
     "READ_MODEL_TABLES",
+    "REFUSED",
     "NewerDatabase",
     "ProjectorActive",
     "connect",
@@ -52,6 +53,15 @@ _TRANSIENT = (
     asyncpg.InvalidCachedStatementError,  # tables recreated (a rebuild) under a cached plan
     asyncpg.exceptions.OutdatedSchemaCacheError,
 )
+
+REFUSED: tuple[type[Exception], ...] = (
+    asyncpg.DataError,  # class 22, from the server: a NUL in text, a bad date
+    # asyncpg's own refusal to encode an argument (an int beyond the column's type),
+    # raised before anything is sent: an InterfaceError too, but not an outage.
+    asyncpg.exceptions._base.DataError,
+)
+"""What a record's values can make PostgreSQL (or asyncpg) refuse: that record is bad,
+the connection is fine."""
 
 
 class ProjectorActive(ConclaveError):
@@ -129,8 +139,8 @@ def unavailable(what: str = "PostgreSQL") -> Iterator[None]:
     try:
         yield
     except _TRANSIENT as exc:
-        if isinstance(exc, asyncpg.ClientConfigurationError):
-            raise  # a bad setting, not an outage
+        if isinstance(exc, (asyncpg.ClientConfigurationError, *REFUSED)):
+            raise  # a bad setting or a value refused: not an outage
         detail = " ".join(str(exc).split()) or "connection lost"
         raise DatabaseUnavailable(f"{what}: {type(exc).__name__}: {detail}") from exc
 

@@ -52,6 +52,7 @@ from conclave.outage import Backoff, Outage
 from conclave.settings import Settings
 from projections import store
 from projections.database import (
+    REFUSED,
     ProjectorActive,
     drop_read_models,
     migrate,
@@ -409,9 +410,10 @@ class Projector:
                     await self._same_schema(conn)
                     await store.apply(conn, batch.changes)
                     await store.save_positions(conn, batch.moved)
-            except asyncpg.DataError:
-                # A record PostgreSQL refuses (a NUL in text, say) must not wedge every
-                # later batch: fold the rest and dead-letter only the refused ones.
+            except REFUSED:
+                # A record PostgreSQL refuses (a NUL in text, a number beyond its column)
+                # must not wedge every later batch: fold the rest and dead-letter only
+                # the refused ones.
                 async with conn.transaction():
                     await self._same_schema(conn)
                     await self._bisect(conn, batch.records)
@@ -463,7 +465,7 @@ class Projector:
         try:
             async with conn.transaction():
                 await store.apply(conn, self._decode(records, Changes()))
-        except asyncpg.DataError as exc:
+        except REFUSED as exc:
             if len(records) > 1:
                 half = len(records) // 2
                 await self._bisect(conn, records[:half])

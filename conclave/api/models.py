@@ -15,7 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from conclave.domain.validation import MAX_DEPENDENCIES, MAX_ID_LENGTH
+from conclave.domain.retry import MAX_DELAY_MS
+from conclave.domain.validation import MAX_ATTEMPTS, MAX_DEPENDENCIES, MAX_ID_LENGTH
 
 __all__ = [
     "MAX_LONG",
@@ -97,9 +98,9 @@ class Error(BaseModel):
 
 
 class RetryBody(_Body):
-    backoff_ms: int = Field(1000, ge=0, le=MAX_LONG, description="Wait before the first retry")
+    backoff_ms: int = Field(1000, ge=0, le=MAX_DELAY_MS, description="Wait before the first retry")
     multiplier: float = Field(2.0, description="Each further retry waits this much longer")
-    max_backoff_ms: int = Field(60_000, ge=0, le=MAX_LONG)
+    max_backoff_ms: int = Field(60_000, ge=0, le=MAX_DELAY_MS)
     jitter: float = Field(0.2, description="Spread of each wait, 0 to 1")
 
 
@@ -109,7 +110,7 @@ class SubmitBody(_Body):
     pool: Id = "default"
     priority: PriorityName = PriorityName.NORMAL
     agent_id: Id | None = Field(None, description="Run on this agent only")
-    max_attempts: int = Field(1, ge=1, le=MAX_LONG)
+    max_attempts: int = Field(1, ge=1, le=MAX_ATTEMPTS)
     retry: RetryBody = Field(default_factory=RetryBody)
     depends_on: list[TaskRef] = Field(
         default_factory=list,
@@ -117,7 +118,7 @@ class SubmitBody(_Body):
         description="Tasks of this tenant that must complete first; each must be readable"
         " (GET /v1/tasks/{id}) when this one is submitted",
     )
-    start_within_ms: int | None = Field(None, ge=1, le=MAX_LONG)
+    start_within_ms: int | None = Field(None, ge=1, le=MAX_DELAY_MS)
     finish_by: Micros | None = None
     fairness_key: Id | None = Field(
         None, description="Equal-priority tasks of a pool take turns between keys (and tenants)"
@@ -147,7 +148,7 @@ class CancelBody(_Body):
 
 class RedriveBody(_Body):
     max_attempts: int | None = Field(
-        None, ge=1, le=MAX_LONG, description="Attempts of the new run (default: as before)"
+        None, ge=1, le=MAX_ATTEMPTS, description="Attempts of the new run (default: as before)"
     )
 
 

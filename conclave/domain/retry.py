@@ -13,7 +13,18 @@ import hashlib
 from dataclasses import dataclass
 from typing import Protocol, TypedDict
 
-__all__ = ["DEFAULT_RETRY", "RetryFieldValues", "RetryFields", "RetryPolicy", "retry_of"]
+__all__ = [
+    "DEFAULT_RETRY",
+    "MAX_DELAY_MS",
+    "RetryFieldValues",
+    "RetryFields",
+    "RetryPolicy",
+    "retry_of",
+]
+
+MAX_DELAY_MS = 366 * 24 * 3600 * 1000
+"""The longest wait a task may ask for (a retry's back-off, a schedule-to-start limit):
+a year. Times stay far inside a 64-bit µs clock, and a read model's columns."""
 
 
 class RetryFieldValues(TypedDict):
@@ -40,8 +51,10 @@ class RetryPolicy:
 
     def invalid(self) -> str | None:
         """Why this policy cannot be used, or ``None``."""
-        if self.backoff_ms < 0:
-            return "retry_backoff_ms must not be negative"
+        if not 0 <= self.backoff_ms <= MAX_DELAY_MS:
+            return f"retry_backoff_ms must be 0-{MAX_DELAY_MS:,} (a year)"
+        if self.max_backoff_ms > MAX_DELAY_MS:
+            return f"retry_backoff_max_ms must be at most {MAX_DELAY_MS:,} (a year)"
         if not 1.0 <= self.multiplier <= 1000.0:
             return "retry_multiplier must be between 1 and 1000"
         if self.max_backoff_ms < self.backoff_ms:

@@ -11,9 +11,10 @@ from conclave.domain.events import (
     Resume,
     TaskSubmitted,
 )
-from conclave.domain.retry import retry_of
+from conclave.domain.retry import MAX_DELAY_MS, retry_of
 
 __all__ = [
+    "MAX_ATTEMPTS",
     "MAX_CAPACITY",
     "MAX_DEPENDENCIES",
     "MAX_ID_LENGTH",
@@ -26,6 +27,9 @@ MAX_INPUT_BYTES = 900_000
 """A task's input or a motion, UTF-8: one Kafka record with its envelope (brokers cap
 records near 1 MB by default). Larger payloads belong in storage, passed by reference."""
 MAX_CAPACITY = 1_000_000
+MAX_ATTEMPTS = 1000
+"""Attempts of one task, at most (Celery, Temporal and the like have no cap, but
+nothing sane retries a task more often; a read model keeps the count in 32 bits)."""
 MAX_DEPENDENCIES = 1000
 """Dependencies of one task, at most: a wider fan-in belongs in a workflow step."""
 
@@ -44,8 +48,8 @@ def invalid_command(event: Event) -> str | None:
                 return "input must not contain NUL characters"
             if (reason := _too_large("input", event.input)) is not None:
                 return reason
-            if event.max_attempts < 1:
-                return "max_attempts must be at least 1"
+            if not 1 <= event.max_attempts <= MAX_ATTEMPTS:
+                return f"max_attempts must be 1-{MAX_ATTEMPTS:,}"
             if event.redrive_of is not None and (reason := _bad_id("redrive_of", event.redrive_of)):
                 return reason
             return (
@@ -123,8 +127,8 @@ def _bad_dependencies(event: TaskSubmitted) -> str | None:
 
 
 def _bad_deadlines(event: TaskSubmitted) -> str | None:
-    if event.start_within_ms is not None and event.start_within_ms <= 0:
-        return "start_within_ms must be positive"
+    if event.start_within_ms is not None and not 0 < event.start_within_ms <= MAX_DELAY_MS:
+        return f"start_within_ms must be 1-{MAX_DELAY_MS:,} (a year)"
     if event.finish_by is not None and event.finish_by <= 0:
         return "finish_by must be a time (µs since the epoch)"
     return None

@@ -4,6 +4,7 @@ processing goes on."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 
 import asyncpg
@@ -132,12 +133,12 @@ async def test_a_command_the_scheduler_refuses_is_rejected_visibly_and_once(
         await db.fetchval("SELECT count(*) FROM rejections WHERE subject_id = $1", zero.task_id)
         == 1
     )
-    assert found[zero.task_id] == "max_attempts must be at least 1"
+    assert found[zero.task_id] == "max_attempts must be 1-1,000"
     assert found[urgent.task_id].startswith("priority critical does not match the topic")
     shown = await asyncio.to_thread(cli, system.settings, "task", "show", zero.task_id)
     assert shown.returncode == 1
     assert shown.stderr.strip() == (
-        f"error: task '{zero.task_id}' was rejected: max_attempts must be at least 1"
+        f"error: task '{zero.task_id}' was rejected: max_attempts must be 1-1,000"
     )
     assert await db.fetchval("SELECT count(*) FROM tasks WHERE task_id = $1", zero.task_id) == 0
 
@@ -204,23 +205,32 @@ async def test_a_record_postgresql_refuses_is_dead_lettered_and_projection_goes_
         latency_us=1,
         deliberation_id=None,
     )
-    value = default_codec().encode(client._producer.envelope(refused), refused)
+    # Valid Avro too, but an attempt beyond the column's 32 bits: asyncpg refuses to encode
+    # it before anything reaches the server (once taken for an outage: the projector
+    # retried it for ever and every read model froze).
+    too_big = dataclasses.replace(refused, task_id=f"{pool_name}-big", content="ok", attempt=2**40)
+    codec = default_codec()
+    value = codec.encode(client._producer.envelope(refused), refused)
+    big_value = codec.encode(client._producer.envelope(too_big), too_big)
     async with system.running(1):
         await client.send_raw(client.topics.outputs, refused.task_id, value)
-        await system.submit_visible("after the refused record")
+        await client.send_raw(client.topics.outputs, too_big.task_id, big_value)
+        await system.submit_visible("after the refused records")
 
-    async def letter() -> asyncpg.Record | None:
+    async def letter(original: bytes) -> asyncpg.Record | None:
         return await db.fetchrow(
-            "SELECT * FROM dead_letters WHERE processor = 'projector' AND original = $1", value
+            "SELECT * FROM dead_letters WHERE processor = 'projector' AND original = $1", original
         )
 
-    row = await eventually(letter)
+    row = await eventually(lambda: letter(value))
     assert row["source_topic"] == client.topics.outputs
     assert row["error_type"] == "CharacterNotInRepertoireError"
     assert "read model refused it" in row["reason"]
-    assert (
-        await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", refused.task_id) == 0
-    )
+    row = await eventually(lambda: letter(big_value))
+    assert row["error_type"] == "DataError"
+    assert "out of int32 range" in row["reason"]
+    for task_id in (refused.task_id, too_big.task_id):
+        assert await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", task_id) == 0
 
 
 async def test_an_event_on_the_wrong_history_topic_is_dead_lettered_not_projected(

@@ -1461,7 +1461,9 @@ def test_backoff_grows_to_its_cap_within_its_jitter(
 
 
 def test_retry_policies_that_make_no_sense_are_refused() -> None:
-    assert RetryPolicy(backoff_ms=-1).invalid() == "retry_backoff_ms must not be negative"
+    assert RetryPolicy(backoff_ms=-1).invalid() == (
+        "retry_backoff_ms must be 0-31,622,400,000 (a year)"
+    )
     assert RetryPolicy(multiplier=0.5).invalid() == "retry_multiplier must be between 1 and 1000"
     assert RetryPolicy(backoff_ms=5000, max_backoff_ms=10).invalid() == (
         "retry_backoff_max_ms must be at least retry_backoff_ms"

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conclave.domain import events as ev
-from conclave.domain.validation import MAX_ID_LENGTH, invalid_command
+from conclave.domain.retry import MAX_DELAY_MS
+from conclave.domain.validation import MAX_ATTEMPTS, MAX_ID_LENGTH, invalid_command
 
 
 def task(**overrides: Any) -> ev.TaskSubmitted:
@@ -58,6 +59,14 @@ def test_valid_commands(command: ev.Event) -> None:
         (task(pool=""), "pool"),
         (task(max_attempts=0), "max_attempts"),
         (task(max_attempts=-3), "max_attempts"),
+        # What a column of 32 bits cannot hold, or a 64-bit µs clock once added to now:
+        # refused here rather than wedging the projector or the scheduler later.
+        (task(max_attempts=MAX_ATTEMPTS + 1), "max_attempts"),
+        (task(max_attempts=41_056_989_129_396_232), "max_attempts"),
+        (task(retry_backoff_ms=MAX_DELAY_MS + 1, retry_backoff_max_ms=2**62), "retry_backoff"),
+        (task(retry_backoff_max_ms=2**63 - 1), "retry_backoff_max_ms"),
+        (task(start_within_ms=2**63 - 1), "start_within_ms"),
+        (task(start_within_ms=0), "start_within_ms"),
         (deliberation(deliberation_id=""), "deliberation_id"),
         (deliberation(deliberation_id="d" * (MAX_ID_LENGTH + 1)), "deliberation_id"),
         (deliberation(agent_ids=["a", "b", "a"]), "agent_ids"),
@@ -138,7 +147,7 @@ def test_task_submitted_rule(task_id: str, pool: str, max_attempts: int) -> None
         1 <= len(task_id) <= MAX_ID_LENGTH
         and "/" not in task_id
         and pool != ""
-        and max_attempts >= 1
+        and 1 <= max_attempts <= MAX_ATTEMPTS
     )
     verdict = invalid_command(task(task_id=task_id, pool=pool, max_attempts=max_attempts))
     assert (verdict is None) == valid
