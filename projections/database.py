@@ -56,9 +56,11 @@ _TRANSIENT = (
 
 REFUSED: tuple[type[Exception], ...] = (
     asyncpg.DataError,  # class 22, from the server: a NUL in text, a bad date
-    # asyncpg's own refusal to encode an argument (an int beyond the column's type),
-    # raised before anything is sent: an InterfaceError too, but not an outage.
+    # asyncpg's own refusal to encode a value (an int beyond the column's type), raised
+    # before it is sent: as an argument, its DataError (an InterfaceError too, but not an
+    # outage); in a COPY, the codec's OverflowError as it is.
     asyncpg.exceptions._base.DataError,
+    OverflowError,
 )
 """What a record's values can make PostgreSQL (or asyncpg) refuse: that record is bad,
 the connection is fine."""

@@ -69,11 +69,23 @@ class RunningProjector:
 
     async def stop(self) -> None:
         self.stop_event.set()
-        if self.task is not None:
-            await self.task
-        if self.projector is not None:
-            await self.projector.stop()
-        self.task = self.projector = None
+        try:
+            if self.task is not None:
+                await self.task
+        finally:  # a projector that died still holds its lock's connection: give it back
+            if self.projector is not None:
+                await self.projector.stop()
+            self.task = self.projector = None
+
+    def died(self) -> BaseException | None:
+        """What ended the projector, if it ended without being stopped."""
+        task = self.task
+        if task is None or not task.done() or self.stop_event.is_set() or task.cancelled():
+            return None
+        return task.exception()
+
+
+_running_projectors: list[RunningProjector] = []
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +94,24 @@ async def projector(
 ) -> AsyncIterator[RunningProjector]:
     running = RunningProjector(settings, db)
     await running.start()
+    _running_projectors.append(running)
     yield running
+    _running_projectors.remove(running)
     await running.stop()
+
+
+@pytest.fixture(autouse=True)
+async def _projector_alive() -> AsyncIterator[None]:
+    """Fail the test during which the session's projector died, with why, and start a
+    new one: otherwise every later test waits out its timeouts for read models that
+    never move."""
+    yield
+    for running in _running_projectors:
+        if (exc := running.died()) is not None:
+            with contextlib.suppress(Exception):
+                await running.stop()  # re-raises ``exc``, gives the lock back
+            await running.start()
+            raise AssertionError(f"the projector died: {exc!r}") from exc
 
 
 @pytest.fixture

@@ -227,7 +227,7 @@ async def test_a_record_postgresql_refuses_is_dead_lettered_and_projection_goes_
     assert row["error_type"] == "CharacterNotInRepertoireError"
     assert "read model refused it" in row["reason"]
     row = await eventually(lambda: letter(big_value))
-    assert row["error_type"] == "DataError"
+    assert row["error_type"] == "OverflowError"
     assert "out of int32 range" in row["reason"]
     for task_id in (refused.task_id, too_big.task_id):
         assert await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", task_id) == 0
