@@ -230,7 +230,9 @@ class SchedulerShard:
         assert isinstance(
             event, (*_CHANGELOG, AgentRegistered, HostBeat, Halt, Resume, PoolConfigured)
         )
-        if isinstance(event, PoolConfigured) and (refused := invalid_command(event)):
+        if isinstance(event, PoolConfigured | Halt | Resume) and (
+            refused := invalid_command(event)
+        ):
             # Dead-lettered when it was consumed: a recovery must not fold it either.
             return [
                 self.emitter.dead_letter(record, reason=refused, error_type="InvalidCommand", now=0)
@@ -467,7 +469,7 @@ class SchedulerShard:
             return None if reason is None else (reason, "InvalidCommand")
         if not isinstance(event, self.accepts.get(topic, ())):
             return f"{event.TYPE} does not belong on {topic}", "InvalidEvent"
-        if isinstance(event, PoolConfigured) and (reason := invalid_command(event)):
+        if isinstance(event, PoolConfigured | Halt | Resume) and (reason := invalid_command(event)):
             return reason, "InvalidCommand"  # e.g. a negative capacity, produced by hand
         return None
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from conclave.domain.events import (
+    AgentOutput,
     CancelRequested,
     DeliberationRequested,
     Event,
     Halt,
     PoolConfigured,
     Resume,
+    TaskFailed,
     TaskSubmitted,
 )
 from conclave.domain.retry import MAX_DELAY_MS, retry_of
@@ -20,6 +22,7 @@ __all__ = [
     "MAX_ID_LENGTH",
     "MAX_INPUT_BYTES",
     "invalid_command",
+    "invalid_output",
 ]
 
 MAX_ID_LENGTH = 200
@@ -42,8 +45,8 @@ def invalid_command(event: Event) -> str | None:
                 return reason
             if event.agent_id is not None and (reason := _bad_id("agent_id", event.agent_id)):
                 return reason
-            if not event.pool:
-                return "pool must not be empty"
+            if (reason := _bad_pool(event.pool)) is not None:
+                return reason
             if "\x00" in event.input:
                 return "input must not contain NUL characters"
             if (reason := _too_large("input", event.input)) is not None:
@@ -61,8 +64,8 @@ def invalid_command(event: Event) -> str | None:
         case DeliberationRequested():
             if (reason := _bad_id("deliberation_id", event.deliberation_id)) is not None:
                 return reason
-            if not event.pool:
-                return "pool must not be empty"
+            if (reason := _bad_pool(event.pool)) is not None:
+                return reason
             if "\x00" in event.motion:
                 return "motion must not contain NUL characters"
             if (reason := _too_large("motion", event.motion)) is not None:
@@ -83,17 +86,41 @@ def invalid_command(event: Event) -> str | None:
             assert event.deliberation_id is not None
             return _bad_id("deliberation_id", event.deliberation_id)
         case PoolConfigured():
-            if not event.pool:
-                return "pool must not be empty"
+            if (reason := _bad_pool(event.pool) or _nul("reason", event.reason)) is not None:
+                return reason
             if not 0 <= event.capacity <= MAX_CAPACITY:
                 return f"capacity must be 0-{MAX_CAPACITY:,}"
             if event.aging_turns is not None and not 1 <= event.aging_turns <= MAX_CAPACITY:
                 return f"aging_turns must be 1-{MAX_CAPACITY:,}"
             return None
         case Halt() | Resume():
-            return None
+            return _nul("reason", event.reason) or _nul("operator", event.operator)
         case _:
             return f"{event.TYPE} is not a command"
+
+
+def invalid_output(event: AgentOutput | TaskFailed) -> str | None:
+    """Why an agent's answer or failure is malformed, or ``None``: the witness
+    dead-letters it instead of witnessing it. What an entry keeps of it (ids, attempt,
+    a failure's type) must be something a read model can hold."""
+    if not 0 <= event.attempt <= MAX_ATTEMPTS:
+        return f"attempt must be 0-{MAX_ATTEMPTS:,}"
+    if (reason := _bad_task_ref("task_id", event.task_id)) is not None:
+        return reason
+    if not 0 < len(event.agent_id) <= MAX_ID_LENGTH:
+        return f"agent_id must be 1-{MAX_ID_LENGTH} characters"
+    if isinstance(event, TaskFailed):
+        return _nul("agent_id", event.agent_id) or _nul("error_type", event.error_type)
+    return _nul("agent_id", event.agent_id)
+
+
+def _nul(field: str, value: str) -> str | None:
+    """PostgreSQL's text holds no NUL: a value with one could never be read back."""
+    return f"{field} must not contain NUL characters" if "\x00" in value else None
+
+
+def _bad_pool(pool: str) -> str | None:
+    return "pool must not be empty" if not pool else _nul("pool", pool)
 
 
 def _bad_id(field: str, value: str) -> str | None:
@@ -102,7 +129,7 @@ def _bad_id(field: str, value: str) -> str | None:
         return f"{field} must be 1-{MAX_ID_LENGTH} characters"
     if "/" in value:
         return f"{field} must not contain '/'"
-    return None
+    return _nul(field, value)
 
 
 def _bad_task_ref(field: str, value: str) -> str | None:
@@ -110,7 +137,7 @@ def _bad_task_ref(field: str, value: str) -> str | None:
     task id (``deliberation/agent``)."""
     if not 0 < len(value) <= 2 * MAX_ID_LENGTH + 1 or value.count("/") > 1:
         return f"{field} {value[:MAX_ID_LENGTH]!r} is not a task id"
-    return None
+    return _nul(field, value)
 
 
 def _bad_dependencies(event: TaskSubmitted) -> str | None:

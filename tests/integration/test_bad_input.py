@@ -229,6 +229,21 @@ async def test_a_record_postgresql_refuses_is_dead_lettered_and_projection_goes_
     row = await eventually(lambda: letter(big_value))
     assert row["error_type"] == "OverflowError"
     assert "out of int32 range" in row["reason"]
+    # Nor is it witnessed: an entry no read model could keep would be a hole in the
+    # chain verified from PostgreSQL.
+    witnessed = await eventually(
+        lambda: db.fetchrow(
+            "SELECT * FROM dead_letters WHERE processor LIKE 'witness%' AND original = $1",
+            big_value,
+        )
+    )
+    assert witnessed["reason"] == "attempt must be 0-1,000"
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM witness_entries WHERE task_id = $1", too_big.task_id
+        )
+        == 0
+    )
     for task_id in (refused.task_id, too_big.task_id):
         assert await db.fetchval("SELECT count(*) FROM outputs WHERE task_id = $1", task_id) == 0
 

@@ -10,7 +10,12 @@ from hypothesis import strategies as st
 
 from conclave.domain import events as ev
 from conclave.domain.retry import MAX_DELAY_MS
-from conclave.domain.validation import MAX_ATTEMPTS, MAX_ID_LENGTH, invalid_command
+from conclave.domain.validation import (
+    MAX_ATTEMPTS,
+    MAX_ID_LENGTH,
+    invalid_command,
+    invalid_output,
+)
 
 
 def task(**overrides: Any) -> ev.TaskSubmitted:
@@ -146,7 +151,9 @@ def test_task_submitted_rule(task_id: str, pool: str, max_attempts: int) -> None
     valid = (
         1 <= len(task_id) <= MAX_ID_LENGTH
         and "/" not in task_id
+        and "\x00" not in task_id
         and pool != ""
+        and "\x00" not in pool
         and 1 <= max_attempts <= MAX_ATTEMPTS
     )
     verdict = invalid_command(task(task_id=task_id, pool=pool, max_attempts=max_attempts))
@@ -163,6 +170,7 @@ def test_deliberation_rule(deliberation_id: str, agent_ids: list[str]) -> None:
     valid = (
         1 <= len(deliberation_id) <= MAX_ID_LENGTH
         and "/" not in deliberation_id
+        and "\x00" not in deliberation_id
         and len(set(agent_ids)) == len(agent_ids)
     )
     verdict = invalid_command(deliberation(deliberation_id=deliberation_id, agent_ids=agent_ids))
@@ -192,7 +200,67 @@ def test_ids_that_could_collide_or_never_dispatch_are_rejected(
     [
         (task(input="a\x00b"), "input must not contain NUL characters"),
         (deliberation(motion="a\x00b"), "motion must not contain NUL characters"),
+        (task(task_id="a\x00"), "task_id must not contain NUL characters"),
+        (task(pool="p\x00"), "pool must not contain NUL characters"),
+        (deliberation(agent_ids=["\x00"]), "agent_ids must not contain NUL characters"),
+        (ev.CancelRequested(task_id="d/\x00"), "task_id must not contain NUL characters"),
+        (ev.Halt(reason="\x00", operator="op"), "reason must not contain NUL characters"),
+        (ev.Resume(reason="", operator="o\x00"), "operator must not contain NUL characters"),
+        (
+            ev.PoolConfigured(pool="p", capacity=1, reason="\x00", operator="op"),
+            "reason must not contain NUL characters",
+        ),
     ],
 )
 def test_text_no_read_model_can_store_is_rejected(command: ev.Event, reason: str) -> None:
     assert invalid_command(command) == reason
+
+
+def output(**overrides: Any) -> ev.AgentOutput:
+    fields: dict[str, Any] = {
+        "task_id": "t-1",
+        "agent_id": "a",
+        "attempt": 1,
+        "content": "an answer\x00 with anything in it",  # not in the witness entry
+        "latency_us": 1,
+        "deliberation_id": None,
+    }
+    return ev.AgentOutput(**{**fields, **overrides})
+
+
+def failure(**overrides: Any) -> ev.TaskFailed:
+    fields: dict[str, Any] = {
+        "task_id": "d-1/a",
+        "agent_id": "a",
+        "attempt": MAX_ATTEMPTS,
+        "error_type": "ValueError",
+        "error_message": "anything\x00",
+        "deliberation_id": "d-1",
+    }
+    return ev.TaskFailed(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("event", [output(), output(attempt=0), failure()])
+def test_outputs_a_witness_entry_can_keep_are_witnessed(
+    event: ev.AgentOutput | ev.TaskFailed,
+) -> None:
+    assert invalid_output(event) is None
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (output(attempt=2**40), "attempt must be 0-1,000"),
+        (failure(attempt=-1), "attempt must be 0-1,000"),
+        (output(task_id=""), "task_id '' is not a task id"),
+        (output(task_id="a/b/c"), "task_id 'a/b/c' is not a task id"),
+        (output(task_id="t\x00"), "task_id must not contain NUL characters"),
+        (output(agent_id=""), "agent_id must be 1-200 characters"),
+        (failure(agent_id="a\x00"), "agent_id must not contain NUL characters"),
+        (failure(error_type="E\x00"), "error_type must not contain NUL characters"),
+    ],
+)
+def test_outputs_no_witness_entry_could_keep_are_refused(
+    event: ev.AgentOutput | ev.TaskFailed, reason: str
+) -> None:
+    assert invalid_output(event) == reason
