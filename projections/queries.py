@@ -49,6 +49,7 @@ __all__ = [
     "list_hosts",
     "list_pools",
     "list_tasks",
+    "list_tasks_query",
     "live_tasks",
     "next_redrive_id",
     "system",
@@ -263,6 +264,18 @@ async def list_tasks(
 
     Keyset pagination: ``after`` is the cursor of the previous page, so a page costs the
     same however deep it is. A task that is retried moves up (its ``queued_at`` changes)."""
+    sql, args = list_tasks_query(where, limit=limit, after=after)
+    rows = await pool.fetch(sql, *args)
+    tasks = [TaskSummary(*r) for r in rows[:limit]]
+    last = tasks[-1] if len(rows) > limit else None
+    return Page(tasks, f"{last.queued_at}:{last.task_id}" if last is not None else None)
+
+
+def list_tasks_query(
+    where: TaskFilter, *, limit: int, after: str | None
+) -> tuple[str, list[object]]:
+    """The SQL of :func:`list_tasks` and its arguments (one row more than a page: whether
+    there is a next one). A tenant's pages walk the index ``tasks_by_tenant_queued``."""
     clauses: list[str] = []
     args: list[object] = []
 
@@ -285,10 +298,7 @@ async def list_tasks(
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
     sql += f" ORDER BY queued_at DESC, task_id DESC LIMIT {arg(limit + 1)}"
-    rows = await pool.fetch(sql, *args)
-    tasks = [TaskSummary(*r) for r in rows[:limit]]
-    last = tasks[-1] if len(rows) > limit else None
-    return Page(tasks, f"{last.queued_at}:{last.task_id}" if last is not None else None)
+    return sql, args
 
 
 def _parse_cursor(cursor: str) -> tuple[int, str]:
