@@ -17,8 +17,10 @@ from tests.integration.test_skeleton import cli
 pytestmark = pytest.mark.integration
 
 
-def status(settings: Settings) -> dict[str, object]:
-    shown = cli(settings, "status", "--json")
+async def status(settings: Settings) -> dict[str, object]:
+    # In a thread: the hosts run in this process, and a loop blocked for the seconds a
+    # CLI takes on a loaded machine holds their heartbeats back (agents turn silent).
+    shown = await asyncio.to_thread(cli, settings, "status", "--json")
     assert shown.returncode == 0, shown.stderr
     parsed: dict[str, object] = json.loads(shown.stdout)
     return parsed
@@ -37,7 +39,7 @@ async def test_status_shows_queues_agents_lag_and_the_witness_head(system: Syste
         tasks = [await client.submit(f"job {i}", pool=pool) for i in range(3)]
 
         async def one_running_two_queued() -> bool:
-            shown = status(settings)
+            shown = await status(settings)
             pools = {p["pool"]: p for p in shown["pools"]}  # type: ignore[attr-defined]
             mine = pools.get(pool)
             agents: dict[str, int] = shown["agents"]  # type: ignore[assignment]
@@ -49,7 +51,7 @@ async def test_status_shows_queues_agents_lag_and_the_witness_head(system: Syste
             )
 
         await eventually(one_running_two_queued)
-        screen = cli(settings, "status").stdout
+        screen = (await asyncio.to_thread(cli, settings, "status")).stdout
         assert pool in screen
         assert "1 / 1" in screen  # in flight / capacity
         busy = re.search(r"busy (\d+)", screen)  # other tests' agents count too
@@ -60,13 +62,13 @@ async def test_status_shows_queues_agents_lag_and_the_witness_head(system: Syste
             await eventually(lambda t=task_id: has_status(db, t, "completed"))  # type: ignore[misc]
 
         async def caught_up() -> bool:
-            shown = status(settings)
+            shown = await status(settings)
             lag = {entry["processor"]: entry["records"] for entry in shown["lag"]}  # type: ignore[attr-defined]
             return set(lag) >= {"scheduler-0", "witness-0", "projector"} and not any(lag.values())
 
         await eventually(caught_up)
 
-    shown = status(settings)
+    shown = await status(settings)
     entries = await queries.witness_entries(db)
     assert shown["witness_head"] == entries[-1].sequence
     assert shown["halted"] is False
