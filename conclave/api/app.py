@@ -45,11 +45,17 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 class ApiState:
-    """What the endpoints share: the settings, the read models' pool, a client per tenant."""
+    """What the endpoints share: the settings, the read models' pools, a client per tenant.
 
-    def __init__(self, settings: Settings, db: asyncpg.Pool) -> None:
+    ``db`` holds the live read models and the tokens: commands check against it. The
+    read endpoints query ``reads``: the same pool, or with ``settings.read_schema`` set
+    (``conclave --schema NAME api``), one built by ``conclave replay --as-of``, read-only.
+    """
+
+    def __init__(self, settings: Settings, db: asyncpg.Pool, reads: asyncpg.Pool | None = None):
         self.settings = settings
         self.db = db
+        self.reads = db if reads is None else reads
         self._clients: dict[str, Client] = {}
         self._lock = asyncio.Lock()
 
@@ -198,13 +204,20 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = await connect(settings)
+        reads: asyncpg.Pool | None = None
         state = ApiState(settings, db)
         try:
             await migrate(db)  # the tokens table, if no projector created it yet
+            if settings.read_schema is not None:
+                reads = await connect(settings, reader=True)
+                state = ApiState(settings, db, reads)
+                log.info("the read endpoints answer from schema %s", settings.read_schema)
             app.state.conclave = state
             yield
         finally:
             await state.close()
+            if reads is not None:
+                await reads.close()
             await db.close()
 
     app = FastAPI(

@@ -56,7 +56,7 @@ class Changes:
         self.head = -1
 
     async def poll(self) -> list[tuple[str, dict[str, object]]]:
-        db, settings = self.state.db, self.state.settings
+        db, settings = self.state.reads, self.state.settings
         now = now_us()
         changes: list[tuple[str, dict[str, object]]] = []
         tasks = await queries.live_tasks(db, self.tenant, now - FINISHED_WINDOW_US)

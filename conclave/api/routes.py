@@ -12,6 +12,7 @@ import dataclasses
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import asyncpg
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 
 from conclave.api.app import Caller, state_of
@@ -121,35 +122,34 @@ async def list_tasks(
         until=_us(until),
     )
     after = decode_cursor(cursor) if cursor is not None else None
-    page = await queries.list_tasks(state_of(request).db, where, limit=limit, after=after)
+    page = await queries.list_tasks(state_of(request).reads, where, limit=limit, after=after)
     return TaskPage(
         tasks=[TaskSummaryOut.model_validate(t) for t in page.tasks],
         next_cursor=encode_cursor(page.cursor) if page.cursor is not None else None,
     )
 
 
-async def _task(request: Request, caller: Principal, task_id: str) -> queries.TaskView:
+async def _task(db: asyncpg.Pool, caller: Principal, task_id: str) -> queries.TaskView:
     try:
         storable(task_id)
     except ValueError:
         raise NotFound(f"no task {task_id!r}") from None
-    return await queries.get_task(state_of(request).db, task_id, tenant=caller.tenant)
+    return await queries.get_task(db, task_id, tenant=caller.tenant)
 
 
 @router.get("/tasks/{task_id:path}", responses=_errors(404))
 async def get_task(request: Request, caller: Caller, task_id: TaskId) -> TaskOut:
     """One task: status, witnessed answer (once visible), every failed attempt."""
-    return TaskOut.model_validate(await _task(request, caller, task_id))
+    return TaskOut.model_validate(await _task(state_of(request).reads, caller, task_id))
 
 
 async def _deliberation(
-    request: Request, caller: Principal, deliberation_id: str
+    db: asyncpg.Pool, caller: Principal, deliberation_id: str
 ) -> queries.DeliberationView:
     try:
         storable(deliberation_id)
     except ValueError:
         raise NotFound(f"no deliberation {deliberation_id!r}") from None
-    db = state_of(request).db
     return await queries.get_deliberation(db, deliberation_id, tenant=caller.tenant)
 
 
@@ -158,14 +158,15 @@ async def get_deliberation(
     request: Request, caller: Caller, deliberation_id: DeliberationId
 ) -> DeliberationOut:
     """Each agent's status; the answers, all together, once every agent is done."""
-    return DeliberationOut.model_validate(await _deliberation(request, caller, deliberation_id))
+    view = await _deliberation(state_of(request).reads, caller, deliberation_id)
+    return DeliberationOut.model_validate(view)
 
 
 @router.get("/pools", responses=_errors())
 async def list_pools(request: Request, caller: Caller) -> list[PoolOut]:
     """Pools: agents and capacity (shared), this tenant's tasks by state."""
     state = state_of(request)
-    views = await queries.list_pools(state.db, tenant=caller.tenant)
+    views = await queries.list_pools(state.reads, tenant=caller.tenant)
     default = state.settings.pool_capacity
     return [
         PoolOut.model_validate(
@@ -191,7 +192,7 @@ async def list_agents(
     _clean(pool=pool, host=host)
     api = state_of(request)
     views = await queries.list_agents(
-        api.db,
+        api.reads,
         now_us(),
         silent_after_us=api.settings.silent_after_us,
         in_pool=pool,
@@ -205,7 +206,7 @@ async def list_agents(
 @router.get("/hosts", responses=_errors())
 async def list_hosts(request: Request, caller: Caller) -> list[HostOut]:
     """Runtime hosts: alive, silent or lost, with their agents."""
-    views = await queries.list_hosts(state_of(request).db, now_us())
+    views = await queries.list_hosts(state_of(request).reads, now_us())
     return [HostOut.model_validate(v) for v in views]
 
 
@@ -214,7 +215,7 @@ async def status(request: Request, caller: Caller) -> StatusOut:
     """The halt, the witness log's head and last signed checkpoint, this tenant's dead
     letters of the last hour."""
     hour_ago = now_us() - 3_600_000_000
-    view = await queries.system(state_of(request).db, hour_ago, tenant=caller.tenant)
+    view = await queries.system(state_of(request).reads, hour_ago, tenant=caller.tenant)
     return StatusOut.model_validate(
         {**dataclasses.asdict(view), "dead_lettered_last_hour": view.dead_lettered_since}
     )
@@ -280,7 +281,7 @@ async def cancel_task(
 ) -> Accepted:
     """Cancel one of this tenant's tasks (waiting, queued, retrying or running). A
     finished task's cancellation is rejected by the scheduler (see the task)."""
-    view = await _task(request, caller, task_id)
+    view = await _task(state_of(request).db, caller, task_id)
     client = await state_of(request).client(caller.tenant)
     await client.cancel(task_id, pool=view.pool, reason=body.reason if body else "")
     return Accepted(detail=f"cancellation of task {task_id} sent")
@@ -293,7 +294,7 @@ async def redrive(
     request: Request, caller: Caller, task_id: TaskId, body: RedriveBody | None = None
 ) -> TaskAccepted:
     """Run a dead-lettered task again as a new task ``<id>~<n>``, linked to it."""
-    view = await _task(request, caller, task_id)
+    view = await _task(state_of(request).db, caller, task_id)
     if view.status != "dead_lettered":
         raise HTTPException(409, f"task {task_id!r} is {view.status}, not dead-lettered")
     state = state_of(request)
@@ -339,7 +340,7 @@ async def cancel_deliberation(
     body: CancelBody | None = None,
 ) -> Accepted:
     """Cancel every unfinished task of one of this tenant's deliberations."""
-    await _deliberation(request, caller, deliberation_id)
+    await _deliberation(state_of(request).db, caller, deliberation_id)
     state = state_of(request)
     pool = await state.db.fetchval(
         "SELECT pool FROM tasks WHERE deliberation_id = $1 AND tenant = $2 LIMIT 1",

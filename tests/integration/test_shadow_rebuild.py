@@ -10,9 +10,12 @@ import time
 from datetime import UTC, datetime
 
 import asyncpg
+import httpx
 import pytest
 from aiokafka import TopicPartition
 
+from conclave.api import create_app
+from conclave.api.tokens import create_token
 from conclave.bus import topics_for
 from conclave.cli_replay import _commit_digest
 from conclave.errors import ConclaveError
@@ -218,6 +221,8 @@ async def test_as_of_a_time_gives_exactly_the_earlier_state(system: System) -> N
                 await past.execute("DELETE FROM tasks")
         finally:
             await past.close()
+        # The API pointed there (`conclave --schema NAME api`) answers from it too.
+        assert await _api_status(settings.with_(read_schema=name), system, held[0]) == "queued"
         # The live read models are the present.
         assert await has_status(system.db, held[0], "completed")
 
@@ -233,6 +238,26 @@ async def test_as_of_a_time_gives_exactly_the_earlier_state(system: System) -> N
         await drop_as_of(settings, schema_for(settings))
     with pytest.raises(ConclaveError, match="does not exist"):
         await connect(settings.with_(read_schema=name), reader=True)
+
+
+async def _api_status(settings: Settings, system: System, task_id: str) -> str:
+    """The task's status as the API of ``settings`` answers it."""
+    _, token = await create_token(system.db, settings.tenant, name="as-of")
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://api",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as http,
+    ):
+        answer = await http.get(f"/v1/tasks/{task_id}")
+        assert answer.status_code == 200, answer.text
+        listed = await http.get("/v1/tasks", params={"pool": system.pool})
+        assert task_id in {t["task_id"] for t in listed.json()["tasks"]}
+        status: str = answer.json()["status"]
+        return status
 
 
 async def _same_at_offsets_and_listed(
