@@ -86,7 +86,12 @@ def invalid_command(event: Event) -> str | None:
             assert event.deliberation_id is not None
             return _bad_id("deliberation_id", event.deliberation_id)
         case PoolConfigured():
-            if (reason := _bad_pool(event.pool) or _nul("reason", event.reason)) is not None:
+            reason = (
+                _bad_pool(event.pool)
+                or _nul("reason", event.reason)
+                or _nul("operator", event.operator)
+            )
+            if reason is not None:
                 return reason
             if not 0 <= event.capacity <= MAX_CAPACITY:
                 return f"capacity must be 0-{MAX_CAPACITY:,}"
@@ -107,8 +112,7 @@ def invalid_output(event: AgentOutput | TaskFailed) -> str | None:
         return f"attempt must be 0-{MAX_ATTEMPTS:,}"
     if (reason := _bad_task_ref("task_id", event.task_id)) is not None:
         return reason
-    if not 0 < len(event.agent_id) <= MAX_ID_LENGTH:
-        return f"agent_id must be 1-{MAX_ID_LENGTH} characters"
+    # An agent id's length is not checked: hosts name their agents as they like.
     if isinstance(event, TaskFailed):
         return _nul("agent_id", event.agent_id) or _nul("error_type", event.error_type)
     return _nul("agent_id", event.agent_id)
