@@ -45,8 +45,8 @@ from aiokafka import TopicPartition
 
 from conclave import metrics, tracing
 from conclave.bus import topics_for
-from conclave.domain.events import TASK_ENDINGS, PoolConfigured
-from conclave.domain.validation import invalid_command
+from conclave.domain.events import TASK_ENDINGS
+from conclave.domain.validation import CONTROL_COMMANDS, invalid_command
 from conclave.errors import BrokerUnavailable, DatabaseUnavailable, SchemaError
 from conclave.outage import Backoff, Outage
 from conclave.settings import Settings
@@ -444,7 +444,7 @@ class Projector:
             except SchemaError as exc:
                 changes.reject(record, str(exc), "SchemaError")
                 continue
-            if isinstance(event, PoolConfigured) and (reason := invalid_command(event)):
+            if isinstance(event, CONTROL_COMMANDS) and (reason := invalid_command(event)):
                 changes.reject(record, reason, "InvalidCommand")  # refused everywhere else
             elif isinstance(event, expected.get(record.topic, ())):
                 changes.add(envelope, event)

@@ -59,7 +59,7 @@ from conclave.domain.events import (
 )
 from conclave.domain.scheduler_state import AgentSlot
 from conclave.domain.scheduling import SchedulerEvent
-from conclave.domain.validation import invalid_command
+from conclave.domain.validation import CONTROL_COMMANDS, invalid_command
 from conclave.errors import SchemaError
 from conclave.records import Record
 from conclave.topics import HOST_HEADER, SHARD_HEADER, Topics
@@ -230,9 +230,7 @@ class SchedulerShard:
         assert isinstance(
             event, (*_CHANGELOG, AgentRegistered, HostBeat, Halt, Resume, PoolConfigured)
         )
-        if isinstance(event, PoolConfigured | Halt | Resume) and (
-            refused := invalid_command(event)
-        ):
+        if isinstance(event, CONTROL_COMMANDS) and (refused := invalid_command(event)):
             # Dead-lettered when it was consumed: a recovery must not fold it either.
             return [
                 self.emitter.dead_letter(record, reason=refused, error_type="InvalidCommand", now=0)
@@ -464,12 +462,12 @@ class SchedulerShard:
         """Why ``event`` may not be consumed from ``topic`` (reason, error type), if so."""
         if topic in self._commands:
             reason = invalid_command(event)
-            if reason is None and isinstance(event, Halt | Resume | PoolConfigured):
+            if reason is None and isinstance(event, CONTROL_COMMANDS):
                 reason = f"{event.TYPE} belongs on {self.topics.control}, where it is witnessed"
             return None if reason is None else (reason, "InvalidCommand")
         if not isinstance(event, self.accepts.get(topic, ())):
             return f"{event.TYPE} does not belong on {topic}", "InvalidEvent"
-        if isinstance(event, PoolConfigured | Halt | Resume) and (reason := invalid_command(event)):
+        if isinstance(event, CONTROL_COMMANDS) and (reason := invalid_command(event)):
             return reason, "InvalidCommand"  # e.g. a negative capacity, produced by hand
         return None
 

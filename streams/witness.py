@@ -35,7 +35,7 @@ from conclave.domain.events import (
     now_us,
 )
 from conclave.domain.merkle import CompactRange, leaf_hash
-from conclave.domain.validation import invalid_command, invalid_output
+from conclave.domain.validation import CONTROL_COMMANDS, invalid_command, invalid_output
 from conclave.errors import SchemaError, WitnessChainError
 from conclave.records import Record
 from conclave.topics import SHARD_HEADER, Topics
@@ -171,7 +171,7 @@ class WitnessShard:
             reason: str | None
             if not isinstance(event, expected):
                 reason = f"{event.TYPE} is not witnessed from {record.topic}"
-            elif isinstance(event, PoolConfigured | Halt | Resume):
+            elif isinstance(event, CONTROL_COMMANDS):
                 reason = invalid_command(event)  # the scheduler refuses it: so is it here
             elif isinstance(event, AgentOutput | TaskFailed):
                 reason = invalid_output(event)  # nobody acts on what is not witnessed

@@ -16,6 +16,7 @@ from conclave.domain.events import (
 from conclave.domain.retry import MAX_DELAY_MS, retry_of
 
 __all__ = [
+    "CONTROL_COMMANDS",
     "MAX_ATTEMPTS",
     "MAX_CAPACITY",
     "MAX_DEPENDENCIES",
@@ -35,6 +36,10 @@ MAX_ATTEMPTS = 1000
 nothing sane retries a task more often; a read model keeps the count in 32 bits)."""
 MAX_DEPENDENCIES = 1000
 """Dependencies of one task, at most: a wider fan-in belongs in a workflow step."""
+CONTROL_COMMANDS = (Halt, Resume, PoolConfigured)
+"""The commands of the control topic: whoever reads one there checks it with
+:func:`invalid_command` (the scheduler, the witness, the projector), so all of them
+refuse the same ones."""
 
 
 def invalid_command(event: Event) -> str | None:
