@@ -18,9 +18,10 @@ async def test_a_tenants_task_pages_walk_an_index_not_a_sort(
 ) -> None:
     sql, args = queries.list_tasks_query(TaskFilter(tenant="tenant-plan"), limit=50, after=after)
     async with db.acquire() as conn, conn.transaction():
-        # The test tables are small enough for a scan to be cheapest: take scans off
-        # the menu, so that a plan without the index has to sort.
-        await conn.execute("SET LOCAL enable_seqscan = off")
+        # The test tables are small enough for a scan and a sort to be cheapest: price
+        # them out, so that only a plan with no ordered index left still sorts.
+        for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
+            await conn.execute(f"SET LOCAL {setting} = off")
         plan = "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN {sql}", *args))
     assert "tasks_by_tenant_queued" in plan, plan
     assert "Sort" not in plan, plan
