@@ -63,18 +63,29 @@ class Subscription:
                 await asyncio.wait_for(self._arrived.wait(), timeout_ms / 1000)
         taken: dict[TopicPartition, list[Any]] = {}
         budget = max_records
-        for tp in list(self._buffer):
-            if budget <= 0:
-                break
-            messages = self._buffer[tp]
-            taken[tp], rest = messages[:budget], messages[budget:]
-            budget -= len(taken[tp])
-            if rest:
-                self._buffer[tp] = rest
-            else:
-                del self._buffer[tp]
+        # An even share for every partition first, then the rest in turn: a burst on one
+        # partition must not hold back another's records for several batches (a host's
+        # beats waiting behind thousands of commands looked like a silent host).
+        share = max(1, budget // max(1, len(self._buffer)))
+        for limit in (share, budget):
+            for tp in list(self._buffer):
+                if budget <= 0:
+                    break
+                messages = self._buffer[tp]
+                n = min(limit, budget)
+                part, rest = messages[:n], messages[n:]
+                taken.setdefault(tp, []).extend(part)
+                budget -= len(part)
+                if rest:
+                    self._buffer[tp] = rest
+                else:
+                    del self._buffer[tp]
         self._count -= sum(len(m) for m in taken.values())
         return taken
+
+    def buffered(self, tp: TopicPartition) -> int:
+        """Records of ``tp`` fetched for this reader and not yet taken by :meth:`get`."""
+        return len(self._buffer.get(tp, ()))
 
     def close(self) -> None:
         self._feed._unsubscribe(self)
@@ -122,11 +133,15 @@ class Feed:
             self._consumer = None
 
     def behind(self, tp: TopicPartition) -> int | None:
-        """Records of ``tp`` on the broker that this feed has not fetched yet (as of its
-        last fetch; transaction markers it skipped do not count), if it reads ``tp``."""
+        """Records of ``tp`` on the broker that this feed could fetch and has not yet (as
+        of its last fetch; transaction markers it skipped and records of transactions
+        still open do not count), if it reads ``tp``."""
         if self._consumer is None or tp not in self._position or tp not in self._fetched_to:
             return None
         end: int | None = self._consumer.highwater(tp)
+        stable: int | None = self._consumer.last_stable_offset(tp)
+        if end is not None and stable is not None and stable >= 0:
+            end = min(end, stable)
         return None if end is None else max(0, end - self._fetched_to[tp])
 
     def subscribe(self, positions: Mapping[TopicPartition, int]) -> Subscription:

@@ -77,7 +77,9 @@ class CoordinationShard:
         co.evolve(self.state, event)
         return []
 
-    def step(self, records: Sequence[Record], now: int) -> list[Outgoing]:
+    def step(
+        self, records: Sequence[Record], now: int, unread: Mapping[TopicPartition, int]
+    ) -> list[Outgoing]:
         out: list[Outgoing] = []
         for decision in co.due(self.state, now):
             co.evolve(self.state, decision)

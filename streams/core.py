@@ -107,9 +107,13 @@ class Shard(Protocol):
         """Recovery: fold one committed record; returns dead letters for unusable ones."""
         ...
 
-    def step(self, records: Sequence[Record], now: int) -> list[Outgoing]:
+    def step(
+        self, records: Sequence[Record], now: int, unread: Mapping[TopicPartition, int]
+    ) -> list[Outgoing]:
         """Decide for one batch (possibly empty, when a timer is due); returns every record
-        to write, dead letters included."""
+        to write, dead letters included. ``unread``: per input, records already written
+        that this batch does not hold (a judgement by ``now`` that the silence of an input
+        decides must wait while that input has some)."""
         ...
 
     def next_due(self) -> int | None:
@@ -355,7 +359,7 @@ class ShardRunner:
                 started = time.perf_counter()
                 records = [Record.of(m) for messages in batch.values() for m in messages]
                 snapshot = self._snapshot_if_due(now)
-                out = self._pending + shard.step(records, now)
+                out = self._pending + shard.step(records, now, self._unread())
                 positions = {tp: messages[-1].offset + 1 for tp, messages in batch.items()}
                 ends = await self._producer.commit(
                     out + snapshot, positions, expect=self._changelog_end
@@ -410,6 +414,16 @@ class ShardRunner:
                 waiting = max(0, subscription.next.get(tp, position) - position)
                 labels = (self.shard.name, tp.topic, str(tp.partition))
                 yield "conclave_consumer_lag_records", labels, unfetched + waiting
+
+    def _unread(self) -> dict[TopicPartition, int]:
+        """Per input, records fetched and not handed over yet plus those the feed has not
+        fetched (as of its last fetch; none where it does not know)."""
+        subscription, feed = self._subscription, self.feed or self._own_feed
+        if subscription is None or feed is None:
+            return {}
+        return {
+            tp: subscription.buffered(tp) + (feed.behind(tp) or 0) for tp in self._positions
+        }
 
     def _timeout_ms(self) -> int:
         due = self.shard.next_due()

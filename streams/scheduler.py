@@ -247,7 +247,9 @@ class SchedulerShard:
             self.origins.pop(event.task_id, None)
         return []
 
-    def step(self, records: Sequence[Record], now: int) -> list[Outgoing]:
+    def step(
+        self, records: Sequence[Record], now: int, unread: Mapping[TopicPartition, int]
+    ) -> list[Outgoing]:
         out: list[Outgoing] = []
         decided: list[_Decided] = []
         deferred: list[tuple[Record, Envelope, Command]] = []
@@ -273,7 +275,8 @@ class SchedulerShard:
         # What time alone decides, each folded before the next is judged: lost hosts,
         # attempts past their deadline, circuits that open or half-open; then dispatches,
         # once per batch (cheaper, and a burst is ranked as a whole).
-        if self._may_judge_hosts(now, bool(records)):
+        beats_unread = unread.get(TopicPartition(self.topics.agents, self.index), 0)
+        if self._may_judge_hosts(now, bool(records)) and not beats_unread:
             for lost in self._fold(scheduling.lost_hosts(self.state, now), decided):
                 if isinstance(lost, HostLost):
                     metrics.hosts_lost.labels(lost.pool).inc()
@@ -368,7 +371,8 @@ class SchedulerShard:
         """Whether hosts' leases count now: not within ``HOST_GRACE_US`` of starting or of
         records arriving again after a quiet gap, when their beats may still be on the
         way. A timer step (nothing heard) is no such gap: that is how a dead host is
-        noticed when nothing else happens."""
+        noticed when nothing else happens. (Nor while beats are written and unread: the
+        step checks that.)"""
         if self._judge_hosts_from is None:
             self._judge_hosts_from = now + HOST_GRACE_US
         if heard:

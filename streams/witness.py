@@ -158,7 +158,9 @@ class WitnessShard:
             tp = TopicPartition(entry.source_topic, entry.source_partition or 0)
             self.positions[tp] = max(self.positions.get(tp, 0), entry.source_offset + 1)
 
-    def step(self, records: Sequence[Record], now: int) -> list[Outgoing]:
+    def step(
+        self, records: Sequence[Record], now: int, unread: Mapping[TopicPartition, int]
+    ) -> list[Outgoing]:
         out: list[Outgoing] = []
         for record in records:
             decoded = self.emitter.decode(record, now, out)

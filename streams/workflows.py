@@ -134,7 +134,9 @@ class WorkflowShard:
             case _:
                 pass
 
-    def step(self, records: Sequence[Record], now: int) -> list[Outgoing]:
+    def step(
+        self, records: Sequence[Record], now: int, unread: Mapping[TopicPartition, int]
+    ) -> list[Outgoing]:
         out: list[Outgoing] = []
         requests = self.topics.workflow_requests
         for record in records:
