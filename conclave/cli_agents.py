@@ -24,6 +24,9 @@ _STYLE = {
     "circuit_open": "red",
     "probing": "yellow",
     "silent": "yellow",
+    "leaving": "yellow",
+    "left": "dim",
+    "retired": "dim",
 }
 
 
@@ -69,7 +72,8 @@ def show_agents(
 
 
 def show_hosts(as_json: AsJson = False) -> None:
-    """Runtime hosts: alive, silent (lease ran out) or lost, with their agents."""
+    """Runtime hosts: alive, leaving, silent (lease ran out), lost or left, with their
+    agents."""
     now = int(time.time() * 1e6)
     views = _query(lambda db: list_hosts(db, now))
     _show(

@@ -68,11 +68,13 @@ GAUGES: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "conclave_tasks_in_flight": ("Tasks dispatched and not finished", ("pool",)),
     "conclave_pool_capacity": ("Tasks a pool may have in flight at once", ("pool",)),
     "conclave_agents": (
-        "Registered agents by state (idle, busy, unresponsive, lost, circuit_open, probing)",
+        "Registered agents by state (idle, busy, unresponsive, lost, retired, circuit_open, "
+        "probing)",
         ("pool", "state"),
     ),
     "conclave_hosts": (
-        "Runtime hosts by lease (alive, silent: lease run out but not judged yet, lost)",
+        "Runtime hosts by lease (alive, leaving, silent: lease run out but not judged yet, "
+        "lost, left)",
         ("pool", "state"),
     ),
     "conclave_halted": ("1 while the system is halted (a scheduler shard's view)", ("shard",)),

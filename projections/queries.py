@@ -508,8 +508,10 @@ async def list_pools(pool: asyncpg.Pool, *, tenant: str | None = None) -> list[P
     ]
 
 
-HOST_STATES = ("alive", "silent", "lost")
-AGENT_STATES = ("idle", "busy", "silent", "unresponsive", "lost", "circuit_open", "probing")
+HOST_STATES = ("alive", "leaving", "silent", "lost", "left")
+AGENT_STATES = (
+    "idle", "busy", "silent", "unresponsive", "lost", "retired", "circuit_open", "probing"
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,12 +522,14 @@ class HostView:
     pool: str | None
     state: str
     """``alive`` (its lease holds), ``silent`` (it ran out, the scheduler has not judged
-    it yet) or ``lost`` (``host.lost``, and no later beat)."""
+    it yet) or ``lost`` (``host.lost``, and no later beat); ``leaving`` (it said it is
+    stopping, ``host.leaving``: its agents take no new work) and ``left`` (then judged)."""
     agent_ids: list[str]
     last_beat_at: int | None
     lease_expires_at: int | None
     lost_at: int | None
     lost_reason: str | None
+    leaving_until: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,11 +540,11 @@ class AgentView:
     pool: str | None
     host_id: str
     state: str
-    """``lost`` (its host is), ``unresponsive`` (the scheduler gives it no work: its last
-    attempt stalled), ``circuit_open`` (it failed too often: no work until the cool-down
-    ends), ``probing`` (its circuit is half-open: one task decides), ``silent`` (no
-    heartbeat for ``silent_after_us``), ``busy`` or ``idle`` (its last heartbeat's
-    task)."""
+    """``lost`` (its host is), ``retired`` (its host left), ``unresponsive`` (the
+    scheduler gives it no work: its last attempt stalled), ``circuit_open`` (it failed
+    too often: no work until the cool-down ends), ``probing`` (its circuit is half-open:
+    one task decides), ``silent`` (no heartbeat for ``silent_after_us``), ``busy`` or
+    ``idle`` (its last heartbeat's task)."""
     current_task_id: str | None
     last_heartbeat_at: int | None
     suspended_reason: str | None
@@ -550,9 +554,13 @@ class AgentView:
 
 
 def _host_state(row: asyncpg.Record, now_us: int) -> str:
-    lease, lost = row["lease_expires_at"], row["lost_lease"]
+    lease, lost, leaving = row["lease_expires_at"], row["lost_lease"], row["leaving_until"]
+    # A beat after the leaving that promised more is a new start (leases only grow).
+    left = leaving is not None and lease is not None and lease <= leaving
     if lost is not None and (lease is None or lost >= lease):
-        return "lost"
+        return "left" if left else "lost"
+    if left:
+        return "leaving"
     return "alive" if lease is not None and lease > now_us else "silent"
 
 
@@ -569,6 +577,7 @@ async def list_hosts(pool: asyncpg.Pool, now_us: int) -> list[HostView]:
             lease_expires_at=r["lease_expires_at"],
             lost_at=r["lost_at"],
             lost_reason=r["lost_reason"],
+            leaving_until=r["leaving_until"],
         )
         for r in rows
     ]
@@ -588,7 +597,7 @@ async def list_agents(
     and state when given. Agents serve every tenant; with ``tenant``, an agent's current
     task is shown only if it is that tenant's."""
     rows = await pool.fetch(
-        """SELECT a.*, h.lease_expires_at, h.lost_lease,
+        """SELECT a.*, h.lease_expires_at, h.lost_lease, h.leaving_until,
                   ($3::text IS NULL OR t.tenant = $3) AS task_shown FROM agents a
            LEFT JOIN hosts h ON h.host_id = a.host_id
            LEFT JOIN tasks t ON $3::text IS NOT NULL AND t.task_id = a.current_task_id
@@ -601,8 +610,8 @@ async def list_agents(
     views = []
     for r in rows:
         beat = r["last_heartbeat_at"]
-        if r["lost_lease"] is not None and _host_state(r, now_us) == "lost":
-            current = "lost"
+        if r["lost_lease"] is not None and (host := _host_state(r, now_us)) in ("lost", "left"):
+            current = "lost" if host == "lost" else "retired"
         elif r["suspended_reason"] is not None:
             current = "unresponsive"
         elif r["circuit"] == "open":

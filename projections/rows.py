@@ -47,6 +47,7 @@ from conclave.domain.events import (
     Halt,
     Heartbeat,
     HostBeat,
+    HostLeaving,
     HostLost,
     LockDenied,
     LockExpired,
@@ -242,6 +243,10 @@ class HostRow:
     while no beat promised a later one."""
     lost_at: int | None
     lost_reason: str | None
+    leaving_until: int | None = None
+    """When the drain of a host that said it is stopping ends (``host.leaving``): its
+    lease ends then, and it counts as leaving (and, judged, as left) while no later beat
+    promised more."""
 
 
 @dataclass(slots=True)
@@ -370,6 +375,7 @@ HOSTS = _table(
         "lost_lease": "bigint",
         "lost_at": "bigint",
         "lost_reason": "text",
+        "leaving_until": "bigint",
     },
     "host_id",
 )
@@ -760,13 +766,19 @@ def fold_agent(
 
 
 def fold_host(
-    row: HostRow | None, envelope: Envelope, event: HostBeat | HostLost, _host_id: str
+    row: HostRow | None,
+    envelope: Envelope,
+    event: HostBeat | HostLeaving | HostLost,
+    _host_id: str,
 ) -> HostRow:
-    """The ``hosts`` row after a beat or a loss. Leases only grow, so beats (agents topic)
-    and losses (tasks topic) give the same row in whatever order they are folded."""
+    """The ``hosts`` row after a beat, a host's leaving or a loss. Leases only grow but
+    when the host leaves (beats and leaving are in order: one topic), so they and losses
+    (tasks topic) give the same row in whatever order the topics are folded."""
     if row is None:
         row = HostRow(event.host_id, event.pool, [], None, None, None, None, None)
-    if isinstance(event, HostBeat):
+    if isinstance(event, HostLeaving):
+        row.lease_expires_at = row.leaving_until = event.until
+    elif isinstance(event, HostBeat):
         if (row.last_beat_at or 0) <= envelope.occurred_at:
             row.pool, row.agent_ids = event.pool, list(event.agent_ids)
             row.last_beat_at = envelope.occurred_at
@@ -983,6 +995,7 @@ KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], 
     AgentCircuitClosed: (_AGENT,),
     Heartbeat: (_AGENT,),
     HostBeat: (_HOST,),
+    HostLeaving: (_HOST,),
     HostLost: (_HOST, (AGENTS, attrgetter("agent_ids"), fold_agent)),
     LockGranted: (_LOCK,),
     LockWaiting: (_LOCK,),
@@ -1180,7 +1193,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
     """The events each history topic carries; anything else on it is not projected (folding
     a HALT found on the tasks topic would put it in the wrong table)."""
     return {
-        topics.agents: (AgentRegistered, HostBeat),
+        topics.agents: (AgentRegistered, HostBeat, HostLeaving),
         topics.heartbeats: (Heartbeat,),
         topics.tasks: TASKS_TOPIC_EVENTS,
         topics.outputs: (AgentOutput, TaskFailed),

@@ -53,6 +53,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.AgentCircuitHalfOpened,
     ev.AgentCircuitClosed,
     ev.HostBeat,
+    ev.HostLeaving,
     ev.HostLost,
     ev.AgentOutput,
     ev.TaskFailed,

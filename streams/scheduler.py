@@ -42,6 +42,7 @@ from conclave.domain.events import (
     Event,
     Halt,
     HostBeat,
+    HostLeaving,
     HostLost,
     PoolConfigured,
     Priority,
@@ -149,7 +150,7 @@ class SchedulerShard:
         self.accepts: dict[str, tuple[type[Any], ...]] = {
             # A projection digest is witnessed and changes nothing here.
             topics.control: (Halt, Resume, PoolConfigured, ProjectionDigest),
-            topics.agents: (AgentRegistered, HostBeat),
+            topics.agents: (AgentRegistered, HostBeat, HostLeaving),
             topics.witness: (WitnessEntry,),
         }
 
@@ -228,7 +229,8 @@ class SchedulerShard:
         if isinstance(event, ProjectionDigest):
             return []  # about the read models: no scheduling state
         assert isinstance(
-            event, (*_CHANGELOG, AgentRegistered, HostBeat, Halt, Resume, PoolConfigured)
+            event,
+            (*_CHANGELOG, AgentRegistered, HostBeat, HostLeaving, Halt, Resume, PoolConfigured),
         )
         if isinstance(event, CONTROL_COMMANDS) and (refused := invalid_command(event)):
             # Dead-lettered when it was consumed: a recovery must not fold it either.
@@ -279,9 +281,12 @@ class SchedulerShard:
         if self._may_judge_hosts(now, bool(records)) and not beats_unread:
             for lost in self._fold(scheduling.lost_hosts(self.state, now), decided):
                 if isinstance(lost, HostLost):
+                    self._to_fence.add(lost.host_id)
+                    if self.state.hosts[lost.host_id].leaving_until is not None:
+                        log.info("%s: %s", self.name, lost.reason)
+                        continue
                     metrics.hosts_lost.labels(lost.pool).inc()
                     log.warning("%s: %s", self.name, lost.reason)
-                    self._to_fence.add(lost.host_id)
         self._fold(scheduling.expire(self.state, now), decided)
         opened = scheduling.tripped(
             self.state, now, threshold=self.breaker_failures, cooldown_us=self.breaker_cooldown_us
@@ -359,6 +364,14 @@ class SchedulerShard:
                 for reinstated in back:
                     scheduling.evolve(self.state, reinstated)
                     decided.append((envelope, reinstated, None))
+            case HostLeaving():
+                log.info(
+                    "%s: host %r is leaving (%s), its agents take no new work",
+                    self.name,
+                    event.host_id,
+                    event.reason[:200],
+                )
+                scheduling.evolve(self.state, event)
             case Halt():
                 scheduling.evolve(self.state, event)
                 for cancelled in scheduling.halted(self.state, event):
@@ -511,10 +524,13 @@ class SchedulerShard:
         now = now_us()
         hosts: Counter[tuple[str, str]] = Counter()
         for lease in state.hosts.values():
-            lost = lease.judged is not None and lease.judged >= lease.expires_at
-            hosts[
-                lease.pool, "lost" if lost else "silent" if lease.expires_at < now else "alive"
-            ] += 1
+            if lease.judged is not None and lease.judged >= lease.expires_at:
+                host_state = "lost" if lease.leaving_until is None else "left"
+            elif lease.leaving_until is not None:
+                host_state = "leaving"
+            else:
+                host_state = "silent" if lease.expires_at < now else "alive"
+            hosts[lease.pool, host_state] += 1
         for (pool, host_state), n in hosts.items():
             yield "conclave_hosts", (pool, host_state), n
         yield "conclave_halted", (self.name,), 1.0 if state.halted else 0.0
@@ -542,7 +558,7 @@ def _agent_state(state: scheduling.SchedulerState, slot: AgentSlot) -> str:
     agent = slot.agent_id
     lease = state.hosts.get(slot.host_id)
     if lease is not None and agent in lease.lost_agents:
-        return "lost"
+        return "lost" if lease.leaving_until is None else "retired"
     if agent in state.breakers:
         return "circuit_open"
     if agent in state.probing:

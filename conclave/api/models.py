@@ -78,7 +78,7 @@ class PriorityName(enum.StrEnum):
 
 
 AgentStateName = Literal[
-    "idle", "busy", "silent", "unresponsive", "lost", "circuit_open", "probing"
+    "idle", "busy", "silent", "unresponsive", "lost", "retired", "circuit_open", "probing"
 ]
 
 
@@ -294,6 +294,7 @@ class HostOut(_Out):
     lease_expires_at: int | None
     lost_at: int | None
     lost_reason: str | None
+    leaving_until: int | None
 
 
 class StatusOut(_Out):

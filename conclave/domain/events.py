@@ -41,6 +41,7 @@ __all__ = [
     "Halt",
     "Heartbeat",
     "HostBeat",
+    "HostLeaving",
     "HostLost",
     "LockDenied",
     "LockExpired",
@@ -405,6 +406,25 @@ class HostBeat:
     expires_at: int
     """Until when (µs since the epoch, the host's clock) the host promises to have beaten
     again: the time of the beat plus its lease."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostLeaving:
+    """A runtime host is stopping (SIGTERM, Ctrl-C): its agents take no new work from
+    now on, and what they run finishes by ``until``, when its lease ends (its beats
+    until then promise no later). Sent by the host on its pool's partition of the
+    agents topic, before its drain. The scheduler then judges it as it would a silent
+    host, but as having left: its agents retire, and an attempt still unanswered is
+    stalled and retried elsewhere. A host started again with the same id registers its
+    agents, and is back."""
+
+    TYPE: ClassVar[str] = "host.leaving"
+    host_id: str
+    pool: str
+    agent_ids: list[str]
+    until: int
+    """When its drain ends at the latest (µs since the epoch, the host's clock)."""
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1028,6 +1048,7 @@ Event = (
     | AgentCircuitHalfOpened
     | AgentCircuitClosed
     | HostBeat
+    | HostLeaving
     | HostLost
     | AgentOutput
     | TaskFailed

@@ -40,13 +40,14 @@ NOTHING: frozenset[str] = frozenset()
 """The empty set of dependencies that every task without any shares."""
 DEFAULT_CAPACITY = 72
 DEFAULT_DEDUP_WINDOW = 100_000
-SNAPSHOT_VERSION = 6
+SNAPSHOT_VERSION = 7
 """2: tasks carry their retry policy; a task may wait out a retry back-off.
 3: tasks carry their dependencies (a task may wait for them) and their deadlines.
 4: runtime hosts' leases.
 5: agents' circuit breakers.
 6: fairness keys, turns, per-key limits and aging (a version 5 snapshot still reads: its
-tasks have none, turn 0, and its pools start their fair turns afresh)."""
+tasks have none, turn 0, and its pools start their fair turns afresh).
+7: hosts that are leaving (a version 5 or 6 snapshot still reads: none is)."""
 
 
 class TaskStatus(enum.Enum):
@@ -167,6 +168,9 @@ class HostLease:
     lost_agents: set[str] = field(default_factory=set)
     """Its agents taken out of work when it was judged lost, until they are reinstated
     (the host beats or registers them again)."""
+    leaving_until: int | None = None
+    """The host said it is stopping (``HostLeaving``): its agents take no new work, and
+    its lease ends then. Until it registers agents again (started anew)."""
 
     def overdue(self) -> int | None:
         """When this lease runs out unless a newer beat comes; ``None`` once judged."""
@@ -426,7 +430,13 @@ class SchedulerState:
         pool = self.pool(slot.pool)
         queue = pool.targeted.get(agent_id)
         best = queue.first() if queue is not None else None
-        if agent_id in self.assignments or agent_id in self.suspects or agent_id in self.breakers:
+        host = self.hosts.get(slot.host_id)
+        if (
+            agent_id in self.assignments
+            or agent_id in self.suspects
+            or agent_id in self.breakers
+            or (host is not None and host.leaving_until is not None)
+        ):
             self.unplace(slot)
         elif best is None:
             pool.claimed.discard(agent_id)
@@ -513,7 +523,7 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "suspects": sorted([a, *(s or ())] for a, s in state.suspects.items()),
         "capacities": dict(state.capacities),
         "hosts": [
-            [host_id, h.pool, h.expires_at, h.judged, sorted(h.lost_agents)]
+            [host_id, h.pool, h.expires_at, h.judged, sorted(h.lost_agents), h.leaving_until]
             for host_id, h in sorted(state.hosts.items())  # the same whatever the fold order
         ],
         "failures": dict(sorted(state.failures.items())),
@@ -532,9 +542,9 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
     is not a snapshot of this version. ``capacity`` replaces the snapshot's: it is
     configuration, and may have changed since."""
     version = data.get("version")
-    if version not in (5, SNAPSHOT_VERSION):
+    if version not in (5, 6, SNAPSHOT_VERSION):
         raise ValueError(f"scheduler snapshot version {version!r} is not supported")
-    task_fields = list(_TASK_FIELDS if version == SNAPSHOT_VERSION else _TASK_FIELDS[:-4])
+    task_fields = list(_TASK_FIELDS if version >= 6 else _TASK_FIELDS[:-4])
     try:
         state = SchedulerState(
             capacity=int(data["capacity"]) if capacity is None else capacity,
@@ -585,8 +595,10 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
             agent_id, *stall = [suspect] if isinstance(suspect, str) else suspect
             state.suspects[agent_id] = (str(stall[0]), int(stall[1])) if stall else None
         state.capacities.update(data["capacities"])
-        for host_id, pool, expires_at, judged, lost_agents in data["hosts"]:
-            state.hosts[host_id] = HostLease(pool, expires_at, judged, set(lost_agents))
+        for host_id, pool, expires_at, judged, lost_agents, *leaving in data["hosts"]:
+            state.hosts[host_id] = HostLease(
+                pool, expires_at, judged, set(lost_agents), *leaving  # none before 7
+            )
         state.failures.update(data["failures"])
         state.breakers = RankedSet(((until,), key) for key, until in data["breakers"])
         state.probing = set(data["probing"])

@@ -42,7 +42,9 @@ Rules enforced here (each has a test):
 * Host leases: a runtime host whose lease (its last ``HostBeat``) runs out is lost
   (:func:`lost_hosts`): each of its running attempts is stalled like one past its
   deadline, and its agents get no work until it beats or registers them again
-  (:func:`revived`, :func:`reinstate`). A host that never beat is never judged.
+  (:func:`revived`, :func:`reinstate`). A host that never beat is never judged. A
+  host that says it is leaving (``HostLeaving``) gets no new work at once; its lease
+  ends when its drain does, and it is then judged the same way, as having left.
 * Circuit breakers: an agent that failed ``threshold`` attempts in a row (failed,
   stalled, lost with its host) gets no work for a cool-down (:func:`tripped`), then one
   probe task (:func:`half_opened`): an answer closes the circuit, a failure opens it
@@ -80,6 +82,7 @@ from conclave.domain.events import (
     Halt,
     Heartbeat,
     HostBeat,
+    HostLeaving,
     HostLost,
     PoolConfigured,
     Resume,
@@ -393,8 +396,8 @@ def revived(state: SchedulerState, beat: HostBeat) -> list[AgentReinstated]:
     again. Decided from the beat after folding it; written on the tasks topic, after
     the ``HostLost``."""
     lease = state.hosts.get(beat.host_id)
-    if lease is None or not lease.lost_agents:
-        return []
+    if lease is None or not lease.lost_agents or lease.overdue() is None:
+        return []  # not lost, or a beat of the lease already judged (late on the way)
     return [
         AgentReinstated(agent_id=agent_id, host_id=beat.host_id)
         for agent_id in sorted(lease.lost_agents)
@@ -413,7 +416,8 @@ Lost = HostLost | TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLetter
 def lost_hosts(state: SchedulerState, now: int) -> list[Lost | TaskDependencyFailed]:
     """Hosts whose lease ran out by ``now``, each judged once per lease: ``HostLost``,
     then, for each attempt running on one of its agents, ``TaskStalled`` and a retry or
-    a dead letter, as for an attempt past its deadline. Pure; fold in order."""
+    a dead letter, as for an attempt past its deadline (a host that said it was leaving
+    is judged so when its drain ended). Pure; fold in order."""
     out: list[Lost] = []
 
     def place() -> int:  # as in expire(): each task queued here its own place, in order
@@ -430,7 +434,11 @@ def lost_hosts(state: SchedulerState, now: int) -> list[Lost | TaskDependencyFai
                 pool=lease.pool,
                 agent_ids=agents,
                 expires_at=lease.expires_at,
-                reason=f"host {host_id!r} sent no beat before its lease ran out",
+                reason=(
+                    f"host {host_id!r} sent no beat before its lease ran out"
+                    if lease.leaving_until is None
+                    else f"host {host_id!r} left: its agents retire, its drain is over"
+                ),
             )
         )
         running = sorted(
@@ -438,10 +446,11 @@ def lost_hosts(state: SchedulerState, now: int) -> list[Lost | TaskDependencyFai
             for agent_id, task_id in state.assignments.items()
             if (slot := state.agents.get(agent_id)) is not None and slot.host_id == host_id
         )
+        why = f"host {host_id!r} {'lost' if lease.leaving_until is None else 'left'}"
         for task_id in running:
             task = state.tasks.get(task_id)
             if task is not None and task.status is TaskStatus.DISPATCHED:
-                out += _stalled(state, task, host_id, f"host {host_id!r} lost", now, place())
+                out += _stalled(state, task, host_id, why, now, place())
     return _with_dependents(state, out)
 
 
@@ -859,7 +868,14 @@ def _first_of(pool: PoolState, key: str, source: int) -> tuple[Rank, str, int]:
 
 def evolve(
     state: SchedulerState,
-    event: SchedulerEvent | AgentRegistered | HostBeat | Heartbeat | Halt | Resume | PoolConfigured,
+    event: SchedulerEvent
+    | AgentRegistered
+    | HostBeat
+    | HostLeaving
+    | Heartbeat
+    | Halt
+    | Resume
+    | PoolConfigured,
 ) -> SchedulerState:
     """Fold one event into the state (in place, see the module docstring).
 
@@ -876,10 +892,7 @@ def evolve(
         case TaskRetryScheduled():
             _fold_retry_scheduled(state, event)
         case AgentReinstated():
-            state.suspects.pop(event.agent_id, None)
-            for lease in state.hosts.values():  # wherever it was lost (it may have moved)
-                lease.lost_agents.discard(event.agent_id)
-            state.place(event.agent_id)
+            _fold_reinstated(state, event)
         case HostLost():
             _fold_host_lost(state, event)
         case AgentCircuitOpened():
@@ -895,6 +908,8 @@ def evolve(
             state.probing.discard(event.agent_id)
         case HostBeat():
             _fold_host_beat(state, event)
+        case HostLeaving():
+            _fold_host_leaving(state, event)
         case TaskCompleted():
             _fold_finished(state, event.task_id, TaskStatus.COMPLETED)
         case TaskDeadLettered():
@@ -1042,6 +1057,27 @@ def _fold_host_beat(state: SchedulerState, event: HostBeat) -> None:
         host.expires_at = max(host.expires_at, event.expires_at)
 
 
+def _fold_reinstated(state: SchedulerState, event: AgentReinstated) -> None:
+    state.suspects.pop(event.agent_id, None)
+    for lease in state.hosts.values():  # wherever it was lost (it may have moved)
+        lease.lost_agents.discard(event.agent_id)
+    state.place(event.agent_id)
+
+
+def _fold_host_leaving(state: SchedulerState, event: HostLeaving) -> None:
+    """Its agents leave the idle indexes (what they run goes on); its lease ends with its
+    drain, whatever an earlier beat promised."""
+    host = state.hosts.get(event.host_id)
+    if host is None:
+        host = state.hosts[event.host_id] = HostLease(event.pool, event.until)
+    host.expires_at = event.until
+    host.leaving_until = event.until
+    for agent_id in event.agent_ids:
+        if (slot := state.agents.get(agent_id)) is not None:
+            state.unplace(slot)
+            state.refresh(slot.pool)
+
+
 def _fold_host_lost(state: SchedulerState, event: HostLost) -> None:
     """The host's agents leave the idle indexes until they are reinstated; its running
     attempts move on with the stalls that follow."""
@@ -1108,4 +1144,9 @@ def _fold_registered(state: SchedulerState, event: AgentRegistered) -> None:
         slot.pool = event.pool
     slot.host_id = event.host_id
     state.pool(event.pool).members.add(event.agent_id)
+    host = state.hosts.get(event.host_id)
+    if host is not None and host.leaving_until is not None:  # started anew: all work again
+        host.leaving_until = None
+        for other in [a for a in state.agents.values() if a.host_id == event.host_id]:
+            state.place(other.agent_id)
     state.place(event.agent_id)

@@ -46,6 +46,7 @@ from conclave.domain.events import (
     Envelope,
     Heartbeat,
     HostBeat,
+    HostLeaving,
     TaskCancelled,
     TaskDispatched,
     TaskExpired,
@@ -71,6 +72,11 @@ MAX_OUTPUT_BYTES = 900_000
 """An answer must fit one Kafka record with its envelope (brokers cap records near 1 MB)."""
 _MAX_DONE_LISTED = 400
 """Answered dispatches above the committed position listed in the offset metadata."""
+
+_ANSWERS_WITNESSED_US = 2_000_000
+"""How long after its last commit a stopped host's lease lasts: its last answers reach
+the scheduler through the witness (milliseconds when healthy) before the attempts still
+open are stalled, or they would count as late and the work be done again."""
 
 
 class OutputRejected(PermanentFailure):
@@ -185,6 +191,8 @@ class RuntimeHost:
         self._fetched_to: int | None = None
         """The consumer's position after its last fetch, past transaction markers."""
         self._stuck = False
+        self._leaving_until: int | None = None
+        """Set once the host said it is leaving: its beats promise no later."""
         self._host_header = config.host_id.encode()
         self._task_timeout_s = config.task_timeout_s or settings.task_timeout_s
 
@@ -275,8 +283,12 @@ class RuntimeHost:
 
     async def stop(self, *, drain_s: float = 5.0) -> None:
         """Stop taking work, let running tasks finish (up to ``drain_s``), commit what they
-        answered, then close."""
+        answered, then close. The scheduler is told at the start (it dispatches nothing
+        more here) and at the end (what is still unanswered goes elsewhere soon)."""
         metrics.unwatch(self._gauges)
+        leaving = bool(self._loops) and self.failure is None
+        if leaving:
+            await self._leave(now_us() + int((2 * drain_s + 1) * 1_000_000), "stopping")
         consume = [t for t in self._loops if t.get_name() == "runtime-consume"]
         for loop in consume:
             loop.cancel()
@@ -293,6 +305,8 @@ class RuntimeHost:
         # A loop that failed on its own was logged and kept in ``failure`` already.
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
+        if leaving:  # what it answered last has a moment to be witnessed before that
+            await self._leave(now_us() + _ANSWERS_WITNESSED_US, "stopped")
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
@@ -635,6 +649,29 @@ class RuntimeHost:
                 self._progress.answered = answered
                 self._flushed.set()
 
+    async def _leave(self, until: int, reason: str) -> None:
+        """Say the host is leaving, its lease ending at ``until``; if the broker cannot
+        be reached, the lease runs out by itself."""
+        self._leaving_until = until
+        leaving = HostLeaving(
+            host_id=self.config.host_id,
+            pool=self.config.pool,
+            agent_ids=list(self.config.agent_ids),
+            until=until,
+            reason=reason,
+        )
+        try:
+            await self.producer.send_all(
+                [
+                    self.producer.encode(
+                        self.topics.agents, self._partition, leaving.host_id, leaving
+                    )[1]
+                ],
+                deadline_s=2.0,
+            )
+        except BrokerUnavailable as exc:
+            log.warning("%s: could not say it is leaving: %s", self.name, exc)
+
     def _host_beat(self) -> Outgoing:
         lease_us = int(self.settings.host_lease_s * 1_000_000)
         return self.producer.encode(
@@ -645,7 +682,7 @@ class RuntimeHost:
                 host_id=self.config.host_id,
                 pool=self.config.pool,
                 agent_ids=list(self.config.agent_ids),
-                expires_at=now_us() + lease_us,
+                expires_at=min(now_us() + lease_us, self._leaving_until or sys.maxsize),
             ),
         )[1]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 
 import asyncpg
 import pytest
@@ -98,3 +99,50 @@ async def test_a_host_that_died_inside_a_transaction_is_fenced_so_others_outputs
     finally:
         with contextlib.suppress(KafkaError, TimeoutError):
             await asyncio.wait_for(writer.stop(), 5)
+
+
+async def test_a_host_that_stops_says_so_its_agents_retire_and_its_open_work_goes_elsewhere(
+    system: System, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM's path (``RuntimeHost.stop``): the host says it is leaving, so nothing new
+    is dispatched to it; an attempt still running after the drain is stopped, and once
+    the host is gone it is retried on another host at once, not after a lease. Judged
+    as having left, not lost: no warning."""
+    db, client, pool = system.db, system.client, system.pool
+    caplog.set_level(logging.INFO, logger="streams.scheduler")
+
+    async def stuck(ctx: AgentContext) -> str:
+        await asyncio.sleep(600)
+        return "never"
+
+    async with system.host(pool, 2, stuck, prefix=f"{pool}-old") as old:
+        task_id = await client.submit("long", pool=pool, max_attempts=2)
+        await eventually(lambda: has_status(db, task_id, "dispatched"))
+        leaving_at = now_us()
+    hosts = {h.host_id: h for h in await queries.list_hosts(db, now_us())}
+    assert hosts[old.config.host_id].state in ("leaving", "left")
+    # Submitted while it drained or after it left: for the next host, not for the old one.
+    later = await client.submit("later", pool=pool)
+
+    async def left() -> bool:
+        views = await queries.list_hosts(db, now_us())
+        return any(h.host_id == old.config.host_id and h.state == "left" for h in views)
+
+    await eventually(left, within=10)
+    agents = await queries.list_agents(db, now_us(), silent_after_us=10**9, in_pool=pool)
+    assert {a.agent_id: a.state for a in agents} == {
+        f"{pool}-old-000": "retired",
+        f"{pool}-old-001": "retired",
+    }
+    view = await queries.get_task(db, task_id)
+    assert view.status in ("queued", "retrying")  # stalled: waiting for an agent
+    async with system.host(pool, 1, prefix=f"{pool}-new"):
+        await eventually(lambda: _all_have(db, [task_id, later], "completed"))
+    view = await queries.get_task(db, task_id)
+    assert (view.agent_id, view.attempt) == (f"{pool}-new-000", 2)
+    assert [(f.attempt, f.error_type) for f in view.failures] == [(1, "Stalled")]
+    assert "left" in view.failures[0].message
+    assert now_us() - leaving_at < 30_000_000
+    lost = [r for r in caplog.records if old.config.host_id in r.getMessage()]
+    assert any("left" in r.getMessage() for r in lost)
+    assert not [r for r in lost if r.levelno >= logging.WARNING]

@@ -41,6 +41,7 @@ from conclave.domain.events import (
     DeliberationRequested,
     Halt,
     HostBeat,
+    HostLeaving,
     HostLost,
     PoolConfigured,
     Priority,
@@ -220,6 +221,7 @@ class Harness:
             if a.agent_id not in state.assignments
             and a.agent_id not in state.suspects
             and a.agent_id not in state.breakers
+            and not _leaving(state, a.agent_id)
         }
         snapshot = copy.deepcopy(state)
         dispatched = schedule(state, self.now, answer_within_us=ANSWER_US)
@@ -265,15 +267,17 @@ class Harness:
         return [*decided, *self.schedule()]
 
     def fact(
-        self, event: AgentRegistered | HostBeat | Halt | Resume | PoolConfigured
+        self, event: AgentRegistered | HostBeat | HostLeaving | Halt | Resume | PoolConfigured
     ) -> list[Emitted]:
         self._fold([event])
         if isinstance(event, HostBeat):
             back = revived(self.state, event)
             lease = self.state.hosts[event.host_id]
-            assert {r.agent_id for r in back} == lease.lost_agents & self.state.suspects.keys()
+            # Only a beat that promises more than the lease judged lost brings it back.
+            expected = lease.lost_agents if lease.overdue() is not None else set()
+            assert {r.agent_id for r in back} == expected & self.state.suspects.keys()
             self._fold(back)
-            assert not self.state.hosts[event.host_id].lost_agents & self.state.suspects.keys()
+            assert lease.overdue() is None or not lease.lost_agents & self.state.suspects.keys()
         if isinstance(event, Halt):
             running = {t.task_id for t in self.dispatched()}
             cancelled = halted(self.state, event)
@@ -364,10 +368,19 @@ class Harness:
 
     def beat(self, host_id: str, lease_us: int) -> list[Emitted]:
         agents = sorted(a.agent_id for a in self.state.agents.values() if a.host_id == host_id)
-        beat = HostBeat(
-            host_id=host_id, pool="p0", agent_ids=agents, expires_at=self.now + lease_us
+        lease = self.state.hosts.get(host_id)
+        leaving = lease.leaving_until if lease is not None else None
+        expires_at = min(self.now + lease_us, leaving or self.now + lease_us)  # as hosts do
+        return self.fact(
+            HostBeat(host_id=host_id, pool="p0", agent_ids=agents, expires_at=expires_at)
         )
-        return self.fact(beat)
+
+    def leave(self, host_id: str, drain_us: int) -> list[Emitted]:
+        agents = sorted(a.agent_id for a in self.state.agents.values() if a.host_id == host_id)
+        leaving = HostLeaving(
+            host_id=host_id, pool="p0", agent_ids=agents, until=self.now + drain_us, reason="stop"
+        )
+        return self.fact(leaving)
 
     def register(
         self, agent_id: str, host_id: str = "h0", pool: str | None = None
@@ -463,6 +476,11 @@ class Harness:
         raise AssertionError("the schedule did not quiesce")
 
 
+def _leaving(state: SchedulerState, agent_id: str) -> bool:
+    lease = state.hosts.get(state.agents[agent_id].host_id)
+    return lease is not None and lease.leaving_until is not None
+
+
 def _check_priority(
     state: SchedulerState,
     queued_before: set[str],
@@ -531,6 +549,7 @@ def reference_schedule(state: SchedulerState) -> list[TaskDispatched]:
             and a.agent_id not in state.assignments
             and a.agent_id not in state.suspects
             and a.agent_id not in state.breakers
+            and not _leaving(state, a.agent_id)
         }
         waiting = sorted(queued[pool], key=lambda t: t.rank)
         limits = state.pools[pool].limits
@@ -587,7 +606,7 @@ def recovered(log: list[Folded], start: SchedulerState) -> SchedulerState:
 def interleavings(log: list[Folded]) -> list[list[Folded]]:
     """The tasks topic entirely before, and entirely after, the agents and control
     topics: per-topic order is all that recovery can count on."""
-    facts = (AgentRegistered, HostBeat, Halt, Resume, PoolConfigured)
+    facts = (AgentRegistered, HostBeat, HostLeaving, Halt, Resume, PoolConfigured)
     tasks_topic = [e for e in log if not isinstance(e, facts)]
     other_topics = [e for e in log if isinstance(e, facts)]
     return [[*tasks_topic, *other_topics], [*other_topics, *tasks_topic]]
@@ -856,6 +875,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         """A host's beat: a lost one is back, its agents work again."""
         self.h.beat(host_id, lease)
 
+    @rule(host_id=st.sampled_from(["h0", "h1"]), drain=st.integers(0, 2 * ANSWER_US))
+    def host_leaves(self, host_id: str, drain: int) -> None:
+        """A host says it is stopping: its agents take nothing new from now on."""
+        self.h.leave(host_id, drain)
+
     @precondition(
         lambda self: self.state.timers.first() is not None or hosts_due(self.state) is not None
     )
@@ -1001,15 +1025,30 @@ class SchedulerMachine(RuleBasedStateMachine):
     def a_lost_hosts_agents_get_no_work_until_it_is_back(self) -> None:
         host_of: dict[str, str] = {}
         benched: set[str] = set()  # agents of hosts judged lost, until beaten or registered
+        judged: dict[str, int] = {}
         for event in self.h.log:
             if isinstance(event, AgentRegistered):
                 host_of[event.agent_id] = event.host_id
                 benched.discard(event.agent_id)
             elif isinstance(event, HostLost):
                 benched |= set(event.agent_ids)
-            elif isinstance(event, HostBeat):
+                judged[event.host_id] = event.expires_at
+            elif isinstance(event, HostBeat) and event.expires_at > judged.get(event.host_id, -1):
                 benched -= {a for a in benched if host_of.get(a) == event.host_id}
         assert not {t.agent_id for t in self.h.dispatched()} & benched
+
+    @invariant()
+    def a_leaving_hosts_agents_take_no_new_work_until_it_registers_again(self) -> None:
+        host_of: dict[str, str] = {}
+        leaving: set[str] = set()
+        for event in self.h.log:
+            if isinstance(event, AgentRegistered):
+                host_of[event.agent_id] = event.host_id
+                leaving.discard(event.host_id)
+            elif isinstance(event, HostLeaving):
+                leaving.add(event.host_id)
+            elif isinstance(event, TaskDispatched):
+                assert host_of[event.agent_id] not in leaving, f"{event} to a leaving host"
 
     @invariant()
     def idle_agents_are_indexed_by_their_best_claim(self) -> None:
@@ -1019,6 +1058,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if a.agent_id not in self.state.assignments
             and a.agent_id not in self.state.suspects
             and a.agent_id not in self.state.breakers
+            and not _leaving(self.state, a.agent_id)
         ]
         for agent in idle:
             pool = self.state.pools[agent.pool]
@@ -1854,8 +1894,17 @@ def test_a_snapshot_is_versioned_and_anything_else_is_refused() -> None:
     h.command(submit("t0"))
     h.command(submit("t1", priority=Priority.HIGH, agent_id="a1"))
     snapshot, restored = _round_trip(h.state)
-    assert snapshot["version"] == SNAPSHOT_VERSION == 6
+    assert snapshot["version"] == SNAPSHOT_VERSION == 7
     assert_same_state(h.state, restored)
+    # A version 6 snapshot (before hosts could leave) still reads: none is leaving.
+    h.beat("h0", lease_us=5_000)
+    h.leave("h0", drain_us=1_000)
+    six = to_snapshot(h.state)
+    six = {**six, "version": 6, "hosts": [row[:5] for row in six["hosts"]]}
+    assert from_snapshot(six).hosts["h0"].leaving_until is None
+    leaving = h.state.hosts["h0"].leaving_until
+    assert leaving is not None
+    assert from_snapshot(to_snapshot(h.state)).hosts["h0"].leaving_until == leaving
     # A version 5 snapshot (before fairness) still reads: its tasks take turn 0.
     fields = len(snapshot["task_fields"]) - 4
     old = {
@@ -2057,6 +2106,46 @@ def test_an_agent_that_stalled_on_a_live_host_is_not_reinstated_by_its_beats() -
     assert "a0" in h.state.suspects
     assert h.beat("h0", lease_us=10 * ANSWER_US) == []
     assert "a0" in h.state.suspects  # until its host registers it again
+
+
+def test_a_leaving_host_takes_no_new_work_and_what_it_leaves_unanswered_goes_elsewhere() -> None:
+    h = Harness()
+    h.register("a0", host_id="old")
+    h.register("a1", host_id="old")
+    h.beat("old", lease_us=5_000_000)
+    running = h.command(submit("t0", max_attempts=2))[1]
+    assert isinstance(running, TaskDispatched)
+    assert h.leave("old", drain_us=ANSWER_US // 2) == []
+    until = h.state.hosts["old"].leaving_until
+    assert until is not None
+    assert h.command(submit("t1"))[1:] == []  # a1 is idle, but its host is leaving
+    dispatched = h.register("n0", host_id="new")
+    assert [(d.task_id, d.agent_id) for d in dispatched] == [("t1", "n0")]
+    h.beat("new", lease_us=60_000_000)
+    h.beat("old", lease_us=5_000_000)  # beats during its drain promise no more than that
+    assert hosts_due(h.state) == until
+    lost, *rest = h.tick(until - h.now)
+    assert isinstance(lost, HostLost)
+    assert lost.reason == "host 'old' left: its agents retire, its drain is over"
+    assert [(s.task_id, s.attempt) for s in rest if isinstance(s, TaskStalled)] == [("t0", 1)]
+    h.finish(h.state.tasks["t1"], failed=False)
+    again = h.log[-1]
+    assert isinstance(again, TaskDispatched)
+    assert (again.task_id, again.agent_id, again.attempt) == ("t0", "n0", 2)
+
+
+def test_a_host_started_again_after_leaving_gets_work() -> None:
+    h = Harness()
+    h.register("a0", host_id="h0")
+    h.beat("h0", lease_us=5_000)
+    h.leave("h0", drain_us=1_000)
+    h.tick(1_000)  # its drain is over: left
+    assert h.command(submit("t0"))[1:] == []
+    h.beat("h0", lease_us=5_000)  # a beat late on its way: no more than the lease judged
+    assert "a0" in h.state.suspects
+    dispatched = h.register("a0", host_id="h0")  # started anew
+    assert [(d.task_id, d.agent_id) for d in dispatched] == [("t0", "a0")]
+    assert h.state.hosts["h0"].leaving_until is None
 
 
 def test_host_leases_survive_a_snapshot() -> None:
