@@ -148,7 +148,8 @@ async def _measure(settings: Settings, cpu: _Cpu, n: int) -> list[Figures]:
             for key in group:
                 sent[key] = time.perf_counter()
             await asyncio.gather(*(messenger.tell("c-000", k, sender="a-000") for k in group))
-        await asyncio.wait_for(counter.all_in.wait(), 120)
+        async with asyncio.timeout(120):
+            await counter.all_in.wait()
         elapsed, after = time.perf_counter() - started, cpu.now()
         used = (after[0] - before[0], after[1] - before[1])
         latencies = [counter.arrived[k] - t for k, t in sent.items()]

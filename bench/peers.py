@@ -746,7 +746,8 @@ async def faust_noop(
             start_new_session=True,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout_s + 30)
+            async with asyncio.timeout(timeout_s + 30):
+                out, err = await proc.communicate()
         finally:
             if proc.returncode is None:
                 _kill_group(proc.pid)
@@ -808,7 +809,8 @@ async def _faust_child(spec: dict[str, Any]) -> dict[str, float]:
     await app.start()
     try:
         try:
-            await asyncio.wait_for(finished.wait(), float(spec["timeout_s"]))
+            async with asyncio.timeout(float(spec["timeout_s"])):
+                await finished.wait()
         except TimeoutError:
             raise TimeoutError(f"faust: {seen}/{records} records") from None
     finally:

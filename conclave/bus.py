@@ -294,7 +294,8 @@ class EventProducer:
             return [metadata.offset for metadata in await asyncio.gather(*futures)]
 
         try:
-            return await asyncio.wait_for(sent(), deadline_s)
+            async with asyncio.timeout(deadline_s):
+                return await sent()
         except TimeoutError:
             raise BrokerUnavailable(f"no acknowledgement within {deadline_s:.0f} s") from None
         except KafkaError as exc:
@@ -386,7 +387,8 @@ class TransactionalProducer:
         if self._producer is not None:
             # A producer whose broker went away can take long to close: do not wait on it.
             with contextlib.suppress(TimeoutError, KafkaError):
-                await asyncio.wait_for(self._producer.stop(), 5)
+                async with asyncio.timeout(5):
+                    await self._producer.stop()
             self._producer = None
 
     async def commit(
@@ -410,9 +412,8 @@ class TransactionalProducer:
         caller must recover its state from what *was* committed.
         """
         try:
-            return await asyncio.wait_for(
-                self._transaction(records, positions, note, expect), TRANSACTION_DEADLINE_S
-            )
+            async with asyncio.timeout(TRANSACTION_DEADLINE_S):
+                return await self._transaction(records, positions, note, expect)
         except TimeoutError:
             raise BrokerUnavailable(
                 f"transaction of {self.transactional_id}: no answer within "

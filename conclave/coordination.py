@@ -212,7 +212,8 @@ class Coordinator:
             self._tail = None
         if self._consumer is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._consumer.stop(), 10)
+                async with asyncio.timeout(10):
+                    await self._consumer.stop()
             self._consumer = None
         if self._producer is not None and self._producing:
             self._producing = False
@@ -359,7 +360,8 @@ class Coordinator:
                 correlation_id=request.request_id,
             )
             try:
-                return await asyncio.wait_for(future, within + DECISION_GRACE_S)
+                async with asyncio.timeout(within + DECISION_GRACE_S):
+                    return await future
             except TimeoutError:
                 raise NoDecision(
                     f"no decision on {request.TYPE} {subject!r} within "

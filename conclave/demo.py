@@ -99,7 +99,8 @@ VERIFY_TIMEOUT_S = 120.0
 async def _bounded(what: str, step: Awaitable[object], seconds: float) -> bool:
     """Await a clean-up step for at most ``seconds``; say so and go on if it takes longer."""
     try:
-        await asyncio.wait_for(step, seconds)
+        async with asyncio.timeout(seconds):
+            await step
     except TimeoutError:
         log.warning("demo: %s took over %.0f s; going on without it", what, seconds)
         return False
@@ -183,7 +184,8 @@ async def run_demo(settings: Settings, config: DemoConfig, *, progress: bool = T
     memory.sample()
     report.peak_rss_mb = {name: round(rss / 2**20, 1) for name, rss in memory.peak.items()}
     report.peak_rss_mb["total"] = round(memory.peak_total / 2**20, 1)
-    results = await asyncio.wait_for(verify_sources(settings), VERIFY_TIMEOUT_S)
+    async with asyncio.timeout(VERIFY_TIMEOUT_S):
+        results = await verify_sources(settings)
     for result in results:
         report.chain_entries = max(report.chain_entries, result.entries)
         report.witness_head = result.head_hex
@@ -230,7 +232,8 @@ async def _conduct(
         )
     end_to_end_ms = (finished - started) * 1000
     stop_projecting.set()
-    await asyncio.wait_for(background.pop(), timeout=10)
+    async with asyncio.timeout(10):
+        await background.pop()
     stage[0] = "folding the last records"
     await projector.catch_up()  # the report reads statuses too, not only outputs
     return await _report(db, deliberation_id, config, started, end_to_end_ms, visible_at)
@@ -287,7 +290,8 @@ async def _wait_until_done(
             if len(seen) >= config.agents:
                 return now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(projector.batches.wait(), timeout=0.5)
+                async with asyncio.timeout(0.5):
+                    await projector.batches.wait()
     raise ConclaveError(
         f"deliberation {deliberation_id} did not finish in {config.timeout_s:.0f} s"
     )

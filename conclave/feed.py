@@ -60,7 +60,8 @@ class Subscription:
         if not self._count and timeout_ms > 0:
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), timeout_ms / 1000)
+                async with asyncio.timeout(timeout_ms / 1000):
+                    await self._arrived.wait()
         taken: dict[TopicPartition, list[Any]] = {}
         budget = max_records
         # An even share for every partition first, then the rest in turn: a burst on one
@@ -129,7 +130,8 @@ class Feed:
             # aiokafka's close can wait for ever on a fetch that is being cancelled (seen
             # once in many runs); a process that is stopping must not hang on it.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._consumer.stop(), 10)
+                async with asyncio.timeout(10):
+                    await self._consumer.stop()
             self._consumer = None
 
     def behind(self, tp: TopicPartition) -> int | None:

@@ -205,7 +205,8 @@ class Messenger:
         for consumer in (self._inbox_consumer, self._directory_consumer):
             if consumer is not None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(consumer.stop(), 10)
+                    async with asyncio.timeout(10):
+                        await consumer.stop()
         self._inbox_consumer = self._directory_consumer = None
         await self.producer.stop()
         for future in self._waiting.values():
@@ -235,7 +236,8 @@ class Messenger:
         try:
             await self._send(message)
             try:
-                reply = await asyncio.wait_for(future, timeout)
+                async with asyncio.timeout(timeout):
+                    reply = await future
             except TimeoutError:
                 raise AskTimeout(f"no answer from {recipient!r} within {timeout:g} s") from None
         finally:
@@ -384,7 +386,8 @@ class Messenger:
         if route is None:
             # Perhaps registered a moment ago: read the agents topic up to its end now.
             with contextlib.suppress(TimeoutError, KafkaError):
-                await asyncio.wait_for(self._caught_up(), DIRECTORY_CATCH_UP_S)
+                async with asyncio.timeout(DIRECTORY_CATCH_UP_S):
+                    await self._caught_up()
             route = dm.resolve(address, self._directory, message_id)
         return route
 

@@ -160,6 +160,10 @@ async def _behind(
             consumer.seek(tp, positions[tp])
         fetched = await consumer.getmany(timeout_ms=500)
         for tp in list(behind):
-            if not fetched.get(tp) and await asyncio.wait_for(consumer.position(tp), 5) >= ends[tp]:
+            if fetched.get(tp):
+                continue
+            async with asyncio.timeout(5):
+                position = await consumer.position(tp)
+            if position >= ends[tp]:
                 del behind[tp]  # nothing but markers
     return Lag(name, sum(behind.values()), len(behind))

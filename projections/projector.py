@@ -491,7 +491,8 @@ async def _pause(stop: asyncio.Event | None, seconds: float) -> None:
         await asyncio.sleep(seconds)
         return
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
 
 
 def _count(records: list[Consumed]) -> None:

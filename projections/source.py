@@ -115,14 +115,14 @@ class HistorySource:
             return {tp: await consumer.position(tp) for tp in self.partitions}
 
         with _unavailable("positions"):
-            return await asyncio.wait_for(every(), PROBE_TIMEOUT_S)
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                return await every()
 
     async def end_offsets(self) -> dict[TopicPartition, int]:
         """The end (last stable offset under ``read_committed``) of every partition."""
         with _unavailable("end offsets"):
-            ends: dict[TopicPartition, int] = await asyncio.wait_for(
-                self.consumer.end_offsets(self.partitions), PROBE_TIMEOUT_S
-            )
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                ends: dict[TopicPartition, int] = await self.consumer.end_offsets(self.partitions)
         return ends
 
     async def probe(self) -> None:

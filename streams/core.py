@@ -421,9 +421,7 @@ class ShardRunner:
         subscription, feed = self._subscription, self.feed or self._own_feed
         if subscription is None or feed is None:
             return {}
-        return {
-            tp: subscription.buffered(tp) + (feed.behind(tp) or 0) for tp in self._positions
-        }
+        return {tp: subscription.buffered(tp) + (feed.behind(tp) or 0) for tp in self._positions}
 
     def _timeout_ms(self) -> int:
         due = self.shard.next_due()
@@ -486,4 +484,5 @@ async def _beginnings(settings: Settings, partitions: list[TopicPartition]) -> P
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()

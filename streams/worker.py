@@ -105,7 +105,8 @@ class Worker:
 
     async def ready(self, timeout_s: float = 60.0) -> None:
         """Wait until every shard this worker should run has recovered and is consuming."""
-        await asyncio.wait_for(self._settled.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await self._settled.wait()
 
     async def stop(self) -> None:
         """Give every shard up cleanly and say so, so the others take over at once."""
@@ -117,7 +118,8 @@ class Worker:
         await asyncio.gather(*(self._stop(name) for name in list(self.running)))
         if self._membership is not None:
             with contextlib.suppress(BrokerUnavailable):
-                await asyncio.wait_for(self._membership.beat([], leaving=True), 5.0)
+                async with asyncio.timeout(5.0):
+                    await self._membership.beat([], leaving=True)
             await self._membership.stop()
             self._membership = None
         if self._feed is not None:

@@ -597,7 +597,11 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
         state.capacities.update(data["capacities"])
         for host_id, pool, expires_at, judged, lost_agents, *leaving in data["hosts"]:
             state.hosts[host_id] = HostLease(
-                pool, expires_at, judged, set(lost_agents), *leaving  # none before 7
+                pool,
+                expires_at,
+                judged,
+                set(lost_agents),
+                *leaving,  # none before 7
             )
         state.failures.update(data["failures"])
         state.breakers = RankedSet(((until,), key) for key, until in data["breakers"])

@@ -299,7 +299,8 @@ class RuntimeHost:
         if self._pending and self._writer is not None:
             self._wakeup.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained(), drain_s)
+                async with asyncio.timeout(drain_s):
+                    await self._drained()
         for loop in self._loops:
             loop.cancel()
         # A loop that failed on its own was logged and kept in ``failure`` already.
@@ -472,7 +473,8 @@ class RuntimeHost:
             left_s = min(left_s, max(0.0, (message.expires_at - now_us()) / 1e6))
         try:
             with logs.about(None, agent_id):
-                answer = await asyncio.wait_for(self.on_message(ctx, message), left_s)
+                async with asyncio.timeout(left_s):
+                    answer = await self.on_message(ctx, message)
             return (None if answer is None else _checked(answer)), "handled"
         except asyncio.CancelledError:
             raise  # the host is stopping
@@ -536,7 +538,9 @@ class RuntimeHost:
             started = time.perf_counter()
             outcome: AgentOutput | TaskFailed
             try:
-                content = _checked(await asyncio.wait_for(self._answer(ctx), self._task_timeout_s))
+                async with asyncio.timeout(self._task_timeout_s):
+                    answer = await self._answer(ctx)
+                content = _checked(answer)
             except asyncio.CancelledError:
                 if event.task_id not in self._cancelled:
                     raise  # the host is stopping

@@ -98,7 +98,8 @@ async def test_a_host_that_died_inside_a_transaction_is_fenced_so_others_outputs
             await writer.commit_transaction()
     finally:
         with contextlib.suppress(KafkaError, TimeoutError):
-            await asyncio.wait_for(writer.stop(), 5)
+            async with asyncio.timeout(5):
+                await writer.stop()
 
 
 async def test_a_host_that_stops_says_so_its_agents_retire_and_its_open_work_goes_elsewhere(

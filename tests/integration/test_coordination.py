@@ -105,7 +105,8 @@ async def test_two_clients_contend_for_one_lock(settings: Settings) -> None:
         await asyncio.sleep(0.3)
         assert not waiting.done()  # in line behind alice
         await lease.release()
-        second = await asyncio.wait_for(waiting, 10)
+        async with asyncio.timeout(10):
+            second = await waiting
         assert (second.holder, second.token) == ("bob", lease.token + 1)
         with pytest.raises(LockUnavailable, match="waited in vain: locked by bob"):
             await a.acquire_lock("repo", "alice", ttl=30, wait=0.3)
@@ -155,7 +156,8 @@ async def test_waiters_are_served_first_come_first_served(settings: Settings) ->
             waiting.append(asyncio.create_task(wait_then_release(i)))
             await eventually(lambda i=i: in_line(i), within=20)  # type: ignore[misc]
         await first.release()
-        await asyncio.wait_for(asyncio.gather(*waiting), 20)
+        async with asyncio.timeout(20):
+            await asyncio.gather(*waiting)
         assert order == ["h1", "h2", "h3"]
 
 
@@ -277,7 +279,8 @@ async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[st
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    async with asyncio.timeout(60):
+        stdout, stderr = await process.communicate()
     assert process.returncode is not None
     return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
 
@@ -435,7 +438,8 @@ async def test_a_worker_killed_mid_load_and_restarted_keeps_tokens_and_versions(
                 within=60,
             )
             stop.set()
-            await asyncio.wait_for(asyncio.gather(*load), 60)
+            async with asyncio.timeout(60):
+                await asyncio.gather(*load)
     finally:
         stop.set()
         children.stop()

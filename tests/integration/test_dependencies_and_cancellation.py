@@ -129,7 +129,8 @@ async def test_cancelling_a_running_task_stops_its_agent_and_frees_its_place(
             cli, settings, "cancel", slow, "--reason", "no longer needed"
         )
         assert sent.returncode == 0, sent.stderr
-        await asyncio.wait_for(agent.stopped.wait(), 30)
+        async with asyncio.timeout(30):
+            await agent.stopped.wait()
         await eventually(lambda: has_status(db, slow, "cancelled"))
         await eventually(lambda: has_status(db, queued, "completed"))  # the agent is free again
         await eventually(lambda: has_status(db, after, "dependency_failed"))
@@ -197,7 +198,8 @@ async def test_tasks_expire_when_not_started_in_time_or_not_finished_by_their_de
         bounded = sent.stdout.strip()
         await eventually(lambda: has_status(db, bounded, "dispatched"))
         await eventually(lambda: has_status(db, bounded, "expired"))
-        await asyncio.wait_for(agent.stopped.wait(), 30)  # its agent was stopped
+        async with asyncio.timeout(30):
+            await agent.stopped.wait()  # its agent was stopped
     view = await queries.get_task(db, bounded)
     assert view.error == "expired: not finished by its deadline"
     assert view.finish_by is not None
@@ -276,7 +278,8 @@ async def test_halt_drains_by_default_and_cancels_what_runs_when_asked(system: S
         assert halted.returncode == 0, halted.stderr
         try:
             await eventually(lambda: has_status(db, cancelled, "cancelled"))
-            await asyncio.wait_for(agent.stopped.wait(), 30)
+            async with asyncio.timeout(30):
+                await agent.stopped.wait()
         finally:
             await client.resume("over", operator="test")
     view = await queries.get_task(db, cancelled)

@@ -363,7 +363,8 @@ async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[st
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    async with asyncio.timeout(60):
+        stdout, stderr = await process.communicate()
     assert process.returncode is not None
     return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
 

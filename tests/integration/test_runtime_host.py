@@ -64,7 +64,8 @@ async def test_a_host_whose_successor_took_over_stops(system: System) -> None:
         await successor.start()
         try:
             await system.client.submit("to the zombie", pool=system.pool)
-            await asyncio.wait_for(host.failed.wait(), 30)
+            async with asyncio.timeout(30):
+                await host.failed.wait()
             assert isinstance(host.failure, Fenced)
         finally:
             await successor.stop()

@@ -127,7 +127,8 @@ async def test_a_failing_step_fails_the_workflow_and_the_rest_never_runs(system:
     async with system.running(2, agent):
         wid = await system.client.run_workflow(fan(system.pool), {"topic": "t"})
         row = await ended(system.db, wid)
-        await asyncio.wait_for(stopped.wait(), 30)  # c's agent was stopped
+        async with asyncio.timeout(30):
+            await stopped.wait()  # c's agent was stopped
     assert row["status"] == "failed"
     assert row["failed_step"] == "b"
     assert "dead_lettered" in row["reason"]
@@ -181,10 +182,12 @@ async def test_cancel_a_running_workflow_as_a_whole(system: System) -> None:
         await eventually(running)
         # Working, not only dispatched: a cancel that reaches the host before the agent
         # starts stops the attempt before the agent ever runs (nothing to see stopping).
-        await asyncio.wait_for(started.wait(), 30)
+        async with asyncio.timeout(30):
+            await started.wait()
         await system.client.cancel_workflow(wid, reason="changed my mind")
         row = await ended(system.db, wid)
-        await asyncio.wait_for(stopped.wait(), 30)
+        async with asyncio.timeout(30):
+            await stopped.wait()
     assert row["status"] == "cancelled"
     assert row["reason"] == "cancelled: changed my mind"
     got = await eventually(lambda: _steps_settled(system.db, wid))
@@ -406,7 +409,8 @@ async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[st
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    async with asyncio.timeout(120):
+        stdout, stderr = await process.communicate()
     assert process.returncode is not None
     return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
 
