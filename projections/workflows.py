@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from conclave.errors import NotFound
 from projections.database import Database
 
-__all__ = ["StepView", "WorkflowView", "get_workflow", "list_workflows"]
+__all__ = ["WORKFLOW_STATUSES", "StepView", "WorkflowView", "get_workflow", "list_workflows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,22 +51,31 @@ _WORKFLOW = (
 )
 
 
+WORKFLOW_STATUSES = ("running", "completed", "failed", "cancelled", "rejected")
+
+
 async def list_workflows(
-    db: Database, *, status: str | None = None, limit: int = 100
+    db: Database, *, status: str | None = None, limit: int = 100, tenant: str | None = None
 ) -> list[WorkflowView]:
-    """The newest workflows first (steps not included)."""
+    """The newest workflows first (steps not included); with ``tenant``, only its own."""
     rows = await db.fetch(
         f"{_WORKFLOW} WHERE ($1::text IS NULL OR status = $1)"
+        " AND ($3::text IS NULL OR tenant = $3)"
         " ORDER BY started_at DESC, workflow_id LIMIT $2",
         status,
         limit,
+        tenant,
     )
     return [WorkflowView(**dict(r), steps=[]) for r in rows]
 
 
-async def get_workflow(db: Database, workflow_id: str) -> WorkflowView:
+async def get_workflow(
+    db: Database, workflow_id: str, *, tenant: str | None = None
+) -> WorkflowView:
+    """One workflow with its steps; with ``tenant``, another tenant's is :class:`NotFound`
+    (as if it did not exist)."""
     row = await db.fetchrow(f"{_WORKFLOW} WHERE workflow_id = $1", workflow_id)
-    if row is None:
+    if row is None or (tenant is not None and row["tenant"] != tenant):
         raise NotFound(f"no workflow {workflow_id!r}")
     steps = await db.fetch(
         "SELECT s.step, s.task_id, s.status, s.pool, s.agent_id, s.priority, s.depends_on,"

@@ -11,7 +11,7 @@ a command must satisfy is checked by the client SDK in the scheduler's own words
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -80,6 +80,9 @@ class PriorityName(enum.StrEnum):
 AgentStateName = Literal[
     "idle", "busy", "silent", "unresponsive", "lost", "retired", "circuit_open", "probing"
 ]
+
+
+WorkflowStatusName = Literal["running", "completed", "failed", "cancelled", "rejected"]
 
 
 class _Body(BaseModel):
@@ -161,6 +164,17 @@ class ResumeBody(_Body):
     reason: Reason
 
 
+class WorkflowBody(_Body):
+    definition: dict[str, Any] = Field(
+        description="What a workflow file holds: name, steps (each with name, input "
+        "template, pool or agent, priority, max_attempts, depends_on)"
+    )
+    input: Any = Field(None, description="Any JSON value the steps' templates read")
+    workflow_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,100}$", description="The same id runs once"
+    )
+
+
 class Accepted(BaseModel):
     detail: str
 
@@ -172,6 +186,12 @@ class TaskAccepted(BaseModel):
 
 class DeliberationAccepted(BaseModel):
     deliberation_id: str
+
+
+class WorkflowAccepted(BaseModel):
+    workflow_id: str
+    """Follow it with GET /v1/workflows/{workflow_id} (404 until the read models have it,
+    and for good if it was rejected before anything was sent)."""
 
 
 class TaskSummaryOut(_Out):
@@ -295,6 +315,37 @@ class HostOut(_Out):
     lost_at: int | None
     lost_reason: str | None
     leaving_until: int | None
+
+
+class WorkflowStepOut(_Out):
+    step: str
+    task_id: str
+    status: str
+    pool: str
+    agent_id: str | None
+    priority: str
+    depends_on: list[str]
+    attempts: int
+    max_attempts: int
+    task_status: str | None
+    input: str | None
+    output: str | None
+    submitted_at: int | None
+    ended_at: int | None
+
+
+class WorkflowOut(_Out):
+    workflow_id: str
+    tenant: str
+    name: str
+    status: str
+    input_json: str
+    failed_step: str | None
+    reason: str | None
+    started_at: int
+    ended_at: int | None
+    steps: list[WorkflowStepOut]
+    """Empty in a listing."""
 
 
 class StatusOut(_Out):

@@ -38,6 +38,10 @@ from conclave.api.models import (
     TaskOut,
     TaskPage,
     TaskSummaryOut,
+    WorkflowAccepted,
+    WorkflowBody,
+    WorkflowOut,
+    WorkflowStatusName,
     storable,
 )
 from conclave.api.tokens import Principal
@@ -47,6 +51,7 @@ from conclave.domain.scheduler_state import TaskStatus
 from conclave.domain.validation import MAX_ID_LENGTH
 from conclave.errors import InvalidCommand, NotFound
 from projections import queries
+from projections import workflows as workflow_queries
 
 __all__ = ["router"]
 
@@ -67,6 +72,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 router = APIRouter(prefix="/v1")
 
 TaskId = Annotated[str, Path(min_length=1, max_length=2 * MAX_ID_LENGTH + 1)]
+WorkflowId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,100}$")]
 DeliberationId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)]
 Filter = Annotated[str | None, Query(min_length=1, max_length=MAX_ID_LENGTH)]
 
@@ -377,3 +383,64 @@ async def resume(request: Request, caller: Caller, body: ResumeBody) -> Accepted
     client = await state_of(request).client(caller.tenant)
     await client.resume(body.reason, operator=f"token:{caller.token_id}")
     return Accepted(detail="resume sent")
+
+
+@router.post("/workflows", status_code=202, responses=_errors(400, 409, 413))
+async def run_workflow(request: Request, caller: Caller, body: WorkflowBody) -> WorkflowAccepted:
+    """Run a workflow for this tenant: a DAG of named steps, each a task whose input
+    template reads the workflow's input and earlier steps' outputs. 202 once the broker
+    has it; a definition with unknown references, a cycle or input paths the input
+    lacks is 400 before anything is sent. The same ``workflow_id`` twice runs once; one
+    another tenant has used is 409."""
+    state = state_of(request)
+    if body.workflow_id is not None and (
+        await state.db.fetchval(
+            "SELECT 1 FROM workflows WHERE workflow_id = $1 AND tenant <> $2",
+            body.workflow_id,
+            caller.tenant,
+        )
+        is not None
+    ):
+        raise HTTPException(409, f"workflow id {body.workflow_id!r} is taken: choose another")
+    client = await state.client(caller.tenant)
+    workflow_id = await client.run_workflow(
+        body.definition, body.input, workflow_id=body.workflow_id
+    )
+    return WorkflowAccepted(workflow_id=workflow_id)
+
+
+@router.get("/workflows", responses=_errors())
+async def list_workflows(
+    request: Request,
+    caller: Caller,
+    status: WorkflowStatusName | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[WorkflowOut]:
+    """This tenant's workflows, newest first (without their steps)."""
+    views = await workflow_queries.list_workflows(
+        state_of(request).reads, status=status, limit=limit, tenant=caller.tenant
+    )
+    return [WorkflowOut.model_validate(v) for v in views]
+
+
+@router.get("/workflows/{workflow_id}", responses=_errors(404))
+async def get_workflow(request: Request, caller: Caller, workflow_id: WorkflowId) -> WorkflowOut:
+    """One workflow: its status and every step, with the step's task, attempts and
+    output."""
+    view = await workflow_queries.get_workflow(
+        state_of(request).reads, workflow_id, tenant=caller.tenant
+    )
+    return WorkflowOut.model_validate(view)
+
+
+@router.post("/workflows/{workflow_id}/cancel", status_code=202, responses=_errors(400, 404, 413))
+async def cancel_workflow(
+    request: Request, caller: Caller, workflow_id: WorkflowId, body: CancelBody | None = None
+) -> Accepted:
+    """Cancel one of this tenant's workflows as a whole: running steps are cancelled,
+    the others never run. A finished workflow's cancellation is rejected (see it)."""
+    state = state_of(request)
+    await workflow_queries.get_workflow(state.db, workflow_id, tenant=caller.tenant)
+    client = await state.client(caller.tenant)
+    await client.cancel_workflow(workflow_id, reason=body.reason if body else "")
+    return Accepted(detail=f"cancellation of workflow {workflow_id} sent")

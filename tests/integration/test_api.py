@@ -342,14 +342,16 @@ async def test_a_submitted_tasks_changes_stream_to_its_tenant_only(
 
         listeners = [asyncio.create_task(listen(t)) for t in (alice, bob)]
         try:
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in connected.values())), 10)
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(e.wait() for e in connected.values()))
             async with system.running(1):
                 sent = time.monotonic()
                 answer = await alice.http.post(
                     "/v1/tasks", json={"input": "stream me", "pool": system.pool}
                 )
                 task_id = answer.json()["task_id"]
-                await asyncio.wait_for(listeners[0], 30)
+                async with asyncio.timeout(30):
+                    await listeners[0]
         finally:
             for listener in listeners:
                 listener.cancel()
@@ -391,3 +393,80 @@ async def test_idempotency_keys_fairness_fields_and_taken_ids_over_http(
         answer = await alice.http.post("/v1/tasks", json={"input": "x", **bad})
         assert answer.status_code in (400, 422), (bad, answer.text)
         assert answer.json()["detail"]
+
+
+async def test_workflows_over_http_per_tenant(system: System, alice: Tenant, bob: Tenant) -> None:
+    pool = system.pool
+    definition = {
+        "name": "draft and review",
+        "steps": [
+            {"name": "draft", "pool": pool, "input": "draft:{{ input.topic }}"},
+            {"name": "review", "pool": pool, "input": "review:{{ steps.draft.output }}"},
+        ],
+    }
+    body = {"definition": definition, "input": {"topic": "tides"}}
+    async with system.running(2):
+        answer = await alice.http.post("/v1/workflows", json=body)
+        assert answer.status_code == 202, answer.text
+        workflow_id = answer.json()["workflow_id"]
+
+        async def ended() -> dict[str, Any] | None:
+            got = await alice.http.get(f"/v1/workflows/{workflow_id}")
+            shown: dict[str, Any] = got.json()
+            return shown if got.status_code == 200 and shown["status"] != "running" else None
+
+        shown = await eventually(ended)
+    assert (shown["status"], shown["tenant"], shown["name"]) == (
+        "completed",
+        alice.name,
+        "draft and review",
+    )
+    steps = {s["step"]: s for s in shown["steps"]}
+    assert steps["draft"]["input"] == "draft:tides"
+    assert steps["review"]["input"] == f"review:{steps['draft']['output']}"
+    assert [s["status"] for s in shown["steps"]] == ["completed", "completed"]
+    listed = (await alice.http.get("/v1/workflows", params={"status": "completed"})).json()
+    assert workflow_id in [w["workflow_id"] for w in listed]
+    # bob: not found, in no listing, not cancellable, its id not reusable
+    assert (await bob.http.get(f"/v1/workflows/{workflow_id}")).status_code == 404
+    assert workflow_id not in [
+        w["workflow_id"] for w in (await bob.http.get("/v1/workflows")).json()
+    ]
+    assert (await bob.http.post(f"/v1/workflows/{workflow_id}/cancel")).status_code == 404
+    taken = await bob.http.post("/v1/workflows", json={**body, "workflow_id": workflow_id})
+    assert taken.status_code == 409
+    # Refused before anything is sent: a cycle, a reference to no step, a bad id
+    for bad, says in (
+        (
+            {"steps": [{"name": "a", "depends_on": ["b"]}, {"name": "b", "depends_on": ["a"]}]},
+            "cycle",
+        ),
+        ({"steps": [{"name": "a", "input": "{{ steps.x.output }}"}]}, "x"),
+    ):
+        answer = await alice.http.post("/v1/workflows", json={"definition": bad})
+        assert answer.status_code == 400, answer.text
+        assert says in answer.json()["detail"]
+    answer = await alice.http.post(
+        "/v1/workflows", json={"definition": definition, "workflow_id": "a.b"}
+    )
+    assert answer.status_code == 422
+    assert (await alice.http.get("/v1/workflows", params={"status": "nonsense"})).status_code == 422
+
+
+async def test_a_running_workflow_is_cancelled_over_http(system: System, alice: Tenant) -> None:
+    definition = {"steps": [{"name": "only", "pool": system.pool, "input": "wait"}]}
+    answer = await alice.http.post("/v1/workflows", json={"definition": definition})
+    workflow_id = answer.json()["workflow_id"]
+    await eventually(lambda: _workflow_is(alice.http, workflow_id, "running"))
+    cancelled = await alice.http.post(
+        f"/v1/workflows/{workflow_id}/cancel", json={"reason": "not needed"}
+    )
+    assert cancelled.status_code == 202, cancelled.text
+    await eventually(lambda: _workflow_is(alice.http, workflow_id, "cancelled"))
+    shown = (await alice.http.get(f"/v1/workflows/{workflow_id}")).json()
+    assert shown["reason"] == "cancelled: not needed"
+
+
+async def _workflow_is(http: httpx.AsyncClient, workflow_id: str, status: str) -> bool:
+    answer = await http.get(f"/v1/workflows/{workflow_id}")
+    return answer.status_code == 200 and answer.json()["status"] == status

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 
 from conclave.api import create_app
 from conclave.api.cursor import BadCursor, decode_cursor, encode_cursor
-from conclave.api.models import AgentStateName, storable
+from conclave.api.models import AgentStateName, WorkflowStatusName, storable
 from conclave.api.tokens import hash_secret, new_token, parse_token
 from conclave.settings import Settings
 from projections.queries import AGENT_STATES
+from projections.workflows import WORKFLOW_STATUSES
 
 
 def test_a_new_token_parses_back_to_its_id_and_secret() -> None:
@@ -85,8 +86,9 @@ def test_text_that_postgresql_cannot_hold_is_refused() -> None:
             storable(bad)
 
 
-def test_the_agent_states_of_the_api_are_the_query_layers() -> None:
+def test_the_states_the_api_names_are_the_query_layers() -> None:
     assert typing.get_args(AgentStateName) == AGENT_STATES
+    assert typing.get_args(WorkflowStatusName) == WORKFLOW_STATUSES
 
 
 def test_every_endpoint_is_in_the_openapi_document_behind_a_bearer_token() -> None:
