@@ -571,20 +571,45 @@ def capacity(
     aging: int | None = typer.Option(
         None, "--aging", min=1, help="A task gains a priority level per N turns served."
     ),
+    weight: list[str] = typer.Option(  # noqa: B008 (typer declares options so)
+        [],
+        "--weight",
+        help="KEY=W: the fairness key (a tenant, or tenant/key) is served W tasks for each "
+        "of a key of weight 1 (repeat for more keys; keys not named weigh 1).",
+    ),
 ) -> None:
-    """Set a pool's capacity (and aging: strict priority without --aging) from now on
-    (witnessed); other pools keep theirs."""
+    """Set a pool's capacity (and aging: strict priority without --aging; and weights:
+    every key 1 without --weight) from now on (witnessed); other pools keep theirs."""
     from conclave.client import Client
+
+    weights = _weights(weight)
 
     async def go() -> None:
         async with Client(_settings()) as client:
             await client.configure_pool(
-                pool, capacity=tasks, reason=reason, operator=operator, aging_turns=aging
+                pool,
+                capacity=tasks,
+                reason=reason,
+                operator=operator,
+                aging_turns=aging,
+                weights=weights,
             )
 
     _run(go())
     aged = f", aging {aging} turn(s) per level" if aging else ", strict priority"
-    out.print(f"capacity of {pool} set to {tasks}{aged}")
+    weighed = "".join(f", {key} weighs {w}" for key, w in sorted(weights.items()))
+    out.print(f"capacity of {pool} set to {tasks}{aged}{weighed}")
+
+
+def _weights(options: list[str]) -> dict[str, int]:
+    """``KEY=W`` options as a mapping; a malformed one is a usage error."""
+    weights: dict[str, int] = {}
+    for option in options:
+        key, _, value = option.rpartition("=")
+        if not key or not value.isdigit():
+            raise typer.BadParameter(f"{option!r} is not KEY=WEIGHT", param_hint="--weight")
+        weights[key] = int(value)
+    return weights
 
 
 @app.command()

@@ -24,7 +24,14 @@ from conclave.domain.events import Priority
 from conclave.domain.scheduler_state import TaskStatus
 from conclave.errors import ConclaveError, NotFound, Rejected
 from conclave.settings import Settings
-from projections.queries import DeliberationView, Page, TaskFilter, TaskSummary, TaskView
+from projections.queries import (
+    DeliberationView,
+    Page,
+    PoolView,
+    TaskFilter,
+    TaskSummary,
+    TaskView,
+)
 
 __all__ = [
     "deliberation_app",
@@ -466,7 +473,7 @@ def list_pools(as_json: AsJson = False) -> None:
         out.print("no pools")
         return
     table = Table(box=None, header_style="bold")
-    columns = ["pool", "agents", "in flight / capacity", *(p.label for p in Priority)]
+    columns = ["pool", "agents", "in flight / capacity", "fairness", *(p.label for p in Priority)]
     finished = ["completed", "dead", "cancelled", "expired", "dep. failed"]
     for column in [*columns, "waiting", "retrying", *finished]:
         table.add_column(column, justify="left" if column == "pool" else "right")
@@ -476,6 +483,7 @@ def list_pools(as_json: AsJson = False) -> None:
             str(v.agents),
             f"{v.in_flight} / {v.capacity if v.capacity is not None else settings.pool_capacity}"
             + ("" if v.capacity is not None else "*"),
+            _fairness(v),
             *(str(v.queued[p.label]) for p in Priority),
             str(v.waiting),
             str(v.retrying),
@@ -488,5 +496,12 @@ def list_pools(as_json: AsJson = False) -> None:
     out.print(table)
     err.print(
         "queued per priority; * the default capacity as configured here "
-        "(CONCLAVE_POOL_CAPACITY), others set with `conclave capacity`"
+        "(CONCLAVE_POOL_CAPACITY), others set with `conclave capacity`; fairness: "
+        "--aging and --weight KEY=W as set there (keys not named weigh 1)"
     )
+
+
+def _fairness(view: PoolView) -> str:
+    parts = [f"aging {view.aging_turns}"] if view.aging_turns is not None else []
+    parts += [f"{key}={weight}" for key, weight in sorted(view.weights.items())]
+    return " ".join(parts) or "-"

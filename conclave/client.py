@@ -338,15 +338,24 @@ class Client:
         reason: str = "",
         operator: str = "operator",
         aging_turns: int | None = None,
+        weights: Mapping[str, int] | None = None,
     ) -> None:
         """Set ``pool``'s capacity (tasks in flight at most) from now on; witnessed. 0 stops
         dispatching to it; lowering it stops nothing that runs. Other pools keep theirs:
         a foreground and a background pool never take each other's places.
         ``aging_turns``: ``None`` (the default) serves by strict priority; ``N`` lets a
         task accepted from now on gain one priority level per ``N`` turns served in the
-        pool, so low priority cannot starve."""
+        pool, so low priority cannot starve. ``weights``: fairness key (a tenant, or
+        ``tenant/key``) -> 1-1,000; among keys with work queued at the same priority, one
+        of weight ``w`` is served ``w`` tasks for each of a key of weight 1 (keys not
+        named weigh 1). Each call sets the pool's whole configuration."""
         event = PoolConfigured(
-            pool=pool, capacity=capacity, reason=reason, operator=operator, aging_turns=aging_turns
+            pool=pool,
+            capacity=capacity,
+            reason=reason,
+            operator=operator,
+            aging_turns=aging_turns,
+            weights=dict(weights or {}),
         )
         _check(event)
         await self._producer.send(self.topics.control, "system", event, partition=0)

@@ -451,6 +451,10 @@ class PoolView:
     default (``CONCLAVE_POOL_CAPACITY``)."""
     in_flight: int
     """Dispatched, not finished: what counts against the pool's capacity."""
+    aging_turns: int | None
+    """A queued task gains a priority level per this many turns; ``None``: strict."""
+    weights: dict[str, int]
+    """Fairness key -> its weight, for the keys the pool's setting names (others weigh 1)."""
     queued: dict[str, int]
     """Priority label -> tasks waiting for capacity or an agent."""
     waiting: int
@@ -476,10 +480,11 @@ async def list_pools(pool: asyncpg.Pool, *, tenant: str | None = None) -> list[P
         "SELECT pool, count(*) AS n FROM agents WHERE pool IS NOT NULL GROUP BY pool"
     )
     settings = await pool.fetch(
-        "SELECT DISTINCT ON (pool) pool, capacity FROM pool_settings"
+        "SELECT DISTINCT ON (pool) pool, capacity, aging_turns, weights FROM pool_settings"
         " ORDER BY pool, configured_at DESC, event_id DESC"
     )
     capacities = {r["pool"]: r["capacity"] for r in settings}
+    configured = {r["pool"]: r for r in settings}
     names = sorted({r["pool"] for r in counts} | {r["pool"] for r in agents} | set(capacities))
     by_status: dict[tuple[str, str], int] = {}
     queued: dict[str, dict[str, int]] = {name: {} for name in names}
@@ -495,6 +500,8 @@ async def list_pools(pool: asyncpg.Pool, *, tenant: str | None = None) -> list[P
             agents=registered.get(name, 0),
             capacity=capacities.get(name),
             in_flight=by_status.get((name, "dispatched"), 0),
+            aging_turns=configured[name]["aging_turns"] if name in configured else None,
+            weights=_weights(configured[name]["weights"] if name in configured else None),
             queued={p.label: queued[name].get(p.label, 0) for p in Priority},
             waiting=by_status.get((name, "waiting"), 0),
             retrying=by_status.get((name, "retrying"), 0),
@@ -506,6 +513,12 @@ async def list_pools(pool: asyncpg.Pool, *, tenant: str | None = None) -> list[P
         )
         for name in names
     ]
+
+
+def _weights(column: list[str] | None) -> dict[str, int]:
+    """``key=weight`` per weighted key, as the projector keeps them."""
+    pairs = (entry.rpartition("=") for entry in column or ())
+    return {key: int(weight) for key, _, weight in pairs}
 
 
 HOST_STATES = ("alive", "leaving", "silent", "lost", "left")

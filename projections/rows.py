@@ -508,6 +508,7 @@ POOL_SETTINGS = Table(
         ("operator", "text"),
         ("configured_at", "bigint"),
         ("aging_turns", "integer"),
+        ("weights", "text[]"),
     ),
 )
 """Every capacity an operator set (``conclave capacity``): the newest per pool holds."""
@@ -1167,6 +1168,7 @@ APPENDED: Mapping[type[Any], tuple[Table, Append]] = {
             e.operator,
             env.occurred_at,
             e.aging_turns,
+            [f"{key}={weight}" for key, weight in sorted(e.weights.items())] or None,
         ),
     ),
     DeadLetterRecord: (

@@ -189,7 +189,9 @@ def _inline(node: Any, named: dict[str, dict[str, Any]], seen: set[str]) -> Any:
         return [_inline(item, named, seen) for item in node]
     if isinstance(node, dict):
         return {
-            key: _inline(value, named, seen) if key in ("type", "fields", "items") else value
+            key: _inline(value, named, seen)
+            if key in ("type", "fields", "items", "values")
+            else value
             for key, value in node.items()
         }
     return node

@@ -283,6 +283,11 @@ class PoolOut(_Out):
     """Tasks in flight at most: as set with ``conclave capacity``, else the default."""
     default_capacity: bool
     in_flight: int
+    aging_turns: int | None
+    """A queued task gains a priority level per this many turns served; null: strict."""
+    weights: dict[str, int]
+    """This tenant's fairness keys (the tenant, tenant/key) the pool's setting weighs;
+    others weigh 1. Other tenants' keys are not shown."""
     queued: dict[str, int]
     waiting: int
     retrying: int

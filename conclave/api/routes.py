@@ -180,6 +180,11 @@ async def list_pools(request: Request, caller: Caller) -> list[PoolOut]:
                 **dataclasses.asdict(v),
                 "capacity": v.capacity if v.capacity is not None else default,
                 "default_capacity": v.capacity is None,
+                "weights": {
+                    key: weight
+                    for key, weight in v.weights.items()
+                    if key.partition("/")[0] == caller.tenant
+                },
             }
         )
         for v in views

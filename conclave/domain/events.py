@@ -653,6 +653,11 @@ class PoolConfigured:
     """Schema v2. ``None``: strict priority. ``N``: a queued task gains one priority level
     for every ``N`` turns served in the pool, so low priority cannot starve. Each
     ``PoolConfigured`` sets the pool's whole configuration."""
+    weights: dict[str, int] = field(default_factory=dict)
+    """Schema v3. Fairness key (a tenant, or ``tenant/key``) -> its weight: among keys
+    with work queued at the same priority, a key of weight ``w`` is served ``w`` tasks for
+    every one of a key of weight 1 (weighted fair queuing in whole turns). Keys not named
+    weigh 1."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -40,14 +40,16 @@ NOTHING: frozenset[str] = frozenset()
 """The empty set of dependencies that every task without any shares."""
 DEFAULT_CAPACITY = 72
 DEFAULT_DEDUP_WINDOW = 100_000
-SNAPSHOT_VERSION = 7
+SNAPSHOT_VERSION = 8
 """2: tasks carry their retry policy; a task may wait out a retry back-off.
 3: tasks carry their dependencies (a task may wait for them) and their deadlines.
 4: runtime hosts' leases.
 5: agents' circuit breakers.
 6: fairness keys, turns, per-key limits and aging (a version 5 snapshot still reads: its
 tasks have none, turn 0, and its pools start their fair turns afresh).
-7: hosts that are leaving (a version 5 or 6 snapshot still reads: none is)."""
+7: hosts that are leaving (a version 5 or 6 snapshot still reads: none is).
+8: weights of fairness keys, and how many tasks of a key took its latest turn (a
+version 5 to 7 snapshot still reads: every key weighs 1, so one did)."""
 
 
 class TaskStatus(enum.Enum):
@@ -181,7 +183,7 @@ class HostLease:
 
 @dataclass(slots=True)
 class Turns:
-    """A pool's fair queuing (start-time fair queuing, equal weights). Kept apart from
+    """A pool's fair queuing (start-time fair queuing, weighted in whole turns). Kept apart from
     :class:`PoolState`, which is dropped whenever a pool is empty: when that happens
     depends on how recovery interleaves topics, and turns must not."""
 
@@ -189,9 +191,12 @@ class Turns:
     """The clock: the largest turn of a task dispatched in the pool. A task of key ``k``
     queued for an attempt takes turn ``max(virtual, last[k]) + 1`` (targeted tasks,
     which have no key, ``virtual + 1``), so keys of equal priority take turns and a key
-    that was quiet gets no credit for it."""
+    that was quiet gets no credit for it. A key of weight ``w`` puts ``w`` tasks on each
+    of its turns: ``last[k]`` again while fewer than ``w`` took it."""
     last: dict[str, int] = field(default_factory=dict)
     """Fairness key -> the turn of its latest task, while that is ahead of ``virtual``."""
+    used: dict[str, int] = field(default_factory=dict)
+    """Fairness key (those in ``last``) -> how many of its tasks took turn ``last[k]``."""
 
 
 @dataclass(slots=True)
@@ -255,6 +260,8 @@ class SchedulerState:
     """Pool -> its own capacity, as configured (``PoolConfigured``) at run time."""
     aging: dict[str, int] = field(default_factory=dict)
     """Pool -> its aging (``PoolConfigured.aging_turns``), for pools that age."""
+    weights: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Pool -> fairness key -> its weight (``PoolConfigured.weights``), for pools with any."""
     dedup_window: int = DEFAULT_DEDUP_WINDOW
     """How many finished task ids (and expanded deliberation ids) are remembered; read
     once, when the windows are made."""
@@ -401,6 +408,7 @@ class SchedulerState:
             key = task.fairness_key
             if key is not None and turns.last.get(key, 0) <= turns.virtual:
                 turns.last.pop(key, None)  # caught up: no turn to remember
+                turns.used.pop(key, None)
         self.unqueue(task)  # from the queue of its target or key, if it has one
 
     def release(self, task: TaskState) -> None:
@@ -529,8 +537,11 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "failures": dict(sorted(state.failures.items())),
         "breakers": sorted([key, until] for (until, *_), key in state.breakers.members()),
         "probing": sorted(state.probing),
-        "turns": {name: [t.virtual, dict(t.last)] for name, t in sorted(state.turns.items())},
+        "turns": {
+            name: [t.virtual, dict(t.last), dict(t.used)] for name, t in sorted(state.turns.items())
+        },
         "aging": dict(sorted(state.aging.items())),
+        "weights": {name: dict(sorted(w.items())) for name, w in sorted(state.weights.items())},
         "limits": {
             name: dict(pool.limits) for name, pool in sorted(state.pools.items()) if pool.limits
         },
@@ -542,7 +553,7 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
     is not a snapshot of this version. ``capacity`` replaces the snapshot's: it is
     configuration, and may have changed since."""
     version = data.get("version")
-    if version not in (5, 6, SNAPSHOT_VERSION):
+    if version not in (5, 6, 7, SNAPSHOT_VERSION):
         raise ValueError(f"scheduler snapshot version {version!r} is not supported")
     task_fields = list(_TASK_FIELDS if version >= 6 else _TASK_FIELDS[:-4])
     try:
@@ -631,8 +642,12 @@ def _restore_fairness(
     for name, limits in data.get("limits", {}).items():
         state.pool(name).limits.update(limits)
     state.aging.update(data.get("aging", {}))
-    for name, (virtual, last) in data.get("turns", {}).items():
-        state.turns[name] = Turns(int(virtual), dict(last))
+    state.weights.update({name: dict(w) for name, w in data.get("weights", {}).items()})
+    for name, (virtual, last, *used) in data.get("turns", {}).items():
+        # Before version 8 every key weighed 1: one task took each of its turns.
+        state.turns[name] = Turns(
+            int(virtual), dict(last), used[0] if used else dict.fromkeys(last, 1)
+        )
     for pool in state.pools.values():
         for key in set(pool.keyed) | set(pool.running):
             pool.place_key(key)

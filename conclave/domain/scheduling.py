@@ -358,11 +358,18 @@ def fairness_key(tenant: str | None, key: str | None) -> str:
 
 def _turn(state: SchedulerState, pool_name: str, key: str | None) -> int:
     """The turn of a task of ``key`` queued now: one past the key's latest, or past the
-    pool's fair clock if the key has fallen behind it (or has no key: targeted tasks)."""
+    pool's fair clock if the key has fallen behind it (or has no key: targeted tasks);
+    the key's latest itself while fewer tasks than its weight took that."""
     turns = state.turns.get(pool_name)
     if turns is None:
         return 1
-    return max(turns.virtual, turns.last.get(key, 0) if key is not None else 0) + 1
+    if key is None:
+        return turns.virtual + 1
+    last = turns.last.get(key, 0)
+    weight = state.weights.get(pool_name, {}).get(key, 1)
+    if last > turns.virtual and turns.used.get(key, 0) < weight:
+        return last
+    return max(turns.virtual, last) + 1
 
 
 def halted(state: SchedulerState, halt: Halt) -> list[TaskCancelled | TaskDependencyFailed]:
@@ -999,6 +1006,10 @@ def _fold_configured(state: SchedulerState, event: PoolConfigured) -> None:
         state.aging.pop(event.pool, None)
     else:
         state.aging[event.pool] = event.aging_turns
+    if event.weights:
+        state.weights[event.pool] = dict(event.weights)
+    else:
+        state.weights.pop(event.pool, None)
     state.refresh(event.pool)
 
 
@@ -1008,8 +1019,14 @@ def _take_turn(state: SchedulerState, task: TaskState) -> None:
     if key is None or task.targeted or not task.turn:
         return
     turns = state.turns.setdefault(task.pool, Turns())
-    if task.turn > turns.virtual:
-        turns.last[key] = max(turns.last.get(key, 0), task.turn)
+    if task.turn <= turns.virtual:
+        return
+    last = turns.last.get(key, 0)
+    if task.turn > last:
+        turns.last[key] = task.turn
+        turns.used[key] = 1
+    elif task.turn == last:
+        turns.used[key] = turns.used.get(key, 0) + 1
 
 
 def _fold_dispatched(state: SchedulerState, event: TaskDispatched) -> None:

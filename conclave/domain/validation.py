@@ -22,6 +22,8 @@ __all__ = [
     "MAX_DEPENDENCIES",
     "MAX_ID_LENGTH",
     "MAX_INPUT_BYTES",
+    "MAX_WEIGHT",
+    "MAX_WEIGHTED_KEYS",
     "invalid_command",
     "invalid_output",
 ]
@@ -35,6 +37,10 @@ MAX_ATTEMPTS = 1000
 """Attempts of one task, at most (Celery, Temporal and the like have no cap, but
 nothing sane retries a task more often; a read model keeps the count in 32 bits)."""
 MAX_DEPENDENCIES = 1000
+MAX_WEIGHT = 1000
+"""A fairness key's weight, at most: 1,000 of its tasks for one of a key of weight 1."""
+MAX_WEIGHTED_KEYS = 1000
+"""Keys one pool setting may weigh: each is kept in the scheduler's state."""
 """Dependencies of one task, at most: a wider fan-in belongs in a workflow step."""
 CONTROL_COMMANDS = (Halt, Resume, PoolConfigured)
 """The commands of the control topic: whoever reads one there checks it with
@@ -102,7 +108,7 @@ def invalid_command(event: Event) -> str | None:
                 return f"capacity must be 0-{MAX_CAPACITY:,}"
             if event.aging_turns is not None and not 1 <= event.aging_turns <= MAX_CAPACITY:
                 return f"aging_turns must be 1-{MAX_CAPACITY:,}"
-            return None
+            return _bad_weights(event.weights)
         case Halt() | Resume():
             return _nul("reason", event.reason) or _nul("operator", event.operator)
         case _:
@@ -121,6 +127,19 @@ def invalid_output(event: AgentOutput | TaskFailed) -> str | None:
     if isinstance(event, TaskFailed):
         return _nul("agent_id", event.agent_id) or _nul("error_type", event.error_type)
     return _nul("agent_id", event.agent_id)
+
+
+def _bad_weights(weights: dict[str, int]) -> str | None:
+    if len(weights) > MAX_WEIGHTED_KEYS:
+        return f"weights name {len(weights):,} keys, more than {MAX_WEIGHTED_KEYS:,}"
+    for key, weight in sorted(weights.items()):
+        if not 0 < len(key) <= 2 * MAX_ID_LENGTH + 1 or key.count("/") > 1:
+            return f"weights: {key[:MAX_ID_LENGTH]!r} is not a fairness key (tenant or tenant/key)"
+        if (reason := _nul("a weighted key", key)) is not None:
+            return reason
+        if not 1 <= weight <= MAX_WEIGHT:
+            return f"the weight of {key!r} must be 1-{MAX_WEIGHT:,}"
+    return None
 
 
 def _nul(field: str, value: str) -> str | None:

@@ -470,3 +470,25 @@ async def test_a_running_workflow_is_cancelled_over_http(system: System, alice: 
 async def _workflow_is(http: httpx.AsyncClient, workflow_id: str, status: str) -> bool:
     answer = await http.get(f"/v1/workflows/{workflow_id}")
     return answer.status_code == 200 and answer.json()["status"] == status
+
+
+async def test_a_tenant_sees_the_weights_of_its_own_keys_only(
+    system: System, alice: Tenant, bob: Tenant
+) -> None:
+    pool = system.pool
+    weights = {alice.name: 2, f"{bob.name}/batch": 3, "carol": 5}
+    await system.client.configure_pool(pool, capacity=4, aging_turns=2, weights=weights)
+    await eventually(
+        lambda: system.db.fetchval("SELECT weights FROM pool_settings WHERE pool = $1", pool)
+    )
+
+    async def shown(tenant: Tenant) -> dict[str, Any]:
+        pools = {p["pool"]: p for p in (await tenant.http.get("/v1/pools")).json()}
+        return {k: pools[pool][k] for k in ("capacity", "aging_turns", "weights")}
+
+    assert await shown(alice) == {"capacity": 4, "aging_turns": 2, "weights": {alice.name: 2}}
+    assert await shown(bob) == {
+        "capacity": 4,
+        "aging_turns": 2,
+        "weights": {f"{bob.name}/batch": 3},
+    }

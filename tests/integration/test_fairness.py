@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -145,3 +146,34 @@ async def test_with_aging_a_low_task_is_not_starved_by_a_stream_of_critical_ones
 
 async def all_statuses(system: System, ids: list[str], status: str) -> bool:
     return all([await has_status(system.db, i, status) for i in ids])
+
+
+async def test_a_heavier_tenant_is_served_more_tasks_per_turn(system: System) -> None:
+    from tests.integration.test_skeleton import cli
+
+    pool = system.pool
+    said = cli(system.settings, "capacity", pool, "1", "--weight", "acme=3", "--reason", "w")
+    assert "acme weighs 3" in said.stdout
+    await eventually(
+        lambda: system.db.fetchval("SELECT weights FROM pool_settings WHERE pool = $1", pool)
+    )
+    started: list[str] = []
+
+    async def agent(ctx: AgentContext) -> str:
+        started.append(ctx.input)
+        return ctx.input
+
+    async with tenant_client(system, "acme") as acme, tenant_client(system, "bolt") as bolt:
+        a = await acme.submit_many([f"acme:{n}" for n in range(24)], pool=pool)
+        b = await bolt.submit_many([f"bolt:{n}" for n in range(4)], pool=pool)
+    async with system.running(1, agent):
+        await eventually(lambda: all_completed(system, [*a, *b]), within=60)
+    # One agent: three of acme's for each of bolt's, turn by turn.
+    places = [n for n, name in enumerate(started) if name.startswith("bolt")]
+    assert places == [3, 7, 11, 15], started[:16]
+    shown = json.loads(cli(system.settings, "pools", "--json").stdout)
+    assert [p["weights"] for p in shown if p["pool"] == pool] == [{"acme": 3}]
+    refused = cli(system.settings, "capacity", pool, "1", "--weight", "acme=0")
+    assert refused.returncode != 0
+    assert "the weight of 'acme' must be 1-1,000" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -114,6 +114,10 @@ def test_every_endpoint_is_in_the_openapi_document_behind_a_bearer_token() -> No
         ("POST", "/v1/tasks/{task_id}/redrive"),
         ("POST", "/v1/deliberations"),
         ("POST", "/v1/deliberations/{deliberation_id}/cancel"),
+        ("GET", "/v1/workflows"),
+        ("GET", "/v1/workflows/{workflow_id}"),
+        ("POST", "/v1/workflows"),
+        ("POST", "/v1/workflows/{workflow_id}/cancel"),
         ("POST", "/v1/halt"),
         ("POST", "/v1/resume"),
     } == set(operations)

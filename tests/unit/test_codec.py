@@ -193,6 +193,9 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
     if origin is list:
         (item,) = typing.get_args(tp)
         return st.lists(strategy_for(item), max_size=4)
+    if origin is dict:
+        key, value = typing.get_args(tp)
+        return st.dictionaries(strategy_for(key), strategy_for(value), max_size=4)
     if tp is type(None):
         return st.none()
     if tp is str:
@@ -266,6 +269,8 @@ def _simple(tp: Any) -> Any:
         return None
     if typing.get_origin(tp) is list:
         return ["a", "b"]
+    if typing.get_origin(tp) is dict:
+        return {"a": 7}
     simple = {str: "x", int: 7, float: 1.5, bool: True, bytes: b"\x00\xff"}
     return {**simple, ev.Priority: ev.Priority.HIGH}[tp]
 

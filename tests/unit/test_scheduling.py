@@ -685,6 +685,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         fair = self.state.turns.get(pool)
         behind = 0 if fair is None or qualified is None else fair.last.get(qualified, 0)
         turn = 1 if fair is None else max(fair.virtual, behind) + 1
+        weight = self.state.weights.get(pool, {}).get(qualified or "", 1)
+        if fair is not None and behind > fair.virtual and fair.used[qualified or ""] < weight:
+            turn = behind  # the key's turn has room for another of its tasks
         statuses = {d: status_of(self.state, d) for d in depends_on}
         events = self.h.command(command, tenant=tenant)
         self.commands.append(command)
@@ -944,13 +947,25 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.h.drive()
         self._check_all_terminal()
 
-    @rule(pool=POOLS, capacity=st.integers(0, 3), aging=st.sampled_from([None, 1, 2]))
-    def configure_pool(self, pool: str, capacity: int, aging: int | None) -> None:
-        """An operator sets a pool's capacity (lower than what runs, it preempts nothing)
-        and its aging (tasks accepted from now on)."""
+    @rule(
+        pool=POOLS,
+        capacity=st.integers(0, 3),
+        aging=st.sampled_from([None, 1, 2]),
+        weights=st.dictionaries(st.sampled_from(["t0", "t1/k0", "k1"]), st.integers(1, 3)),
+    )
+    def configure_pool(
+        self, pool: str, capacity: int, aging: int | None, weights: dict[str, int]
+    ) -> None:
+        """An operator sets a pool's capacity (lower than what runs, it preempts nothing),
+        its aging (tasks accepted from now on) and the weights of fairness keys."""
         self.h.fact(
             PoolConfigured(
-                pool=pool, capacity=capacity, reason="test", operator="op", aging_turns=aging
+                pool=pool,
+                capacity=capacity,
+                reason="test",
+                operator="op",
+                aging_turns=aging,
+                weights=weights,
             )
         )
 
@@ -1894,8 +1909,16 @@ def test_a_snapshot_is_versioned_and_anything_else_is_refused() -> None:
     h.command(submit("t0"))
     h.command(submit("t1", priority=Priority.HIGH, agent_id="a1"))
     snapshot, restored = _round_trip(h.state)
-    assert snapshot["version"] == SNAPSHOT_VERSION == 7
+    assert snapshot["version"] == SNAPSHOT_VERSION == 8
     assert_same_state(h.state, restored)
+    # A version 7 snapshot (before weights) still reads: one task took each key's turn.
+    seven = {k: v for k, v in to_snapshot(h.state).items() if k != "weights"}
+    seven = {
+        **seven,
+        "version": 7,
+        "turns": {name: [virtual, last] for name, (virtual, last, _) in seven["turns"].items()},
+    }
+    assert_same_state(h.state, from_snapshot(seven))
     # A version 6 snapshot (before hosts could leave) still reads: none is leaving.
     h.beat("h0", lease_us=5_000)
     h.leave("h0", drain_us=1_000)
@@ -2361,6 +2384,58 @@ def test_with_aging_a_low_task_waits_a_bounded_number_of_turns() -> None:
     # tasks of turns 2-6 (c00 took turn 2), ahead of c05, which has turn 7 but came later.
     assert low_place(2) == 5
     assert low_place(1) == 2
+
+
+def test_a_key_of_weight_w_is_served_w_tasks_for_each_of_a_key_of_weight_1() -> None:
+    h = Harness(capacity=1)
+    weights = {"acme": 3, "bolt/batch": 2}
+    h.fact(PoolConfigured(pool="p0", capacity=1, reason="t", operator="op", weights=weights))
+    for n in range(8):
+        h.command(submit(f"a{n}"), tenant="acme")
+    for n in range(5):
+        h.command(dataclasses.replace(submit(f"b{n}"), fairness_key="batch"), tenant="bolt")
+    for n in range(3):
+        h.command(submit(f"c{n}"), tenant="cork")  # not named: weighs 1
+    h.register("a0")
+    assert _served_in_turn(h) == [
+        *("a0", "a1", "a2", "b0", "b1", "c0"),
+        *("a3", "a4", "a5", "b2", "b3", "c1"),
+        *("a6", "a7", "b4", "c2"),
+    ]
+    assert_same_state(h.state, from_snapshot(to_snapshot(h.state)))
+
+
+def test_weights_apply_to_tasks_queued_from_then_on_and_a_setting_without_drops_them() -> None:
+    h = Harness(capacity=1)
+    for n in range(4):
+        h.command(submit(f"a{n}"), tenant="acme")
+    h.fact(PoolConfigured(pool="p0", capacity=1, reason="t", operator="op", weights={"acme": 2}))
+    for n in range(4, 8):
+        h.command(submit(f"a{n}"), tenant="acme")
+    h.command(submit("b0"), tenant="bolt")
+    h.command(submit("b1"), tenant="bolt")
+    # a0-a3 took turns 1-4 one each; from then on two a turn: a4 joins a3 on turn 4, a5
+    # and a6 share turn 5, a7 takes 6. bolt has turns 1 and 2 of its own.
+    h.register("a0")
+    assert _served_in_turn(h) == ["a0", "b0", "a1", "b1", "a2", "a3", "a4", "a5", "a6", "a7"]
+    assert h.state.weights == {"p0": {"acme": 2}}
+    h.fact(PoolConfigured(pool="p0", capacity=1, reason="t", operator="op"))
+    assert h.state.weights == {}
+
+
+def test_weights_are_validated() -> None:
+    def weighing(weights: dict[str, int]) -> str | None:
+        return invalid_command(
+            PoolConfigured(pool="p0", capacity=1, reason="t", operator="op", weights=weights)
+        )
+
+    assert weighing({"acme": 1000, "acme/batch": 1}) is None
+    assert weighing({"acme": 0}) == "the weight of 'acme' must be 1-1,000"
+    assert weighing({"acme": 1001}) == "the weight of 'acme' must be 1-1,000"
+    assert weighing({"a/b/c": 2}) == "weights: 'a/b/c' is not a fairness key (tenant or tenant/key)"
+    assert weighing({"": 2}) == "weights: '' is not a fairness key (tenant or tenant/key)"
+    assert weighing({"a\x00": 2}) == "a weighted key must not contain NUL characters"
+    assert weighing({f"k{n}": 1 for n in range(1001)}) == "weights name 1,001 keys, more than 1,000"
 
 
 def test_aging_is_validated() -> None:
