@@ -14,7 +14,13 @@ import time
 import pytest
 
 from conclave.bus import ensure_topics, read_history, topics_for
-from conclave.domain.events import HostLost, TaskDeadLettered, TaskDispatched, TaskStalled
+from conclave.domain.events import (
+    HostLost,
+    TaskCompleted,
+    TaskDeadLettered,
+    TaskDispatched,
+    TaskStalled,
+)
 from conclave.topics import pool_partition
 from schemas.codec import default_codec
 from tests.faults.conftest import (
@@ -183,6 +189,41 @@ async def test_runtime_host_killed_for_good_loses_its_work_when_its_lease_runs_o
     )
     # Like its host: silent once check_invariants stopped the projector (on a slow run).
     assert {a["state"] for a in agents if a["host_id"] == "h2"} <= {"idle", "busy", "silent"}
+
+
+async def test_runtime_host_stopped_with_sigterm_under_load_drains_and_exits_0(
+    cluster: Cluster,
+) -> None:
+    """SIGTERM, as an orchestrator stops a pod: the host says it is leaving, finishes what
+    its agents run, exits 0; the scheduler gives it nothing new, judges it as having left
+    (its agents retire) and what it never took is retried on the other host at once."""
+    cluster.worker("w1")
+    cluster.runtime("h1", "gpool", agents=4, latency_ms=300)
+    cluster.runtime("h2", "gpool", agents=4, latency_ms=300)
+    cluster.projector()
+    task_ids = await submit(cluster.settings, "gpool", 60, max_attempts=2)
+    await asyncio.sleep(1.0)  # four tasks are running on h1 right now
+    stopped = time.monotonic()
+    assert await asyncio.to_thread(cluster.stop, "h1") == 0
+    assert time.monotonic() - stopped < 10, "drained within the 5 s drain and the last commit"
+    await check_invariants(cluster, task_ids)
+    events = []
+    async for record in read_history(cluster.settings, [topics_for(cluster.settings).tasks]):
+        events.append(default_codec().decode(record.value)[1])
+    assert not [e for e in events if isinstance(e, TaskDeadLettered)]
+    answered = [e for e in events if isinstance(e, TaskCompleted) and e.agent_id.startswith("h1")]
+    assert answered, "h1 answered what it ran before and while it drained"
+    # Only what was dispatched to it after it stopped reading (not yet told) stalls.
+    stalled = [e for e in events if isinstance(e, TaskStalled)]
+    assert all(e.reason.endswith("host 'h1' left") for e in stalled), stalled
+    left = [e for e in events if isinstance(e, HostLost)]
+    assert [e.host_id for e in left] == ["h1"]
+    after = events[events.index(left[0]) :]
+    assert not [e for e in after if isinstance(e, TaskDispatched) and e.host_id == "h1"]
+    hosts = json.loads(cli(cluster.settings, "hosts", "--json").stdout)
+    assert {h["host_id"]: h["state"] for h in hosts}["h1"] == "left"
+    agents = json.loads(cli(cluster.settings, "agents", "--pool", "gpool", "--json").stdout)
+    assert {a["state"] for a in agents if a["host_id"] == "h1"} == {"retired"}
 
 
 async def test_projector_killed_under_load_catches_up_without_losing_a_row(
