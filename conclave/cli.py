@@ -309,6 +309,15 @@ def runtime(
     latency_ms: float = typer.Option(100.0, help="Simulated agent: median latency."),
     failure_rate: float = typer.Option(0.0, help="Simulated agent: failure probability."),
     seed: int = typer.Option(0, help="Simulated agent: seed."),
+    max_memory_mb: float | None = typer.Option(
+        None, min=1, help="Over this resident memory the host's agents take no new work."
+    ),
+    max_cpu_percent: float | None = typer.Option(
+        None, min=1, help="Over this CPU use (% of one core) its agents take no new work."
+    ),
+    spawn_max_memory_percent: float | None = typer.Option(
+        None, min=1, max=100, help="Do not start while the machine's memory is used over this %."
+    ),
 ) -> None:
     """Run an agent runtime host until interrupted."""
     from conclave.processes import register
@@ -322,8 +331,13 @@ def runtime(
     )
     fn = load_agent(agent, **options)
     on_message = load_handler(agent, fn)
+    from conclave.runtime.limits import HostLimits
+
     config = HostConfig(
-        pool=pool, agent_ids=[f"{prefix}-{i:03d}" for i in range(agents)], agent_ref=agent
+        pool=pool,
+        agent_ids=[f"{prefix}-{i:03d}" for i in range(agents)],
+        agent_ref=agent,
+        limits=HostLimits(max_memory_mb, max_cpu_percent, spawn_max_memory_percent),
     )
     if host_id:
         config = dataclasses.replace(config, host_id=host_id)

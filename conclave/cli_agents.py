@@ -25,6 +25,7 @@ _STYLE = {
     "probing": "yellow",
     "silent": "yellow",
     "leaving": "yellow",
+    "over_limit": "yellow",
     "left": "dim",
     "retired": "dim",
 }
@@ -72,22 +73,24 @@ def show_agents(
 
 
 def show_hosts(as_json: AsJson = False) -> None:
-    """Runtime hosts: alive, leaving, silent (lease ran out), lost or left, with their
-    agents."""
+    """Runtime hosts: alive, over_limit (no new work), leaving, silent (lease ran out),
+    lost or left, with their agents, memory and CPU."""
     now = int(time.time() * 1e6)
     views = _query(lambda db: list_hosts(db, now))
     _show(
         views,
         "hosts",
-        ("host", "state", "pool", "agents", "last beat", "lease", "lost"),
+        ("host", "state", "pool", "agents", "memory", "CPU", "last beat", "lease", "why"),
         lambda v: (
             v.host_id,
             _styled(v.state),
             v.pool or "-",
             str(len(v.agent_ids)),
+            f"{v.rss_bytes / 2**20:.0f} MB" if v.rss_bytes is not None else "-",
+            f"{v.cpu_percent:.0f} %" if v.cpu_percent is not None else "-",
             _in(v.last_beat_at),
             _in(v.lease_expires_at),
-            v.lost_reason or "",
+            v.lost_reason or v.over_limit or "",
         ),
         as_json,
     )

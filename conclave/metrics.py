@@ -73,8 +73,8 @@ GAUGES: Mapping[str, tuple[str, tuple[str, ...]]] = {
         ("pool", "state"),
     ),
     "conclave_hosts": (
-        "Runtime hosts by lease (alive, leaving, silent: lease run out but not judged yet, "
-        "lost, left)",
+        "Runtime hosts by lease (alive, over_limit, leaving, silent: lease run out but not "
+        "judged yet, lost, left)",
         ("pool", "state"),
     ),
     "conclave_halted": ("1 while the system is halted (a scheduler shard's view)", ("shard",)),

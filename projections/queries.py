@@ -521,7 +521,7 @@ def _weights(column: list[str] | None) -> dict[str, int]:
     return {key: int(weight) for key, _, weight in pairs}
 
 
-HOST_STATES = ("alive", "leaving", "silent", "lost", "left")
+HOST_STATES = ("alive", "over_limit", "leaving", "silent", "lost", "left")
 AGENT_STATES = (
     "idle", "busy", "silent", "unresponsive", "lost", "retired", "circuit_open", "probing"
 )  # fmt: skip
@@ -536,13 +536,19 @@ class HostView:
     state: str
     """``alive`` (its lease holds), ``silent`` (it ran out, the scheduler has not judged
     it yet) or ``lost`` (``host.lost``, and no later beat); ``leaving`` (it said it is
-    stopping, ``host.leaving``: its agents take no new work) and ``left`` (then judged)."""
+    stopping, ``host.leaving``: its agents take no new work) and ``left`` (then judged);
+    ``over_limit`` (alive, but its newest beat said it is over its memory or CPU limit:
+    its agents take no new work until it has room)."""
     agent_ids: list[str]
     last_beat_at: int | None
     lease_expires_at: int | None
     lost_at: int | None
     lost_reason: str | None
     leaving_until: int | None
+    rss_bytes: int | None
+    cpu_percent: float | None
+    over_limit: str | None
+    """Why it takes no new work, while it is ``over_limit``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,7 +580,9 @@ def _host_state(row: asyncpg.Record, now_us: int) -> str:
         return "left" if left else "lost"
     if left:
         return "leaving"
-    return "alive" if lease is not None and lease > now_us else "silent"
+    if lease is None or lease <= now_us:
+        return "silent"
+    return "over_limit" if row["over_limit"] is not None else "alive"
 
 
 async def list_hosts(pool: asyncpg.Pool, now_us: int) -> list[HostView]:
@@ -591,6 +599,9 @@ async def list_hosts(pool: asyncpg.Pool, now_us: int) -> list[HostView]:
             lost_at=r["lost_at"],
             lost_reason=r["lost_reason"],
             leaving_until=r["leaving_until"],
+            rss_bytes=r["rss_bytes"],
+            cpu_percent=r["cpu_percent"],
+            over_limit=r["over_limit"],
         )
         for r in rows
     ]
@@ -610,7 +621,7 @@ async def list_agents(
     and state when given. Agents serve every tenant; with ``tenant``, an agent's current
     task is shown only if it is that tenant's."""
     rows = await pool.fetch(
-        """SELECT a.*, h.lease_expires_at, h.lost_lease, h.leaving_until,
+        """SELECT a.*, h.lease_expires_at, h.lost_lease, h.leaving_until, h.over_limit,
                   ($3::text IS NULL OR t.tenant = $3) AS task_shown FROM agents a
            LEFT JOIN hosts h ON h.host_id = a.host_id
            LEFT JOIN tasks t ON $3::text IS NOT NULL AND t.task_id = a.current_task_id
@@ -645,7 +656,9 @@ async def list_agents(
                 state=current,
                 current_task_id=r["current_task_id"] if r["task_shown"] else None,
                 last_heartbeat_at=beat,
-                suspended_reason=r["suspended_reason"] or r["circuit_reason"],
+                suspended_reason=r["suspended_reason"]
+                or r["circuit_reason"]
+                or (f"host over its limits: {r['over_limit']}" if r["over_limit"] else None),
                 rss_bytes=r["rss_bytes"],
             )
         )

@@ -247,6 +247,12 @@ class HostRow:
     """When the drain of a host that said it is stopping ends (``host.leaving``): its
     lease ends then, and it counts as leaving (and, judged, as left) while no later beat
     promised more."""
+    rss_bytes: int | None = None
+    """The host process's resident memory, as its newest beat measured it."""
+    cpu_percent: float | None = None
+    """Its CPU use (% of one core) between its two newest beats."""
+    over_limit: str | None = None
+    """Why its newest beat said it takes no new work (over its memory or CPU limit)."""
 
 
 @dataclass(slots=True)
@@ -376,6 +382,9 @@ HOSTS = _table(
         "lost_at": "bigint",
         "lost_reason": "text",
         "leaving_until": "bigint",
+        "rss_bytes": "bigint",
+        "cpu_percent": "double precision",
+        "over_limit": "text",
     },
     "host_id",
 )
@@ -783,6 +792,8 @@ def fold_host(
         if (row.last_beat_at or 0) <= envelope.occurred_at:
             row.pool, row.agent_ids = event.pool, list(event.agent_ids)
             row.last_beat_at = envelope.occurred_at
+            row.rss_bytes, row.cpu_percent = event.rss_bytes, event.cpu_percent
+            row.over_limit = event.over_limit
         row.lease_expires_at = max(row.lease_expires_at or 0, event.expires_at)
     elif (row.lost_lease or 0) < event.expires_at:
         row.lost_lease, row.lost_at, row.lost_reason = (

@@ -358,7 +358,10 @@ class SchedulerShard:
                     decided.append((envelope, reinstated, None))
             case HostBeat():
                 metrics.heartbeats.labels(event.pool).inc()
+                lease = self.state.hosts.get(event.host_id)
+                over = lease.over_limit if lease is not None else None
                 scheduling.evolve(self.state, event)
+                self._say_limits(event.host_id, over)
                 if back := scheduling.revived(self.state, event):
                     log.info("%s: host %r is back", self.name, event.host_id)
                 for reinstated in back:
@@ -379,6 +382,16 @@ class SchedulerShard:
                     decided.append((envelope, cancelled, None))
             case Resume() | PoolConfigured():
                 scheduling.evolve(self.state, event)
+
+    def _say_limits(self, host_id: str, before: str | None) -> None:
+        """Log a host going over its limits (no new work for its agents) or back."""
+        said = self.state.hosts[host_id].over_limit
+        if said == before:
+            return
+        if said is not None:
+            log.warning("%s: host %r takes no new work: %s", self.name, host_id, said[:200])
+        else:
+            log.info("%s: host %r has room again", self.name, host_id)
 
     def _may_judge_hosts(self, now: int, heard: bool) -> bool:
         """Whether hosts' leases count now: not within ``HOST_GRACE_US`` of starting or of
@@ -528,8 +541,10 @@ class SchedulerShard:
                 host_state = "lost" if lease.leaving_until is None else "left"
             elif lease.leaving_until is not None:
                 host_state = "leaving"
+            elif lease.expires_at < now:
+                host_state = "silent"
             else:
-                host_state = "silent" if lease.expires_at < now else "alive"
+                host_state = "alive" if lease.over_limit is None else "over_limit"
             hosts[lease.pool, host_state] += 1
         for (pool, host_state), n in hosts.items():
             yield "conclave_hosts", (pool, host_state), n

@@ -320,6 +320,10 @@ class HostOut(_Out):
     lost_at: int | None
     lost_reason: str | None
     leaving_until: int | None
+    rss_bytes: int | None
+    cpu_percent: float | None
+    over_limit: str | None
+    """Why its agents take no new work, while it is over its memory or CPU limit."""
 
 
 class WorkflowStepOut(_Out):

@@ -406,6 +406,14 @@ class HostBeat:
     expires_at: int
     """Until when (µs since the epoch, the host's clock) the host promises to have beaten
     again: the time of the beat plus its lease."""
+    rss_bytes: int | None = None
+    """Schema v2: the host process's resident memory when it beat."""
+    cpu_percent: float | None = None
+    """Schema v2: the host process's CPU use since its previous beat (% of one core)."""
+    over_limit: str | None = None
+    """Schema v2: why the host takes no new work now (over its memory or CPU limit;
+    ``None``: it has room). The newest beat of a host says: its agents get no dispatch
+    while it is over, and what they run goes on."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -49,7 +49,8 @@ SNAPSHOT_VERSION = 8
 tasks have none, turn 0, and its pools start their fair turns afresh).
 7: hosts that are leaving (a version 5 or 6 snapshot still reads: none is).
 8: weights of fairness keys, and how many tasks of a key took its latest turn (a
-version 5 to 7 snapshot still reads: every key weighs 1, so one did)."""
+version 5 to 7 snapshot still reads: every key weighs 1, so one did); hosts over their
+limits (none in an older snapshot)."""
 
 
 class TaskStatus(enum.Enum):
@@ -173,6 +174,12 @@ class HostLease:
     leaving_until: int | None = None
     """The host said it is stopping (``HostLeaving``): its agents take no new work, and
     its lease ends then. Until it registers agents again (started anew)."""
+    over_limit: str | None = None
+    """Why its newest beat said it takes no new work (memory or CPU over its limit)."""
+
+    @property
+    def takes_work(self) -> bool:
+        return self.leaving_until is None and self.over_limit is None
 
     def overdue(self) -> int | None:
         """When this lease runs out unless a newer beat comes; ``None`` once judged."""
@@ -443,7 +450,7 @@ class SchedulerState:
             agent_id in self.assignments
             or agent_id in self.suspects
             or agent_id in self.breakers
-            or (host is not None and host.leaving_until is not None)
+            or (host is not None and not host.takes_work)
         ):
             self.unplace(slot)
         elif best is None:
@@ -531,7 +538,15 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "suspects": sorted([a, *(s or ())] for a, s in state.suspects.items()),
         "capacities": dict(state.capacities),
         "hosts": [
-            [host_id, h.pool, h.expires_at, h.judged, sorted(h.lost_agents), h.leaving_until]
+            [
+                host_id,
+                h.pool,
+                h.expires_at,
+                h.judged,
+                sorted(h.lost_agents),
+                h.leaving_until,
+                h.over_limit,
+            ]
             for host_id, h in sorted(state.hosts.items())  # the same whatever the fold order
         ],
         "failures": dict(sorted(state.failures.items())),
@@ -606,13 +621,13 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
             agent_id, *stall = [suspect] if isinstance(suspect, str) else suspect
             state.suspects[agent_id] = (str(stall[0]), int(stall[1])) if stall else None
         state.capacities.update(data["capacities"])
-        for host_id, pool, expires_at, judged, lost_agents, *leaving in data["hosts"]:
+        for host_id, pool, expires_at, judged, lost_agents, *later in data["hosts"]:
             state.hosts[host_id] = HostLease(
                 pool,
                 expires_at,
                 judged,
                 set(lost_agents),
-                *leaving,  # none before 7
+                *later,  # leaving: none before 7; over its limits: none before 8
             )
         state.failures.update(data["failures"])
         state.breakers = RankedSet(((until,), key) for key, until in data["breakers"])

@@ -44,7 +44,9 @@ Rules enforced here (each has a test):
   deadline, and its agents get no work until it beats or registers them again
   (:func:`revived`, :func:`reinstate`). A host that never beat is never judged. A
   host that says it is leaving (``HostLeaving``) gets no new work at once; its lease
-  ends when its drain does, and it is then judged the same way, as having left.
+  ends when its drain does, and it is then judged the same way, as having left. A host
+  whose newest beat says it is over its memory or CPU limit (``over_limit``) gets no
+  new work until a beat says it has room again; what it runs goes on.
 * Circuit breakers: an agent that failed ``threshold`` attempts in a row (failed,
   stalled, lost with its host) gets no work for a cool-down (:func:`tripped`), then one
   probe task (:func:`half_opened`): an answer closes the circuit, a failure opens it
@@ -1065,13 +1067,20 @@ def _count_failure(state: SchedulerState, task: TaskState) -> None:
 
 
 def _fold_host_beat(state: SchedulerState, event: HostBeat) -> None:
-    """The latest lease any beat promised: the same whatever order beats are folded in."""
+    """The latest lease any beat promised (the same whatever order beats are folded in),
+    and whether the host is over its limits, as the beat folded last says: a host's beats
+    are in order on one partition, and recovery folds each partition in order (a lease
+    cannot tell: a leaving or a loss folded first may have moved it past a beat)."""
     host = state.hosts.get(event.host_id)
     if host is None:
-        state.hosts[event.host_id] = HostLease(event.pool, event.expires_at)
+        host = state.hosts[event.host_id] = HostLease(event.pool, event.expires_at)
     else:
         host.pool = event.pool
         host.expires_at = max(host.expires_at, event.expires_at)
+    if host.over_limit != event.over_limit:
+        host.over_limit = event.over_limit
+        for agent_id in event.agent_ids:  # out of the idle indexes, or back in
+            state.place(agent_id)
 
 
 def _fold_reinstated(state: SchedulerState, event: AgentReinstated) -> None:

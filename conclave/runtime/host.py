@@ -60,6 +60,7 @@ from conclave.messaging import Messenger, UnknownRecipient, error_payload
 from conclave.outage import Backoff, Outage
 from conclave.records import Record
 from conclave.runtime.agents import AgentContext, AgentFn, MessageHandler, PermanentFailure
+from conclave.runtime.limits import HostLimits, SpawnRefused, over_limit, spawn_refusal
 from conclave.settings import Settings
 from conclave.topics import HOST_HEADER, pool_partition
 from conclave.tracing import hop
@@ -104,6 +105,9 @@ class HostConfig:
     host_id: str = field(default_factory=lambda: f"host-{uuid.uuid4().hex[:8]}")
     task_timeout_s: float | None = None
     """How long an agent may work on one attempt; ``None``: the settings' (300 s)."""
+    limits: HostLimits = field(default_factory=HostLimits)
+    """Memory and CPU over which its agents take no new work; memory use of the machine
+    over which it does not start."""
 
 
 @dataclass(slots=True)
@@ -192,6 +196,7 @@ class RuntimeHost:
         """The consumer's position after its last fetch, past transaction markers."""
         self._stuck = False
         self._leaving_until: int | None = None
+        self._over_limit: str | None = None  # what the last beat said of its limits
         """Set once the host said it is leaving: its beats promise no later."""
         self._host_header = config.host_id.encode()
         self._task_timeout_s = config.task_timeout_s or settings.task_timeout_s
@@ -201,6 +206,12 @@ class RuntimeHost:
         return f"{self.settings.topic_prefix}.runtime.{self.config.host_id}"
 
     async def start(self) -> None:
+        memory = psutil.virtual_memory().percent
+        refusal = spawn_refusal(self.config.limits, memory, len(self.config.agent_ids))
+        if refusal is not None:
+            await self.stop()  # closes the clients made for it, none of them started
+            raise SpawnRefused(f"runtime {self.config.host_id}: {refusal}")
+        self._process.cpu_percent(None)  # the first call only starts the measure
         await self.producer.start()
         try:
             partitions = await self.producer.partitions(self.topics.tasks)
@@ -676,8 +687,15 @@ class RuntimeHost:
         except BrokerUnavailable as exc:
             log.warning("%s: could not say it is leaving: %s", self.name, exc)
 
-    def _host_beat(self) -> Outgoing:
+    def _host_beat(self, rss: int) -> Outgoing:
         lease_us = int(self.settings.host_lease_s * 1_000_000)
+        cpu = self._process.cpu_percent(None)
+        was_over = self._over_limit is not None
+        self._over_limit = over_limit(self.config.limits, rss, cpu, was_over=was_over)
+        if self._over_limit is not None and not was_over:
+            log.warning("%s: takes no new work: %s", self.name, self._over_limit)
+        elif was_over and self._over_limit is None:
+            log.info("%s: has room again", self.name)
         return self.producer.encode(
             self.topics.agents,
             self._partition,
@@ -687,6 +705,9 @@ class RuntimeHost:
                 pool=self.config.pool,
                 agent_ids=list(self.config.agent_ids),
                 expires_at=min(now_us() + lease_us, self._leaving_until or sys.maxsize),
+                rss_bytes=rss,
+                cpu_percent=round(cpu, 1),
+                over_limit=self._over_limit,
             ),
         )[1]
 
@@ -710,7 +731,7 @@ class RuntimeHost:
             ]
             stuck = time.monotonic() - self._turned_at
             if stuck < self.settings.host_lease_s:
-                beats.append(self._host_beat())
+                beats.append(self._host_beat(rss))
                 self._stuck = False
             elif not self._stuck:  # the scheduler is to take its work away: say so once
                 log.warning("%s: work loop stuck for %.1f s, host beats stop", self.name, stuck)

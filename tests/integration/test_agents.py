@@ -15,7 +15,9 @@ from aiokafka.errors import KafkaError
 
 from conclave.bus import TransactionalProducer, topics_for
 from conclave.domain.events import HostBeat, now_us
-from conclave.runtime.agents import AgentContext, TransientFailure
+from conclave.runtime.agents import AgentContext, SimulatedAgent, TransientFailure
+from conclave.runtime.host import HostConfig, RuntimeHost
+from conclave.runtime.limits import HostLimits
 from conclave.settings import Settings
 from conclave.topics import pool_partition
 from projections import queries
@@ -153,3 +155,50 @@ async def test_a_host_that_stops_says_so_its_agents_retire_and_its_open_work_goe
     lost = [r for r in caplog.records if old.config.host_id in r.getMessage()]
     assert any("left" in r.getMessage() for r in lost)
     assert not [r for r in lost if r.levelno >= logging.WARNING]
+
+
+async def test_a_host_over_its_memory_limit_gets_no_new_work_and_says_why(system: System) -> None:
+    db, client, pool = system.db, system.client, system.pool
+    config = HostConfig(
+        pool=pool,
+        agent_ids=[f"{pool}-full-000"],
+        host_id=f"{pool}-full",
+        limits=HostLimits(max_rss_mb=1),  # this process is over that from the start
+    )
+    full = RuntimeHost(system.settings, config, SimulatedAgent(latency_ms=5, jitter=0.2))
+    await full.start()
+    try:
+
+        async def over() -> queries.HostView | None:
+            views = await queries.list_hosts(db, now_us())
+            return next((h for h in views if h.host_id == config.host_id and h.over_limit), None)
+
+        view = await eventually(over)
+        assert view.state == "over_limit"
+        assert view.rss_bytes is not None
+        assert view.rss_bytes > 2**20
+        assert view.cpu_percent is not None
+        assert view.over_limit is not None
+        assert view.over_limit.endswith("over its limit of 1 MB")
+        ids = [await client.submit(f"x{i}", pool=pool) for i in range(6)]
+        async with system.host(pool, 2, prefix=f"{pool}-roomy"):
+            await eventually(lambda: _all_have(db, ids, "completed"))
+        ran = {(await queries.get_task(db, task_id)).agent_id for task_id in ids}
+        assert ran <= {f"{pool}-roomy-000", f"{pool}-roomy-001"}, ran
+        agents = await queries.list_agents(
+            db, now_us(), silent_after_us=10**9, host_id=config.host_id
+        )
+        assert [a.suspended_reason for a in agents] == [f"host over its limits: {view.over_limit}"]
+    finally:
+        await full.stop()
+
+
+def test_a_host_does_not_start_while_the_machine_is_used_over_its_spawn_limit(
+    settings: Settings,
+) -> None:
+    said = cli(settings, "runtime", "--agents", "3", "--spawn-max-memory-percent", "1")
+    assert said.returncode != 0
+    assert "not starting 3 agent(s): the machine's memory is" in said.stderr
+    assert "over the spawn limit of 1 %" in said.stderr
+    assert "Traceback" not in said.stderr
+    assert "Unclosed" not in said.stderr  # the clients made for it are closed

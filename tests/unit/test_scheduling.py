@@ -366,13 +366,19 @@ class Harness:
             if lease.expires_at <= now and (lease.judged or 0) < lease.expires_at
         }
 
-    def beat(self, host_id: str, lease_us: int) -> list[Emitted]:
+    def beat(self, host_id: str, lease_us: int, over_limit: str | None = None) -> list[Emitted]:
         agents = sorted(a.agent_id for a in self.state.agents.values() if a.host_id == host_id)
         lease = self.state.hosts.get(host_id)
         leaving = lease.leaving_until if lease is not None else None
         expires_at = min(self.now + lease_us, leaving or self.now + lease_us)  # as hosts do
         return self.fact(
-            HostBeat(host_id=host_id, pool="p0", agent_ids=agents, expires_at=expires_at)
+            HostBeat(
+                host_id=host_id,
+                pool="p0",
+                agent_ids=agents,
+                expires_at=expires_at,
+                over_limit=over_limit,
+            )
         )
 
     def leave(self, host_id: str, drain_us: int) -> list[Emitted]:
@@ -459,6 +465,9 @@ class Harness:
         for agent_id in sorted(POOL_OF):
             if agent_id not in self.state.agents:
                 self.register(agent_id)
+        for host_id, lease in sorted(self.state.hosts.items()):
+            if lease.over_limit is not None:  # room again: a beat that promises no less
+                self.beat(host_id, max(1000, lease.expires_at - self.now))
         for _ in range(1000):
             queued = [t for t in self.state.tasks.values() if t.status is TaskStatus.QUEUED]
             if running := self.dispatched():
@@ -477,8 +486,9 @@ class Harness:
 
 
 def _leaving(state: SchedulerState, agent_id: str) -> bool:
+    """Its host said it is leaving, or that it is over its limits: no new work."""
     lease = state.hosts.get(state.agents[agent_id].host_id)
-    return lease is not None and lease.leaving_until is not None
+    return lease is not None and (lease.leaving_until is not None or lease.over_limit is not None)
 
 
 def _check_priority(
@@ -873,10 +883,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         entry = data.draw(st.sampled_from(self.h.witnessed), label="redelivered")
         assert self.h.command(entry) == []
 
-    @rule(host_id=st.sampled_from(["h0", "h1"]), lease=st.integers(1000, 2 * ANSWER_US))
-    def host_beats(self, host_id: str, lease: int) -> None:
-        """A host's beat: a lost one is back, its agents work again."""
-        self.h.beat(host_id, lease)
+    @rule(
+        host_id=st.sampled_from(["h0", "h1"]),
+        lease=st.integers(1000, 2 * ANSWER_US),
+        over=st.sampled_from([None, None, "memory 900 MB, over its limit of 800 MB"]),
+    )
+    def host_beats(self, host_id: str, lease: int, over: str | None) -> None:
+        """A host's beat: a lost one is back, its agents work again; over its limits,
+        they take no new work until a beat says it has room."""
+        self.h.beat(host_id, lease, over)
 
     @rule(host_id=st.sampled_from(["h0", "h1"]), drain=st.integers(0, 2 * ANSWER_US))
     def host_leaves(self, host_id: str, drain: int) -> None:
@@ -1064,6 +1079,19 @@ class SchedulerMachine(RuleBasedStateMachine):
                 leaving.add(event.host_id)
             elif isinstance(event, TaskDispatched):
                 assert host_of[event.agent_id] not in leaving, f"{event} to a leaving host"
+
+    @invariant()
+    def a_host_over_its_limits_gets_no_new_work_until_a_later_beat_has_room(self) -> None:
+        host_of: dict[str, str] = {}
+        newest: dict[str, HostBeat] = {}
+        for event in self.h.log:
+            if isinstance(event, AgentRegistered):
+                host_of[event.agent_id] = event.host_id
+            elif isinstance(event, HostBeat):
+                newest[event.host_id] = event
+            elif isinstance(event, TaskDispatched):
+                beat = newest.get(host_of[event.agent_id])
+                assert beat is None or beat.over_limit is None, f"{event} to a host over limits"
 
     @invariant()
     def idle_agents_are_indexed_by_their_best_claim(self) -> None:
@@ -2169,6 +2197,31 @@ def test_a_host_started_again_after_leaving_gets_work() -> None:
     dispatched = h.register("a0", host_id="h0")  # started anew
     assert [(d.task_id, d.agent_id) for d in dispatched] == [("t0", "a0")]
     assert h.state.hosts["h0"].leaving_until is None
+
+
+def test_a_host_over_its_limits_gets_no_new_work_until_a_later_beat_has_room() -> None:
+    h = Harness()
+    h.register("a0", host_id="full")
+    h.register("b0", host_id="roomy")
+    running = h.command(submit("t0"))[1]
+    assert isinstance(running, TaskDispatched)
+    assert running.agent_id == "a0"
+    over = "memory 900 MB, over its limit of 800 MB"
+    assert h.beat("full", lease_us=5_000_000, over_limit=over) == []
+    assert h.state.hosts["full"].over_limit == over
+    second = h.command(submit("t1"))[1]
+    assert isinstance(second, TaskDispatched)
+    assert second.agent_id == "b0"  # the other host's agent
+    assert h.command(submit("t2"))[1:] == []
+    _, after = h.finish(h.state.tasks["t0"], failed=False)  # what it ran finishes
+    assert [type(e) for e in after] == [TaskCompleted]  # t2 waits: a0's host is over
+    _, restored = _round_trip(h.state)
+    assert_same_state(h.state, restored)
+    assert restored.hosts["full"].over_limit == over
+    room = h.beat("full", lease_us=1_000)  # a beat with room, whatever lease it promises
+    assert [(d.task_id, d.agent_id) for d in room if isinstance(d, TaskDispatched)] == [
+        ("t2", "a0")
+    ]
 
 
 def test_host_leases_survive_a_snapshot() -> None:
