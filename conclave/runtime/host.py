@@ -196,8 +196,8 @@ class RuntimeHost:
         """The consumer's position after its last fetch, past transaction markers."""
         self._stuck = False
         self._leaving_until: int | None = None
-        self._over_limit: str | None = None  # what the last beat said of its limits
         """Set once the host said it is leaving: its beats promise no later."""
+        self._over_limit: str | None = None  # what the last beat said of its limits
         self._host_header = config.host_id.encode()
         self._task_timeout_s = config.task_timeout_s or settings.task_timeout_s
 
