@@ -318,6 +318,10 @@ def runtime(
     spawn_max_memory_percent: float | None = typer.Option(
         None, min=1, max=100, help="Do not start while the machine's memory is used over this %."
     ),
+    capability: list[str] = typer.Option(  # noqa: B008 (typer declares options so)
+        [], "--capability", help="What its agents can do (repeatable): found with it."
+    ),
+    agent_version: str | None = typer.Option(None, help="The version of the agents' code."),
 ) -> None:
     """Run an agent runtime host until interrupted."""
     from conclave.processes import register
@@ -337,6 +341,8 @@ def runtime(
         pool=pool,
         agent_ids=[f"{prefix}-{i:03d}" for i in range(agents)],
         agent_ref=agent,
+        capabilities=capability,
+        version=agent_version,
         limits=HostLimits(max_memory_mb, max_cpu_percent, spawn_max_memory_percent),
     )
     if host_id:

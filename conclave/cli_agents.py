@@ -38,9 +38,14 @@ def show_agents(
         str | None,
         typer.Option(help=f"Only agents in this state: {', '.join(AGENT_STATES)}."),
     ] = None,
+    capability: Annotated[
+        str | None,
+        typer.Option("--capability", help="Only agents that registered this capability."),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Registered agents: state, pool, host, current task, last heartbeat, why no work."""
+    """Registered agents: state, pool, host, capabilities, current task, last heartbeat,
+    why no work."""
     if state is not None and state not in AGENT_STATES:
         raise typer.BadParameter(f"{state!r} is not one of {', '.join(AGENT_STATES)}")
     settings = Settings.from_env()
@@ -53,17 +58,19 @@ def show_agents(
             in_pool=pool,
             host_id=host,
             state=state,
+            capability=capability,
         )
     )
     _show(
         views,
         "agents",
-        ("agent", "state", "pool", "host", "task", "heartbeat", "why no work"),
+        ("agent", "state", "pool", "host", "can", "task", "heartbeat", "why no work"),
         lambda v: (
             v.agent_id,
             _styled(v.state),
             v.pool or "-",
             v.host_id,
+            " ".join(v.capabilities) + (f" (v{v.version})" if v.version else ""),
             v.current_task_id or "-",
             _in(v.last_heartbeat_at),
             v.suspended_reason or "",

@@ -570,6 +570,9 @@ class AgentView:
     """Why the scheduler gives it no work, if it does not: a stall, a lost host, an open
     circuit."""
     rss_bytes: int | None
+    capabilities: list[str]
+    """What it can do, as its registration says."""
+    version: str | None
 
 
 def _host_state(row: asyncpg.Record, now_us: int) -> str:
@@ -616,20 +619,24 @@ async def list_agents(
     host_id: str | None = None,
     state: str | None = None,
     tenant: str | None = None,
+    capability: str | None = None,
 ) -> list[AgentView]:
-    """Registered agents by id, with their state at ``now_us``; filtered by pool, host
-    and state when given. Agents serve every tenant; with ``tenant``, an agent's current
-    task is shown only if it is that tenant's."""
+    """Registered agents by id, with their state at ``now_us``; filtered by pool, host,
+    state and capability when given (discovery: who can ``summarise``?). Agents serve
+    every tenant; with ``tenant``, an agent's current task is shown only if it is that
+    tenant's."""
     rows = await pool.fetch(
         """SELECT a.*, h.lease_expires_at, h.lost_lease, h.leaving_until, h.over_limit,
                   ($3::text IS NULL OR t.tenant = $3) AS task_shown FROM agents a
            LEFT JOIN hosts h ON h.host_id = a.host_id
            LEFT JOIN tasks t ON $3::text IS NOT NULL AND t.task_id = a.current_task_id
            WHERE ($1::text IS NULL OR a.pool = $1) AND ($2::text IS NULL OR a.host_id = $2)
+             AND ($4::text IS NULL OR a.capabilities @> ARRAY[$4::text])
            ORDER BY a.agent_id""",
         in_pool,
         host_id,
         tenant,
+        capability,
     )
     views = []
     for r in rows:
@@ -660,6 +667,8 @@ async def list_agents(
                 or r["circuit_reason"]
                 or (f"host over its limits: {r['over_limit']}" if r["over_limit"] else None),
                 rss_bytes=r["rss_bytes"],
+                capabilities=list(r["capabilities"] or ()),
+                version=r["version"],
             )
         )
     return views

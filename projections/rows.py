@@ -226,6 +226,9 @@ class AgentRow:
     ``None`` (closed)."""
     circuit_until: int | None = None
     circuit_reason: str | None = None
+    capabilities: list[str] | None = None
+    """What it can do, as its latest registration says."""
+    version: str | None = None
 
 
 @dataclass(slots=True)
@@ -366,6 +369,8 @@ AGENTS = _table(
         "circuit": "text",
         "circuit_until": "bigint",
         "circuit_reason": "text",
+        "capabilities": "text[]",
+        "version": "text",
     },
     "agent_id",
 )
@@ -757,6 +762,7 @@ def fold_agent(
         row.host_id = event.host_id
         row.agent_ref = event.agent_ref
         row.registered_at = envelope.occurred_at
+        row.capabilities, row.version = sorted(set(event.capabilities)), event.version
     elif isinstance(event, AgentReinstated):
         row.suspended_at = row.suspended_reason = None
     elif isinstance(event, TaskStalled | HostLost):

@@ -308,6 +308,9 @@ class AgentOut(_Out):
     last_heartbeat_at: int | None
     suspended_reason: str | None
     rss_bytes: int | None
+    capabilities: list[str]
+    """What it can do, as its registration says (``?capability=`` finds agents by it)."""
+    version: str | None
 
 
 class HostOut(_Out):

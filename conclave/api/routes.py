@@ -198,9 +198,11 @@ async def list_agents(
     pool: Filter = None,
     host: Filter = None,
     state: AgentStateName | None = None,
+    capability: Filter = None,
 ) -> list[AgentOut]:
-    """Registered agents with their state; a current task only if it is this tenant's."""
-    _clean(pool=pool, host=host)
+    """Registered agents with their state; a current task only if it is this tenant's.
+    ``capability``: only the agents that registered it (discovery)."""
+    _clean(pool=pool, host=host, capability=capability)
     api = state_of(request)
     views = await queries.list_agents(
         api.reads,
@@ -210,6 +212,7 @@ async def list_agents(
         host_id=host,
         state=state,
         tenant=caller.tenant,
+        capability=capability,
     )
     return [AgentOut.model_validate(v) for v in views]
 

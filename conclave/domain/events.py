@@ -358,6 +358,11 @@ class AgentRegistered:
     host_id: str
     agent_ref: str
     """The callable that implements the agent, ``module:function``."""
+    capabilities: list[str] = field(default_factory=list)
+    """Schema v2: what the agent can do (free-form names such as ``summarise``): how
+    ``conclave agents --capability`` finds it."""
+    version: str | None = None
+    """Schema v2: the version of the agent's code, as its host says."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

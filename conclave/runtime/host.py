@@ -105,6 +105,10 @@ class HostConfig:
     host_id: str = field(default_factory=lambda: f"host-{uuid.uuid4().hex[:8]}")
     task_timeout_s: float | None = None
     """How long an agent may work on one attempt; ``None``: the settings' (300 s)."""
+    capabilities: Sequence[str] = ()
+    """What its agents can do: registered with each, found with ``--capability``."""
+    version: str | None = None
+    """The version of its agents' code, registered with each."""
     limits: HostLimits = field(default_factory=HostLimits)
     """Memory and CPU over which its agents take no new work; memory use of the machine
     over which it does not start."""
@@ -348,6 +352,8 @@ class RuntimeHost:
                     pool=self.config.pool,
                     host_id=self.config.host_id,
                     agent_ref=self.config.agent_ref,
+                    capabilities=list(self.config.capabilities),
+                    version=self.config.version,
                 ),
             )[1]
             for agent_id in self.config.agent_ids

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable
 
 import asyncpg
 import pytest
@@ -202,3 +203,47 @@ def test_a_host_does_not_start_while_the_machine_is_used_over_its_spawn_limit(
     assert "over the spawn limit of 1 %" in said.stderr
     assert "Traceback" not in said.stderr
     assert "Unclosed" not in said.stderr  # the clients made for it are closed
+
+
+async def test_agents_are_found_by_capability(system: System) -> None:
+    db, pool = system.db, system.pool
+    config = HostConfig(
+        pool=pool,
+        agent_ids=[f"{pool}-sum-000", f"{pool}-sum-001"],
+        host_id=f"{pool}-sum",
+        capabilities=["translate", "summarise"],
+        version="1.2.0",
+    )
+    able = RuntimeHost(system.settings, config, SimulatedAgent(latency_ms=5, jitter=0.2))
+    async with system.host(pool, 1, prefix=f"{pool}-plain"):
+        await able.start()
+        try:
+
+            async def who(capability: str | None) -> list[queries.AgentView]:
+                return await queries.list_agents(
+                    db, now_us(), silent_after_us=10**9, in_pool=pool, capability=capability
+                )
+
+            found = await eventually(lambda: _two(who("summarise")))
+            assert [(a.agent_id, a.capabilities, a.version) for a in found] == [
+                (f"{pool}-sum-000", ["summarise", "translate"], "1.2.0"),
+                (f"{pool}-sum-001", ["summarise", "translate"], "1.2.0"),
+            ]
+            everyone = {a.agent_id: (a.capabilities, a.version) for a in await who(None)}
+            assert everyone[f"{pool}-plain-000"] == ([], None)
+            assert await who("paint") == []
+            # In a thread: the hosts beat meanwhile.
+            shown = await asyncio.to_thread(
+                cli, system.settings, "agents", "--capability", "translate", "--json"
+            )
+            assert [a["agent_id"] for a in json.loads(shown.stdout)] == [
+                f"{pool}-sum-000",
+                f"{pool}-sum-001",
+            ]
+        finally:
+            await able.stop()
+
+
+async def _two(found: Awaitable[list[queries.AgentView]]) -> list[queries.AgentView] | None:
+    agents = await found
+    return agents if len(agents) == 2 else None
