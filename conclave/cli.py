@@ -343,7 +343,11 @@ def runtime(
         agent_ref=agent,
         capabilities=capability,
         version=agent_version,
-        limits=HostLimits(max_memory_mb, max_cpu_percent, spawn_max_memory_percent),
+        limits=HostLimits(
+            max_rss_mb=max_memory_mb,
+            max_cpu_percent=max_cpu_percent,
+            spawn_max_memory_percent=spawn_max_memory_percent,
+        ),
     )
     if host_id:
         config = dataclasses.replace(config, host_id=host_id)

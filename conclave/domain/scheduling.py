@@ -368,10 +368,14 @@ def _turn(state: SchedulerState, pool_name: str, key: str | None) -> int:
     if key is None:
         return turns.virtual + 1
     last = turns.last.get(key, 0)
-    weight = state.weights.get(pool_name, {}).get(key, 1)
-    if last > turns.virtual and turns.used.get(key, 0) < weight:
+    if last > turns.virtual and turns.used.get(key, 0) < _weight(state, pool_name, key):
         return last
     return max(turns.virtual, last) + 1
+
+
+def _weight(state: SchedulerState, pool_name: str, key: str) -> int:
+    weights = state.weights.get(pool_name)
+    return 1 if weights is None else weights.get(key, 1)
 
 
 def halted(state: SchedulerState, halt: Halt) -> list[TaskCancelled | TaskDependencyFailed]:

@@ -15,6 +15,7 @@ import pytest
 
 from conclave.bus import ensure_topics, read_history, topics_for
 from conclave.domain.events import (
+    Event,
     HostLost,
     TaskCompleted,
     TaskDeadLettered,
@@ -132,10 +133,7 @@ async def test_runtime_host_killed_for_good_its_tasks_stall_and_complete_on_anot
     await asyncio.sleep(1.0)  # four tasks are running on h1 right now
     cluster.kill("h1")
     await check_invariants(cluster, task_ids)
-    codec = default_codec()
-    events = []
-    async for record in read_history(cluster.settings, [topics_for(cluster.settings).tasks]):
-        events.append(codec.decode(record.value)[1])
+    events = await tasks_topic(cluster)
     stalled = [e for e in events if isinstance(e, TaskStalled)]
     assert stalled, "h1 was killed with tasks in flight"
     # h2's answers may stall too, if h1 died inside a transaction: they are held back
@@ -166,9 +164,7 @@ async def test_runtime_host_killed_for_good_loses_its_work_when_its_lease_runs_o
     await until_all_terminal(cluster.settings, task_ids, within_s=60)
     assert time.monotonic() - killed < 30, "taken over by the lease, not a deadline"
     await check_invariants(cluster, task_ids)
-    events = []
-    async for record in read_history(cluster.settings, [topics_for(cluster.settings).tasks]):
-        events.append(default_codec().decode(record.value)[1])
+    events = await tasks_topic(cluster)
     lost = [e for e in events if isinstance(e, HostLost)]
     h1_agents = [f"h1-agent-{i:03d}" for i in range(4)]
     assert [(e.host_id, e.agent_ids) for e in lost] == [("h1", h1_agents)]
@@ -207,9 +203,7 @@ async def test_runtime_host_stopped_with_sigterm_under_load_drains_and_exits_0(
     assert await asyncio.to_thread(cluster.stop, "h1") == 0
     assert time.monotonic() - stopped < 10, "drained within the 5 s drain and the last commit"
     await check_invariants(cluster, task_ids)
-    events = []
-    async for record in read_history(cluster.settings, [topics_for(cluster.settings).tasks]):
-        events.append(default_codec().decode(record.value)[1])
+    events = await tasks_topic(cluster)
     assert not [e for e in events if isinstance(e, TaskDeadLettered)]
     answered = [e for e in events if isinstance(e, TaskCompleted) and e.agent_id.startswith("h1")]
     assert answered, "h1 answered what it ran before and while it drained"
@@ -247,3 +241,12 @@ def _pools_on_every_partition(partitions: int) -> list[str]:
         pools.setdefault(pool_partition(f"pool{i}", partitions), f"pool{i}")
         i += 1
     return [pools[p] for p in range(partitions)]
+
+
+async def tasks_topic(cluster: Cluster) -> list[Event]:
+    """Every event on the cluster's tasks topic, in order."""
+    codec = default_codec()
+    return [
+        codec.decode(record.value)[1]
+        async for record in read_history(cluster.settings, [topics_for(cluster.settings).tasks])
+    ]

@@ -14,7 +14,7 @@ import pytest
 
 from conclave.client import Client, idempotent_task_id
 from conclave.errors import InvalidCommand
-from conclave.runtime.agents import AgentContext
+from conclave.runtime.agents import AgentContext, AgentFn
 from tests.integration.conftest import System, eventually, has_status
 
 pytestmark = pytest.mark.integration
@@ -117,19 +117,11 @@ async def test_with_aging_a_low_task_is_not_starved_by_a_stream_of_critical_ones
     system: System,
 ) -> None:
     from conclave.domain.events import Priority
-    from tests.integration.test_skeleton import cli
 
     pool = system.pool
-    said = cli(system.settings, "capacity", pool, "1", "--aging", "1", "--reason", "aging test")
-    assert "aging 1 turn(s) per level" in said.stdout
-    await eventually(
-        lambda: system.db.fetchval("SELECT aging_turns FROM pool_settings WHERE pool = $1", pool)
-    )
-    started: list[str] = []
-
-    async def agent(ctx: AgentContext) -> str:
-        started.append(ctx.input)
-        return ctx.input
+    said = await configured(system, "aging_turns", "--aging", "1", "--reason", "aging test")
+    assert "aging 1 turn(s) per level" in said
+    started, agent = recorder()
 
     low = await system.client.submit("low", pool=pool, priority=Priority.LOW)
     await eventually(lambda: has_status(system.db, low, "queued"))  # accepted first: turn 1
@@ -152,16 +144,9 @@ async def test_a_heavier_tenant_is_served_more_tasks_per_turn(system: System) ->
     from tests.integration.test_skeleton import cli
 
     pool = system.pool
-    said = cli(system.settings, "capacity", pool, "1", "--weight", "acme=3", "--reason", "w")
-    assert "acme weighs 3" in said.stdout
-    await eventually(
-        lambda: system.db.fetchval("SELECT weights FROM pool_settings WHERE pool = $1", pool)
-    )
-    started: list[str] = []
-
-    async def agent(ctx: AgentContext) -> str:
-        started.append(ctx.input)
-        return ctx.input
+    said = await configured(system, "weights", "--weight", "acme=3", "--reason", "w")
+    assert "acme weighs 3" in said
+    started, agent = recorder()
 
     async with tenant_client(system, "acme") as acme, tenant_client(system, "bolt") as bolt:
         a = await acme.submit_many([f"acme:{n}" for n in range(24)], pool=pool)
@@ -177,3 +162,27 @@ async def test_a_heavier_tenant_is_served_more_tasks_per_turn(system: System) ->
     assert refused.returncode != 0
     assert "the weight of 'acme' must be 1-1,000" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+async def configured(system: System, column: str, *options: str) -> str:
+    """``conclave capacity POOL 1 OPTIONS``, waiting until the setting's ``column`` is
+    projected; what the CLI said."""
+    from tests.integration.test_skeleton import cli
+
+    pool = system.pool
+    said = cli(system.settings, "capacity", pool, "1", *options)
+    await eventually(
+        lambda: system.db.fetchval(f"SELECT {column} FROM pool_settings WHERE pool = $1", pool)
+    )
+    return said.stdout
+
+
+def recorder() -> tuple[list[str], AgentFn]:
+    """An agent that answers its input at once, and the inputs in the order it ran them."""
+    started: list[str] = []
+
+    async def agent(ctx: AgentContext) -> str:
+        started.append(ctx.input)
+        return ctx.input
+
+    return started, agent
