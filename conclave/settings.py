@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal, overload
 from urllib.parse import parse_qs, urlsplit
 
+from conclave.domain.validation import invalid_tenant
 from conclave.errors import ConfigError, StackError
 
 __all__ = [
@@ -188,7 +189,7 @@ class Settings:
             read_schema=_schema_name(env),
             partitions=_int(env, "CONCLAVE_PARTITIONS", 1),
             replication_factor=_int(env, "CONCLAVE_REPLICATION_FACTOR", 1),
-            tenant=env.get("CONCLAVE_TENANT", "default"),
+            tenant=_tenant(env),
             pool_capacity=_int(env, "CONCLAVE_POOL_CAPACITY", 72),
             heartbeat_interval_s=_float(env, "CONCLAVE_HEARTBEAT_INTERVAL_S", 1.0),
             host_lease_s=_float(env, "CONCLAVE_HOST_LEASE_S", 5.0),
@@ -265,6 +266,13 @@ def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _tenant(env: Mapping[str, str]) -> str:
+    tenant = env.get("CONCLAVE_TENANT", "default")
+    if (reason := invalid_tenant(tenant)) is not None:
+        raise ConfigError(f"CONCLAVE_TENANT: {reason}")
+    return tenant
 
 
 def _schema_name(env: Mapping[str, str]) -> str | None:

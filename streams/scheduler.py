@@ -60,7 +60,7 @@ from conclave.domain.events import (
 )
 from conclave.domain.scheduler_state import AgentSlot
 from conclave.domain.scheduling import SchedulerEvent
-from conclave.domain.validation import CONTROL_COMMANDS, invalid_command
+from conclave.domain.validation import CONTROL_COMMANDS, invalid_command, invalid_tenant
 from conclave.errors import SchemaError
 from conclave.records import Record
 from conclave.topics import HOST_HEADER, SHARD_HEADER, Topics
@@ -320,7 +320,9 @@ class SchedulerShard:
         decided: list[_Decided],
     ) -> None:
         """One decoded input: refused, dead-lettered, decided on or folded."""
-        if isinstance(event, Command) and (refusal := self._refusal(record.topic, event)):
+        if isinstance(event, Command) and (
+            refusal := invalid_tenant(envelope.tenant) or self._refusal(record.topic, event)
+        ):
             out.append(self._reject(envelope, event, refusal, now))
             return
         if (rejection := self._rejection(record.topic, event)) is not None:
@@ -480,8 +482,16 @@ class SchedulerShard:
             command_event_id=cause.event_id,
             reason=reason,
         )
+        # A tenant that is no tenant is not copied on: the rejection is this installation's.
+        tenant = self.emitter.tenant if invalid_tenant(cause.tenant) else None
         return self.emitter.event(
-            self.topics.tasks, self.index, subject[:200], rejected, now=now, causation=cause
+            self.topics.tasks,
+            self.index,
+            subject[:200],
+            rejected,
+            now=now,
+            causation=cause,
+            tenant=tenant,
         )
 
     def _concerns_me(self, record: Record) -> bool:

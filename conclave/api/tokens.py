@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from conclave.domain.events import now_us
+from conclave.domain.validation import invalid_tenant
 from conclave.errors import ConclaveError, NotFound
 
 __all__ = [
@@ -83,8 +84,10 @@ async def create_token(
     db: asyncpg.Pool, tenant: str, *, name: str = "", admin: bool = False
 ) -> tuple[TokenInfo, str]:
     """Create a token for ``tenant``; returns it with its full text (shown once)."""
-    if not tenant or "\x00" in tenant or "\x00" in name:
-        raise ConclaveError("a token needs a tenant (and no NUL characters)")
+    if (reason := invalid_tenant(tenant)) is not None:
+        raise ConclaveError(reason)
+    if "\x00" in name:
+        raise ConclaveError("a token's name must not contain NUL characters")
     token_id, secret, token = new_token()
     created = now_us()
     await db.execute(

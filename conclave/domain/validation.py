@@ -26,6 +26,7 @@ __all__ = [
     "MAX_WEIGHTED_KEYS",
     "invalid_command",
     "invalid_output",
+    "invalid_tenant",
 ]
 
 MAX_ID_LENGTH = 200
@@ -149,6 +150,12 @@ def _nul(field: str, value: str) -> str | None:
 
 def _bad_pool(pool: str) -> str | None:
     return "pool must not be empty" if not pool else _nul("pool", pool)
+
+
+def invalid_tenant(tenant: str) -> str | None:
+    """Why ``tenant`` cannot name a tenant, or ``None``: an id like any other, since it
+    is a fairness key's first part (``tenant/key``) and a column of every read model."""
+    return _bad_id("tenant", tenant)
 
 
 def _bad_id(field: str, value: str) -> str | None:

@@ -114,19 +114,26 @@ async def test_a_command_the_scheduler_refuses_is_rejected_visibly_and_once(
     urgent = TaskSubmitted(
         task_id=f"{pool_name}-urgent", pool=pool_name, priority=Priority.CRITICAL, input="x"
     )
+    stranger = TaskSubmitted(
+        task_id=f"{pool_name}-stranger", pool=pool_name, priority=Priority.NORMAL, input="x"
+    )
+    no_tenant = dataclasses.replace(client._producer.envelope(stranger), tenant="acme/batch")
     zero_bytes = encoded(zero)
     async with system.running(1):
         for _ in range(2):  # a redelivered command is rejected once
             await client.send_raw(normal, zero.task_id, zero_bytes, partition=partition)
         await client.send_raw(normal, urgent.task_id, encoded(urgent), partition=partition)
+        await client.send_raw(
+            normal, stranger.task_id, codec.encode(no_tenant, stranger), partition=partition
+        )
         await system.submit_visible("valid work goes on")
 
     async def reasons() -> dict[str, str]:
         rows = await db.fetch(
             "SELECT subject_id, reason FROM rejections WHERE subject_id = ANY($1::text[])",
-            [zero.task_id, urgent.task_id],
+            [zero.task_id, urgent.task_id, stranger.task_id],
         )
-        return {r["subject_id"]: r["reason"] for r in rows} if len(rows) >= 2 else {}
+        return {r["subject_id"]: r["reason"] for r in rows} if len(rows) >= 3 else {}
 
     found = await eventually(reasons)
     assert (
@@ -135,6 +142,8 @@ async def test_a_command_the_scheduler_refuses_is_rejected_visibly_and_once(
     )
     assert found[zero.task_id] == "max_attempts must be 1-1,000"
     assert found[urgent.task_id].startswith("priority critical does not match the topic")
+    assert found[stranger.task_id] == "tenant must not contain '/'"
+    assert await db.fetchval("SELECT count(*) FROM tasks WHERE task_id = $1", stranger.task_id) == 0
     shown = await asyncio.to_thread(cli, system.settings, "task", "show", zero.task_id)
     assert shown.returncode == 1
     assert shown.stderr.strip() == (

@@ -69,6 +69,12 @@ def test_bad_int_raises_config_error(name: str) -> None:
         Settings.from_env({**_CONNECTED, name: "many"})
 
 
+@pytest.mark.parametrize("tenant", ["", "acme/batch", "x" * 201])
+def test_a_tenant_that_is_no_id_is_refused(tenant: str) -> None:
+    with pytest.raises(ConfigError, match="CONCLAVE_TENANT: tenant must"):
+        Settings.from_env({**_CONNECTED, "CONCLAVE_TENANT": tenant})
+
+
 def test_bad_float_raises_config_error() -> None:
     with pytest.raises(ConfigError, match="CONCLAVE_TRACE_SAMPLE_RATIO"):
         Settings.from_env({**_CONNECTED, "CONCLAVE_TRACE_SAMPLE_RATIO": "half"})

@@ -15,6 +15,7 @@ from conclave.domain.validation import (
     MAX_ID_LENGTH,
     invalid_command,
     invalid_output,
+    invalid_tenant,
 )
 
 
@@ -193,6 +194,21 @@ def test_ids_that_could_collide_or_never_dispatch_are_rejected(
     command: ev.Event, reason: str
 ) -> None:
     assert invalid_command(command) == reason
+
+
+@pytest.mark.parametrize(
+    ("tenant", "reason"),
+    [
+        ("acme", None),
+        ("t" * MAX_ID_LENGTH, None),
+        ("", "tenant must be 1-200 characters"),
+        ("t" * (MAX_ID_LENGTH + 1), "tenant must be 1-200 characters"),
+        ("acme/batch", "tenant must not contain '/'"),  # would read as tenant/key
+        ("ac\x00me", "tenant must not contain NUL characters"),
+    ],
+)
+def test_a_tenant_is_an_id(tenant: str, reason: str | None) -> None:
+    assert invalid_tenant(tenant) == reason
 
 
 @pytest.mark.parametrize(
