@@ -34,8 +34,11 @@ from conclave.domain.events import (
     TaskDeadLettered,
     TaskDependencyFailed,
     TaskDispatched,
+    TaskExpired,
     TaskQueued,
+    TaskRetryScheduled,
 )
+from conclave.domain.retry import DEFAULT_RETRY, RetryPolicy
 from conclave.errors import SchemaError
 from conclave.settings import Settings
 from conclave.transparency.keyfiles import read_verifier
@@ -109,7 +112,14 @@ class Cluster:
     def worker(self, worker_id: str) -> Process:
         return self.start(worker_id, "worker", "--id", worker_id, ready="processors running")
 
-    def runtime(self, host_id: str, pool: str, agents: int, latency_ms: float = 20) -> Process:
+    def runtime(
+        self,
+        host_id: str,
+        pool: str,
+        agents: int,
+        latency_ms: float = 20,
+        failure_rate: float = 0.0,
+    ) -> Process:
         return self.start(
             host_id,
             "runtime",
@@ -123,6 +133,8 @@ class Cluster:
             f"{host_id}-agent",
             "--latency-ms",
             str(latency_ms),
+            "--failure-rate",
+            str(failure_rate),
             ready="running",
         )
 
@@ -194,12 +206,22 @@ async def submit_chains(
 
 
 async def submit(
-    settings: Settings, pool: str, count: int, *, prefix: str = "t", max_attempts: int = 1
+    settings: Settings,
+    pool: str,
+    count: int,
+    *,
+    prefix: str = "t",
+    max_attempts: int = 1,
+    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> list[str]:
     async with Client(settings, producer_name="faults") as client:
         return [
             await client.submit(
-                f"job {i}", task_id=f"{prefix}-{i:05d}", pool=pool, max_attempts=max_attempts
+                f"job {i}",
+                task_id=f"{prefix}-{i:05d}",
+                pool=pool,
+                max_attempts=max_attempts,
+                retry=retry,
             )
             for i in range(count)
         ]
@@ -210,8 +232,8 @@ class Ledger:
     """The scheduler's decisions, read back from the tasks topic."""
 
     terminal: Counter[str] = field(default_factory=Counter)
-    """Task id -> how many terminal events (completed, dead-lettered, cancelled or
-    dependency-failed) it has."""
+    """Task id -> how many terminal events (completed, dead-lettered, cancelled, expired
+    or dependency-failed) it has."""
     completed_at: dict[str, int] = field(default_factory=dict)
     """Task id -> the tasks-topic offset of its completion (one partition per pool)."""
     first_dispatched_at: dict[str, int] = field(default_factory=dict)
@@ -242,12 +264,14 @@ async def ledger(settings: Settings) -> Ledger:
                     )
             case (
                 TaskQueued()
+                | TaskRetryScheduled()
                 | TaskCompleted()
                 | TaskDeadLettered()
                 | TaskCancelled()
+                | TaskExpired()
                 | TaskDependencyFailed()
             ):
-                if not isinstance(event, TaskQueued):
+                if not isinstance(event, TaskQueued | TaskRetryScheduled):
                     found.terminal[event.task_id] += 1
                 if isinstance(event, TaskCompleted):
                     found.completed_at.setdefault(event.task_id, record.offset)

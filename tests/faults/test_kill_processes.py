@@ -10,6 +10,8 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -20,8 +22,12 @@ from conclave.domain.events import (
     TaskCompleted,
     TaskDeadLettered,
     TaskDispatched,
+    TaskRetryScheduled,
     TaskStalled,
 )
+from conclave.domain.retry import RetryPolicy
+from conclave.errors import SchemaError
+from conclave.settings import Settings
 from conclave.topics import pool_partition
 from schemas.codec import default_codec
 from tests.faults.conftest import (
@@ -81,6 +87,72 @@ async def test_worker_killed_while_chains_run_keeps_every_dependency_first(
     for task_id, dependency in after.items():
         if dependency:
             assert found.first_dispatched_at[task_id] > found.completed_at[dependency], task_id
+
+
+async def test_worker_killed_while_retries_wait_runs_each_once_and_never_early(
+    cluster: Cluster,
+) -> None:
+    """Retries waiting out their back-off survive kill -9 of the scheduler's worker: each
+    runs once, not before its due time (the one in the log, not recomputed), and every
+    task still ends exactly once."""
+    rng = random.Random(17)
+    cluster.worker("w1")
+    cluster.runtime("h1", "rpool", agents=8, latency_ms=20, failure_rate=0.4)
+    cluster.projector()
+    retry = RetryPolicy(backoff_ms=700, multiplier=1.5, max_backoff_ms=3000, jitter=0.0)
+    task_ids = await submit(cluster.settings, "rpool", 120, max_attempts=10, retry=retry)
+    waiting_at_kills = []
+    for _ in range(3):
+        await asyncio.sleep(rng.uniform(0.5, 1.5))
+        waiting_at_kills.append(len((await retries(cluster.settings)).waiting))
+        cluster.kill("w1")
+        cluster.worker("w1")
+    print(f"retries waiting when the worker was killed: {waiting_at_kills}")
+    assert sum(waiting_at_kills) > 0, "no kill found a retry waiting: the test tests nothing"
+    await check_invariants(cluster, task_ids)
+    found = await retries(cluster.settings)
+    assert not found.waiting
+    early = {k: (found.due[k], at) for k, at in found.redispatched.items() if at < found.due[k]}
+    assert not early, f"retries dispatched before their due time (due, dispatched): {early}"
+    never = set(found.due) - set(found.redispatched)
+    assert not never, f"retries scheduled and never run: {sorted(never)[:5]}"
+    twice = [k for k, n in found.dispatches.items() if n > 1]
+    assert not twice, f"attempts dispatched more than once: {twice[:5]}"
+    print(f"{len(found.due)} retries, all run once and on time")
+
+
+@dataclass
+class Retries:
+    due: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(task, failed attempt) -> when the scheduler said it runs again (µs)."""
+    redispatched: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(task, failed attempt) -> when the next attempt was dispatched (the decision's time)."""
+    dispatches: Counter[tuple[str, int]] = field(default_factory=Counter)
+    """(task, attempt) -> how many dispatches of it."""
+    waiting: set[str] = field(default_factory=set)
+    """Tasks whose last decision is a retry waiting for its due time."""
+
+
+async def retries(settings: Settings) -> Retries:
+    """The retries on the tasks topic, with the scheduler's times from the envelopes."""
+    codec = default_codec()
+    found = Retries()
+    async for record in read_history(settings, [topics_for(settings).tasks]):
+        try:
+            envelope, event = codec.decode(record.value)
+        except SchemaError:
+            continue
+        match event:
+            case TaskRetryScheduled():
+                found.due[(event.task_id, event.attempt)] = event.due
+                found.waiting.add(event.task_id)
+            case TaskDispatched():
+                found.dispatches[(event.task_id, event.attempt)] += 1
+                failed = (event.task_id, event.attempt - 1)
+                if failed in found.due:
+                    found.redispatched.setdefault(failed, envelope.occurred_at)
+                found.waiting.discard(event.task_id)
+    return found
 
 
 async def test_two_workers_share_four_partitions_and_one_survives_the_other(
