@@ -165,30 +165,39 @@ def _print_page(page: Page, as_json: bool, *, dead: bool = False) -> None:
         out.print(f"more: --after {page.cursor}")
 
 
-def list_tasks(
-    status: Annotated[
-        str | None, typer.Option(help=f"Only tasks with this status: {', '.join(STATUSES)}.")
-    ] = None,
-    pool: PoolOption = None,
-    priority: Annotated[
-        str | None, typer.Option(help="Only this priority: critical, high, normal, low.")
-    ] = None,
-    agent: Annotated[str | None, typer.Option(help="Only tasks run last by this agent.")] = None,
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant's tasks.")] = None,
-    since: Annotated[
-        str | None, typer.Option(help="Queued since: 15m, 2h, 1d or an ISO 8601 time.")
-    ] = None,
-    until: Annotated[str | None, typer.Option(help="Queued before (same forms).")] = None,
-    limit: Limit = 50,
-    after: After = None,
-    as_json: AsJson = False,
-) -> None:
-    """List tasks, newest first, with filters; a page at a time."""
-    from projections.queries import list_tasks as query
+PriorityOption = Annotated[
+    str | None, typer.Option(help="Only this priority: critical, high, normal, low.")
+]
+AgentOption = Annotated[str | None, typer.Option(help="Only tasks run last by this agent.")]
+TenantOption = Annotated[str | None, typer.Option(help="Only this tenant's tasks.")]
+SinceOption = Annotated[
+    str | None, typer.Option(help="Queued since: 15m, 2h, 1d or an ISO 8601 time.")
+]
+UntilOption = Annotated[str | None, typer.Option(help="Queued before (same forms).")]
+ErrorOption = Annotated[
+    str | None,
+    typer.Option(
+        "--error",
+        help="Only tasks whose error, or a failed attempt's 'Type: message', contains this"
+        " text (any case).",
+    ),
+]
 
+
+def task_filter(
+    status: str | None = None,
+    pool: str | None = None,
+    priority: str | None = None,
+    agent: str | None = None,
+    tenant: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    error: str | None = None,
+) -> TaskFilter:
+    """The listing filter the options name, or the CLI's one-line refusal."""
     if status is not None and status not in STATUSES:
         raise typer.BadParameter(f"status must be one of {', '.join(STATUSES)}")
-    where = TaskFilter(
+    return TaskFilter(
         status=status,
         pool=pool,
         priority=parse_priority(priority).label if priority is not None else None,
@@ -196,7 +205,29 @@ def list_tasks(
         tenant=tenant,
         since=parse_time(since) if since is not None else None,
         until=parse_time(until) if until is not None else None,
+        error=error,
     )
+
+
+def list_tasks(
+    status: Annotated[
+        str | None, typer.Option(help=f"Only tasks with this status: {', '.join(STATUSES)}.")
+    ] = None,
+    pool: PoolOption = None,
+    priority: PriorityOption = None,
+    agent: AgentOption = None,
+    tenant: TenantOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    error: ErrorOption = None,
+    limit: Limit = 50,
+    after: After = None,
+    as_json: AsJson = False,
+) -> None:
+    """List tasks, newest first, with filters; a page at a time."""
+    from projections.queries import list_tasks as query
+
+    where = task_filter(status, pool, priority, agent, tenant, since, until, error)
     page = _query(lambda db: query(db, where, limit=limit, after=after))
     _print_page(page, as_json)
 
@@ -357,12 +388,21 @@ def _task_table(view: TaskView) -> Table:
 
 @dlq_app.command("list")
 def dlq_list(
-    pool: PoolOption = None, limit: Limit = 50, after: After = None, as_json: AsJson = False
+    pool: PoolOption = None,
+    priority: PriorityOption = None,
+    agent: AgentOption = None,
+    tenant: TenantOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    error: ErrorOption = None,
+    limit: Limit = 50,
+    after: After = None,
+    as_json: AsJson = False,
 ) -> None:
-    """Dead-lettered tasks, newest first."""
+    """Dead-lettered tasks, newest first; the filters are those of ``dlq redrive --all``."""
     from projections.queries import list_tasks as query
 
-    where = TaskFilter(status="dead_lettered", pool=pool)
+    where = task_filter("dead_lettered", pool, priority, agent, tenant, since, until, error)
     _print_page(_query(lambda db: query(db, where, limit=limit, after=after)), as_json, dead=True)
 
 
@@ -376,22 +416,32 @@ def dlq_show(task_id: Annotated[str, typer.Argument()], as_json: AsJson = False)
 def dlq_redrive(
     task_ids: Annotated[list[str] | None, typer.Argument(help="Dead-lettered tasks.")] = None,
     all_: Annotated[
-        bool, typer.Option("--all", help="Every dead-lettered task (with --pool: of it).")
+        bool,
+        typer.Option(
+            "--all", help="Every dead-lettered task (the filters choose which; see dlq list)."
+        ),
     ] = False,
     pool: PoolOption = None,
+    priority: PriorityOption = None,
+    agent: AgentOption = None,
+    tenant: TenantOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    error: ErrorOption = None,
     max_attempts: Annotated[
         int | None, typer.Option(min=1, help="Attempts of the new run (default: as before).")
     ] = None,
 ) -> None:
     """Run dead-lettered tasks again, each as a new task ``<id>~<n>`` with a fresh attempt
-    budget, linked to the one it redrives; prints the new ids."""
+    budget, linked to the one it redrives; prints the new ids. ``--all`` takes the
+    filters of ``dlq list``, so ``dlq list`` with them shows first what it would run."""
     if bool(task_ids) == all_:
         raise typer.BadParameter("name dead-lettered tasks, or --all (not both)")
-    if pool is not None and not all_:
-        raise typer.BadParameter("--pool goes with --all")
-    redriven = _query(
-        lambda db: _redrive(db, task_ids or [], pool if all_ else None, all_, max_attempts)
-    )
+    filters = (pool, priority, agent, tenant, since, until, error)
+    if not all_ and any(f is not None for f in filters):
+        raise typer.BadParameter("the filters go with --all")
+    where = task_filter("dead_lettered", *filters) if all_ else None
+    redriven = _query(lambda db: _redrive(db, task_ids or [], where, max_attempts))
     for old, new in redriven:
         out.print(f"{old} -> {new}")
     err.print(f"redriven {len(redriven)} task(s)")
@@ -400,20 +450,19 @@ def dlq_redrive(
 async def _redrive(
     db: asyncpg.Pool,
     task_ids: list[str],
-    pool: str | None,
-    all_: bool,
+    where: TaskFilter | None,
     max_attempts: int | None,
 ) -> list[tuple[str, str]]:
+    """``task_ids``, or with ``where`` every dead-lettered task it matches (not redriven
+    yet)."""
     from conclave.client import Client
     from projections.queries import get_task, list_tasks, next_redrive_id
 
     views: list[TaskView] = []
-    if all_:
+    if where is not None:
         after: str | None = None
         while True:
-            page = await list_tasks(
-                db, TaskFilter(status="dead_lettered", pool=pool), limit=500, after=after
-            )
+            page = await list_tasks(db, where, limit=500, after=after)
             views += [
                 await get_task(db, t.task_id) for t in page.tasks if not await _redriven(db, t)
             ]

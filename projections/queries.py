@@ -163,6 +163,9 @@ class TaskFilter:
     """Queued at or after, µs since the epoch."""
     until: int | None = None
     """Queued before, µs since the epoch."""
+    error: str | None = None
+    """Whose error, or one of whose failed attempts (``Type: message``), contains this
+    text, in any case."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +294,13 @@ def list_tasks_query(
         clauses.append(f"queued_at >= {arg(where.since)}")
     if where.until is not None:
         clauses.append(f"queued_at < {arg(where.until)}")
+    if where.error is not None:
+        text = arg(where.error)
+        clauses.append(
+            f"(strpos(lower(error), lower({text})) > 0 OR EXISTS (SELECT 1 FROM task_failures f"
+            f" WHERE f.task_id = tasks.task_id AND strpos(lower(f.error_type || ': '"
+            f" || f.error_message), lower({text})) > 0))"
+        )
     if after is not None:
         queued_at, task_id = _parse_cursor(after)
         clauses.append(f"(queued_at, task_id) < ({arg(queued_at)}, {arg(task_id)})")

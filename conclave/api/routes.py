@@ -111,13 +111,21 @@ async def list_tasks(
         datetime | None, Query(description="Queued at or after (ISO 8601; UTC if no zone)")
     ] = None,
     until: Annotated[datetime | None, Query(description="Queued before")] = None,
+    error: Annotated[
+        str | None,
+        Query(
+            max_length=1000,
+            description="Whose error, or a failed attempt's 'Type: message', contains this"
+            " text (any case)",
+        ),
+    ] = None,
     cursor: Annotated[
         str | None, Query(max_length=1000, description="next_cursor of the previous page")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> TaskPage:
     """This tenant's tasks, newest queued first, a page at a time."""
-    _clean(pool=pool, agent=agent)
+    _clean(pool=pool, agent=agent, error=error)
     where = queries.TaskFilter(
         status=status.value if status is not None else None,
         pool=pool,
@@ -126,6 +134,7 @@ async def list_tasks(
         tenant=caller.tenant,
         since=_us(since),
         until=_us(until),
+        error=error,
     )
     after = decode_cursor(cursor) if cursor is not None else None
     page = await queries.list_tasks(state_of(request).reads, where, limit=limit, after=after)

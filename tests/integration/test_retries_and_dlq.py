@@ -99,10 +99,19 @@ async def test_dead_letters_are_listed_shown_and_redriven_from_the_cli(system: S
         assert one.stdout.split() == [ids[0], "->", f"{ids[0]}~1"]
         await eventually(lambda: has_status(db, f"{ids[0]}~1", "completed"))
 
-        # --all redrives the two not redriven yet, once each however often it is run.
+        # Filters choose what --all runs; dlq list with them shows it first (in any case).
+        chosen = await asyncio.to_thread(
+            cli, settings, "dlq", "list", "--pool", pool, "--error", "JOB 1", "--json"
+        )
+        assert [t["task_id"] for t in json.loads(chosen.stdout)["tasks"]] == [ids[1]]
+        one_more = await asyncio.to_thread(
+            cli, settings, "dlq", "redrive", "--all", "--pool", pool, "--error", "job 1"
+        )
+        assert one_more.stdout.split() == [ids[1], "->", f"{ids[1]}~1"], one_more.stderr
+        # --all redrives the one not redriven yet, once however often it is run.
         rest = await asyncio.to_thread(cli, settings, "dlq", "redrive", "--all", "--pool", pool)
         assert rest.returncode == 0, rest.stderr
-        assert sorted(rest.stdout.split("\n")[:-1]) == [f"{t} -> {t}~1" for t in ids[1:]]
+        assert rest.stdout.split() == [ids[2], "->", f"{ids[2]}~1"]
         again = await asyncio.to_thread(cli, settings, "dlq", "redrive", "--all", "--pool", pool)
         assert again.stdout == "", again.stdout
         for task_id in ids[1:]:
@@ -127,6 +136,9 @@ async def test_dead_letters_are_listed_shown_and_redriven_from_the_cli(system: S
     not_dead = await asyncio.to_thread(cli, settings, "dlq", "redrive", f"{ids[0]}~1")
     assert not_dead.returncode != 0
     assert not_dead.stderr.strip() == f"error: task '{ids[0]}~1' is completed, not dead-lettered"
+    stray = await asyncio.to_thread(cli, settings, "dlq", "redrive", ids[1], "--error", "x")
+    assert stray.returncode != 0
+    assert "the filters go with --all" in stray.stderr
     bad = await asyncio.to_thread(cli, settings, "tasks", "--status", "lost")
     assert bad.returncode != 0
     assert "status must be one of" in bad.stderr
