@@ -78,6 +78,12 @@ STANDBY_POLL_S = 1.0
 PROBE_IDLE_S = 2.0
 """After this long without records, ask the broker whether it is there at all."""
 FETCH_TIMEOUT_MS = 200
+LINGER_S = 0.010
+"""After a small batch, the next read waits until this long after it: records that
+trickle in (a few per hop of a task) then share a transaction instead of taking one
+each, for at most this much more time until they are visible."""
+LINGER_BELOW = 100
+"""A batch of fewer records than this is small."""
 DECODE_SLICE = 500
 """Records decoded between two chances for the commit in flight to go on."""
 
@@ -110,11 +116,15 @@ class Projector:
         codec: Codec | None = None,
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
+        linger_s: float = LINGER_S,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.codec = codec or default_codec()
         self.max_batch = max_batch
+        self.linger_s = linger_s
+        self._linger_until = 0.0
+        self._following = False
         self.topics = topics_for(settings)
         self.expected = projected_from(self.topics)
         """What each history topic carries; anything else on it is dead-lettered."""
@@ -247,6 +257,7 @@ class Projector:
         progress: Progress | None = None,
     ) -> int:
         """Fold batches until ``stop`` is set or the read models reach ``until``."""
+        self._following = until is None  # live: small batches linger (not a catch-up)
         folded = 0
         try:
             while stop is None or not stop.is_set():
@@ -362,9 +373,13 @@ class Projector:
 
     async def _read(self) -> _Batch:
         """The next records, decoded, and how far they move each partition."""
+        if (rest := self._linger_until - time.monotonic()) > 0:
+            await asyncio.sleep(rest)
         records = await self._source.fetch(max_records=self.max_batch, timeout_ms=FETCH_TIMEOUT_MS)
         read_at_ns = time.time_ns()
         now = time.monotonic()
+        small = 0 < len(records) < LINGER_BELOW
+        self._linger_until = now + self.linger_s if small and self._following else 0.0
         if records or now - self._heard_from_broker > PROBE_IDLE_S:
             if not records:
                 await self._source.probe()  # quiet topics, or no broker?

@@ -42,6 +42,7 @@ from conclave.topics import Topics
 from projections.database import MIGRATIONS, NewerDatabase, connect, migrate, schema_for
 from projections.projector import Projector
 from schemas.codec import default_codec
+from tests.integration.conftest import eventually
 from tests.integration.test_rebuild import snapshot
 from tests.integration.test_skeleton import cli
 
@@ -423,3 +424,42 @@ async def migrate_names(pool: asyncpg.Pool) -> set[str]:
 
 def _shipped() -> set[str]:
     return {p.name for p in MIGRATIONS.glob("*.sql")}
+
+
+async def test_records_that_trickle_in_share_transactions_while_following(
+    fresh: Installation,
+) -> None:
+    """Live, a small batch makes the next read wait (the linger): records arriving one by
+    one are folded a few per transaction instead of one each, and all of them land."""
+    history = task_history(fresh, 4)
+    projector = Projector(fresh.settings, fresh.pool, linger_s=0.25)
+    await projector.start()
+    stop = asyncio.Event()
+    following = asyncio.create_task(projector.run(stop))
+    producer = AIOKafkaProducer(bootstrap_servers=fresh.settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        before = _batches()
+        for topic, key, value in history:
+            await producer.send_and_wait(topic, value=value, key=key.encode())
+            await asyncio.sleep(0.03)
+        await eventually(lambda: _finished(fresh.pool, 4))
+        commits = _batches() - before
+    finally:
+        await producer.stop()
+        stop.set()
+        await following
+        await projector.stop()
+    assert 1 <= commits <= len(history) // 3, f"{len(history)} records in {commits} transactions"
+
+
+async def _finished(pool: asyncpg.Pool, n: int) -> bool:
+    return bool(await pool.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed'") >= n)
+
+
+def _batches() -> float:
+    """Transactions the projectors of this process committed so far."""
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("conclave_projection_batch_size_count")
+    return value or 0.0
