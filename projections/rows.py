@@ -687,6 +687,7 @@ def fold_task(
             )
         if row.status not in TERMINAL:  # a retry, or its dependencies done: in the queue
             row.status = "waiting" if event.waiting_for else "queued"
+            row.max_attempts = max(row.max_attempts, event.max_attempts)  # a stall not counted
             row.queued_at = envelope.occurred_at
             row.next_attempt_at = None
         return row

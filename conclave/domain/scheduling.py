@@ -117,6 +117,7 @@ from conclave.domain.scheduler_state import (
     from_snapshot,
     to_snapshot,
 )
+from conclave.domain.validation import MAX_ATTEMPTS
 from conclave.domain.witness import is_permanent_failure
 
 __all__ = [
@@ -459,11 +460,12 @@ def lost_hosts(state: SchedulerState, now: int) -> list[Lost | TaskDependencyFai
             for agent_id, task_id in state.assignments.items()
             if (slot := state.agents.get(agent_id)) is not None and slot.host_id == host_id
         )
-        why = f"host {host_id!r} {'lost' if lease.leaving_until is None else 'left'}"
+        left = lease.leaving_until is not None
+        why = f"host {host_id!r} {'left' if left else 'lost'}"
         for task_id in running:
             task = state.tasks.get(task_id)
             if task is not None and task.status is TaskStatus.DISPATCHED:
-                out += _stalled(state, task, host_id, why, now, place())
+                out += _stalled(state, task, host_id, why, now, place(), counted=not left)
     return _with_dependents(state, out)
 
 
@@ -657,16 +659,19 @@ def _retry_or_give_up(
     )
 
 
-def _requeued(task: TaskState, sequence: int, turn: int) -> TaskQueued:
+def _requeued(
+    task: TaskState, sequence: int, turn: int, *, max_attempts: int | None = None
+) -> TaskQueued:
     """The task back in the queue: for its next attempt at the end of its key's turns,
-    or (released by its dependencies) in the place its submission gave it."""
+    or (released by its dependencies) in the place its submission gave it;
+    ``max_attempts``: a larger budget from now on."""
     return TaskQueued(
         task_id=task.task_id,
         pool=task.pool,
         priority=task.priority,
         input=task.input,
         agent_id=task.agent_id if task.targeted else None,
-        max_attempts=task.max_attempts,
+        max_attempts=task.max_attempts if max_attempts is None else max_attempts,
         deliberation_id=task.deliberation_id,
         sequence=sequence,
         **retry_of(task).as_fields(),
@@ -741,12 +746,26 @@ def expire(state: SchedulerState, now: int) -> list[Expired]:
 
 
 def _stalled(
-    state: SchedulerState, task: TaskState, host_id: str, why: str, now: int, sequence: int
+    state: SchedulerState,
+    task: TaskState,
+    host_id: str,
+    why: str,
+    now: int,
+    sequence: int,
+    *,
+    counted: bool = True,
 ) -> list[TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered]:
     """A dispatched attempt given up on: ``TaskStalled``, then a retry or a dead letter,
-    as after a failed attempt (``sequence``: its queue place, if queued again)."""
+    as after a failed attempt (``sequence``: its queue place, if queued again).
+
+    Not ``counted`` (its host left, drained: the operator's doing, not the task's): the
+    task is queued again at once with one attempt more allowed, so stopping a host never
+    dead-letters a task (up to the cap on attempts, where it counts after all)."""
     assert task.agent_id is not None  # a dispatched task has its agent
+    spare = not counted and task.max_attempts < MAX_ATTEMPTS
     reason = f"attempt {task.attempt} of {task.max_attempts} stalled: {why}"
+    if spare:
+        reason += " (not counted: one more attempt allowed)"
     stall = TaskStalled(
         task_id=task.task_id,
         agent_id=task.agent_id,
@@ -754,6 +773,9 @@ def _stalled(
         attempt=task.attempt,
         reason=reason,
     )
+    if spare:
+        turn = _turn(state, task.pool, task.fairness_key)
+        return [stall, _requeued(task, sequence, turn, max_attempts=task.max_attempts + 1)]
     return [stall, _retry_or_give_up(state, task, reason, None, now, sequence=sequence)]
 
 
@@ -995,6 +1017,7 @@ def _fold_queued(state: SchedulerState, event: TaskQueued) -> None:
             state.release(task)
         state.timers.discard(task.task_id)
         task.status = TaskStatus.QUEUED
+        task.max_attempts = max(task.max_attempts, event.max_attempts)  # a stall not counted
         task.sequence = event.sequence
         task.turn = event.turn
         _take_turn(state, task)

@@ -2185,6 +2185,37 @@ def test_a_leaving_host_takes_no_new_work_and_what_it_leaves_unanswered_goes_els
     assert (again.task_id, again.agent_id, again.attempt) == ("t0", "n0", 2)
 
 
+def test_an_attempt_its_host_left_unanswered_is_not_counted_against_the_task() -> None:
+    """A graceful stop is the operator's doing: a task with one attempt, stalled because
+    its host left, runs again elsewhere (one attempt more allowed), never dead-lettered;
+    a host that is lost counts the attempt as before."""
+    h = Harness()
+    h.register("a0", host_id="old")
+    h.register("n0", host_id="new")
+    h.beat("old", lease_us=60_000_000)
+    h.beat("new", lease_us=60_000_000)
+    h.command(submit("t0"))  # a0 (the smallest id) runs it
+    busy = h.command(submit("t1"))[1]
+    assert isinstance(busy, TaskDispatched)
+    assert busy.agent_id == "n0"
+    assert h.state.tasks["t0"].agent_id == "a0"
+    h.leave("old", drain_us=1_000)
+    _, stall, queued = h.tick(1_000)
+    assert isinstance(stall, TaskStalled)
+    assert stall.reason == (
+        "attempt 1 of 1 stalled: host 'old' left (not counted: one more attempt allowed)"
+    )
+    assert isinstance(queued, TaskQueued)
+    assert queued.max_attempts == 2
+    assert h.state.tasks["t0"].max_attempts == 2
+    h.finish(h.state.tasks["t1"], failed=False)
+    again = h.log[-1]
+    assert isinstance(again, TaskDispatched)
+    assert (again.task_id, again.agent_id, again.attempt) == ("t0", "n0", 2)
+    h.finish(h.state.tasks["t0"], failed=False)
+    assert status_of(h.state, "t0") is TaskStatus.COMPLETED
+
+
 def test_a_host_started_again_after_leaving_gets_work() -> None:
     h = Harness()
     h.register("a0", host_id="h0")
