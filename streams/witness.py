@@ -273,6 +273,24 @@ _CONTROL = (Halt, Resume, PoolConfigured, ProjectionDigest)
 _OUTPUTS = (AgentOutput, TaskFailed)
 
 
+SHOWN_WEIGHTS = 10
+"""A pool setting's detail names this many weights, then how many more there are."""
+
+
+def pool_setting(event: PoolConfigured) -> str:
+    """``capacity N[, aging K turns][, weights k=w ...]``: the setting, for people (the
+    event's own bytes, digested in the entry, are what counts)."""
+    parts = [f"capacity {event.capacity}"]
+    if event.aging_turns is not None:
+        parts.append(f"aging {event.aging_turns} turns")
+    if event.weights:
+        named = sorted(event.weights.items())
+        shown = " ".join(f"{k}={w}" for k, w in named[:SHOWN_WEIGHTS])
+        more = len(named) - SHOWN_WEIGHTS
+        parts.append(f"weights {shown}" + (f" (+{more} more)" if more > 0 else ""))
+    return ", ".join(parts)
+
+
 def _detail(event: Event) -> str:
     match event:
         case TaskFailed():
@@ -280,7 +298,7 @@ def _detail(event: Event) -> str:
         case Halt() | Resume():
             return event.reason
         case PoolConfigured():
-            return f"{event.pool}: capacity {event.capacity}: {event.reason}"
+            return f"{event.pool}: {pool_setting(event)}: {event.reason}"
         case ProjectionDigest():
             return f"{event.schema}: {event.reason}: {event.digest}"
         case _:

@@ -158,6 +158,12 @@ async def test_a_heavier_tenant_is_served_more_tasks_per_turn(system: System) ->
     assert places == [3, 7, 11, 15], started[:16]
     shown = json.loads(cli(system.settings, "pools", "--json").stdout)
     assert [p["weights"] for p in shown if p["pool"] == pool] == [{"acme": 3}]
+    detail = await system.db.fetchval(
+        "SELECT detail FROM witness_entries WHERE subject_type = 'pool.configured'"
+        " AND starts_with(detail, $1)",
+        f"{pool}: ",
+    )
+    assert detail == f"{pool}: capacity 1, weights acme=3: w"
     refused = cli(system.settings, "capacity", pool, "1", "--weight", "acme=0")
     assert refused.returncode != 0
     assert "the weight of 'acme' must be 1-1,000" in refused.stderr

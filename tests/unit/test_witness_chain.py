@@ -409,3 +409,28 @@ def test_check_subjects_names_missing_and_altered_events() -> None:
     assert missing is not None
     assert missing.sequence == 3
     assert "missing" in missing.reason
+
+
+@pytest.mark.parametrize(
+    ("aging", "weights", "said"),
+    [
+        (None, {}, "capacity 4"),
+        (2, {}, "capacity 4, aging 2 turns"),
+        (None, {"bolt": 2, "acme/x": 3}, "capacity 4, weights acme/x=3 bolt=2"),
+        (
+            None,
+            {f"t{n:02}": n + 1 for n in range(12)},
+            "capacity 4, weights " + " ".join(f"t{n:02}={n + 1}" for n in range(10)) + " (+2 more)",
+        ),
+    ],
+)
+def test_a_pool_settings_entry_names_the_whole_setting(
+    aging: int | None, weights: dict[str, int], said: str
+) -> None:
+    from conclave.domain.events import PoolConfigured
+    from streams.witness import pool_setting
+
+    event = PoolConfigured(
+        pool="p", capacity=4, reason="r", operator="o", aging_turns=aging, weights=weights
+    )
+    assert pool_setting(event) == said
