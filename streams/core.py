@@ -222,10 +222,6 @@ class ShardRunner:
     """...or this long after the last one, if anything changed since."""
     max_records: int = 5_000
     idle_timeout_ms: int = 200
-    save_positions_every_s: float = 1.0
-    """A batch that writes nothing leaves its positions to the next transaction, or to
-    one this long after it: on a recovery those records are read again, which is what
-    a crash before the commit would do too, and what they decide is decided again."""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the shard has recovered and is consuming."""
     recovered_events: int = 0
@@ -236,9 +232,6 @@ class ShardRunner:
     _positions: Position = field(default_factory=dict)
     _changelog_end: Position = field(default_factory=dict)
     _pending: list[Outgoing] = field(default_factory=list)
-    _unsaved: Position = field(default_factory=dict)
-    """Positions read past by batches that wrote nothing, not committed yet."""
-    _unsaved_since: float = 0.0
     _since_snapshot: int = 0
     _last_snapshot: float = 0.0
 
@@ -334,7 +327,6 @@ class ShardRunner:
         inputs = self.shard.inputs()
         beginnings = await _beginnings(self.settings, inputs)
         self._positions = {tp: max(committed.get(tp, 0), beginnings[tp]) for tp in inputs}
-        self._unsaved = {}
         feed = self.feed
         if feed is None:
             feed = self._own_feed = Feed(self.settings, name=self.shard.name)
@@ -358,50 +350,32 @@ class ShardRunner:
                 await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
                     fetch.cancel()
-                    break
+                    return
                 batch: Mapping[TopicPartition, list[Any]] = fetch.result()
                 now = self.clock()
                 due = shard.next_due()
                 if not batch and not self._pending and (due is None or due > now):
-                    if self._unsaved and self._save_due():
-                        await self._save_positions()
                     continue
                 started = time.perf_counter()
                 records = [Record.of(m) for messages in batch.values() for m in messages]
                 snapshot = self._snapshot_if_due(now)
                 out = self._pending + shard.step(records, now, self._unread())
                 positions = {tp: messages[-1].offset + 1 for tp, messages in batch.items()}
-                if not self._unsaved:
-                    self._unsaved_since = time.monotonic()
-                self._unsaved.update(positions)
-                if out or snapshot or self._save_due():
-                    ends = await self._producer.commit(
-                        out + snapshot, self._unsaved, expect=self._changelog_end
-                    )
-                    outage.recovered()
-                    await self._fence()
-                    self._unsaved = {}
-                    self._pending = []
-                    for tp in shard.changelog():
-                        if tp in ends:
-                            self._changelog_end[tp] = ends[tp]
+                ends = await self._producer.commit(
+                    out + snapshot, positions, expect=self._changelog_end
+                )
+                outage.recovered()
+                await self._fence()
+                self._pending = []
                 self._positions.update(positions)
+                for tp in shard.changelog():
+                    if tp in ends:
+                        self._changelog_end[tp] = ends[tp]
                 # What a recovery from the last snapshot would have to fold again.
                 self._since_snapshot += len(records) + len(out)
                 self._count(batch, out, time.perf_counter() - started)
-            if self._unsaved:  # stopping: a successor need not read these again
-                await self._save_positions()
         finally:
             stopping.cancel()
-
-    def _save_due(self) -> bool:
-        return time.monotonic() - self._unsaved_since >= self.save_positions_every_s
-
-    async def _save_positions(self) -> None:
-        """Commit the positions batches that wrote nothing read past."""
-        assert self._producer is not None
-        await self._producer.commit([], self._unsaved, expect=self._changelog_end)
-        self._unsaved = {}
 
     async def _fence(self) -> None:
         """Fence the writers the committed batch judged dead. A failure is logged, not

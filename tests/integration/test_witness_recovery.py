@@ -7,18 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka import TopicPartition
 
-from conclave.bus import (
-    EventProducer,
-    committed_positions,
-    ensure_topics,
-    read_history,
-    topics_for,
-)
+from conclave.bus import EventProducer, ensure_topics, read_history, topics_for
 from conclave.domain import witness
 from conclave.domain.events import AgentOutput, DeadLetterRecord, Halt, WitnessEntry
 from conclave.errors import WitnessChainError
@@ -113,49 +106,6 @@ async def test_restarted_witness_resumes_after_its_last_entry_and_witnesses_once
     assert [e.task_id for e in chain] == ["t1", "t2"]
     assert [e.source_offset for e in chain] == [0, 2]  # where each witnessed record was read
     assert witness.first_violation(chain) is None
-
-
-async def test_a_batch_that_writes_nothing_leaves_its_position_to_a_later_commit(
-    settings: Settings,
-) -> None:
-    """A redelivered output is witnessed once: its batch writes nothing, and spends no
-    transaction on its position. The position is committed with the next batch that
-    writes, or save_positions_every_s later, or when the shard stops."""
-    own, producer = await fresh(settings)
-    outputs = TopicPartition(topics_for(own).outputs, 0)
-    first = output_bytes(producer, "t1")
-
-    async def committed() -> int | None:
-        group = witness_runner(own).group_id
-        return (await committed_positions(own, group, [outputs])).get(outputs)
-
-    try:
-        async with running(own) as runner:
-            runner.save_positions_every_s = 3600.0
-            await producer.send_raw(outputs.topic, "t1", first, partition=0)
-            await count_entries(own, 1)
-            await eventually(lambda: _equals(committed(), 1))
-            for position in (2, 3):  # redeliveries (the first batch after it may snapshot)
-                await producer.send_raw(outputs.topic, "t1", first, partition=0)
-                await eventually(lambda p=position: _true(runner._positions[outputs] == p))  # type: ignore[misc]
-            await asyncio.sleep(0.3)
-            assert (await committed() or 0) < 3  # not yet: the batch wrote nothing
-        assert await committed() == 3  # on stop
-        async with running(own) as runner:
-            runner.save_positions_every_s = 0.2
-            await producer.send_raw(outputs.topic, "t1", first, partition=0)
-            await eventually(lambda: _equals(committed(), 4))  # a while later, idle
-        assert len(await entries(own)) == 1
-    finally:
-        await producer.stop()
-
-
-async def _equals(value: Awaitable[int | None], wanted: int) -> bool | None:
-    return True if await value == wanted else None
-
-
-async def _true(value: bool) -> bool | None:
-    return True if value else None
 
 
 async def test_recovery_refuses_to_extend_a_broken_chain(settings: Settings) -> None:
