@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conclave import logs, metrics, tracing
-from conclave.cli_agents import show_agents, show_hosts
+from conclave.cli_agents import agents_app, show_hosts
 from conclave.cli_api import serve_api, tokens_app
 from conclave.cli_coordination import list_locks, lock_app, state_app
 from conclave.cli_dev import dev_app
@@ -71,7 +71,7 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(deliberation_app, name="deliberation")
 app.command("tasks")(list_tasks)
 app.command("pools")(list_pools)
-app.command("agents")(show_agents)
+app.add_typer(agents_app, name="agents")
 app.command("hosts")(show_hosts)
 app.command("status")(show_status)
 app.add_typer(witness_app, name="witness")

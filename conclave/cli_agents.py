@@ -10,11 +10,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from conclave.cli_tasks import AsJson, PoolOption, _in, _print_json, _query, out
+from conclave.cli_tasks import AsJson, PoolOption, _in, _print_json, _query, _when, out
 from conclave.settings import Settings
-from projections.queries import AGENT_STATES, list_agents, list_hosts
+from projections.queries import AGENT_STATES, agent_history, list_agents, list_hosts
 
-__all__ = ["show_agents", "show_hosts"]
+__all__ = ["agents_app", "show_agents", "show_hosts"]
 
 V = TypeVar("V", bound=Any)
 
@@ -31,7 +31,15 @@ _STYLE = {
 }
 
 
+agents_app = typer.Typer(
+    help="Registered agents: state, pool, host, capabilities, current task, last heartbeat,"
+    " why no work; `agents show ID`: one agent's history.",
+)
+
+
+@agents_app.callback(invoke_without_command=True)
 def show_agents(
+    ctx: typer.Context,
     pool: PoolOption = None,
     host: Annotated[str | None, typer.Option("--host", help="Only this host's agents.")] = None,
     state: Annotated[
@@ -46,6 +54,8 @@ def show_agents(
 ) -> None:
     """Registered agents: state, pool, host, capabilities, current task, last heartbeat,
     why no work."""
+    if ctx.invoked_subcommand is not None:
+        return
     if state is not None and state not in AGENT_STATES:
         raise typer.BadParameter(f"{state!r} is not one of {', '.join(AGENT_STATES)}")
     settings = Settings.from_env()
@@ -75,6 +85,25 @@ def show_agents(
             _in(v.last_heartbeat_at),
             v.suspended_reason or "",
         ),
+        as_json,
+    )
+
+
+@agents_app.command("show")
+def show_agent(
+    agent_id: Annotated[str, typer.Argument(help="The agent.")],
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="The last N changes.")] = 100,
+    as_json: AsJson = False,
+) -> None:
+    """One agent's history: every change of its state (registered, busy, idle,
+    unresponsive, circuit_open, probing, lost, retired), why, and the event that caused
+    it (topic:partition@offset), oldest first."""
+    views = _query(lambda db: agent_history(db, agent_id, limit=limit))
+    _show(
+        views,
+        "changes",
+        ("when", "state", "why", "task", "event"),
+        lambda v: (_when(v.occurred_at), _styled(v.state), v.reason, v.task_id or "-", v.source),
         as_json,
     )
 

@@ -95,6 +95,7 @@ READ_MODEL_TABLES = (
     "workflow_steps",
     "messages",
     "projection_digests",
+    "agent_events",
     "projection_offsets",
 )
 

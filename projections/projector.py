@@ -462,7 +462,7 @@ class Projector:
             if isinstance(event, CONTROL_COMMANDS) and (reason := invalid_command(event)):
                 changes.reject(record, reason, "InvalidCommand")  # refused everywhere else
             elif isinstance(event, expected.get(record.topic, ())):
-                changes.add(envelope, event)
+                changes.add(envelope, event, record)
                 # A task's end is its trace's last hop: one ``project`` span per traced
                 # task, not one per record (~75 µs a span).
                 if isinstance(event, TASK_ENDINGS):

@@ -30,6 +30,7 @@ from projections.rows import TERMINAL
 __all__ = [
     "AGENT_STATES",
     "HOST_STATES",
+    "AgentChange",
     "AgentView",
     "DeliberationView",
     "Failure",
@@ -42,6 +43,7 @@ __all__ = [
     "TaskState",
     "TaskSummary",
     "TaskView",
+    "agent_history",
     "deliberation",
     "get_deliberation",
     "get_task",
@@ -559,6 +561,54 @@ class HostView:
     cpu_percent: float | None
     over_limit: str | None
     """Why it takes no new work, while it is ``over_limit``."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentChange:
+    """One change of an agent's state (``agent_events``), with what caused it."""
+
+    occurred_at: int
+    state: str
+    reason: str
+    task_id: str | None
+    event_id: str
+    source: str
+    """``topic:partition@offset`` of the event that caused it."""
+
+
+async def agent_history(
+    pool: asyncpg.Pool, agent_id: str, *, limit: int = 100
+) -> list[AgentChange]:
+    """The agent's last ``limit`` state changes, oldest first (:class:`NotFound` for an
+    agent that never registered)."""
+    rows = await pool.fetch(
+        """SELECT * FROM (
+               SELECT occurred_at, state, reason, task_id, event_id, source_topic,
+                      source_partition, source_offset
+                 FROM agent_events WHERE agent_id = $1
+                ORDER BY occurred_at DESC, source_topic DESC, source_partition DESC,
+                         source_offset DESC
+                LIMIT $2) recent
+           ORDER BY occurred_at, source_topic, source_partition, source_offset""",
+        agent_id,
+        limit,
+    )
+    if (
+        not rows
+        and await pool.fetchval("SELECT 1 FROM agents WHERE agent_id = $1", agent_id) is None
+    ):
+        raise NotFound(f"no agent {agent_id!r}")
+    return [
+        AgentChange(
+            r["occurred_at"],
+            r["state"],
+            r["reason"],
+            r["task_id"],
+            r["event_id"],
+            f"{r['source_topic']}:{r['source_partition']}@{r['source_offset']}",
+        )
+        for r in rows
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,7 @@ from conclave.domain.events import (
     WorkflowStepCompleted,
     WorkflowStepSubmitted,
 )
+from conclave.domain.lifecycle import LIFECYCLE_EVENTS, transitions
 from conclave.domain.retry import retry_of
 from conclave.domain.scheduler_state import TaskStatus
 from conclave.topics import Topics
@@ -624,6 +625,21 @@ PROJECTION_DIGESTS = Table(
     ),
 )
 """Every read-model digest a replay committed to the witness log (``projection.digest``)."""
+AGENT_EVENTS = Table(
+    "agent_events",
+    (
+        ("agent_id", "text"),
+        ("state", "text"),
+        ("reason", "text"),
+        ("task_id", "text"),
+        ("occurred_at", "bigint"),
+        ("event_id", "text"),
+        ("source_topic", "text"),
+        ("source_partition", "integer"),
+        ("source_offset", "bigint"),
+    ),
+)
+"""Every change of an agent's state (:func:`conclave.domain.lifecycle.transitions`)."""
 APPENDS = (
     LOCK_EVENTS,
     MESSAGES,
@@ -639,6 +655,7 @@ APPENDS = (
     DEAD_LETTERS,
     REJECTIONS,
     PROJECTION_DIGESTS,
+    AGENT_EVENTS,
 )
 
 
@@ -1250,8 +1267,8 @@ class Changes:
     ended: list[Consumed] = field(default_factory=list)
     """Records that end a task: their trace's last hop is their projection."""
 
-    def add(self, envelope: Envelope, event: Event) -> None:
-        """One decoded event of a type in :data:`PROJECTED`."""
+    def add(self, envelope: Envelope, event: Event, record: Consumed) -> None:
+        """One decoded event of a type in :data:`PROJECTED`, read from ``record``."""
         for table, keys, _ in KEYED.get(type(event), ()):
             by_key = self.keyed.setdefault(table, {})
             for key in keys(event):
@@ -1260,6 +1277,21 @@ class Changes:
         if appended is not None:
             table, row = appended
             self.appends.setdefault(table, []).append(row(envelope, event))
+        if type(event) in LIFECYCLE_EVENTS:
+            self.appends.setdefault(AGENT_EVENTS, []).extend(
+                (
+                    t.agent_id,
+                    t.state,
+                    t.reason,
+                    t.task_id,
+                    envelope.occurred_at,
+                    envelope.event_id,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                )
+                for t in transitions(event)
+            )
 
     def reject(self, record: Consumed, reason: str, error_type: str) -> None:
         """A record the projector cannot fold: kept in ``dead_letters`` with its bytes

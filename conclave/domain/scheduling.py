@@ -123,6 +123,8 @@ from conclave.domain.witness import is_permanent_failure
 __all__ = [
     "DEFAULT_CAPACITY",
     "DEFAULT_DEDUP_WINDOW",
+    "LEFT",
+    "NO_ANSWER",
     "REGISTRATION_GRACE_US",
     "SNAPSHOT_VERSION",
     "AgentSlot",
@@ -426,6 +428,12 @@ def hosts_due(state: SchedulerState) -> int | None:
 
 Lost = HostLost | TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered
 
+LEFT = "left: its agents retire, its drain is over"
+"""How a ``HostLost`` reason ends for a host that left (drained), not one that died."""
+NO_ANSWER = "no answer by its deadline"
+"""How a ``TaskStalled`` reason ends for an agent that did not answer in time (the
+other stalls are its host's: lost or left)."""
+
 
 def lost_hosts(state: SchedulerState, now: int) -> list[Lost | TaskDependencyFailed]:
     """Hosts whose lease ran out by ``now``, each judged once per lease: ``HostLost``,
@@ -451,7 +459,7 @@ def lost_hosts(state: SchedulerState, now: int) -> list[Lost | TaskDependencyFai
                 reason=(
                     f"host {host_id!r} sent no beat before its lease ran out"
                     if lease.leaving_until is None
-                    else f"host {host_id!r} left: its agents retire, its drain is over"
+                    else f"host {host_id!r} {LEFT}"
                 ),
             )
         )
@@ -741,7 +749,7 @@ def expire(state: SchedulerState, now: int) -> list[Expired]:
             continue  # not a deadline a live attempt waits on (folding removes those)
         slot = state.agents.get(task.agent_id)
         host_id = slot.host_id if slot is not None else ""
-        out += _stalled(state, task, host_id, "no answer by its deadline", now, place())
+        out += _stalled(state, task, host_id, NO_ANSWER, now, place())
     return _with_dependents(state, out)
 
 

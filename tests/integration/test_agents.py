@@ -57,6 +57,26 @@ async def test_an_agent_failing_ten_times_in_a_row_gets_no_work_while_its_circui
         assert broken in table
         assert f"{pool}-agent-001" not in table
 
+        # Its history: every change of state, why, and the event that caused it.
+        history = json.loads(cli(settings, "agents", "show", broken, "--json").stdout)
+        states = [h["state"] for h in history]
+        assert states[0] == "registered"
+        assert states.count("busy") == 10
+        assert states[-1] == "circuit_open", states
+        assert history[-1]["reason"] == "circuit open: 10 attempts failed in a row"
+        ends = [h for h in history if h["state"] == "idle"]
+        assert len(ends) == 10
+        assert ends[0]["reason"] == (
+            f"attempt 1 of {doomed[0]} failed: TransientFailure: its model endpoint is down"
+        )
+        assert all(h["source"].startswith(f"{settings.topic_prefix}.") for h in history)
+        shown_table = cli(settings, "agents", "show", broken, "--limit", "2").stdout
+        assert "circuit_open" in shown_table
+        assert "registered" not in shown_table  # the last two changes only
+        unknown = cli(settings, "agents", "show", f"{pool}-nobody")
+        assert unknown.returncode == 1
+        assert unknown.stderr.strip() == f"error: no agent '{pool}-nobody'"
+
 
 async def _all_have(db: asyncpg.Pool, task_ids: list[str], status: str) -> bool:
     return all([await has_status(db, t, status) for t in task_ids])

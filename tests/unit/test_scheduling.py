@@ -39,6 +39,7 @@ from conclave.domain.events import (
     AgentReinstated,
     CancelRequested,
     DeliberationRequested,
+    Event,
     Halt,
     HostBeat,
     HostLeaving,
@@ -52,12 +53,14 @@ from conclave.domain.events import (
     TaskDependencyFailed,
     TaskDispatched,
     TaskExpired,
+    TaskFailed,
     TaskQueued,
     TaskRetryScheduled,
     TaskStalled,
     TaskSubmitted,
     WitnessEntry,
 )
+from conclave.domain.lifecycle import AgentNow, fold, transitions
 from conclave.domain.ordered import RankedSet, Recent
 from conclave.domain.retry import RetryPolicy, retry_of
 from conclave.domain.scheduling import (
@@ -161,6 +164,8 @@ class Harness:
         be the live state's."""
         self.retry_due: dict[str, int] = {}
         """Task id -> when its pending retry may be dispatched, at the earliest."""
+        self.answers: list[tuple[int, WitnessEntry]] = []
+        """Witness entries decided on, each with the length of the log when it came."""
 
     def take_snapshot(self) -> None:
         snapshot, self.replica = _round_trip(self.state)
@@ -260,6 +265,8 @@ class Harness:
         self.now += 1000
         snapshot = copy.deepcopy(self.state)
         decided = decide(self.state, cause, self.now, tenant=tenant)
+        if isinstance(cause, WitnessEntry):
+            self.answers.append((len(self.log), cause))
         assert self.state == snapshot, "decide() must not change the state"
         if self.replica is not None:
             assert decide(self.replica, cause, self.now, tenant=tenant) == decided
@@ -1189,6 +1196,40 @@ class SchedulerMachine(RuleBasedStateMachine):
         snapshot, covered = self.h.snapshot
         for tail in interleavings(self.h.log[covered:]):
             assert_same_state(self.state, recovered(tail, from_snapshot(snapshot)))
+
+    @invariant()
+    def an_agents_history_says_busy_exactly_while_it_runs_a_task(self) -> None:
+        """The lifecycle read off the log (as the agent_events read model folds it; a
+        failure is the TaskFailed the host wrote, witnessed before the scheduler saw
+        it) agrees with the scheduler: last state busy iff the agent runs a task. A
+        registration says where an agent runs, not what it does (a host restarted
+        while its agent ran a task runs it still); a failure report about a task the
+        agent does not run moves nothing."""
+        failures: dict[int, list[Event]] = {}
+        for at, entry in self.h.answers:
+            if entry.subject_type == "task.failed":
+                assert entry.task_id is not None
+                assert entry.agent_id is not None
+                failures.setdefault(at, []).append(
+                    TaskFailed(
+                        task_id=entry.task_id,
+                        agent_id=entry.agent_id,
+                        attempt=entry.attempt or 0,
+                        error_type=entry.detail or "E",
+                        error_message="",
+                        deliberation_id=None,
+                    )
+                )
+        now: dict[str, AgentNow] = {}
+        for at, event in enumerate([*self.h.log, None]):
+            for fact in [*failures.get(at, []), *([event] if event is not None else [])]:
+                for change in transitions(fact):
+                    now[change.agent_id] = fold(now.get(change.agent_id), change)
+        for agent_id in self.state.agents:
+            running = self.state.assignments.get(agent_id)
+            said = now.get(agent_id)
+            assert (said.task_id if said is not None else None) == running, (agent_id, said)
+            assert (said is not None and said.state == "busy") == (running is not None)
 
     @invariant()
     def folding_every_record_twice_changes_nothing(self) -> None:

@@ -1,0 +1,146 @@
+"""An agent's lifecycle, read off the events that change it. Pure.
+
+Every change of an agent's state is already an event with its reason, written by its
+host or by the scheduler; :func:`transitions` says which agent each one moves to which
+state, and why. Folding them in order gives an agent's history (the ``agent_events``
+read model, ``conclave agents show ID``)::
+
+    registered -> idle <-> busy            dispatched; answered, failed or cancelled
+    busy -> unresponsive                   no answer by the attempt's deadline
+    unresponsive -> idle                   it answered that attempt after all
+    any -> circuit_open -> probing -> idle too many failures in a row; cool-down; probe answered
+    any -> lost                            its host's lease ran out (no beat)
+    any -> retired                         its host stopped, drained (SIGTERM)
+    lost | retired -> registered           its host started again
+
+Heartbeats change no state and are not history: a beat only renews its host's lease.
+``registered`` says where an agent runs, not what it does: an agent registered again
+while it ran a task (its host restarted, and resumes its dispatches) is busy until that
+attempt ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conclave.domain.events import (
+    AgentCircuitClosed,
+    AgentCircuitHalfOpened,
+    AgentCircuitOpened,
+    AgentRegistered,
+    AgentReinstated,
+    Event,
+    HostLost,
+    TaskCancelled,
+    TaskCompleted,
+    TaskDispatched,
+    TaskExpired,
+    TaskFailed,
+    TaskStalled,
+)
+from conclave.domain.scheduling import LEFT, NO_ANSWER
+from conclave.domain.witness import failure_detail
+
+__all__ = ["LIFECYCLE_EVENTS", "STATES", "AgentNow", "Transition", "fold", "transitions"]
+
+STATES = (
+    "registered",
+    "idle",
+    "busy",
+    "unresponsive",
+    "circuit_open",
+    "probing",
+    "lost",
+    "retired",
+)
+
+
+LIFECYCLE_EVENTS = frozenset(
+    {
+        AgentRegistered,
+        TaskDispatched,
+        TaskCompleted,
+        TaskFailed,
+        TaskCancelled,
+        TaskExpired,
+        TaskStalled,
+        AgentReinstated,
+        AgentCircuitOpened,
+        AgentCircuitHalfOpened,
+        AgentCircuitClosed,
+        HostLost,
+    }
+)
+"""The events :func:`transitions` reads (others move no agent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    agent_id: str
+    state: str
+    """One of :data:`STATES`."""
+    reason: str
+    task_id: str | None = None
+    """The task it concerns, if any."""
+    ends_run: bool = False
+    """The end of a run of ``task_id`` (answered, failed, cancelled, expired): it moves
+    only an agent running that task. A failure report about another task (late, or sent
+    by hand) says nothing of what the agent does now."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentNow:
+    """An agent's state after its history so far, and the task it runs (while busy)."""
+
+    state: str
+    task_id: str | None = None
+
+
+def fold(now: AgentNow | None, change: Transition) -> AgentNow:
+    """The state after ``change``: the rule that reads an agent's history."""
+    if change.state == "registered" and now is not None and now.state == "busy":
+        return now  # where it runs, not what it does: its host resumes the attempt
+    if change.ends_run and (now is None or now.task_id != change.task_id):
+        return now if now is not None else AgentNow("registered")
+    return AgentNow(change.state, change.task_id if change.state == "busy" else None)
+
+
+def transitions(event: Event) -> list[Transition]:
+    """The agents ``event`` moves, each to its new state with the reason (none for an
+    event that changes no agent's state)."""
+    match event:
+        case AgentRegistered():
+            version = f", version {event.version}" if event.version else ""
+            where = f"on host {event.host_id!r} in pool {event.pool!r}{version}"
+            return [Transition(event.agent_id, "registered", where)]
+        case TaskDispatched():
+            said = f"runs {event.task_id} (attempt {event.attempt})"
+            return [Transition(event.agent_id, "busy", said, event.task_id)]
+        case TaskCompleted():
+            said = f"answered {event.task_id}"
+            return [Transition(event.agent_id, "idle", said, event.task_id, ends_run=True)]
+        case TaskFailed():
+            error = failure_detail(event.error_type, permanent=event.permanent)
+            said = f"attempt {event.attempt} of {event.task_id} failed: {error}"
+            said += f": {event.error_message}" if event.error_message else ""
+            return [Transition(event.agent_id, "idle", said, event.task_id, ends_run=True)]
+        case TaskCancelled(agent_id=str(agent_id)) | TaskExpired(agent_id=str(agent_id)):
+            said = f"{event.task_id} {event.TYPE.removeprefix('task.')}: its run stopped"
+            return [Transition(agent_id, "idle", said, event.task_id, ends_run=True)]
+        case TaskStalled() if event.reason.endswith(NO_ANSWER):
+            # A stall because its host is gone follows the host's loss, which says it.
+            return [Transition(event.agent_id, "unresponsive", event.reason, event.task_id)]
+        case AgentReinstated():
+            said = "answered its stalled attempt after all: work again"
+            return [Transition(event.agent_id, "idle", said)]
+        case AgentCircuitOpened():
+            return [Transition(event.agent_id, "circuit_open", event.reason)]
+        case AgentCircuitHalfOpened():
+            return [Transition(event.agent_id, "probing", "cool-down over: one probe task")]
+        case AgentCircuitClosed():
+            return [Transition(event.agent_id, "idle", "the probe answered: circuit closed")]
+        case HostLost():
+            state = "retired" if event.reason.endswith(LEFT) else "lost"
+            return [Transition(agent, state, event.reason) for agent in event.agent_ids]
+        case _:
+            return []
