@@ -576,22 +576,32 @@ class AgentChange:
     """``topic:partition@offset`` of the event that caused it."""
 
 
+OTHER_TENANTS_TASK = "another tenant's task"
+"""What a tenant reads instead of the reason of a change about another tenant's task."""
+
+
 async def agent_history(
-    pool: asyncpg.Pool, agent_id: str, *, limit: int = 100
+    pool: asyncpg.Pool, agent_id: str, *, limit: int = 100, tenant: str | None = None
 ) -> list[AgentChange]:
     """The agent's last ``limit`` state changes, oldest first (:class:`NotFound` for an
-    agent that never registered)."""
+    agent that never registered). Agents serve every tenant: with ``tenant``, a change
+    about another tenant's task keeps its state and time, not its task, reason or event
+    id (a failure's message is that tenant's)."""
     rows = await pool.fetch(
         """SELECT * FROM (
-               SELECT occurred_at, state, reason, task_id, event_id, source_topic,
-                      source_partition, source_offset
-                 FROM agent_events WHERE agent_id = $1
-                ORDER BY occurred_at DESC, source_topic DESC, source_partition DESC,
-                         source_offset DESC
+               SELECT e.occurred_at, e.state, e.source_topic, e.source_partition,
+                      e.source_offset,
+                      ($3::text IS NULL OR e.task_id IS NULL OR t.tenant = $3) AS shown,
+                      e.reason, e.task_id, e.event_id
+                 FROM agent_events e LEFT JOIN tasks t ON t.task_id = e.task_id
+                WHERE e.agent_id = $1
+                ORDER BY e.occurred_at DESC, e.source_topic DESC, e.source_partition DESC,
+                         e.source_offset DESC
                 LIMIT $2) recent
            ORDER BY occurred_at, source_topic, source_partition, source_offset""",
         agent_id,
         limit,
+        tenant,
     )
     if (
         not rows
@@ -602,9 +612,9 @@ async def agent_history(
         AgentChange(
             r["occurred_at"],
             r["state"],
-            r["reason"],
-            r["task_id"],
-            r["event_id"],
+            r["reason"] if r["shown"] else OTHER_TENANTS_TASK,
+            r["task_id"] if r["shown"] else None,
+            r["event_id"] if r["shown"] else "",
             f"{r['source_topic']}:{r['source_partition']}@{r['source_offset']}",
         )
         for r in rows

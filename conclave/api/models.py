@@ -313,6 +313,17 @@ class AgentOut(_Out):
     version: str | None
 
 
+class AgentChangeOut(_Out):
+    occurred_at: int
+    state: str
+    reason: str
+    """Why; for another tenant's task only that it was one."""
+    task_id: str | None
+    event_id: str
+    source: str
+    """``topic:partition@offset`` of the event that caused it."""
+
+
 class HostOut(_Out):
     host_id: str
     pool: str | None

@@ -19,6 +19,7 @@ from conclave.api.app import Caller, state_of
 from conclave.api.cursor import decode_cursor, encode_cursor
 from conclave.api.models import (
     Accepted,
+    AgentChangeOut,
     AgentOut,
     AgentStateName,
     CancelBody,
@@ -224,6 +225,25 @@ async def list_agents(
         capability=capability,
     )
     return [AgentOut.model_validate(v) for v in views]
+
+
+@router.get("/agents/{agent_id}/history", responses=_errors(404))
+async def agent_history(
+    request: Request,
+    caller: Caller,
+    agent_id: Annotated[str, Path(max_length=MAX_ID_LENGTH)],
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[AgentChangeOut]:
+    """The agent's last state changes, oldest first, each with why and the event that
+    caused it; a change about another tenant's task says only that it was one."""
+    try:
+        storable(agent_id)
+    except ValueError:
+        raise NotFound(f"no agent {agent_id!r}") from None
+    changes = await queries.agent_history(
+        state_of(request).reads, agent_id, limit=limit, tenant=caller.tenant
+    )
+    return [AgentChangeOut.model_validate(c) for c in changes]
 
 
 @router.get("/hosts", responses=_errors())

@@ -174,6 +174,7 @@ async def test_deliberations_agents_and_status_per_tenant(
         await eventually(revealed)
         agents = await bob.http.get("/v1/agents", params={"pool": system.pool})
         assert len(agents.json()) == 3
+        agent_id = agents.json()[0]["agent_id"]
     view = (await alice.http.get(f"/v1/deliberations/{deliberation_id}")).json()
     assert len(view["answers"]) == 3
     assert (await bob.http.get(f"/v1/deliberations/{deliberation_id}")).status_code == 404
@@ -183,6 +184,17 @@ async def test_deliberations_agents_and_status_per_tenant(
     agent_task = f"{deliberation_id}/{next(iter(view['statuses']))}"
     assert (await alice.http.get(f"/v1/tasks/{agent_task}")).json()["status"] == "completed"
     assert (await bob.http.get(f"/v1/tasks/{agent_task}")).status_code == 404
+    # An agent's history: the same changes for both, the task and why only for its tenant.
+    mine = (await alice.http.get(f"/v1/agents/{agent_id}/history")).json()
+    theirs = (await bob.http.get(f"/v1/agents/{agent_id}/history")).json()
+    assert [c["state"] for c in mine] == [c["state"] for c in theirs]
+    assert [c["state"] for c in mine][-2:] == ["busy", "idle"]
+    assert mine[-1]["task_id"] == f"{deliberation_id}/{agent_id}"
+    assert mine[-1]["reason"] == f"answered {deliberation_id}/{agent_id}"
+    assert (theirs[-1]["task_id"], theirs[-1]["reason"]) == (None, "another tenant's task")
+    assert theirs[0]["state"] == "registered"
+    assert theirs[0]["reason"].startswith("on host ")  # no task: nothing to keep from bob
+    assert (await bob.http.get(f"/v1/agents/{system.pool}-x/history")).status_code == 404
     status = (await alice.http.get("/v1/status")).json()
     assert status["witness_head"] > 0
     head_hash = await system.db.fetchval(

@@ -106,6 +106,7 @@ def test_every_endpoint_is_in_the_openapi_document_behind_a_bearer_token() -> No
         ("GET", "/v1/deliberations/{deliberation_id}"),
         ("GET", "/v1/pools"),
         ("GET", "/v1/agents"),
+        ("GET", "/v1/agents/{agent_id}/history"),
         ("GET", "/v1/hosts"),
         ("GET", "/v1/status"),
         ("GET", "/v1/events"),
