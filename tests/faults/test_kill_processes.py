@@ -121,6 +121,14 @@ async def test_worker_killed_while_retries_wait_runs_each_once_and_never_early(
     print(f"{len(found.due)} retries, all run once and on time")
 
 
+def two_hosts(cluster: Cluster, pool: str) -> None:
+    """A worker, hosts h1 and h2 with four agents of 300 ms each in ``pool``, a projector."""
+    cluster.worker("w1")
+    cluster.runtime("h1", pool, agents=4, latency_ms=300)
+    cluster.runtime("h2", pool, agents=4, latency_ms=300)
+    cluster.projector()
+
+
 @dataclass
 class Retries:
     due: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -197,10 +205,7 @@ async def test_runtime_host_killed_for_good_its_tasks_stall_and_complete_on_anot
     """No restart: the scheduler stops waiting at the answer deadline (task timeout 2 s
     + grace 2 s here), retries on the surviving host, and gives the dead one no work."""
     cluster.extra_env.update({"CONCLAVE_TASK_TIMEOUT_S": "2", "CONCLAVE_ANSWER_GRACE_S": "2"})
-    cluster.worker("w1")
-    cluster.runtime("h1", "spool", agents=4, latency_ms=300)
-    cluster.runtime("h2", "spool", agents=4, latency_ms=300)
-    cluster.projector()
+    two_hosts(cluster, "spool")
     task_ids = await submit(cluster.settings, "spool", 60, max_attempts=3)
     await asyncio.sleep(1.0)  # four tasks are running on h1 right now
     cluster.kill("h1")
@@ -224,10 +229,7 @@ async def test_runtime_host_killed_for_good_loses_its_work_when_its_lease_runs_o
     """Answer deadlines at their default (330 s): what moves the dead host's attempts to
     the other one within seconds is its lease (2 s here), not a deadline."""
     cluster.extra_env.update({"CONCLAVE_HOST_LEASE_S": "2"})
-    cluster.worker("w1")
-    cluster.runtime("h1", "lpool", agents=4, latency_ms=300)
-    cluster.runtime("h2", "lpool", agents=4, latency_ms=300)
-    cluster.projector()
+    two_hosts(cluster, "lpool")
     await asyncio.sleep(6.0)  # past the scheduler's start-up grace: both hosts have beaten
     task_ids = await submit(cluster.settings, "lpool", 60, max_attempts=2)
     await asyncio.sleep(1.0)  # four tasks are running on h1 right now
@@ -265,10 +267,7 @@ async def test_runtime_host_stopped_with_sigterm_under_load_drains_and_exits_0(
     """SIGTERM, as an orchestrator stops a pod: the host says it is leaving, finishes what
     its agents run, exits 0; the scheduler gives it nothing new, judges it as having left
     (its agents retire) and what it never took is retried on the other host at once."""
-    cluster.worker("w1")
-    cluster.runtime("h1", "gpool", agents=4, latency_ms=300)
-    cluster.runtime("h2", "gpool", agents=4, latency_ms=300)
-    cluster.projector()
+    two_hosts(cluster, "gpool")
     task_ids = await submit(cluster.settings, "gpool", 60, max_attempts=2)
     await asyncio.sleep(1.0)  # four tasks are running on h1 right now
     stopped = time.monotonic()
