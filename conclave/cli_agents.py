@@ -20,6 +20,7 @@ V = TypeVar("V", bound=Any)
 
 _STYLE = {
     "lost": "red",
+    "failed": "red",
     "unresponsive": "red",
     "circuit_open": "red",
     "probing": "yellow",
@@ -74,7 +75,7 @@ def show_agents(
     _show(
         views,
         "agents",
-        ("agent", "state", "pool", "host", "can", "task", "heartbeat", "why no work"),
+        ("agent", "state", "pool", "host", "can", "task", "heartbeat", "restarts", "why no work"),
         lambda v: (
             v.agent_id,
             _styled(v.state),
@@ -83,6 +84,7 @@ def show_agents(
             " ".join(v.capabilities) + (f" (v{v.version})" if v.version else ""),
             v.current_task_id or "-",
             _in(v.last_heartbeat_at),
+            str(v.restarts or 0),
             v.suspended_reason or "",
         ),
         as_json,
@@ -96,7 +98,7 @@ def show_agent(
     as_json: AsJson = False,
 ) -> None:
     """One agent's history: every change of its state (registered, busy, idle,
-    unresponsive, circuit_open, probing, lost, retired), why, and the event that caused
+    unresponsive, circuit_open, probing, lost, retired, failed), why, and the event that caused
     it (topic:partition@offset), oldest first."""
     views = _query(lambda db: agent_history(db, agent_id, limit=limit))
     _show(

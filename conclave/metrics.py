@@ -159,6 +159,11 @@ hosts_lost = Counter(
     "conclave_hosts_lost", "Runtime hosts whose lease ran out (beats missed)", ("pool",)
 )
 witnessed = Counter("conclave_witness_entries", "Entries appended to the witness log")
+agent_restarts = Counter(
+    "conclave_agent_restarts",
+    "Crashed agents this host started afresh (restarted) or gave up on (failed)",
+    ("pool", "outcome"),
+)
 agent_runs = Counter(
     "conclave_agent_runs",
     "Attempts an agent of this host finished, by outcome (answered, failed, cancelled)",

@@ -117,6 +117,11 @@ class Settings:
     """Attempts an agent fails in a row before its circuit opens (no work for it for
     ``breaker_cooldown_s``, then one probe task); 0: no circuit breakers."""
     breaker_cooldown_s: float = 30.0
+    agent_restarts: int = 5
+    """Restarts of a crashed agent its host allows within ``agent_restart_window_s``;
+    the crash after that fails the agent (``agent.failed``: no work for it until its
+    host starts again). 0: the first crash fails it."""
+    agent_restart_window_s: float = 60.0
     task_timeout_s: float = 300.0
     """How long an agent may work on one attempt; the host then reports it failed."""
     answer_grace_s: float = 30.0
@@ -195,6 +200,13 @@ class Settings:
             host_lease_s=_float(env, "CONCLAVE_HOST_LEASE_S", 5.0),
             breaker_failures=_int(env, "CONCLAVE_BREAKER_FAILURES", 10),
             breaker_cooldown_s=_float(env, "CONCLAVE_BREAKER_COOLDOWN_S", 30.0),
+            agent_restarts=_at_least(
+                0, "CONCLAVE_AGENT_RESTARTS", _int(env, "CONCLAVE_AGENT_RESTARTS", 5)
+            ),
+            agent_restart_window_s=_positive(
+                "CONCLAVE_AGENT_RESTART_WINDOW_S",
+                _float(env, "CONCLAVE_AGENT_RESTART_WINDOW_S", 60.0),
+            ),
             task_timeout_s=_float(env, "CONCLAVE_TASK_TIMEOUT_S", 300.0),
             answer_grace_s=_float(env, "CONCLAVE_ANSWER_GRACE_S", 30.0),
             witness_key=Path(key) if (key := witness_key) else None,
@@ -315,6 +327,18 @@ def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
     if raw in ("off", "false", "0", "no"):
         return False
     raise ConfigError(f"{name} must be on or off, got {raw!r}")
+
+
+def _at_least(low: int, name: str, value: int) -> int:
+    if value < low:
+        raise ConfigError(f"{name} must be at least {low}, got {value}")
+    return value
+
+
+def _positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise ConfigError(f"{name} must be more than 0, got {value:g}")
+    return value
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

@@ -535,7 +535,8 @@ def _weights(column: list[str] | None) -> dict[str, int]:
 
 HOST_STATES = ("alive", "over_limit", "leaving", "silent", "lost", "left")
 AGENT_STATES = (
-    "idle", "busy", "silent", "unresponsive", "lost", "retired", "circuit_open", "probing"
+    "idle", "busy", "silent", "unresponsive", "lost", "retired", "failed", "circuit_open",
+    "probing",
 )  # fmt: skip
 
 
@@ -629,7 +630,8 @@ class AgentView:
     pool: str | None
     host_id: str
     state: str
-    """``lost`` (its host is), ``retired`` (its host left), ``unresponsive`` (the
+    """``lost`` (its host is), ``retired`` (its host left), ``failed`` (it crashed past
+    its restart budget: its host runs it no more), ``unresponsive`` (the
     scheduler gives it no work: its last attempt stalled), ``circuit_open`` (it failed
     too often: no work until the cool-down ends), ``probing`` (its circuit is half-open:
     one task decides), ``silent`` (no heartbeat for ``silent_after_us``), ``busy`` or
@@ -637,12 +639,15 @@ class AgentView:
     current_task_id: str | None
     last_heartbeat_at: int | None
     suspended_reason: str | None
-    """Why the scheduler gives it no work, if it does not: a stall, a lost host, an open
-    circuit."""
+    """Why the scheduler gives it no work, if it does not: a stall, a lost host, a crash
+    past its restart budget, an open circuit."""
     rss_bytes: int | None
     capabilities: list[str]
     """What it can do, as its registration says."""
     version: str | None
+    restarts: int | None = None
+    """Restarts after crashes within the window, as its latest restart said."""
+    restarted_at: int | None = None
 
 
 def _host_state(row: asyncpg.Record, now_us: int) -> str:
@@ -713,6 +718,8 @@ async def list_agents(
         beat = r["last_heartbeat_at"]
         if r["lost_lease"] is not None and (host := _host_state(r, now_us)) in ("lost", "left"):
             current = "lost" if host == "lost" else "retired"
+        elif r["failed_reason"] is not None:
+            current = "failed"
         elif r["suspended_reason"] is not None:
             current = "unresponsive"
         elif r["circuit"] == "open":
@@ -733,12 +740,15 @@ async def list_agents(
                 state=current,
                 current_task_id=r["current_task_id"] if r["task_shown"] else None,
                 last_heartbeat_at=beat,
-                suspended_reason=r["suspended_reason"]
+                suspended_reason=r["failed_reason"]
+                or r["suspended_reason"]
                 or r["circuit_reason"]
                 or (f"host over its limits: {r['over_limit']}" if r["over_limit"] else None),
                 rss_bytes=r["rss_bytes"],
                 capabilities=list(r["capabilities"] or ()),
                 version=r["version"],
+                restarts=r["restarts"],
+                restarted_at=r["restarted_at"],
             )
         )
     return views

@@ -36,10 +36,12 @@ from conclave.domain.events import (
     AgentCircuitClosed,
     AgentCircuitHalfOpened,
     AgentCircuitOpened,
+    AgentFailed,
     AgentMessage,
     AgentOutput,
     AgentRegistered,
     AgentReinstated,
+    AgentRestarted,
     CommandRejected,
     DeadLetterRecord,
     Envelope,
@@ -230,6 +232,11 @@ class AgentRow:
     capabilities: list[str] | None = None
     """What it can do, as its latest registration says."""
     version: str | None = None
+    restarts: int | None = None
+    """Restarts within the window, as its latest restart (``agent.restarted``) says."""
+    restarted_at: int | None = None
+    failed_reason: str | None = None
+    """Why its host gave up on it (``agent.failed``); ``None`` once registered again."""
 
 
 @dataclass(slots=True)
@@ -372,6 +379,9 @@ AGENTS = _table(
         "circuit_reason": "text",
         "capabilities": "text[]",
         "version": "text",
+        "restarts": "integer",
+        "restarted_at": "bigint",
+        "failed_reason": "text",
     },
     "agent_id",
 )
@@ -740,6 +750,8 @@ def fold_task(
 
 AgentEvent = (
     AgentRegistered
+    | AgentRestarted
+    | AgentFailed
     | AgentReinstated
     | Heartbeat
     | TaskStalled
@@ -781,6 +793,12 @@ def fold_agent(
         row.agent_ref = event.agent_ref
         row.registered_at = envelope.occurred_at
         row.capabilities, row.version = sorted(set(event.capabilities)), event.version
+        row.failed_reason = None  # its host started anew
+    elif isinstance(event, AgentRestarted):
+        if (row.restarted_at or 0) <= envelope.occurred_at:
+            row.restarts, row.restarted_at = event.restarts, envelope.occurred_at
+    elif isinstance(event, AgentFailed):
+        row.failed_reason = event.reason
     elif isinstance(event, AgentReinstated):
         row.suspended_at = row.suspended_reason = None
     elif isinstance(event, TaskStalled | HostLost):
@@ -1029,6 +1047,8 @@ KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], 
     AgentCircuitOpened: (_AGENT,),
     AgentCircuitHalfOpened: (_AGENT,),
     AgentCircuitClosed: (_AGENT,),
+    AgentRestarted: (_AGENT,),
+    AgentFailed: (_AGENT,),
     Heartbeat: (_AGENT,),
     HostBeat: (_HOST,),
     HostLeaving: (_HOST,),
@@ -1230,7 +1250,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
     """The events each history topic carries; anything else on it is not projected (folding
     a HALT found on the tasks topic would put it in the wrong table)."""
     return {
-        topics.agents: (AgentRegistered, HostBeat, HostLeaving),
+        topics.agents: (AgentRegistered, AgentRestarted, AgentFailed, HostBeat, HostLeaving),
         topics.heartbeats: (Heartbeat,),
         topics.tasks: TASKS_TOPIC_EVENTS,
         topics.outputs: (AgentOutput, TaskFailed),

@@ -52,6 +52,8 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.AgentCircuitOpened,
     ev.AgentCircuitHalfOpened,
     ev.AgentCircuitClosed,
+    ev.AgentRestarted,
+    ev.AgentFailed,
     ev.HostBeat,
     ev.HostLeaving,
     ev.HostLost,

@@ -33,8 +33,10 @@ from conclave.domain.events import (
     AgentCircuitClosed,
     AgentCircuitHalfOpened,
     AgentCircuitOpened,
+    AgentFailed,
     AgentRegistered,
     AgentReinstated,
+    AgentRestarted,
     CancelRequested,
     CommandRejected,
     DeliberationRequested,
@@ -150,7 +152,7 @@ class SchedulerShard:
         self.accepts: dict[str, tuple[type[Any], ...]] = {
             # A projection digest is witnessed and changes nothing here.
             topics.control: (Halt, Resume, PoolConfigured, ProjectionDigest),
-            topics.agents: (AgentRegistered, HostBeat, HostLeaving),
+            topics.agents: (AgentRegistered, AgentRestarted, AgentFailed, HostBeat, HostLeaving),
             topics.witness: (WitnessEntry,),
         }
 
@@ -230,7 +232,17 @@ class SchedulerShard:
             return []  # about the read models: no scheduling state
         assert isinstance(
             event,
-            (*_CHANGELOG, AgentRegistered, HostBeat, HostLeaving, Halt, Resume, PoolConfigured),
+            (
+                *_CHANGELOG,
+                AgentRegistered,
+                AgentRestarted,
+                AgentFailed,
+                HostBeat,
+                HostLeaving,
+                Halt,
+                Resume,
+                PoolConfigured,
+            ),
         )
         if isinstance(event, CONTROL_COMMANDS) and (refused := invalid_command(event)):
             # Dead-lettered when it was consumed: a recovery must not fold it either.
@@ -369,6 +381,13 @@ class SchedulerShard:
                 for reinstated in back:
                     scheduling.evolve(self.state, reinstated)
                     decided.append((envelope, reinstated, None))
+            case AgentRestarted():
+                pass  # its host's own doing: the agent takes work as before
+            case AgentFailed():
+                log.warning(
+                    "%s: agent %r failed: %s", self.name, event.agent_id, event.reason[:200]
+                )
+                scheduling.evolve(self.state, event)
             case HostLeaving():
                 log.info(
                     "%s: host %r is leaving (%s), its agents take no new work",
@@ -584,6 +603,8 @@ def _agent_state(state: scheduling.SchedulerState, slot: AgentSlot) -> str:
     lease = state.hosts.get(slot.host_id)
     if lease is not None and agent in lease.lost_agents:
         return "lost" if lease.leaving_until is None else "retired"
+    if agent in state.failed:
+        return "failed"
     if agent in state.breakers:
         return "circuit_open"
     if agent in state.probing:

@@ -78,7 +78,15 @@ class PriorityName(enum.StrEnum):
 
 
 AgentStateName = Literal[
-    "idle", "busy", "silent", "unresponsive", "lost", "retired", "circuit_open", "probing"
+    "idle",
+    "busy",
+    "silent",
+    "unresponsive",
+    "lost",
+    "retired",
+    "failed",
+    "circuit_open",
+    "probing",
 ]
 
 
@@ -311,6 +319,8 @@ class AgentOut(_Out):
     capabilities: list[str]
     """What it can do, as its registration says (``?capability=`` finds agents by it)."""
     version: str | None
+    restarts: int | None = None
+    """Restarts after crashes within the restart window, as its latest restart said."""
 
 
 class AgentChangeOut(_Out):

@@ -28,10 +28,12 @@ __all__ = [
     "AgentCircuitClosed",
     "AgentCircuitHalfOpened",
     "AgentCircuitOpened",
+    "AgentFailed",
     "AgentMessage",
     "AgentOutput",
     "AgentRegistered",
     "AgentReinstated",
+    "AgentRestarted",
     "CancelRequested",
     "CommandRejected",
     "DeadLetterRecord",
@@ -419,6 +421,39 @@ class HostBeat:
     """Schema v2: why the host takes no new work now (over its memory or CPU limit;
     ``None``: it has room). The newest beat of a host says: its agents get no dispatch
     while it is over, and what they run goes on."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentRestarted:
+    """An agent crashed (an attempt ended in an error it did not raise on purpose, or
+    ran past the task timeout) and its host started it afresh: its memory is empty
+    again, and it takes work at once. Written by the host on its pool's partition of
+    the agents topic, in the transaction that reports the crashed attempt."""
+
+    TYPE: ClassVar[str] = "agent.restarted"
+    agent_id: str
+    pool: str
+    host_id: str
+    restarts: int
+    """Restarts of this agent within ``window_s``, this one included."""
+    window_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentFailed:
+    """An agent crashed once more than its restart budget allows within the window: its
+    host no longer runs it, and the scheduler gives it no work until its host registers
+    it again (a host started anew). Written by the host like ``AgentRestarted``."""
+
+    TYPE: ClassVar[str] = "agent.failed"
+    agent_id: str
+    pool: str
+    host_id: str
+    restarts: int
+    """Restarts within ``window_s`` before this crash (the budget spent)."""
+    window_s: float
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1065,6 +1100,8 @@ Event = (
     | AgentCircuitOpened
     | AgentCircuitHalfOpened
     | AgentCircuitClosed
+    | AgentRestarted
+    | AgentFailed
     | HostBeat
     | HostLeaving
     | HostLost

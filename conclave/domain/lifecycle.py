@@ -11,7 +11,9 @@ read model, ``conclave agents show ID``)::
     any -> circuit_open -> probing -> idle too many failures in a row; cool-down; probe answered
     any -> lost                            its host's lease ran out (no beat)
     any -> retired                         its host stopped, drained (SIGTERM)
-    lost | retired -> registered           its host started again
+    idle -> idle (restarted)               it crashed; its host started it afresh
+    any -> failed                          it crashed past its restart budget
+    lost | retired | failed -> registered  its host started again
 
 Heartbeats change no state and are not history: a beat only renews its host's lease.
 ``registered`` says where an agent runs, not what it does: an agent registered again
@@ -27,8 +29,10 @@ from conclave.domain.events import (
     AgentCircuitClosed,
     AgentCircuitHalfOpened,
     AgentCircuitOpened,
+    AgentFailed,
     AgentRegistered,
     AgentReinstated,
+    AgentRestarted,
     Event,
     HostLost,
     TaskCancelled,
@@ -52,12 +56,15 @@ STATES = (
     "probing",
     "lost",
     "retired",
+    "failed",
 )
 
 
 LIFECYCLE_EVENTS = frozenset(
     {
         AgentRegistered,
+        AgentRestarted,
+        AgentFailed,
         TaskDispatched,
         TaskCompleted,
         TaskFailed,
@@ -133,6 +140,11 @@ def transitions(event: Event) -> list[Transition]:
         case AgentReinstated():
             said = "answered its stalled attempt after all: work again"
             return [Transition(event.agent_id, "idle", said)]
+        case AgentRestarted():
+            said = f"restarted ({event.restarts} within {event.window_s:g} s): {event.reason}"
+            return [Transition(event.agent_id, "idle", said)]
+        case AgentFailed():
+            return [Transition(event.agent_id, "failed", event.reason)]
         case AgentCircuitOpened():
             return [Transition(event.agent_id, "circuit_open", event.reason)]
         case AgentCircuitHalfOpened():

@@ -292,6 +292,9 @@ class SchedulerState:
     suspects: dict[str, tuple[str, int] | None] = field(default_factory=dict)
     """Agents whose last attempt stalled (-> that attempt: task id, attempt number), or
     whose host was lost (-> None): given no work until they are reinstated."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Agents their host gave up on (``agent.failed``: crashed past their restart budget)
+    -> why: given no work until their host registers them again."""
     hosts: dict[str, HostLease] = field(default_factory=dict)
     """Host id -> its lease, for every host that ever beat."""
     failures: dict[str, int] = field(default_factory=dict)
@@ -449,6 +452,7 @@ class SchedulerState:
         if (
             agent_id in self.assignments
             or agent_id in self.suspects
+            or agent_id in self.failed
             or agent_id in self.breakers
             or (host is not None and not host.takes_work)
         ):
@@ -536,6 +540,7 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "deliberations": [d for d, _ in state.deliberations.items()],
         "timers": [[key, due] for (due, *_), key in state.timers.members()],
         "suspects": sorted([a, *(s or ())] for a, s in state.suspects.items()),
+        "failed": dict(sorted(state.failed.items())),
         "capacities": dict(state.capacities),
         "hosts": [
             [
@@ -620,6 +625,7 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
         for suspect in data.get("suspects", ()):
             agent_id, *stall = [suspect] if isinstance(suspect, str) else suspect
             state.suspects[agent_id] = (str(stall[0]), int(stall[1])) if stall else None
+        state.failed.update(data.get("failed", {}))  # absent before restart budgets
         state.capacities.update(data["capacities"])
         for host_id, pool, expires_at, judged, lost_agents, *later in data["hosts"]:
             state.hosts[host_id] = HostLease(

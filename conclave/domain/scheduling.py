@@ -77,8 +77,10 @@ from conclave.domain.events import (
     AgentCircuitClosed,
     AgentCircuitHalfOpened,
     AgentCircuitOpened,
+    AgentFailed,
     AgentRegistered,
     AgentReinstated,
+    AgentRestarted,
     CancelRequested,
     DeliberationRequested,
     Halt,
@@ -913,6 +915,8 @@ def evolve(
     state: SchedulerState,
     event: SchedulerEvent
     | AgentRegistered
+    | AgentRestarted
+    | AgentFailed
     | HostBeat
     | HostLeaving
     | Heartbeat
@@ -939,10 +943,7 @@ def evolve(
         case HostLost():
             _fold_host_lost(state, event)
         case AgentCircuitOpened():
-            state.breakers.add(event.agent_id, (event.until,))
-            state.failures.pop(event.agent_id, None)
-            state.probing.discard(event.agent_id)
-            state.place(event.agent_id)
+            _fold_circuit_opened(state, event)
         case AgentCircuitHalfOpened():
             state.breakers.discard(event.agent_id)
             state.probing.add(event.agent_id)
@@ -965,8 +966,10 @@ def evolve(
             _fold_finished(state, event.task_id, TaskStatus.DEPENDENCY_FAILED)
         case AgentRegistered():
             _fold_registered(state, event)
-        case Heartbeat():
-            pass  # liveness is judged by the lifecycle processor, not the scheduler
+        case AgentFailed():
+            _fold_agent_failed(state, event)
+        case Heartbeat() | AgentRestarted():
+            pass  # a beat renews nothing here (host beats do); a restarted agent works on
         case Halt():
             state.halted = True
         case Resume():
@@ -1194,7 +1197,25 @@ def _fold_finished(state: SchedulerState, task_id: str, status: TaskStatus) -> N
             waiting.waiting_for = waiting.waiting_for - {task_id}
 
 
+def _fold_circuit_opened(state: SchedulerState, event: AgentCircuitOpened) -> None:
+    state.breakers.add(event.agent_id, (event.until,))
+    state.failures.pop(event.agent_id, None)
+    state.probing.discard(event.agent_id)
+    state.place(event.agent_id)
+
+
+def _fold_agent_failed(state: SchedulerState, event: AgentFailed) -> None:
+    """Its host gave up on it: no work for it until registered again. On the agents
+    topic like its registrations, so the two are folded in the order they happened."""
+    state.failed[event.agent_id] = event.reason
+    slot = state.agents.get(event.agent_id)
+    if slot is not None:
+        state.unplace(slot)
+        state.refresh(slot.pool)
+
+
 def _fold_registered(state: SchedulerState, event: AgentRegistered) -> None:
+    state.failed.pop(event.agent_id, None)  # its host started anew: a fresh start
     slot = state.agents.get(event.agent_id)
     if slot is None:
         slot = state.agents[event.agent_id] = AgentSlot(event.agent_id, event.pool, event.host_id)

@@ -109,8 +109,9 @@ class TransientFailure(Exception):
     timeout, counts as transient too; raise this one to say so explicitly."""
 
 
-class SimulatedFailure(RuntimeError):
-    """The simulated agent's configured failure."""
+class SimulatedFailure(TransientFailure):
+    """The simulated agent's configured failure: a model endpoint failing now and then
+    (transient, not a crash of the agent)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,9 +39,11 @@ from conclave.bus import (
 )
 from conclave.coordination import Coordinator
 from conclave.domain.events import (
+    AgentFailed,
     AgentMessage,
     AgentOutput,
     AgentRegistered,
+    AgentRestarted,
     DeadLetterRecord,
     Envelope,
     Heartbeat,
@@ -54,12 +56,19 @@ from conclave.domain.events import (
     now_us,
 )
 from conclave.domain.messaging import expired
+from conclave.domain.restarts import RestartBudget, Restarted
 from conclave.errors import BrokerUnavailable, Fenced, SchemaError
 from conclave.feed import fetched_to
 from conclave.messaging import Messenger, UnknownRecipient, error_payload
 from conclave.outage import Backoff, Outage
 from conclave.records import Record
-from conclave.runtime.agents import AgentContext, AgentFn, MessageHandler, PermanentFailure
+from conclave.runtime.agents import (
+    AgentContext,
+    AgentFn,
+    MessageHandler,
+    PermanentFailure,
+    TransientFailure,
+)
 from conclave.runtime.limits import HostLimits, SpawnRefused, over_limit, spawn_refusal
 from conclave.settings import Settings
 from conclave.topics import HOST_HEADER, pool_partition
@@ -83,6 +92,19 @@ open are stalled, or they would count as late and the work be done again."""
 class OutputRejected(PermanentFailure):
     """An agent's answer that cannot be recorded: not text, or too large. Permanent: the
     same agent would answer the same way again."""
+
+
+class AgentUnavailable(TransientFailure):
+    """A dispatch to an agent its host gave up on (``agent.failed``), sent before the
+    scheduler heard so: another agent may take the task."""
+
+
+def crashed(exc: BaseException) -> bool:
+    """Whether an attempt's error is the agent crashing (restarted, within its budget),
+    rather than its answer about the task: a failure it raised on purpose
+    (:class:`PermanentFailure`, :class:`TransientFailure`) is an answer; any other error,
+    and running past the task timeout (hung), is a crash."""
+    return not isinstance(exc, PermanentFailure | TransientFailure)
 
 
 def _checked(content: object) -> str:
@@ -112,6 +134,11 @@ class HostConfig:
     limits: HostLimits = field(default_factory=HostLimits)
     """Memory and CPU over which its agents take no new work; memory use of the machine
     over which it does not start."""
+    restarts: int | None = None
+    """Restarts of a crashed agent allowed within ``restart_window_s`` before the next
+    crash fails it; ``None``: the settings' (``CONCLAVE_AGENT_RESTARTS``, 5)."""
+    restart_window_s: float | None = None
+    """``None``: the settings' (``CONCLAVE_AGENT_RESTART_WINDOW_S``, 60 s)."""
 
 
 @dataclass(slots=True)
@@ -203,7 +230,15 @@ class RuntimeHost:
         """Set once the host said it is leaving: its beats promise no later."""
         self._over_limit: str | None = None  # what the last beat said of its limits
         self._host_header = config.host_id.encode()
-        self._task_timeout_s = config.task_timeout_s or settings.task_timeout_s
+        # Its agents' restarts after crashes, and those it gave up on (they run nothing).
+        self._restarts = RestartBudget(
+            settings.agent_restarts if config.restarts is None else config.restarts,
+            int((config.restart_window_s or settings.agent_restart_window_s) * 1_000_000),
+        )
+
+    @property
+    def _task_timeout_s(self) -> float:
+        return self.config.task_timeout_s or self.settings.task_timeout_s
 
     @property
     def group_id(self) -> str:
@@ -554,7 +589,10 @@ class RuntimeHost:
             span.set_attribute("conclave.agent_id", event.agent_id)
             started = time.perf_counter()
             outcome: AgentOutput | TaskFailed
+            crash: str | None = None  # why, if the agent crashed
             try:
+                if (why := self._restarts.failed.get(event.agent_id)) is not None:
+                    raise AgentUnavailable(f"agent {event.agent_id!r} failed: {why}")
                 async with asyncio.timeout(self._task_timeout_s):
                     answer = await self._answer(ctx)
                 content = _checked(answer)
@@ -595,6 +633,9 @@ class RuntimeHost:
                     type(exc).__name__,
                     message[:200],
                 )
+                if crashed(exc):
+                    where = f"task {event.task_id}, attempt {event.attempt}"
+                    crash = f"{type(exc).__name__}: {message[:500]} ({where})"
             else:
                 outcome = AgentOutput(
                     task_id=event.task_id,
@@ -616,7 +657,43 @@ class RuntimeHost:
                 headers=onward,
             )
         self._pending.append((record.offset, out))
+        if crash is not None:  # said after the crashed attempt, in its transaction
+            self._pending.append((record.offset, self._restart(event.agent_id, crash)))
         self._wakeup.set()
+
+    def _restart(self, agent_id: str, why: str) -> Outgoing:
+        """Agent ``agent_id`` crashed: start it afresh (its memory emptied) while its
+        restart budget allows, else give up on it. The record that says which."""
+        pool, window_s = self.config.pool, self._restarts.window_us / 1_000_000
+        verdict = self._restarts.crashed(agent_id, now_us(), why)
+        said: AgentRestarted | AgentFailed
+        if isinstance(verdict, Restarted):
+            self.memories[agent_id] = {}
+            log.warning(
+                "%s: agent %s restarted (%d of %d within %g s) after %s",
+                self.name, agent_id, verdict.restarts, self._restarts.limit, window_s, why[:200],
+            )  # fmt: skip
+            metrics.agent_restarts.labels(pool, "restarted").inc()
+            said = AgentRestarted(
+                agent_id=agent_id,
+                pool=pool,
+                host_id=self.config.host_id,
+                restarts=verdict.restarts,
+                window_s=window_s,
+                reason=f"crashed: {why}",
+            )
+        else:
+            log.error("%s: agent %s failed: %s", self.name, agent_id, verdict.reason[:300])
+            metrics.agent_restarts.labels(pool, "failed").inc()
+            said = AgentFailed(
+                agent_id=agent_id,
+                pool=pool,
+                host_id=self.config.host_id,
+                restarts=verdict.restarts,
+                window_s=window_s,
+                reason=verdict.reason,
+            )
+        return self.producer.encode(self.topics.agents, self._partition, agent_id, said)[1]
 
     async def _flush(self) -> None:
         """Group commit: whatever outcomes are ready go out in one transaction with the

@@ -22,7 +22,7 @@ from conclave.runtime.limits import HostLimits
 from conclave.settings import Settings
 from conclave.topics import pool_partition
 from projections import queries
-from tests.integration.conftest import System, eventually, has_status
+from tests.integration.conftest import System, eventually, has_status, output_visible
 from tests.integration.test_skeleton import cli
 
 pytestmark = pytest.mark.integration
@@ -267,3 +267,74 @@ async def test_agents_are_found_by_capability(system: System) -> None:
 async def _two(found: Awaitable[list[queries.AgentView]]) -> list[queries.AgentView] | None:
     agents = await found
     return agents if len(agents) == 2 else None
+
+
+async def test_a_crashing_agent_is_restarted_afresh_until_its_budget_is_spent_then_fails(
+    system: System,
+) -> None:
+    """An agent that crashes (an error it did not raise on purpose) is restarted with an
+    empty memory, twice within its budget; the third crash fails it: no more work for it,
+    said in ``conclave agents`` and its history, until its host starts again."""
+    settings, db, client, pool = system.settings, system.db, system.client, system.pool
+    broken, other = f"{pool}-agent-000", f"{pool}-agent-001"
+
+    async def agent(ctx: AgentContext) -> str:
+        runs = ctx.memory["runs"] = ctx.memory.get("runs", 0) + 1
+        if ctx.agent_id == broken and ctx.input.startswith("crash"):
+            raise KeyError(f"run {runs} of this life")
+        return f"{ctx.agent_id}: run {runs} of this life"
+
+    config = HostConfig(
+        pool=pool, agent_ids=[broken, other], host_id=f"{pool}-h", restarts=2, restart_window_s=600
+    )
+    host = RuntimeHost(settings, config, agent)
+    await host.start()
+    try:
+        warm = await system.submit_visible("warm up", agent_id=broken)  # run 1 of its first life
+        crashing = []
+        for i in range(3):  # one at a time: each crash is judged before the next dispatch
+            crash = await client.submit(f"crash {i}", pool=pool, agent_id=broken, max_attempts=1)
+            crashing.append(crash)
+            await eventually(lambda: has_status(db, crashing[-1], "dead_lettered"))
+        await eventually(lambda: _state_of(settings, pool, broken, "failed"))
+        shown = json.loads(cli(settings, "agents", "--pool", pool, "--json").stdout)
+        mine = {a["agent_id"]: a for a in shown}
+        assert mine[broken]["restarts"] == 2
+        assert mine[broken]["suspended_reason"] == (
+            "crashed 3 times within 600 s, over its restart budget of 2: "
+            f"KeyError: 'run 1 of this life' (task {crashing[2]}, attempt 1)"
+        )
+        assert mine[other]["state"] == "idle"
+        # Its memory was emptied at each restart: every crash was run 1 of a new life
+        # (the first crash, run 2 of the first, is what the warm-up left in it).
+        history = json.loads(cli(settings, "agents", "show", broken, "--json").stdout)
+        said = [(h["state"], h["reason"]) for h in history if h["state"] in ("idle", "failed")]
+        assert said[1:] == [
+            ("idle", f"attempt 1 of {crashing[0]} failed: KeyError: 'run 2 of this life'"),
+            ("idle", "restarted (1 within 600 s): crashed: KeyError: 'run 2 of this life' "
+             f"(task {crashing[0]}, attempt 1)"),
+            ("idle", f"attempt 1 of {crashing[1]} failed: KeyError: 'run 1 of this life'"),
+            ("idle", "restarted (2 within 600 s): crashed: KeyError: 'run 1 of this life' "
+             f"(task {crashing[1]}, attempt 1)"),
+            ("idle", f"attempt 1 of {crashing[2]} failed: KeyError: 'run 1 of this life'"),
+            ("failed", mine[broken]["suspended_reason"]),
+        ]  # fmt: skip
+        assert said[0] == ("idle", f"answered {warm}")
+        # Failed: a task for it waits, the pool's other agent takes the rest.
+        waiting = await client.submit("hello", pool=pool, agent_id=broken)
+        elsewhere = await system.submit_visible("anyone")
+        assert (await queries.get_task(db, elsewhere)).agent_id == other
+        assert await has_status(db, waiting, "queued")
+    finally:
+        await host.stop()
+    # Its host started again: the agent is registered afresh and takes its task.
+    again = RuntimeHost(settings, config, agent)
+    await again.start()
+    try:
+        await eventually(lambda: output_visible(db, waiting))
+        view = await queries.get_task(db, waiting)
+        assert view.output is not None
+        assert view.output.content == f"{broken}: run 1 of this life"
+        await eventually(lambda: _state_of(settings, pool, broken, "idle"))
+    finally:
+        await again.stop()

@@ -60,6 +60,17 @@ from conclave.domain.scheduling import LEFT, NO_ANSWER
         ),
         (ev.AgentCircuitHalfOpened(agent_id="a"),
          [Transition("a", "probing", "cool-down over: one probe task")]),
+        (
+            ev.AgentRestarted(agent_id="a", pool="p", host_id="h", restarts=2, window_s=60.0,
+                              reason="crashed: KeyError: 'x' (task t, attempt 1)"),
+            [Transition("a", "idle",
+                        "restarted (2 within 60 s): crashed: KeyError: 'x' (task t, attempt 1)")],
+        ),
+        (
+            ev.AgentFailed(agent_id="a", pool="p", host_id="h", restarts=5, window_s=60.0,
+                           reason="crashed 6 times within 60 s"),
+            [Transition("a", "failed", "crashed 6 times within 60 s")],
+        ),
         (ev.Heartbeat(agent_id="a", host_id="h", task_id=None, rss_bytes=1), []),
     ],
 )  # fmt: skip
@@ -80,4 +91,5 @@ def test_a_registration_while_busy_leaves_it_busy_and_otherwise_says_registered(
     again = Transition("a", "registered", "on host 'h' in pool 'p'")
     assert fold(busy, again) == busy
     assert fold(AgentNow("lost"), again) == AgentNow("registered")
+    assert fold(AgentNow("failed"), again) == AgentNow("registered")  # its host started anew
     assert fold(AgentNow("lost"), Transition("a", "busy", "runs t", "t")) == AgentNow("busy", "t")

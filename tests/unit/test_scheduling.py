@@ -35,6 +35,7 @@ from conclave.domain.events import (
     AgentCircuitClosed,
     AgentCircuitHalfOpened,
     AgentCircuitOpened,
+    AgentFailed,
     AgentRegistered,
     AgentReinstated,
     CancelRequested,
@@ -221,12 +222,7 @@ class Harness:
         self.breakers()
         queued_before = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.QUEUED}
         idle_before = {
-            (a.agent_id, a.pool)
-            for a in state.agents.values()
-            if a.agent_id not in state.assignments
-            and a.agent_id not in state.suspects
-            and a.agent_id not in state.breakers
-            and not _leaving(state, a.agent_id)
+            (a.agent_id, a.pool) for a in state.agents.values() if _takes_work(state, a.agent_id)
         }
         snapshot = copy.deepcopy(state)
         dispatched = schedule(state, self.now, answer_within_us=ANSWER_US)
@@ -274,7 +270,14 @@ class Harness:
         return [*decided, *self.schedule()]
 
     def fact(
-        self, event: AgentRegistered | HostBeat | HostLeaving | Halt | Resume | PoolConfigured
+        self,
+        event: AgentRegistered
+        | AgentFailed
+        | HostBeat
+        | HostLeaving
+        | Halt
+        | Resume
+        | PoolConfigured,
     ) -> list[Emitted]:
         self._fold([event])
         if isinstance(event, HostBeat):
@@ -492,6 +495,17 @@ class Harness:
         raise AssertionError("the schedule did not quiesce")
 
 
+def _takes_work(state: SchedulerState, agent_id: str) -> bool:
+    """Free for a task: not busy, stalled, failed, tripped, nor on a host leaving."""
+    return (
+        agent_id not in state.assignments
+        and agent_id not in state.suspects
+        and agent_id not in state.failed
+        and agent_id not in state.breakers
+        and not _leaving(state, agent_id)
+    )
+
+
 def _leaving(state: SchedulerState, agent_id: str) -> bool:
     """Its host said it is leaving, or that it is over its limits: no new work."""
     lease = state.hosts.get(state.agents[agent_id].host_id)
@@ -562,11 +576,7 @@ def reference_schedule(state: SchedulerState) -> list[TaskDispatched]:
         idle = {
             a.agent_id: a
             for a in state.agents.values()
-            if a.pool == pool
-            and a.agent_id not in state.assignments
-            and a.agent_id not in state.suspects
-            and a.agent_id not in state.breakers
-            and not _leaving(state, a.agent_id)
+            if a.pool == pool and _takes_work(state, a.agent_id)
         }
         waiting = sorted(queued[pool], key=lambda t: t.rank)
         limits = state.pools[pool].limits
@@ -623,7 +633,7 @@ def recovered(log: list[Folded], start: SchedulerState) -> SchedulerState:
 def interleavings(log: list[Folded]) -> list[list[Folded]]:
     """The tasks topic entirely before, and entirely after, the agents and control
     topics: per-topic order is all that recovery can count on."""
-    facts = (AgentRegistered, HostBeat, HostLeaving, Halt, Resume, PoolConfigured)
+    facts = (AgentRegistered, AgentFailed, HostBeat, HostLeaving, Halt, Resume, PoolConfigured)
     tasks_topic = [e for e in log if not isinstance(e, facts)]
     other_topics = [e for e in log if isinstance(e, facts)]
     return [[*tasks_topic, *other_topics], [*other_topics, *tasks_topic]]
@@ -900,6 +910,22 @@ class SchedulerMachine(RuleBasedStateMachine):
         they take no new work until a beat says it has room."""
         self.h.beat(host_id, lease, over)
 
+    @rule(agent_id=st.sampled_from(sorted(POOL_OF)))
+    def its_host_gives_up_on_an_agent(self, agent_id: str) -> None:
+        """It crashed past its restart budget: said after its crashed attempt ended, so
+        never while it runs one."""
+        slot = self.state.agents.get(agent_id)
+        if slot is not None and agent_id not in self.state.assignments:
+            failed = AgentFailed(
+                agent_id=agent_id,
+                pool=slot.pool,
+                host_id=slot.host_id,
+                restarts=5,
+                window_s=60.0,
+                reason="crashed 6 times within 60 s",
+            )
+            self.h.fact(failed)
+
     @rule(host_id=st.sampled_from(["h0", "h1"]), drain=st.integers(0, 2 * ANSWER_US))
     def host_leaves(self, host_id: str, drain: int) -> None:
         """A host says it is stopping: its agents take nothing new from now on."""
@@ -1050,6 +1076,18 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert pool is None or pool.claimed.rank(agent_id) is None
 
     @invariant()
+    def an_agent_its_host_gave_up_on_gets_no_work_until_it_registers_again(self) -> None:
+        failed: set[str] = set()
+        for event in self.h.log:
+            if isinstance(event, AgentFailed):
+                failed.add(event.agent_id)
+            elif isinstance(event, AgentRegistered):
+                failed.discard(event.agent_id)
+            elif isinstance(event, TaskDispatched):
+                assert event.agent_id not in failed, f"{event.task_id} to failed {event.agent_id}"
+        assert failed == self.state.failed.keys()
+
+    @invariant()
     def an_agent_whose_circuit_is_open_gets_no_work(self) -> None:
         busy = {t.agent_id for t in self.h.dispatched()}
         assert not busy & {key for _, key in self.state.breakers.members()}
@@ -1102,14 +1140,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def idle_agents_are_indexed_by_their_best_claim(self) -> None:
-        idle = [
-            a
-            for a in self.state.agents.values()
-            if a.agent_id not in self.state.assignments
-            and a.agent_id not in self.state.suspects
-            and a.agent_id not in self.state.breakers
-            and not _leaving(self.state, a.agent_id)
-        ]
+        idle = [a for a in self.state.agents.values() if _takes_work(self.state, a.agent_id)]
         for agent in idle:
             pool = self.state.pools[agent.pool]
             claims = [
