@@ -48,7 +48,8 @@ class AgentContext:
     input: str
     deliberation_id: str | None
     memory: dict[str, Any] = field(default_factory=dict)
-    """The agent's own memory, kept across its tasks, never shared with another agent."""
+    """The agent's own memory, kept across its tasks, never shared with another agent;
+    empty again after it crashed and its host restarted it."""
     coordination: Coordinator | None = None
     """Resource locks and versioned state shared with other agents and processes
     (``await ctx.coordination.acquire_lock(...)``, ``update_state(...)``), through the
