@@ -28,6 +28,9 @@ Measured in one run, each part on a fresh embedded stack (its own broker and Pos
   uncontended and with 10 clients on one lock, state update -> new version p50/p99.
 * agents talking to agents (:mod:`bench.messaging`): ask -> answer round trip p50/p99,
   one at a time and 20 in flight, and one-way messages per second.
+* agent lifecycle at scale (:mod:`bench.lifecycle`): 1,000 and 10,000 simulated agents
+  beating: worker and projector CPU per beat and per agent-second, the delay from a
+  silent host's lease end to ``host.lost`` p50/p99, and a new host's start time.
 * the HTTP API (:mod:`bench.api_latency`): query latency p50/p99 of the main endpoints
   under 50 concurrent clients, 20,000 tasks in the read models.
 """
@@ -54,6 +57,7 @@ from rich.table import Table
 from bench import (
     api_latency,
     coordination,
+    lifecycle,
     messaging,
     peers,
     telemetry,
@@ -321,7 +325,16 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["demo", "scale", "workloads", "telemetry", "coordination", "messaging", "api"],
+        choices=[
+            "demo",
+            "scale",
+            "workloads",
+            "telemetry",
+            "coordination",
+            "messaging",
+            "lifecycle",
+            "api",
+        ],
         default=None,
     )
     parser.add_argument("--json", action="store_true")
@@ -350,11 +363,18 @@ def main() -> None:
         result["coordination"] = [asdict(r) for r in asyncio.run(coordination.run(500))]
     if args.only in (None, "messaging"):
         result["messaging"] = [asdict(r) for r in asyncio.run(messaging.run(500))]
+    if args.only in (None, "lifecycle"):
+        result["lifecycle"] = [asdict(r) for r in asyncio.run(lifecycle.run([1000, 10000]))]
     if args.only in (None, "api"):
         result["api"] = [asdict(r) for r in api_latency.bench(tasks=args.tasks)]
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    show_all(result, peer_rows, args.tasks)
+
+
+def show_all(result: dict[str, Any], peer_rows: list[peers.PeerFigures], tasks: int) -> None:
+    """Every part measured, as tables."""
     if "demo" in result:
         show(result["demo"])
     if "scale" in result:
@@ -373,9 +393,11 @@ def main() -> None:
         coordination.show([coordination.Latency(**r) for r in result["coordination"]])
     if "messaging" in result:
         messaging.show([messaging.Figures(**r) for r in result["messaging"]])
+    if "lifecycle" in result:
+        lifecycle.show([lifecycle.Figures(**r) for r in result["lifecycle"]])
     if "api" in result:
         rows = [api_latency.Row(**r) for r in result["api"]]
-        Console().print(api_latency.table(rows, clients=50, tasks=args.tasks))
+        Console().print(api_latency.table(rows, clients=50, tasks=tasks))
 
 
 def _ints(text: str) -> list[int]:

@@ -83,8 +83,10 @@ class Topics:
 
     @property
     def heartbeats(self) -> str:
-        """Agent heartbeats: high volume, read by the projector and liveness checks only,
-        so that the scheduler's input carries no heartbeat traffic (key: agent id)."""
+        """Per-agent heartbeats (key: agent id), read by the projector only. Runtime hosts
+        no longer write them: a host's one ``host.beat`` a second on the agents topic
+        stands for all its agents. Kept so that the history written before still folds,
+        and for other producers."""
         return f"{self.prefix}.heartbeats"
 
     @property

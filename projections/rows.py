@@ -750,6 +750,7 @@ def fold_task(
 
 AgentEvent = (
     AgentRegistered
+    | HostBeat
     | AgentRestarted
     | AgentFailed
     | AgentReinstated
@@ -772,7 +773,10 @@ def fold_agent(
 
     A registration sets the registration columns (the latest registration wins); a
     heartbeat sets the heartbeat columns unless the row already has a later beat. A
-    heartbeat's host only fills a row that has no registration yet. The scheduler's own
+    heartbeat's host (the latest one's) only fills a row that has no registration yet. A
+    host's beat is a heartbeat of each agent it names, saying which of them runs what
+    (the same rule: the latest beat wins, whichever topic or host it came from). The
+    scheduler's own
     view (a stall, a lost host, a reinstatement: all on the tasks topic, so in order)
     sets and clears the suspension.
     """
@@ -810,10 +814,15 @@ def fold_agent(
         row.circuit, row.circuit_until = "half_open", None
     elif isinstance(event, AgentCircuitClosed):
         row.circuit = row.circuit_until = row.circuit_reason = None
-    elif (row.last_heartbeat_at or 0) <= envelope.occurred_at:  # a heartbeat
+    elif (row.last_heartbeat_at or 0) <= envelope.occurred_at:  # a heartbeat, or a host's beat
         row.last_heartbeat_at = envelope.occurred_at
-        row.current_task_id = event.task_id
+        if isinstance(event, HostBeat):
+            row.current_task_id = event.running.get(agent_id)
+        else:
+            row.current_task_id = event.task_id
         row.rss_bytes = event.rss_bytes
+        if row.registered_at is None:  # until it registers: where the latest beat came from
+            row.host_id = event.host_id
     return row
 
 
@@ -1050,7 +1059,7 @@ KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], 
     AgentRestarted: (_AGENT,),
     AgentFailed: (_AGENT,),
     Heartbeat: (_AGENT,),
-    HostBeat: (_HOST,),
+    HostBeat: (_HOST, (AGENTS, attrgetter("agent_ids"), fold_agent)),
     HostLeaving: (_HOST,),
     HostLost: (_HOST, (AGENTS, attrgetter("agent_ids"), fold_agent)),
     LockGranted: (_LOCK,),

@@ -421,6 +421,10 @@ class HostBeat:
     """Schema v2: why the host takes no new work now (over its memory or CPU limit;
     ``None``: it has room). The newest beat of a host says: its agents get no dispatch
     while it is over, and what they run goes on."""
+    running: dict[str, str] = field(default_factory=dict)
+    """Schema v3: agent -> the task it runs, for those of its agents that run one (the
+    others are idle). A host beats once for all its agents: it writes no per-agent
+    ``Heartbeat`` since, so 72 agents cost one record a second, not 73."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

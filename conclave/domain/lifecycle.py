@@ -18,7 +18,8 @@ read model, ``conclave agents show ID``)::
 Heartbeats change no state and are not history: a beat only renews its host's lease.
 ``registered`` says where an agent runs, not what it does: an agent registered again
 while it ran a task (its host restarted, and resumes its dispatches) is busy until that
-attempt ends.
+attempt ends. The end of a run moves only the agent running that very attempt: a late
+or repeated report about an earlier attempt of a task it runs again ends nothing.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ class Transition:
     """The end of a run of ``task_id`` (answered, failed, cancelled, expired): it moves
     only an agent running that task. A failure report about another task (late, or sent
     by hand) says nothing of what the agent does now."""
+    attempt: int | None = None
+    """The attempt it starts or ends, where the event says (an answer does not: it ends
+    the task, so no later attempt of it runs). A late report about an earlier attempt of
+    the task the agent runs again ends nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,15 +106,23 @@ class AgentNow:
 
     state: str
     task_id: str | None = None
+    attempt: int | None = None
 
 
 def fold(now: AgentNow | None, change: Transition) -> AgentNow:
     """The state after ``change``: the rule that reads an agent's history."""
     if change.state == "registered" and now is not None and now.state == "busy":
         return now  # where it runs, not what it does: its host resumes the attempt
-    if change.ends_run and (now is None or now.task_id != change.task_id):
+    if change.ends_run and (
+        now is None
+        or now.task_id != change.task_id
+        or (None not in (now.attempt, change.attempt)
+        and now.attempt != change.attempt)
+    ):
         return now if now is not None else AgentNow("registered")
-    return AgentNow(change.state, change.task_id if change.state == "busy" else None)
+    if change.state == "busy":
+        return AgentNow("busy", change.task_id, change.attempt)
+    return AgentNow(change.state)
 
 
 def transitions(event: Event) -> list[Transition]:
@@ -122,7 +135,7 @@ def transitions(event: Event) -> list[Transition]:
             return [Transition(event.agent_id, "registered", where)]
         case TaskDispatched():
             said = f"runs {event.task_id} (attempt {event.attempt})"
-            return [Transition(event.agent_id, "busy", said, event.task_id)]
+            return [Transition(event.agent_id, "busy", said, event.task_id, attempt=event.attempt)]
         case TaskCompleted():
             said = f"answered {event.task_id}"
             return [Transition(event.agent_id, "idle", said, event.task_id, ends_run=True)]
@@ -130,10 +143,11 @@ def transitions(event: Event) -> list[Transition]:
             error = failure_detail(event.error_type, permanent=event.permanent)
             said = f"attempt {event.attempt} of {event.task_id} failed: {error}"
             said += f": {event.error_message}" if event.error_message else ""
-            return [Transition(event.agent_id, "idle", said, event.task_id, ends_run=True)]
+            ended = Transition(event.agent_id, "idle", said, event.task_id, True, event.attempt)
+            return [ended]
         case TaskCancelled(agent_id=str(agent_id)) | TaskExpired(agent_id=str(agent_id)):
             said = f"{event.task_id} {event.TYPE.removeprefix('task.')}: its run stopped"
-            return [Transition(agent_id, "idle", said, event.task_id, ends_run=True)]
+            return [Transition(agent_id, "idle", said, event.task_id, True, event.attempt)]
         case TaskStalled() if event.reason.endswith(NO_ANSWER):
             # A stall because its host is gone follows the host's loss, which says it.
             return [Transition(event.agent_id, "unresponsive", event.reason, event.task_id)]

@@ -46,7 +46,6 @@ from conclave.domain.events import (
     AgentRestarted,
     DeadLetterRecord,
     Envelope,
-    Heartbeat,
     HostBeat,
     HostLeaving,
     TaskCancelled,
@@ -791,30 +790,18 @@ class RuntimeHost:
                 rss_bytes=rss,
                 cpu_percent=round(cpu, 1),
                 over_limit=self._over_limit,
+                running={a: t for a, t in self.current.items() if t is not None},
             ),
         )[1]
 
     async def _heartbeat(self) -> None:
         outage = Outage(log, f"{self.name} heartbeats", f"Kafka at {self.settings.kafka_bootstrap}")
         while True:
-            rss = self._process.memory_info().rss
-            beats = [
-                self.producer.encode(
-                    self.topics.heartbeats,
-                    None,  # by key: the agent's heartbeats stay in order
-                    agent_id,
-                    Heartbeat(
-                        agent_id=agent_id,
-                        host_id=self.config.host_id,
-                        task_id=task_id,
-                        rss_bytes=rss,
-                    ),
-                )[1]
-                for agent_id, task_id in self.current.items()
-            ]
+            # One beat for all its agents, naming what each runs: no per-agent heartbeat.
+            beats = []
             stuck = time.monotonic() - self._turned_at
             if stuck < self.settings.host_lease_s:
-                beats.append(self._host_beat(rss))
+                beats.append(self._host_beat(self._process.memory_info().rss))
                 self._stuck = False
             elif not self._stuck:  # the scheduler is to take its work away: say so once
                 log.warning("%s: work loop stuck for %.1f s, host beats stop", self.name, stuck)

@@ -27,6 +27,7 @@ from conclave.domain.events import (
     Event,
     Halt,
     Heartbeat,
+    HostBeat,
     Priority,
     Resume,
     TaskCompleted,
@@ -147,6 +148,22 @@ def task_history(it: Installation, tasks: int, *, start: int = 0) -> list[Produc
     return out
 
 
+def _host_beats(it: Installation, rng: random.Random) -> list[Produced]:
+    """Two hosts' beats, each a heartbeat of every agent it names, at times no other beat
+    or heartbeat shares (a tie between topics would make the order matter)."""
+    out: list[Produced] = []
+    agents = [f"agent-{a}" for a in range(6)]
+    for host, odd in (("h1", 1), ("h2", 3)):  # a host's beat is its agents' heartbeat
+        for _ in range(rng.randrange(0, 4)):
+            at = it.clock + 4 * rng.randrange(-1_250, 1_250) + odd  # no two at one time
+            running = {a: f"task-{rng.randrange(60):03d}" for a in agents if rng.random() < 0.3}
+            beat = HostBeat(
+                host_id=host, pool="p", agent_ids=agents, expires_at=at, running=running
+            )
+            out.append((it.topics.agents, host, it.encode(beat, at=at)))
+    return out
+
+
 def adversarial_history(it: Installation, seed: int) -> list[Produced]:
     """Histories whose rows depend on order and on first-write-wins: retries, late and
     duplicated events, events of unknown tasks, beats out of time order, registrations
@@ -202,11 +219,12 @@ def adversarial_history(it: Installation, seed: int) -> list[Produced]:
     for a in range(6):
         agent = f"agent-{a}"
         for _ in range(rng.randrange(1, 6)):
-            at = it.clock + rng.randrange(-5_000, 5_000)
+            at = it.clock + 2 * rng.randrange(-2_500, 2_500)  # even: no tie with a host's
             out.append((t.heartbeats, agent, it.encode(_beat(agent, None), at=at)))
         for host in ("h1", "h2")[: rng.randrange(0, 3)]:
             registered = AgentRegistered(agent_id=agent, pool="p", host_id=host, agent_ref="m:f")
             out.append((t.agents, agent, it.encode(registered)))
+    out += _host_beats(it, rng)
     out += [
         (t.control, "system", it.encode(Halt(reason="stop", operator="o"))),
         (t.control, "system", it.encode(Resume(reason="go", operator="o"))),

@@ -270,7 +270,7 @@ def _simple(tp: Any) -> Any:
     if typing.get_origin(tp) is list:
         return ["a", "b"]
     if typing.get_origin(tp) is dict:
-        return {"a": 7}
+        return {"a": _simple(typing.get_args(tp)[1])}
     simple = {str: "x", int: 7, float: 1.5, bool: True, bytes: b"\x00\xff"}
     return {**simple, ev.Priority: ev.Priority.HIGH}[tp]
 
@@ -405,6 +405,7 @@ WRITTEN_FINGERPRINTS = [
     ("TaskRetryScheduled", "04521fc07f7b38df"),
     ("CommandRejected", "5194ac345d06b881"),
     ("ProjectionDigest", "9fc9e73bbba87ce9"),
+    pytest.param("HostBeat", "7aa754234a39444f", id="HostBeat-v2"),
 ]
 
 

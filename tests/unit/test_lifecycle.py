@@ -20,7 +20,7 @@ from conclave.domain.scheduling import LEFT, NO_ANSWER
         (
             ev.TaskDispatched(task_id="t", pool="p", agent_id="a", host_id="h", attempt=2,
                               input="x", deliberation_id=None),
-            [Transition("a", "busy", "runs t (attempt 2)", "t")],
+            [Transition("a", "busy", "runs t (attempt 2)", "t", attempt=2)],
         ),
         (
             ev.TaskCompleted(task_id="t", agent_id="a", output_event_id="o", witness_sequence=1),
@@ -32,7 +32,7 @@ from conclave.domain.scheduling import LEFT, NO_ANSWER
                 deliberation_id=None, permanent=True,
             ),
             [Transition("a", "idle", "attempt 1 of t failed: Boom (permanent): no", "t",
-                        ends_run=True)],
+                        ends_run=True, attempt=1)],
         ),
         (
             ev.TaskStalled(task_id="t", agent_id="a", host_id="h", attempt=1,
@@ -84,6 +84,27 @@ def test_the_end_of_a_run_moves_only_the_agent_running_that_task() -> None:
     stray = Transition("a", "idle", "attempt 1 of u failed: E", "u", ends_run=True)
     assert fold(busy, stray) == busy  # a report about another task says nothing of now
     assert fold(busy, Transition("a", "idle", "answered t", "t", ends_run=True)) == AgentNow("idle")
+
+
+def test_a_late_report_about_an_earlier_attempt_of_the_task_it_runs_again_ends_nothing() -> None:
+    (again,) = transitions(
+        ev.TaskDispatched(task_id="t", pool="p", agent_id="a", host_id="h", attempt=2,
+                          input="x", deliberation_id=None)
+    )  # fmt: skip
+    busy = fold(AgentNow("idle"), again)
+    assert busy == AgentNow("busy", "t", 2)
+
+    def failed(attempt: int) -> Transition:
+        (change,) = transitions(
+            ev.TaskFailed(task_id="t", agent_id="a", attempt=attempt, error_type="E",
+                          error_message="", deliberation_id=None)
+        )  # fmt: skip
+        return change
+
+    assert fold(busy, failed(1)) == busy  # attempt 1's failure, witnessed again
+    assert fold(busy, failed(2)) == AgentNow("idle")
+    answered = Transition("a", "idle", "answered t", "t", ends_run=True)  # no attempt: the last
+    assert fold(busy, answered) == AgentNow("idle")
 
 
 def test_a_registration_while_busy_leaves_it_busy_and_otherwise_says_registered() -> None:
