@@ -8,8 +8,8 @@ its pool's partition of the agents topic), with the default lease
 (``CONCLAVE_HOST_LEASE_S``, 5 s). Measured:
 
 * **steady state**, 15 s: CPU of the worker and of the projector per host beat and per
-  agent-second (what one agent's liveness costs each second), and the records per second
-  all the beats make;
+  agent-second (what one agent's liveness costs each second), above what each uses with
+  nothing to do (measured first, 10 s, and shown);
 * **detection**: 10 hosts stop beating, one every 100 ms (as if killed with -9): the delay
   from the end of each one's lease (its last beat's promise) to the scheduler's
   ``host.lost`` (the event's time), p50/p99/max; the goal is p99 < 2 s;
@@ -28,7 +28,6 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-import asyncpg
 import psutil
 
 from bench import throughput
@@ -38,10 +37,13 @@ from conclave.client import Client
 from conclave.domain.events import AgentRegistered, HostBeat, HostLost, now_us
 from conclave.settings import Settings
 from conclave.topics import pool_partition
+from projections.database import connect
+from schemas.codec import default_codec
 
 POOL = "bench"
 PER_HOST = 100
 STEADY_S = 15.0
+IDLE_S = 10.0
 KILLED = 10
 
 
@@ -50,6 +52,8 @@ class Figures:
     agents: int
     hosts: int
     beats_per_s: float
+    worker_idle_percent: float
+    projector_idle_percent: float
     worker_cpu_us_per_beat: float
     worker_cpu_us_per_agent_s: float
     projector_cpu_us_per_beat: float
@@ -139,7 +143,7 @@ class _Fleet:
 
 async def _lost_hosts(settings: Settings, hosts: set[str]) -> dict[str, int]:
     """``host.lost`` of each of ``hosts``, with its time (µs), from the tasks topic."""
-    codec = EventProducer(settings, producer="bench-reader").codec
+    codec = default_codec()
     found: dict[str, int] = {}
     async for message in read_history(settings, [topics_for(settings).tasks]):
         if message.key is None or message.key.decode() not in hosts or message.value is None:
@@ -174,7 +178,7 @@ async def _agent_start(settings: Settings, children: ChildProcesses) -> tuple[fl
         await children.ready("runtime-start")
         running = time.perf_counter() - started
         task_id = await client.submit("hello", pool="bench-start", agent_id="start-000")
-    db = await asyncpg.connect(settings.database_url)
+    db = await connect(settings)
     try:
         query = "SELECT status FROM tasks WHERE task_id = $1"
         for _ in range(6000):  # a minute at most
@@ -202,6 +206,11 @@ async def measure(agents: int) -> Figures:
             await children.ready("projector")
             worker = psutil.Process(children.children["worker"].pid)
             projector = psutil.Process(children.children["projector"].pid)
+            # What each costs with nothing to do: subtracted, to leave the beats' share.
+            idle_w, idle_p, started = _cpu(worker), _cpu(projector), time.monotonic()
+            await asyncio.sleep(IDLE_S)
+            idle_s = time.monotonic() - started
+            idle_w, idle_p = (_cpu(worker) - idle_w) / idle_s, (_cpu(projector) - idle_p) / idle_s
             await fleet.start()
             beating = asyncio.create_task(fleet.beat_forever())
             await asyncio.sleep(8.0)  # registrations folded, leases established
@@ -210,7 +219,8 @@ async def measure(agents: int) -> Figures:
             await asyncio.sleep(STEADY_S)
             elapsed = time.monotonic() - started
             beats = fleet.beats - beats
-            cpu_w, cpu_p = _cpu(worker) - cpu_w, _cpu(projector) - cpu_p
+            cpu_w = _cpu(worker) - cpu_w - idle_w * elapsed
+            cpu_p = _cpu(projector) - cpu_p - idle_p * elapsed
             agent_s = agents * elapsed
 
             killed = sorted(fleet.hosts)[:KILLED]
@@ -232,6 +242,8 @@ async def measure(agents: int) -> Figures:
         agents=agents,
         hosts=len(fleet.hosts),
         beats_per_s=round(beats / elapsed, 1),
+        worker_idle_percent=round(idle_w * 100, 1),
+        projector_idle_percent=round(idle_p * 100, 1),
         worker_cpu_us_per_beat=round(cpu_w / beats * 1e6, 1),
         worker_cpu_us_per_agent_s=round(cpu_w / agent_s * 1e6, 2),
         projector_cpu_us_per_beat=round(cpu_p / beats * 1e6, 1),
@@ -247,7 +259,8 @@ async def measure(agents: int) -> Figures:
 
 def show(rows: list[Figures]) -> None:
     print(
-        f"{'agents':>6} {'hosts':>5} {'beats/s':>7}  {'worker µs/beat':>14} {'µs/agent·s':>10}"
+        f"{'agents':>6} {'hosts':>5} {'beats/s':>7}  {'idle % w/p':>10}"
+        f"  {'worker µs/beat':>14} {'µs/agent·s':>10}"
         f"  {'projector µs/beat':>17} {'µs/agent·s':>10}  {'lost after lease p50/p99/max ms':>31}"
         f"  {'start: running / answered s':>27}"
     )
@@ -255,7 +268,9 @@ def show(rows: list[Figures]) -> None:
         detected = f"{r.detected_p50_ms:g} / {r.detected_p99_ms:g} / {r.detected_max_ms:g}"
         start = f"{r.start_to_running_s:g} / {r.start_to_first_answer_s:g}"
         print(
-            f"{r.agents:>6} {r.hosts:>5} {r.beats_per_s:>7}  {r.worker_cpu_us_per_beat:>14}"
+            f"{r.agents:>6} {r.hosts:>5} {r.beats_per_s:>7}"
+            f"  {f'{r.worker_idle_percent:g}/{r.projector_idle_percent:g}':>10}"
+            f"  {r.worker_cpu_us_per_beat:>14}"
             f" {r.worker_cpu_us_per_agent_s:>10}  {r.projector_cpu_us_per_beat:>17}"
             f" {r.projector_cpu_us_per_agent_s:>10}  {detected:>31}  {start:>27}"
         )
