@@ -16,9 +16,9 @@ its pool's partition of the agents topic), with the default lease
 * **agent start**: a ``conclave runtime`` child process with 100 agents, from spawn to
   running (its agents registered), then to its first answer (a task aimed at one of its
   agents, completed in the read models); the goal is < 2 s;
-* **kill -9 of a host**: two runtime hosts of 4 agents each run 40 tasks of 400 ms; one
-  is killed with -9 while its 4 agents are busy: the time until those 4 tasks are
-  completed on the other host (its lease, 5 s, then a retry there).
+* **kill -9 of a host**: two runtime hosts of 4 agents each take 40 tasks; one (a minute
+  per task) is killed with -9 while its 4 agents are busy: the time until those 4 tasks
+  are completed on the other (100 ms per task): its lease, 5 s, then a retry there.
 
 The machine is shared: figures are as loaded as it was.
 """
@@ -198,21 +198,22 @@ async def _agent_start(settings: Settings, children: ChildProcesses) -> tuple[fl
     return running, time.perf_counter() - started
 
 
-async def _runtime(children: ChildProcesses, name: str, prefix: str) -> None:
+async def _runtime(children: ChildProcesses, name: str, prefix: str, latency_ms: int) -> None:
     children.spawn(
         name,
         ["runtime", "--host-id", name, "--pool", "bench-kill", "--agents", "4",
-         "--prefix", prefix, "--latency-ms", "400"],
+         "--prefix", prefix, "--latency-ms", str(latency_ms)],
         ready_marker=b"running",
     )  # fmt: skip
     await children.ready(name)
 
 
 async def _kill_to_done(settings: Settings, children: ChildProcesses) -> float:
-    """Seconds from ``kill -9`` of one of two runtime hosts, each running 4 agents of
-    400 ms tasks, to the last task it was running completed on the other."""
-    await _runtime(children, "bench-kill-a", "ka")
-    await _runtime(children, "bench-kill-b", "kb")
+    """Seconds from ``kill -9`` of one of two runtime hosts of 4 agents, whose agents take
+    a minute per task (so that they surely run when it dies), to the last task it was
+    running completed on the other (100 ms per task)."""
+    await _runtime(children, "bench-kill-a", "ka", 60_000)
+    await _runtime(children, "bench-kill-b", "kb", 100)
     db = await connect(settings)
     try:
         async with Client(settings, producer_name="bench-kill") as client:
@@ -274,14 +275,14 @@ async def measure(agents: int) -> Figures:
                 fleet.silent.add(host_id)
                 await asyncio.sleep(0.1)
             await asyncio.sleep(settings.host_lease_s + 6.0)
-            beating.cancel()
             lost = await _lost_hosts(settings, set(killed))
             delays = [
                 (lost[h] - fleet.last_promise[h]) / 1000 if h in lost else float("inf")
                 for h in killed
             ]
             running_s, answer_s = await _agent_start(settings, children)
-            kill_s = await _kill_to_done(settings, children)
+            kill_s = await _kill_to_done(settings, children)  # the others beating on
+            beating.cancel()
         finally:
             await fleet.producer.stop()
             children.stop()
