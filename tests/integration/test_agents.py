@@ -304,7 +304,8 @@ async def test_a_crashing_agent_is_restarted_afresh_until_its_budget_is_spent_th
             "crashed 3 times within 600 s, over its restart budget of 2: "
             f"KeyError: 'run 1 of this life' (task {crashing[2]}, attempt 1)"
         )
-        assert mine[other]["state"] == "idle"
+        assert mine[other]["state"] != "failed"  # idle, or silent if its beat is late
+        assert mine[other]["suspended_reason"] is None
         # Its memory was emptied at each restart: every crash was run 1 of a new life
         # (the first crash, run 2 of the first, is what the warm-up left in it).
         history = json.loads(cli(settings, "agents", "show", broken, "--json").stdout)
