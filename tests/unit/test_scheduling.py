@@ -1285,7 +1285,9 @@ SchedulerMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestScheduler = SchedulerMachine.TestCase
+# Hypothesis shrinks a failure for up to 300 s, pytest's default timeout here: past it
+# the run would end with a FlakyStrategyDefinition instead of the shrunk failing steps.
+TestScheduler = pytest.mark.timeout(900)(SchedulerMachine.TestCase)
 
 
 # -- Focused examples and properties -------------------------------------------------------
