@@ -1208,10 +1208,7 @@ def _fold_agent_failed(state: SchedulerState, event: AgentFailed) -> None:
     """Its host gave up on it: no work for it until registered again. On the agents
     topic like its registrations, so the two are folded in the order they happened."""
     state.failed[event.agent_id] = event.reason
-    slot = state.agents.get(event.agent_id)
-    if slot is not None:
-        state.unplace(slot)
-        state.refresh(slot.pool)
+    state.place(event.agent_id)  # out of the idle indexes
 
 
 def _fold_registered(state: SchedulerState, event: AgentRegistered) -> None:
