@@ -48,11 +48,6 @@ class Latency:
     client_cpu_ms_per_op: float
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 class _Cpu:
     def __init__(self, worker: psutil.Process) -> None:
         self.worker = worker
@@ -71,7 +66,7 @@ def _figures(
         what=what,
         n=len(ms),
         p50_ms=round(statistics.median(ms), 2),
-        p99_ms=round(_percentile(ms, 0.99), 2),
+        p99_ms=round(throughput.percentile(ms, 0.99), 2),
         max_ms=round(max(ms), 2),
         per_second=round(ops / elapsed, 1),
         worker_cpu_ms_per_op=round(1000 * cpu[0] / ops, 3),

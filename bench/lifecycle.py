@@ -72,20 +72,6 @@ class Figures:
     another host."""
 
 
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    total: float = times.user + times.system
-    for child in process.children(recursive=True):
-        with_child = child.cpu_times()
-        total += with_child.user + with_child.system
-    return total
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 class _Fleet:
     """Simulated hosts: registrations and one beat per host per second."""
 
@@ -254,20 +240,31 @@ async def measure(agents: int) -> Figures:
             worker = psutil.Process(children.children["worker"].pid)
             projector = psutil.Process(children.children["projector"].pid)
             # What each costs with nothing to do: subtracted, to leave the beats' share.
-            idle_w, idle_p, started = _cpu(worker), _cpu(projector), time.monotonic()
+            idle_w, idle_p, started = (
+                throughput.cpu_seconds(worker),
+                throughput.cpu_seconds(projector),
+                time.monotonic(),
+            )
             await asyncio.sleep(IDLE_S)
             idle_s = time.monotonic() - started
-            idle_w, idle_p = (_cpu(worker) - idle_w) / idle_s, (_cpu(projector) - idle_p) / idle_s
+            idle_w, idle_p = (
+                (throughput.cpu_seconds(worker) - idle_w) / idle_s,
+                (throughput.cpu_seconds(projector) - idle_p) / idle_s,
+            )
             await fleet.start()
             beating = asyncio.create_task(fleet.beat_forever())
             await asyncio.sleep(8.0)  # registrations folded, leases established
-            beats, cpu_w, cpu_p = fleet.beats, _cpu(worker), _cpu(projector)
+            beats, cpu_w, cpu_p = (
+                fleet.beats,
+                throughput.cpu_seconds(worker),
+                throughput.cpu_seconds(projector),
+            )
             started = time.monotonic()
             await asyncio.sleep(STEADY_S)
             elapsed = time.monotonic() - started
             beats = fleet.beats - beats
-            cpu_w = _cpu(worker) - cpu_w - idle_w * elapsed
-            cpu_p = _cpu(projector) - cpu_p - idle_p * elapsed
+            cpu_w = throughput.cpu_seconds(worker) - cpu_w - idle_w * elapsed
+            cpu_p = throughput.cpu_seconds(projector) - cpu_p - idle_p * elapsed
             agent_s = agents * elapsed
 
             killed = sorted(fleet.hosts)[:KILLED]
@@ -297,8 +294,8 @@ async def measure(agents: int) -> Figures:
         projector_cpu_us_per_beat=round(cpu_p / beats * 1e6, 1),
         projector_cpu_us_per_agent_s=round(cpu_p / agent_s * 1e6, 2),
         lease_s=settings.host_lease_s,
-        detected_p50_ms=round(_percentile(delays, 0.5), 1),
-        detected_p99_ms=round(_percentile(delays, 0.99), 1),
+        detected_p50_ms=round(throughput.percentile(delays, 0.5), 1),
+        detected_p99_ms=round(throughput.percentile(delays, 0.99), 1),
         detected_max_ms=round(max(delays), 1),
         start_to_running_s=round(running_s, 2),
         start_to_first_answer_s=round(answer_s, 2),

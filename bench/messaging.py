@@ -53,11 +53,6 @@ class Figures:
     here_cpu_ms_per_msg: float
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 class _Cpu:
     def __init__(self, child: psutil.Process) -> None:
         self.child = child
@@ -76,7 +71,7 @@ def _figures(
         what=what,
         n=len(ms),
         p50_ms=round(statistics.median(ms), 2),
-        p99_ms=round(_percentile(ms, 0.99), 2),
+        p99_ms=round(throughput.percentile(ms, 0.99), 2),
         max_ms=round(max(ms), 2),
         per_second=round(n / elapsed, 1),
         host_b_cpu_ms_per_msg=round(1000 * cpu[0] / n, 3),

@@ -159,7 +159,15 @@ def _processes(system: _System, embedded: EmbeddedStack) -> dict[str, psutil.Pro
     return found
 
 
-def _cpu(process: psutil.Process) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` by nearest rank (the largest for q near 1)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """CPU time of ``process`` (user + system; a PostgreSQL server's with its children's),
+    0 once it is gone."""
     with contextlib.suppress(psutil.Error):
         times = process.cpu_times()
         total = times.user + times.system
@@ -194,7 +202,7 @@ async def throughput(
     try:
         await asyncio.sleep(1.0)  # registrations folded, fetchers warm
         processes = _processes(system, embedded)
-        before = {name: _cpu(p) for name, p in processes.items()}
+        before = {name: cpu_seconds(p) for name, p in processes.items()}
         peak: dict[str, int] = dict.fromkeys(processes, 0)
 
         async def sample() -> None:
@@ -211,7 +219,7 @@ async def throughput(
         submitted = time.monotonic()
         finished = await _until_completed(db, tasks, timeout_s)
         sampler.cancel()
-        cpu = {name: round(_cpu(p) - before[name], 1) for name, p in processes.items()}
+        cpu = {name: round(cpu_seconds(p) - before[name], 1) for name, p in processes.items()}
     finally:
         await db.close()
         system.stop()
@@ -236,10 +244,10 @@ async def idle(
     try:
         await asyncio.sleep(5.0)  # start-up work done, fetchers backed off
         processes = _processes(system, embedded)
-        before = {name: _cpu(p) for name, p in processes.items()}
+        before = {name: cpu_seconds(p) for name, p in processes.items()}
         await asyncio.sleep(seconds)
         return {
-            name: round(100 * (_cpu(p) - before[name]) / seconds, 1)
+            name: round(100 * (cpu_seconds(p) - before[name]) / seconds, 1)
             for name, p in processes.items()
         }
     finally:

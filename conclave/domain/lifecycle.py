@@ -116,8 +116,7 @@ def fold(now: AgentNow | None, change: Transition) -> AgentNow:
     if change.ends_run and (
         now is None
         or now.task_id != change.task_id
-        or (None not in (now.attempt, change.attempt)
-        and now.attempt != change.attempt)
+        or (None not in (now.attempt, change.attempt) and now.attempt != change.attempt)
     ):
         return now if now is not None else AgentNow("registered")
     if change.state == "busy":

@@ -665,33 +665,26 @@ class RuntimeHost:
         restart budget allows, else give up on it. The record that says which."""
         pool, window_s = self.config.pool, self._restarts.window_us / 1_000_000
         verdict = self._restarts.crashed(agent_id, now_us(), why)
-        said: AgentRestarted | AgentFailed
+        kind: type[AgentRestarted | AgentFailed]
         if isinstance(verdict, Restarted):
             self.memories[agent_id] = {}
             log.warning(
                 "%s: agent %s restarted (%d of %d within %g s) after %s",
                 self.name, agent_id, verdict.restarts, self._restarts.limit, window_s, why[:200],
             )  # fmt: skip
-            metrics.agent_restarts.labels(pool, "restarted").inc()
-            said = AgentRestarted(
-                agent_id=agent_id,
-                pool=pool,
-                host_id=self.config.host_id,
-                restarts=verdict.restarts,
-                window_s=window_s,
-                reason=f"crashed: {why}",
-            )
+            kind, outcome, reason = AgentRestarted, "restarted", f"crashed: {why}"
         else:
             log.error("%s: agent %s failed: %s", self.name, agent_id, verdict.reason[:300])
-            metrics.agent_restarts.labels(pool, "failed").inc()
-            said = AgentFailed(
-                agent_id=agent_id,
-                pool=pool,
-                host_id=self.config.host_id,
-                restarts=verdict.restarts,
-                window_s=window_s,
-                reason=verdict.reason,
-            )
+            kind, outcome, reason = AgentFailed, "failed", verdict.reason
+        metrics.agent_restarts.labels(pool, outcome).inc()
+        said = kind(
+            agent_id=agent_id,
+            pool=pool,
+            host_id=self.config.host_id,
+            restarts=verdict.restarts,
+            window_s=window_s,
+            reason=reason,
+        )
         return self.producer.encode(self.topics.agents, self._partition, agent_id, said)[1]
 
     async def _flush(self) -> None:
