@@ -16,6 +16,10 @@ its pool's partition of the agents topic), with the default lease
 * **agent start**: a ``conclave runtime`` child process with 100 agents, from spawn to
   running (its agents registered), then to its first answer (a task aimed at one of its
   agents, completed in the read models); the goal is < 2 s;
+* **autoscaling**: a ``conclave runtime`` of 1 agent, up to 20 (``--max-agents 20
+  --idle-retire-s 3``, 500 ms per task), gets a burst of 200 tasks: the time from the
+  first submission until its 20 agents are registered, until the burst is done (one
+  agent alone would take 100 s), and from then until it is back to 1 agent;
 * **kill -9 of a host**: two runtime hosts of 4 agents each take 40 tasks; one (a minute
   per task) is killed with -9 while its 4 agents are busy: the time until those 4 tasks
   are completed on the other (100 ms per task): its lease, 5 s, then a retry there.
@@ -70,6 +74,12 @@ class Figures:
     kill_to_done_s: float
     """From ``kill -9`` of a runtime host to the last of its running tasks completed on
     another host."""
+    scale_grown_s: float
+    """From a burst's first submission to a 1-agent host grown to its 20."""
+    scale_burst_s: float
+    """From the first submission to the burst's last task completed."""
+    scale_shrunk_s: float
+    """From the burst done to the host back to 1 agent (idle timeout 3 s)."""
 
 
 class _Fleet:
@@ -225,6 +235,49 @@ async def _kill_to_done(settings: Settings, children: ChildProcesses) -> float:
         await db.close()
 
 
+SCALE_MAX, SCALE_BURST, SCALE_IDLE_S = 20, 200, 3
+
+
+async def _autoscale(settings: Settings, children: ChildProcesses) -> tuple[float, float, float]:
+    """Seconds from a burst's first submission to the host grown to its maximum, to the
+    burst done, and from then to the host back to its one agent."""
+    children.spawn(
+        "runtime-scale",
+        ["runtime", "--host-id", "bench-scale", "--pool", "bench-scale", "--agents", "1",
+         "--max-agents", str(SCALE_MAX), "--idle-retire-s", str(SCALE_IDLE_S),
+         "--prefix", "scale", "--latency-ms", "500"],
+        ready_marker=b"running",
+    )  # fmt: skip
+    await children.ready("runtime-scale")
+    await asyncio.sleep(2.0)  # its first beat folded: the pool has a live host
+    running = """SELECT count(*) FROM agents WHERE pool = 'bench-scale'
+                 AND registered_at IS NOT NULL AND retired_reason IS NULL"""
+    done = "SELECT count(*) FROM tasks WHERE pool = 'bench-scale' AND status = 'completed'"
+    db = await connect(settings)
+    try:
+        started = time.perf_counter()
+        async with Client(settings, producer_name="bench-scale") as client:
+            for i in range(SCALE_BURST):
+                await client.submit(f"burst {i}", pool="bench-scale")
+        grown = burst = None
+        for _ in range(12000):  # two minutes at most
+            if grown is None and await db.fetchval(running) >= SCALE_MAX:
+                grown = time.perf_counter() - started
+            if await db.fetchval(done) == SCALE_BURST:
+                burst = time.perf_counter() - started
+                break
+            await asyncio.sleep(0.01)
+        if grown is None or burst is None:
+            raise RuntimeError(f"the burst was not done (grown after {grown} s)")
+        for _ in range(6000):
+            if await db.fetchval(running) == 1:
+                return grown, burst, time.perf_counter() - started - burst
+            await asyncio.sleep(0.01)
+        raise RuntimeError("the host did not shrink back to 1 agent within a minute")
+    finally:
+        await db.close()
+
+
 async def measure(agents: int) -> Figures:
     async with throughput.stack() as (settings, _embedded):
         await ensure_topics(settings)
@@ -279,6 +332,7 @@ async def measure(agents: int) -> Figures:
             ]
             running_s, answer_s = await _agent_start(settings, children)
             kill_s = await _kill_to_done(settings, children)  # the others beating on
+            grown_s, burst_s, shrunk_s = await _autoscale(settings, children)
             beating.cancel()
         finally:
             await fleet.producer.stop()
@@ -300,6 +354,9 @@ async def measure(agents: int) -> Figures:
         start_to_running_s=round(running_s, 2),
         start_to_first_answer_s=round(answer_s, 2),
         kill_to_done_s=round(kill_s, 2),
+        scale_grown_s=round(grown_s, 2),
+        scale_burst_s=round(burst_s, 2),
+        scale_shrunk_s=round(shrunk_s, 2),
     )
 
 
@@ -309,6 +366,7 @@ def show(rows: list[Figures]) -> None:
         f"  {'worker µs/beat':>14} {'µs/agent·s':>10}"
         f"  {'projector µs/beat':>17} {'µs/agent·s':>10}  {'lost after lease p50/p99/max ms':>31}"
         f"  {'start: running / answered s':>27}  {'kill -9 -> done elsewhere s':>27}"
+        f"  {'autoscale 1->20: grown / burst done / back to 1 s':>49}"
     )
     for r in rows:
         detected = f"{r.detected_p50_ms:g} / {r.detected_p99_ms:g} / {r.detected_max_ms:g}"
@@ -320,8 +378,13 @@ def show(rows: list[Figures]) -> None:
             f" {r.worker_cpu_us_per_agent_s:>10}  {r.projector_cpu_us_per_beat:>17}"
             f" {r.projector_cpu_us_per_agent_s:>10}  {detected:>31}  {start:>27}"
             f"  {r.kill_to_done_s:>27}"
+            f"  {f'{r.scale_grown_s:g} / {r.scale_burst_s:g} / {r.scale_shrunk_s:g}':>49}"
         )
-    print(f"(lease {rows[0].lease_s:g} s; goals: detection p99 < 2,000 ms, start < 2 s)")
+    print(
+        f"(lease {rows[0].lease_s:g} s; goals: detection p99 < 2,000 ms, start < 2 s; "
+        f"autoscale: {SCALE_BURST} tasks of 500 ms, idle timeout {SCALE_IDLE_S} s, "
+        f"one agent alone: {SCALE_BURST * 0.5:g} s)"
+    )
 
 
 async def run(sizes: list[int]) -> list[Figures]:

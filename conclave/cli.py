@@ -299,7 +299,16 @@ def worker(
 
 @app.command()
 def runtime(
-    agents: int = typer.Option(72, help="How many agents this host runs."),
+    agents: int = typer.Option(72, min=0, help="How many agents this host runs (at least)."),
+    max_agents: int | None = typer.Option(
+        None,
+        min=1,
+        help="Grow up to this many agents while the pool's tasks wait for agents "
+        "(autoscaling); the ones beyond --agents retire after --idle-retire-s idle.",
+    ),
+    idle_retire_s: float = typer.Option(
+        60.0, min=0.1, help="With --max-agents: idle seconds after which an agent retires."
+    ),
     pool: str = typer.Option("default", help="The pool the agents serve."),
     agent: str = typer.Option(
         "simulated", help="'simulated' or module:function of an async callable."
@@ -337,9 +346,14 @@ def runtime(
     on_message = load_handler(agent, fn)
     from conclave.runtime.limits import HostLimits
 
+    if max_agents is not None and max_agents < agents:
+        raise Fail(f"--max-agents {max_agents} is below --agents {agents}")
+    names = [f"{prefix}-{i:03d}" for i in range(max(agents, max_agents or 0))]
     config = HostConfig(
         pool=pool,
-        agent_ids=[f"{prefix}-{i:03d}" for i in range(agents)],
+        agent_ids=names[:agents],
+        spare_agent_ids=names[agents:],
+        idle_retire_s=idle_retire_s,
         agent_ref=agent,
         capabilities=capability,
         version=agent_version,

@@ -164,6 +164,11 @@ agent_restarts = Counter(
     "Crashed agents this host started afresh (restarted) or gave up on (failed)",
     ("pool", "outcome"),
 )
+agents_scaled = Counter(
+    "conclave_agents_scaled",
+    "Agents this host started as the pool grew, or retired as it shrank (autoscaling)",
+    ("pool", "change"),
+)
 agent_runs = Counter(
     "conclave_agent_runs",
     "Attempts an agent of this host finished, by outcome (answered, failed, cancelled)",

@@ -28,9 +28,10 @@ HOST_HEADER = "conclave-host"
 the tasks topic without decoding it."""
 
 BROADCAST_HEADER = "conclave-broadcast"
-"""Kafka header on a message to every agent of a pool, naming the pool: the pool's hosts
-read it, the others skip it without decoding it. A message for one inbox carries
-:data:`HOST_HEADER` instead."""
+"""Kafka header on a record for every host of a pool, naming the pool: a message to every
+agent of the pool (a message for one inbox carries :data:`HOST_HEADER` instead), or the
+scheduler's word that the pool is short of agents (``pool.starved``, on the tasks
+topic). The pool's hosts read it, the others skip it without decoding it."""
 
 SHARD_HEADER = "conclave-shard"
 """Kafka header on a witness entry naming the scheduler shard (pool partition) whose task it

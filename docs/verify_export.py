@@ -174,6 +174,10 @@ def read_header(line, vkeys):
         keys = [parse_vkey(k) for k in (vkeys or header["keys"])]
     except (ValueError, binascii.Error, Bad) as exc:
         raise Bad(f"line 1: a key is refused ({exc})") from None
+    origin = header["origin"]
+    for name, _, _ in (parse_vkey(k) for k in header["keys"]):
+        if origin is not None and name != origin:
+            raise Bad(f"line 1: key {name!r} is not named for the origin {origin!r}")
     for fingerprint, form in header["schemas"].items():
         if crc64_avro(form.encode()).hex() != fingerprint:
             raise Bad(f"line 1: schema {fingerprint} is not the fingerprint of its form")

@@ -630,7 +630,8 @@ class AgentView:
     pool: str | None
     host_id: str
     state: str
-    """``lost`` (its host is), ``retired`` (its host left), ``failed`` (it crashed past
+    """``lost`` (its host is), ``retired`` (its host left, or retired it as the pool
+    shrank), ``failed`` (it crashed past
     its restart budget: its host runs it no more), ``unresponsive`` (the
     scheduler gives it no work: its last attempt stalled), ``circuit_open`` (it failed
     too often: no work until the cool-down ends), ``probing`` (its circuit is half-open:
@@ -720,6 +721,8 @@ async def list_agents(
             current = "lost" if host == "lost" else "retired"
         elif r["failed_reason"] is not None:
             current = "failed"
+        elif r["retired_reason"] is not None:
+            current = "retired"
         elif r["suspended_reason"] is not None:
             current = "unresponsive"
         elif r["circuit"] == "open":
@@ -741,6 +744,7 @@ async def list_agents(
                 current_task_id=r["current_task_id"] if r["task_shown"] else None,
                 last_heartbeat_at=beat,
                 suspended_reason=r["failed_reason"]
+                or r["retired_reason"]
                 or r["suspended_reason"]
                 or r["circuit_reason"]
                 or (f"host over its limits: {r['over_limit']}" if r["over_limit"] else None),

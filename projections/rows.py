@@ -30,6 +30,7 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 from conclave.domain.events import (
+    AGENTS_TOPIC_EVENTS,
     COORDINATION_DECISIONS,
     TASKS_TOPIC_EVENTS,
     WORKFLOW_DECISIONS,
@@ -42,6 +43,7 @@ from conclave.domain.events import (
     AgentRegistered,
     AgentReinstated,
     AgentRestarted,
+    AgentRetired,
     CommandRejected,
     DeadLetterRecord,
     Envelope,
@@ -237,6 +239,9 @@ class AgentRow:
     restarted_at: int | None = None
     failed_reason: str | None = None
     """Why its host gave up on it (``agent.failed``); ``None`` once registered again."""
+    retired_reason: str | None = None
+    """Why its host retired it (``agent.retired``: the pool shrank); ``None`` once
+    registered again."""
 
 
 @dataclass(slots=True)
@@ -382,6 +387,7 @@ AGENTS = _table(
         "restarts": "integer",
         "restarted_at": "bigint",
         "failed_reason": "text",
+        "retired_reason": "text",
     },
     "agent_id",
 )
@@ -753,6 +759,7 @@ AgentEvent = (
     | HostBeat
     | AgentRestarted
     | AgentFailed
+    | AgentRetired
     | AgentReinstated
     | Heartbeat
     | TaskStalled
@@ -797,12 +804,14 @@ def fold_agent(
         row.agent_ref = event.agent_ref
         row.registered_at = envelope.occurred_at
         row.capabilities, row.version = sorted(set(event.capabilities)), event.version
-        row.failed_reason = None  # its host started anew
+        row.failed_reason = row.retired_reason = None  # its host started anew, or grew
     elif isinstance(event, AgentRestarted):
         if (row.restarted_at or 0) <= envelope.occurred_at:
             row.restarts, row.restarted_at = event.restarts, envelope.occurred_at
     elif isinstance(event, AgentFailed):
         row.failed_reason = event.reason
+    elif isinstance(event, AgentRetired):
+        row.retired_reason = event.reason
     elif isinstance(event, AgentReinstated):
         row.suspended_at = row.suspended_reason = None
     elif isinstance(event, TaskStalled | HostLost):
@@ -1058,6 +1067,7 @@ KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], 
     AgentCircuitClosed: (_AGENT,),
     AgentRestarted: (_AGENT,),
     AgentFailed: (_AGENT,),
+    AgentRetired: (_AGENT,),
     Heartbeat: (_AGENT,),
     HostBeat: (_HOST, (AGENTS, attrgetter("agent_ids"), fold_agent)),
     HostLeaving: (_HOST,),
@@ -1259,7 +1269,7 @@ def projected_from(topics: Topics) -> dict[str, tuple[type[Any], ...]]:
     """The events each history topic carries; anything else on it is not projected (folding
     a HALT found on the tasks topic would put it in the wrong table)."""
     return {
-        topics.agents: (AgentRegistered, AgentRestarted, AgentFailed, HostBeat, HostLeaving),
+        topics.agents: AGENTS_TOPIC_EVENTS,
         topics.heartbeats: (Heartbeat,),
         topics.tasks: TASKS_TOPIC_EVENTS,
         topics.outputs: (AgentOutput, TaskFailed),

@@ -28,6 +28,7 @@ from conclave import metrics
 from conclave.bus import Outgoing, Position
 from conclave.domain import scheduling
 from conclave.domain.events import (
+    AGENTS_TOPIC_EVENTS,
     TASK_ENDINGS,
     TASKS_TOPIC_EVENTS,
     AgentCircuitClosed,
@@ -37,6 +38,7 @@ from conclave.domain.events import (
     AgentRegistered,
     AgentReinstated,
     AgentRestarted,
+    AgentRetired,
     CancelRequested,
     CommandRejected,
     DeliberationRequested,
@@ -47,6 +49,7 @@ from conclave.domain.events import (
     HostLeaving,
     HostLost,
     PoolConfigured,
+    PoolStarved,
     Priority,
     ProjectionDigest,
     Resume,
@@ -65,7 +68,7 @@ from conclave.domain.scheduling import SchedulerEvent
 from conclave.domain.validation import CONTROL_COMMANDS, invalid_command, invalid_tenant
 from conclave.errors import SchemaError
 from conclave.records import Record
-from conclave.topics import HOST_HEADER, SHARD_HEADER, Topics
+from conclave.topics import BROADCAST_HEADER, HOST_HEADER, SHARD_HEADER, Topics
 from conclave.tracing import TRACEPARENT, branch, hop
 from streams.core import Emitter, Source
 
@@ -152,7 +155,7 @@ class SchedulerShard:
         self.accepts: dict[str, tuple[type[Any], ...]] = {
             # A projection digest is witnessed and changes nothing here.
             topics.control: (Halt, Resume, PoolConfigured, ProjectionDigest),
-            topics.agents: (AgentRegistered, AgentRestarted, AgentFailed, HostBeat, HostLeaving),
+            topics.agents: AGENTS_TOPIC_EVENTS,
             topics.witness: (WitnessEntry,),
         }
 
@@ -232,17 +235,7 @@ class SchedulerShard:
             return []  # about the read models: no scheduling state
         assert isinstance(
             event,
-            (
-                *_CHANGELOG,
-                AgentRegistered,
-                AgentRestarted,
-                AgentFailed,
-                HostBeat,
-                HostLeaving,
-                Halt,
-                Resume,
-                PoolConfigured,
-            ),
+            (*_CHANGELOG, *AGENTS_TOPIC_EVENTS, Halt, Resume, PoolConfigured),
         )
         if isinstance(event, CONTROL_COMMANDS) and (refused := invalid_command(event)):
             # Dead-lettered when it was consumed: a recovery must not fold it either.
@@ -311,6 +304,7 @@ class SchedulerShard:
             self._to_fence |= self._lost_hosts()
         dispatches = scheduling.schedule(self.state, now, answer_within_us=self.answer_within_us)
         self._fold(dispatches, decided)
+        self._fold(scheduling.starved(self.state, now), decided)  # what is left waits for agents
         for cause, decision, traceparent in decided:
             out.append(self._emit(decision, cause, now, traceparent))
         return out
@@ -388,6 +382,9 @@ class SchedulerShard:
                     "%s: agent %r failed: %s", self.name, event.agent_id, event.reason[:200]
                 )
                 scheduling.evolve(self.state, event)
+            case AgentRetired():
+                log.info("%s: agent %r retired: %s", self.name, event.agent_id, event.reason)
+                scheduling.evolve(self.state, event)
             case HostLeaving():
                 log.info(
                     "%s: host %r is leaving (%s), its agents take no new work",
@@ -440,6 +437,16 @@ class SchedulerShard:
         if isinstance(event, HostLost):
             return self.emitter.event(
                 self.topics.tasks, self.index, event.host_id, event, now=now, causation=cause
+            )
+        if isinstance(event, PoolStarved):  # for every host of the pool: they may grow it
+            return self.emitter.event(
+                self.topics.tasks,
+                self.index,
+                event.pool,
+                event,
+                now=now,
+                causation=cause,
+                headers=[(BROADCAST_HEADER, event.pool.encode())],
             )
         origin = self.origins.get(event.task_id)
         if origin is not None:
@@ -605,6 +612,8 @@ def _agent_state(state: scheduling.SchedulerState, slot: AgentSlot) -> str:
         return "lost" if lease.leaving_until is None else "retired"
     if agent in state.failed:
         return "failed"
+    if agent in state.retired:
+        return "retired"
     if agent in state.breakers:
         return "circuit_open"
     if agent in state.probing:

@@ -19,6 +19,7 @@ from typing import ClassVar
 from conclave.domain.retry import DEFAULT_RETRY
 
 __all__ = [
+    "AGENTS_TOPIC_EVENTS",
     "COORDINATION_DECISIONS",
     "COORDINATION_REQUESTS",
     "TASKS_TOPIC_EVENTS",
@@ -34,6 +35,7 @@ __all__ = [
     "AgentRegistered",
     "AgentReinstated",
     "AgentRestarted",
+    "AgentRetired",
     "CancelRequested",
     "CommandRejected",
     "DeadLetterRecord",
@@ -55,6 +57,7 @@ __all__ = [
     "LockRequested",
     "LockWaiting",
     "PoolConfigured",
+    "PoolStarved",
     "Priority",
     "ProjectionDigest",
     "Resume",
@@ -461,6 +464,21 @@ class AgentFailed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AgentRetired:
+    """A runtime host stopped one of its agents because the pool shrank: the agent was
+    idle past the host's idle timeout while the host ran more than its minimum. It gets
+    no work until registered again (the pool grows, or a dispatch that crossed the
+    retirement brings it back). Written by the host on its pool's partition of the
+    agents topic, like its registrations, so the two fold in order."""
+
+    TYPE: ClassVar[str] = "agent.retired"
+    agent_id: str
+    pool: str
+    host_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HostLeaving:
     """A runtime host is stopping (SIGTERM, Ctrl-C): its agents take no new work from
     now on, and what they run finishes by ``until``, when its lease ends (its beats
@@ -494,6 +512,24 @@ class HostLost:
     expires_at: int
     """The lease that ran out (the ``expires_at`` of the host's last beat)."""
     reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolStarved:
+    """The scheduler has tasks of a pool that could start now (queued, within the pool's
+    capacity) and no idle agent to run them: a host that may grow the pool starts agents
+    (autoscaling). Written on the pool's partition of the tasks topic with the pool in
+    the broadcast header, so that the pool's hosts read it; at most once a second per
+    pool while the shortage lasts, and only while the pool has a live host."""
+
+    TYPE: ClassVar[str] = "pool.starved"
+    pool: str
+    waiting: int
+    """Tasks that could start now if there were idle agents for them."""
+    hosts: int
+    """Live hosts of the pool (beating, not leaving): each starts its share."""
+    at: int
+    """When it was judged (µs since the epoch)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1106,6 +1142,8 @@ Event = (
     | AgentCircuitClosed
     | AgentRestarted
     | AgentFailed
+    | AgentRetired
+    | PoolStarved
     | HostBeat
     | HostLeaving
     | HostLost
@@ -1153,6 +1191,16 @@ Event = (
 TASK_ENDINGS = (TaskCompleted, TaskDeadLettered, TaskCancelled, TaskExpired, TaskDependencyFailed)
 """Events that end a task (terminal); the part of ``TYPE`` after ``task.`` is its outcome."""
 
+AGENTS_TOPIC_EVENTS = (
+    AgentRegistered,
+    AgentRestarted,
+    AgentFailed,
+    AgentRetired,
+    HostBeat,
+    HostLeaving,
+)
+"""What runtime hosts write on the agents topic, in their order on a pool's partition."""
+
 TASKS_TOPIC_EVENTS = (
     TaskQueued,
     TaskDispatched,
@@ -1160,6 +1208,7 @@ TASKS_TOPIC_EVENTS = (
     TaskRetryScheduled,
     AgentReinstated,
     HostLost,
+    PoolStarved,
     AgentCircuitOpened,
     AgentCircuitHalfOpened,
     AgentCircuitClosed,

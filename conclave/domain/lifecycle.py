@@ -12,8 +12,11 @@ read model, ``conclave agents show ID``)::
     any -> lost                            its host's lease ran out (no beat)
     any -> retired                         its host stopped, drained (SIGTERM)
     idle -> idle (restarted)               it crashed; its host started it afresh
+    idle -> retired                        idle too long as the pool shrank (a busy
+                                           agent got a dispatch that crossed that: its
+                                           host brings it back, and it stays busy)
     any -> failed                          it crashed past its restart budget
-    lost | retired | failed -> registered  its host started again
+    lost | retired | failed -> registered  its host started again, or grew the pool
 
 Heartbeats change no state and are not history: a beat only renews its host's lease.
 ``registered`` says where an agent runs, not what it does: an agent registered again
@@ -34,6 +37,7 @@ from conclave.domain.events import (
     AgentRegistered,
     AgentReinstated,
     AgentRestarted,
+    AgentRetired,
     Event,
     HostLost,
     TaskCancelled,
@@ -66,6 +70,7 @@ LIFECYCLE_EVENTS = frozenset(
         AgentRegistered,
         AgentRestarted,
         AgentFailed,
+        AgentRetired,
         TaskDispatched,
         TaskCompleted,
         TaskFailed,
@@ -98,6 +103,10 @@ class Transition:
     """The attempt it starts or ends, where the event says (an answer does not: it ends
     the task, so no later attempt of it runs). A late report about an earlier attempt of
     the task the agent runs again ends nothing."""
+    if_idle: bool = False
+    """It moves only an agent that runs nothing: a host retires idle agents, so one busy
+    when the retirement is folded got a dispatch that crossed it, and its host brings it
+    back for that task."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +120,7 @@ class AgentNow:
 
 def fold(now: AgentNow | None, change: Transition) -> AgentNow:
     """The state after ``change``: the rule that reads an agent's history."""
-    if change.state == "registered" and now is not None and now.state == "busy":
+    if (change.state == "registered" or change.if_idle) and now is not None and now.state == "busy":
         return now  # where it runs, not what it does: its host resumes the attempt
     if change.ends_run and (
         now is None
@@ -158,6 +167,8 @@ def transitions(event: Event) -> list[Transition]:
             return [Transition(event.agent_id, "idle", said)]
         case AgentFailed():
             return [Transition(event.agent_id, "failed", event.reason)]
+        case AgentRetired():
+            return [Transition(event.agent_id, "retired", event.reason, if_idle=True)]
         case AgentCircuitOpened():
             return [Transition(event.agent_id, "circuit_open", event.reason)]
         case AgentCircuitHalfOpened():

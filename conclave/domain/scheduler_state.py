@@ -237,6 +237,10 @@ class PoolState:
     """Key -> its limited tasks in flight (keys with none are absent)."""
     heads: RankedSet = field(default_factory=RankedSet)
     """Keys with room under their limit and a queued task, by the rank of their best."""
+    starved_at: int | None = field(default=None, compare=False)
+    """When the pool was last said to be short of agents (``PoolStarved``): a throttle,
+    not a fact. Not in snapshots, nor compared: after a restart, or folded before the
+    pool's tasks, a shortage is said again at once, which is harmless."""
 
     @property
     def empty(self) -> bool:
@@ -295,6 +299,9 @@ class SchedulerState:
     failed: dict[str, str] = field(default_factory=dict)
     """Agents their host gave up on (``agent.failed``: crashed past their restart budget)
     -> why: given no work until their host registers them again."""
+    retired: set[str] = field(default_factory=set)
+    """Agents their host retired (``agent.retired``: the pool shrank): given no work until
+    registered again."""
     hosts: dict[str, HostLease] = field(default_factory=dict)
     """Host id -> its lease, for every host that ever beat."""
     failures: dict[str, int] = field(default_factory=dict)
@@ -453,6 +460,7 @@ class SchedulerState:
             agent_id in self.assignments
             or agent_id in self.suspects
             or agent_id in self.failed
+            or agent_id in self.retired
             or agent_id in self.breakers
             or (host is not None and not host.takes_work)
         ):
@@ -541,6 +549,7 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "timers": [[key, due] for (due, *_), key in state.timers.members()],
         "suspects": sorted([a, *(s or ())] for a, s in state.suspects.items()),
         "failed": dict(sorted(state.failed.items())),
+        "retired": sorted(state.retired),
         "capacities": dict(state.capacities),
         "hosts": [
             [
@@ -626,6 +635,7 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
             agent_id, *stall = [suspect] if isinstance(suspect, str) else suspect
             state.suspects[agent_id] = (str(stall[0]), int(stall[1])) if stall else None
         state.failed.update(data.get("failed", {}))  # absent before restart budgets
+        state.retired.update(data.get("retired", ()))  # absent before autoscaling
         state.capacities.update(data["capacities"])
         for host_id, pool, expires_at, judged, lost_agents, *later in data["hosts"]:
             state.hosts[host_id] = HostLease(

@@ -51,6 +51,11 @@ Rules enforced here (each has a test):
   stalled, lost with its host) gets no work for a cool-down (:func:`tripped`), then one
   probe task (:func:`half_opened`): an answer closes the circuit, a failure opens it
   again.
+* Autoscaling: a pool with tasks that could start now (queued, within its capacity) and
+  no idle agent for them is starved (:func:`starved`): said at most once per
+  ``STARVED_EVERY_US`` while it lasts, and only while the pool has a live host, whose
+  share of the waiting tasks it may start as new agents. An agent its host retired
+  (``AgentRetired``: the pool shrank) gets no work until registered again.
 * Retries: a failed or stalled attempt with attempts left waits out its back-off
   (:class:`~conclave.domain.retry.RetryPolicy`) holding no agent and no capacity, then
   is queued again; a permanent failure is dead-lettered at once.
@@ -81,6 +86,7 @@ from conclave.domain.events import (
     AgentRegistered,
     AgentReinstated,
     AgentRestarted,
+    AgentRetired,
     CancelRequested,
     DeliberationRequested,
     Halt,
@@ -89,6 +95,7 @@ from conclave.domain.events import (
     HostLeaving,
     HostLost,
     PoolConfigured,
+    PoolStarved,
     Resume,
     TaskCancelled,
     TaskCompleted,
@@ -129,6 +136,7 @@ __all__ = [
     "NO_ANSWER",
     "REGISTRATION_GRACE_US",
     "SNAPSHOT_VERSION",
+    "STARVED_EVERY_US",
     "AgentSlot",
     "HostLease",
     "PoolState",
@@ -152,6 +160,7 @@ __all__ = [
     "reinstate",
     "revived",
     "schedule",
+    "starved",
     "status_of",
     "to_snapshot",
     "tripped",
@@ -172,6 +181,7 @@ SchedulerEvent = (
     | TaskCancelled
     | TaskExpired
     | TaskDependencyFailed
+    | PoolStarved
 )
 Outcome = (
     AgentCircuitClosed
@@ -426,6 +436,35 @@ def revived(state: SchedulerState, beat: HostBeat) -> list[AgentReinstated]:
 def hosts_due(state: SchedulerState) -> int | None:
     """The earliest lease that runs out unless its host beats again (O(hosts))."""
     return min((d for h in state.hosts.values() if (d := h.overdue()) is not None), default=None)
+
+
+STARVED_EVERY_US = 1_000_000
+"""A pool's shortage of agents is said again after this long, while it lasts."""
+
+
+def starved(state: SchedulerState, now: int) -> list[PoolStarved]:
+    """Pools where tasks could start now (queued, within the pool's capacity) but no
+    agent is idle for them, each said at most once per :data:`STARVED_EVERY_US`, and
+    only while the pool has a live host (one that beats and takes work) to grow it.
+    Judge after :func:`schedule`'s dispatches are folded: what is left waits for agents.
+    O(pools + hosts)."""
+    if state.halted:
+        return []
+    hosts: dict[str, int] = {}
+    for lease in state.hosts.values():
+        if lease.takes_work and lease.expires_at > now and not lease.lost_agents:
+            hosts[lease.pool] = hosts.get(lease.pool, 0) + 1
+    out = []
+    for name in sorted(hosts):
+        pool = state.pools.get(name)
+        if pool is None or name in state.ready:
+            continue  # nothing queued, or a dispatch is possible: no shortage
+        room = state.capacity_of(name) - pool.in_flight
+        waiting = min(room, len(pool.untargeted) + len(pool.heads))
+        said = pool.starved_at
+        if waiting > 0 and (said is None or now - said >= STARVED_EVERY_US):
+            out.append(PoolStarved(pool=name, waiting=waiting, hosts=hosts[name], at=now))
+    return out
 
 
 Lost = HostLost | TaskStalled | TaskQueued | TaskRetryScheduled | TaskDeadLettered
@@ -917,6 +956,7 @@ def evolve(
     | AgentRegistered
     | AgentRestarted
     | AgentFailed
+    | AgentRetired
     | HostBeat
     | HostLeaving
     | Heartbeat
@@ -968,6 +1008,8 @@ def evolve(
             _fold_registered(state, event)
         case AgentFailed():
             _fold_agent_failed(state, event)
+        case AgentRetired() | PoolStarved():
+            _fold_scaling(state, event)
         case Heartbeat() | AgentRestarted():
             pass  # a beat renews nothing here (host beats do); a restarted agent works on
         case Halt():
@@ -1211,8 +1253,19 @@ def _fold_agent_failed(state: SchedulerState, event: AgentFailed) -> None:
     state.place(event.agent_id)  # out of the idle indexes
 
 
+def _fold_scaling(state: SchedulerState, event: AgentRetired | PoolStarved) -> None:
+    """A pool said short of agents (not again for a while), or an agent retired as its
+    pool shrank (no work for it until registered again)."""
+    if isinstance(event, AgentRetired):
+        state.retired.add(event.agent_id)
+        state.place(event.agent_id)  # out of the idle indexes
+    elif (pool := state.pools.get(event.pool)) is not None:
+        pool.starved_at = max(pool.starved_at or 0, event.at)
+
+
 def _fold_registered(state: SchedulerState, event: AgentRegistered) -> None:
     state.failed.pop(event.agent_id, None)  # its host started anew: a fresh start
+    state.retired.discard(event.agent_id)  # the pool grew again
     slot = state.agents.get(event.agent_id)
     if slot is None:
         slot = state.agents[event.agent_id] = AgentSlot(event.agent_id, event.pool, event.host_id)

@@ -44,10 +44,12 @@ from conclave.domain.events import (
     AgentOutput,
     AgentRegistered,
     AgentRestarted,
+    AgentRetired,
     DeadLetterRecord,
     Envelope,
     HostBeat,
     HostLeaving,
+    PoolStarved,
     TaskCancelled,
     TaskDispatched,
     TaskExpired,
@@ -56,6 +58,7 @@ from conclave.domain.events import (
 )
 from conclave.domain.messaging import expired
 from conclave.domain.restarts import RestartBudget, Restarted
+from conclave.domain.scaling import Scaling
 from conclave.errors import BrokerUnavailable, Fenced, SchemaError
 from conclave.feed import fetched_to
 from conclave.messaging import Messenger, UnknownRecipient, error_payload
@@ -70,7 +73,7 @@ from conclave.runtime.agents import (
 )
 from conclave.runtime.limits import HostLimits, SpawnRefused, over_limit, spawn_refusal
 from conclave.settings import Settings
-from conclave.topics import HOST_HEADER, pool_partition
+from conclave.topics import BROADCAST_HEADER, HOST_HEADER, pool_partition
 from conclave.tracing import hop
 
 __all__ = ["MAX_OUTPUT_BYTES", "HostConfig", "OutputRejected", "RuntimeHost"]
@@ -86,6 +89,8 @@ _ANSWERS_WITNESSED_US = 2_000_000
 """How long after its last commit a stopped host's lease lasts: its last answers reach
 the scheduler through the witness (milliseconds when healthy) before the attempts still
 open are stalled, or they would count as late and the work be done again."""
+_STARVED_STALE_US = 5_000_000
+"""A ``pool.starved`` older than this is not acted on (read again after a recovery)."""
 
 
 class OutputRejected(PermanentFailure):
@@ -138,6 +143,13 @@ class HostConfig:
     crash fails it; ``None``: the settings' (``CONCLAVE_AGENT_RESTARTS``, 5)."""
     restart_window_s: float | None = None
     """``None``: the settings' (``CONCLAVE_AGENT_RESTART_WINDOW_S``, 60 s)."""
+    spare_agent_ids: Sequence[str] = ()
+    """Agents it may start besides ``agent_ids`` when the scheduler says the pool is short
+    of agents (autoscaling: between ``len(agent_ids)`` and ``len(agent_ids) +
+    len(spare_agent_ids)``); each retires again once idle for ``idle_retire_s``. Empty: a
+    fixed size."""
+    idle_retire_s: float = 60.0
+    """How long an agent beyond ``agent_ids``' number may be idle before it retires."""
 
 
 @dataclass(slots=True)
@@ -162,6 +174,21 @@ class _Progress:
     @staticmethod
     def answered_from(metadata: str) -> set[int]:
         return {int(o) for o in metadata.split(",") if o.strip().isdigit()}
+
+
+@dataclass(slots=True)
+class RunningAgent:
+    """One agent a host runs, and what it holds."""
+
+    memory: dict[str, object] = field(default_factory=dict)
+    """Its memory across tasks (``AgentContext.memory``): emptied when it restarts."""
+    task_id: str | None = None
+    """The task it works on now."""
+    idle_since: int | None = None
+    """When it last became idle (µs since the epoch); ``None`` while busy. Who has been
+    idle the idle timeout may retire as the pool shrinks."""
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One message at a time, in the order they arrived."""
 
 
 class RuntimeHost:
@@ -192,11 +219,16 @@ class RuntimeHost:
         )
         """Its agents' messages: the inbox is the host id, read from the position
         committed by the last instance of this host."""
-        self._message_turns: dict[str, asyncio.Lock] = {a: asyncio.Lock() for a in config.agent_ids}
-        """One message at a time per agent, in the order they arrived."""
+        self.scaling = Scaling(
+            (*config.agent_ids, *config.spare_agent_ids),
+            minimum=len(config.agent_ids),
+            idle_us=int(config.idle_retire_s * 1_000_000),
+        )
+        self.agents: dict[str, RunningAgent] = {
+            agent_id: RunningAgent(idle_since=now_us()) for agent_id in config.agent_ids
+        }
+        """The agents it runs now, in the order they started (it grows and shrinks)."""
         self._handling: set[asyncio.Task[None]] = set()
-        self.memories: dict[str, dict[str, object]] = {a: {} for a in config.agent_ids}
-        self.current: dict[str, str | None] = dict.fromkeys(config.agent_ids)
         self._partition = 0
         self._tp = TopicPartition(self.topics.tasks, 0)
         self._progress = _Progress()
@@ -229,6 +261,7 @@ class RuntimeHost:
         """Set once the host said it is leaving: its beats promise no later."""
         self._over_limit: str | None = None  # what the last beat said of its limits
         self._host_header = config.host_id.encode()
+        self._pool_header = (BROADCAST_HEADER, config.pool.encode())
         # Its agents' restarts after crashes, and those it gave up on (they run nothing).
         self._restarts = RestartBudget(
             settings.agent_restarts if config.restarts is None else config.restarts,
@@ -272,7 +305,7 @@ class RuntimeHost:
 
     def _gauges(self) -> Iterator[metrics.Sample]:
         pool = self.config.pool
-        busy = sum(task is not None for task in self.current.values())
+        busy = sum(agent.task_id is not None for agent in self.agents.values())
         yield "conclave_agents_running", (pool,), busy
         consumer = self._consumer
         end = consumer.highwater(self._tp) if consumer is not None else None
@@ -375,7 +408,8 @@ class RuntimeHost:
             self._flushed.clear()
             await self._flushed.wait()
 
-    async def _register(self) -> None:
+    async def _register(self, agent_ids: Sequence[str] | None = None) -> None:
+        """Register its agents (at start), or ``agent_ids`` (started as the pool grew)."""
         await self.producer.send_all(
             self.producer.encode(
                 self.topics.agents,
@@ -390,7 +424,7 @@ class RuntimeHost:
                     version=self.config.version,
                 ),
             )[1]
-            for agent_id in self.config.agent_ids
+            for agent_id in (self.config.agent_ids if agent_ids is None else agent_ids)
         )
 
     async def _consume(self) -> None:
@@ -417,6 +451,8 @@ class RuntimeHost:
             for message in batch.get(self._tp, []):
                 self._progress.consumed = message.offset + 1
                 if (HOST_HEADER, self._host_header) not in (message.headers or ()):
+                    if self._pool_header in (message.headers or ()) and self.scaling.elastic:
+                        await self._starved(Record.of(message))
                     continue  # someone else's dispatch, or not a dispatch at all
                 if message.offset in self._progress.answered | self._progress.running:
                     continue  # answered before a recovery, or still running since
@@ -434,7 +470,11 @@ class RuntimeHost:
         if not isinstance(event, TaskDispatched):
             await self._dead_letter(record, f"{event.TYPE} carries a dispatch header")
             return
-        if event.host_id != self.config.host_id or event.agent_id not in self.memories:
+        mine = event.host_id == self.config.host_id
+        if mine and event.agent_id not in self.agents and event.agent_id in self.scaling.ids:
+            # The dispatch crossed the agent's retirement: it is back, for this task.
+            await self._start([event.agent_id], "a dispatch for it came after it retired")
+        if event.host_id != self.config.host_id or event.agent_id not in self.agents:
             await self._dead_letter(record, f"dispatch to unknown agent {event.agent_id!r}")
             return
         log.debug(
@@ -446,6 +486,63 @@ class RuntimeHost:
         self._attempts[event.task_id] = (event.attempt, task)
         task.add_done_callback(self._running.discard)
         task.add_done_callback(lambda _: self._forget(event.task_id, task))
+
+    async def _starved(self, record: Record) -> None:
+        """The scheduler says the pool is short of agents: start this host's share."""
+        try:
+            _, event = self.producer.codec.decode(record.value)
+        except SchemaError as exc:
+            await self._dead_letter(record, str(exc))
+            return
+        if not isinstance(event, PoolStarved) or event.pool != self.config.pool:
+            return  # another broadcast of the pool (none is addressed here yet)
+        if now_us() - event.at > _STARVED_STALE_US:
+            return  # read again after a recovery: the pool has had its say since
+        wanted = self.scaling.grow(self.agents.keys(), event)
+        if not wanted:
+            return
+        memory = psutil.virtual_memory().percent
+        refusal = self._over_limit or spawn_refusal(self.config.limits, memory, len(wanted))
+        if refusal is not None:
+            log.warning("%s: does not grow the pool: %s", self.name, refusal)
+            return
+        await self._start(wanted, f"the pool is short: {event.waiting} task(s) wait")
+
+    async def _start(self, agent_ids: Sequence[str], why: str) -> None:
+        """Start ``agent_ids`` (of its spare ids, or retired ones) afresh and register them."""
+        for agent_id in agent_ids:
+            self.agents[agent_id] = RunningAgent(idle_since=now_us())
+        log.info(
+            "%s: started %s (%d agents now): %s",
+            self.name, ", ".join(agent_ids), len(self.agents), why,
+        )  # fmt: skip
+        metrics.agents_scaled.labels(self.config.pool, "started").inc(len(agent_ids))
+        await self._register(agent_ids)
+
+    def _retire_idle(self) -> list[Outgoing]:
+        """Retire the agents idle past the idle timeout, beyond its minimum: the records
+        that say so, to be written before its next beat (which no longer names them)."""
+        now = now_us()
+        idle = {
+            agent_id: agent.idle_since
+            for agent_id, agent in self.agents.items()
+            if agent.idle_since is not None and not agent.turn.locked()  # no message either
+        }
+        out = []
+        for agent_id in self.scaling.shrink(list(self.agents), idle, now):
+            idle_s = (now - idle[agent_id]) / 1_000_000
+            del self.agents[agent_id]
+            reason = f"idle for {idle_s:.0f} s: the pool shrank"
+            log.info("%s: retired %s (%d agents now): %s", self.name, agent_id,
+                     len(self.agents), reason)  # fmt: skip
+            metrics.agents_scaled.labels(self.config.pool, "retired").inc()
+            retired = AgentRetired(
+                agent_id=agent_id, pool=self.config.pool, host_id=self.config.host_id, reason=reason
+            )
+            out.append(
+                self.producer.encode(self.topics.agents, self._partition, agent_id, retired)[1]
+            )
+        return out
 
     def _forget(self, task_id: str, task: asyncio.Task[None]) -> None:
         if self._attempts.get(task_id, (0, None))[1] is task:
@@ -467,8 +564,8 @@ class RuntimeHost:
         """A message for one of this host's agents, or for every one of its pool's (a
         broadcast: all but the sender). Handled one at a time per agent, in order."""
         if message.agent_id is None:
-            targets = [a for a in self.config.agent_ids if a != message.sender]
-        elif message.agent_id in self.memories:
+            targets = [a for a in self.agents if a != message.sender]
+        elif message.agent_id in self.agents:
             targets = [message.agent_id]
         else:  # registered here once, gone now (a host restarted with other agents)
             metrics.agent_messages.labels(self.config.pool, "refused").inc()
@@ -485,7 +582,7 @@ class RuntimeHost:
             handling.add_done_callback(self._handling.discard)
 
     async def _handle(self, agent_id: str, message: AgentMessage, record: Record) -> None:
-        async with self._message_turns[agent_id]:
+        async with self.agents[agent_id].turn:
             if expired(message, now_us()):  # it waited behind the agent's earlier messages
                 log.info(
                     "%s: message %s to %s expired in line", self.name, message.message_id, agent_id
@@ -514,7 +611,7 @@ class RuntimeHost:
             attempt=0,
             input=message.payload,
             deliberation_id=None,
-            memory=self.memories[agent_id],
+            memory=self.agents[agent_id].memory,
             coordination=self.coordination,
             messenger=self.messenger,
             message=message,
@@ -573,11 +670,12 @@ class RuntimeHost:
             attempt=event.attempt,
             input=event.input,
             deliberation_id=event.deliberation_id,
-            memory=self.memories[event.agent_id],
+            memory=self.agents[event.agent_id].memory,
             coordination=self.coordination,
             messenger=self.messenger,
         )
-        self.current[event.agent_id] = event.task_id
+        running = self.agents[event.agent_id]
+        running.task_id, running.idle_since = event.task_id, None
         # Log lines of the run (the host's and the agent's own) name the task and agent.
         with (
             logs.about(event.task_id, event.agent_id),
@@ -645,7 +743,7 @@ class RuntimeHost:
                     deliberation_id=event.deliberation_id,
                 )
             finally:
-                self.current[event.agent_id] = None
+                running.task_id, running.idle_since = None, now_us()
             _count(self.config.pool, outcome, time.perf_counter() - started)
             _, out = self.producer.encode(
                 self.topics.outputs,
@@ -667,7 +765,7 @@ class RuntimeHost:
         verdict = self._restarts.crashed(agent_id, now_us(), why)
         kind: type[AgentRestarted | AgentFailed]
         if isinstance(verdict, Restarted):
-            self.memories[agent_id] = {}
+            self.agents[agent_id].memory = {}
             log.warning(
                 "%s: agent %s restarted (%d of %d within %g s) after %s",
                 self.name, agent_id, verdict.restarts, self._restarts.limit, window_s, why[:200],
@@ -746,7 +844,7 @@ class RuntimeHost:
         leaving = HostLeaving(
             host_id=self.config.host_id,
             pool=self.config.pool,
-            agent_ids=list(self.config.agent_ids),
+            agent_ids=list(self.agents),
             until=until,
             reason=reason,
         )
@@ -778,12 +876,12 @@ class RuntimeHost:
             HostBeat(
                 host_id=self.config.host_id,
                 pool=self.config.pool,
-                agent_ids=list(self.config.agent_ids),
+                agent_ids=list(self.agents),
                 expires_at=min(now_us() + lease_us, self._leaving_until or sys.maxsize),
                 rss_bytes=rss,
                 cpu_percent=round(cpu, 1),
                 over_limit=self._over_limit,
-                running={a: t for a, t in self.current.items() if t is not None},
+                running={a: x.task_id for a, x in self.agents.items() if x.task_id is not None},
             ),
         )[1]
 
@@ -794,6 +892,8 @@ class RuntimeHost:
             beats = []
             stuck = time.monotonic() - self._turned_at
             if stuck < self.settings.host_lease_s:
+                if self.scaling.elastic and self._leaving_until is None:
+                    beats += self._retire_idle()  # written before the beat that omits them
                 beats.append(self._host_beat(self._process.memory_info().rss))
                 self._stuck = False
             elif not self._stuck:  # the scheduler is to take its work away: say so once

@@ -266,6 +266,9 @@ def _header(fields: dict[str, Any]) -> tuple[str | None, list[VerifierKey]]:
         verifiers = [VerifierKey.parse(k) for k in keys]
     except WitnessProofError as exc:
         raise LogBroken(where, f"a key is refused, {exc}") from None
+    for key in verifiers:  # a log's keys are named for it: the origin is bound to them
+        if origin is not None and key.name != origin:
+            raise LogBroken(where, f"key {key.name!r} is not named for the origin {origin!r}")
     if not isinstance(schemas, dict):
         raise LogBroken(where, "schemas is not an object")
     for fingerprint, form in schemas.items():

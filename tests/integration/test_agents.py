@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Awaitable
 
 import asyncpg
@@ -225,6 +226,14 @@ def test_a_host_does_not_start_while_the_machine_is_used_over_its_spawn_limit(
     assert "Unclosed" not in said.stderr  # the clients made for it are closed
 
 
+def test_a_host_whose_maximum_is_below_its_minimum_is_refused_in_one_line(
+    settings: Settings,
+) -> None:
+    said = cli(settings, "runtime", "--agents", "3", "--max-agents", "2")
+    assert said.returncode != 0
+    assert said.stderr.strip() == "error: --max-agents 2 is below --agents 3"
+
+
 async def test_agents_are_found_by_capability(system: System) -> None:
     db, pool = system.db, system.pool
     config = HostConfig(
@@ -339,3 +348,54 @@ async def test_a_crashing_agent_is_restarted_afresh_until_its_budget_is_spent_th
         await eventually(lambda: _state_of(settings, pool, broken, "idle"))
     finally:
         await again.stop()
+
+
+async def test_a_pool_grows_while_its_tasks_wait_for_agents_and_shrinks_back_once_they_idle(
+    system: System,
+) -> None:
+    """Autoscaling: a host of 1 agent (up to 4) grows while tasks wait for agents, each
+    new agent registered and working at once; idle past the timeout, the new ones retire
+    (said in ``conclave agents`` and their history) and the host is back to 1; more work
+    grows it again."""
+    settings, db, client, pool = system.settings, system.db, system.client, system.pool
+    first, *spares = [f"{pool}-agent-{n:03d}" for n in range(4)]
+
+    async def agent(ctx: AgentContext) -> str:
+        await asyncio.sleep(0.3)
+        return f"{ctx.agent_id} did {ctx.input}"
+
+    config = HostConfig(
+        pool=pool,
+        agent_ids=[first],
+        spare_agent_ids=spares,
+        host_id=f"{pool}-h",
+        idle_retire_s=2.0,
+    )
+    host = RuntimeHost(settings, config, agent)
+    await host.start()
+    try:
+        await system.submit_visible("warm up")  # the host has beaten: the pool is live
+        tasks = [await client.submit(f"job {i}", pool=pool) for i in range(24)]
+        await eventually(lambda: _all_have(db, tasks, "completed"))
+        ran = Counter([(await queries.get_task(db, t)).agent_id for t in tasks])
+        assert set(ran) == {first, *spares}, ran  # it grew to its maximum
+        # Idle past the timeout, the agents it started retire; the first one stays.
+        for spare in spares:
+            await eventually(lambda: _state_of(settings, pool, spare, "retired"), within=15)  # noqa: B023
+        assert list(host.agents) == [first]
+        shown = json.loads(cli(settings, "agents", "--pool", pool, "--json").stdout)
+        mine = {a["agent_id"]: a for a in shown}
+        assert mine[first]["state"] in ("idle", "silent")
+        assert mine[spares[0]]["suspended_reason"].endswith("s: the pool shrank")
+        history = json.loads(cli(settings, "agents", "show", spares[-1], "--json").stdout)
+        states = [h["state"] for h in history]
+        assert states[0] == "registered"
+        assert "busy" in states
+        assert states[-1] == "retired"
+        # More work than one agent does: it grows again, from its first spare on.
+        more = [await client.submit(f"more {i}", pool=pool) for i in range(12)]
+        await eventually(lambda: _all_have(db, more, "completed"))
+        again = {(await queries.get_task(db, t)).agent_id for t in more}
+        assert spares[0] in again, again
+    finally:
+        await host.stop()

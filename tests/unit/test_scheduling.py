@@ -32,12 +32,14 @@ from hypothesis.stateful import (
 )
 
 from conclave.domain.events import (
+    AGENTS_TOPIC_EVENTS,
     AgentCircuitClosed,
     AgentCircuitHalfOpened,
     AgentCircuitOpened,
     AgentFailed,
     AgentRegistered,
     AgentReinstated,
+    AgentRetired,
     CancelRequested,
     DeliberationRequested,
     Event,
@@ -69,6 +71,7 @@ from conclave.domain.scheduling import (
     DEFAULT_DEDUP_WINDOW,
     REGISTRATION_GRACE_US,
     SNAPSHOT_VERSION,
+    STARVED_EVERY_US,
     SchedulerEvent,
     SchedulerState,
     TaskState,
@@ -89,6 +92,7 @@ from conclave.domain.scheduling import (
     reinstate,
     revived,
     schedule,
+    starved,
     status_of,
     to_snapshot,
     tripped,
@@ -273,6 +277,7 @@ class Harness:
         self,
         event: AgentRegistered
         | AgentFailed
+        | AgentRetired
         | HostBeat
         | HostLeaving
         | Halt
@@ -504,11 +509,12 @@ class Harness:
 
 
 def _takes_work(state: SchedulerState, agent_id: str) -> bool:
-    """Free for a task: not busy, stalled, failed, tripped, nor on a host leaving."""
+    """Free for a task: not busy, stalled, failed, retired, tripped, nor on a host leaving."""
     return (
         agent_id not in state.assignments
         and agent_id not in state.suspects
         and agent_id not in state.failed
+        and agent_id not in state.retired
         and agent_id not in state.breakers
         and not _leaving(state, agent_id)
     )
@@ -641,7 +647,7 @@ def recovered(log: list[Folded], start: SchedulerState) -> SchedulerState:
 def interleavings(log: list[Folded]) -> list[list[Folded]]:
     """The tasks topic entirely before, and entirely after, the agents and control
     topics: per-topic order is all that recovery can count on."""
-    facts = (AgentRegistered, AgentFailed, HostBeat, HostLeaving, Halt, Resume, PoolConfigured)
+    facts = (*AGENTS_TOPIC_EVENTS, Halt, Resume, PoolConfigured)
     tasks_topic = [e for e in log if not isinstance(e, facts)]
     other_topics = [e for e in log if isinstance(e, facts)]
     return [[*tasks_topic, *other_topics], [*other_topics, *tasks_topic]]
@@ -934,6 +940,48 @@ class SchedulerMachine(RuleBasedStateMachine):
             )
             self.h.fact(failed)
 
+    @rule(agent_id=st.sampled_from(sorted(POOL_OF)))
+    def its_host_retires_an_idle_agent(self, agent_id: str) -> None:
+        """The pool shrank: its host retires it while idle (a dispatch may cross that:
+        the scheduler folds the retirement after dispatching to it)."""
+        slot = self.state.agents.get(agent_id)
+        if slot is not None:
+            retired = AgentRetired(
+                agent_id=agent_id, pool=slot.pool, host_id=slot.host_id, reason="idle for 60 s"
+            )
+            self.h.fact(retired)
+
+    @rule()
+    def shortages_are_judged(self) -> None:
+        """After a step's dispatches: pools whose tasks could start but find no idle agent
+        are said starved, each at most once a second, only with a live host."""
+        state, now = self.state, self.h.now
+        snapshot = copy.deepcopy(state)
+        said = starved(state, now)
+        assert state == snapshot, "starved() must not change the state"
+        live = {
+            lease.pool
+            for lease in state.hosts.values()
+            if lease.takes_work and lease.expires_at > now and not lease.lost_agents
+        }
+        for name, pool in state.pools.items():
+            room = state.capacity_of(name) - pool.in_flight
+            short = (
+                not state.halted
+                and name in live
+                and name not in state.ready
+                and room > 0
+                and bool(pool.untargeted or pool.heads)
+            )
+            mine = [e for e in said if e.pool == name]
+            recent = pool.starved_at is not None and now - pool.starved_at < STARVED_EVERY_US
+            assert len(mine) == (1 if short and not recent else 0), (name, mine, short, recent)
+            for e in mine:
+                assert 0 < e.waiting <= room
+                assert e.hosts >= 1
+        self.h._fold(said)
+        assert starved(state, now) == [], "said once a second at most"
+
     @rule(host_id=st.sampled_from(["h0", "h1"]), drain=st.integers(0, 2 * ANSWER_US))
     def host_leaves(self, host_id: str, drain: int) -> None:
         """A host says it is stopping: its agents take nothing new from now on."""
@@ -1094,6 +1142,18 @@ class SchedulerMachine(RuleBasedStateMachine):
             elif isinstance(event, TaskDispatched):
                 assert event.agent_id not in failed, f"{event.task_id} to failed {event.agent_id}"
         assert failed == self.state.failed.keys()
+
+    @invariant()
+    def an_agent_its_host_retired_gets_no_work_until_it_registers_again(self) -> None:
+        retired: set[str] = set()
+        for event in self.h.log:
+            if isinstance(event, AgentRetired):
+                retired.add(event.agent_id)
+            elif isinstance(event, AgentRegistered):
+                retired.discard(event.agent_id)
+            elif isinstance(event, TaskDispatched):
+                assert event.agent_id not in retired, f"{event.task_id} to retired {event.agent_id}"
+        assert retired == self.state.retired
 
     @invariant()
     def an_agent_whose_circuit_is_open_gets_no_work(self) -> None:
