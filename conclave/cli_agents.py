@@ -128,7 +128,7 @@ def show_hosts(as_json: AsJson = False) -> None:
             f"{v.cpu_percent:.0f} %" if v.cpu_percent is not None else "-",
             _in(v.last_beat_at),
             _in(v.lease_expires_at),
-            v.lost_reason or v.over_limit or "",
+            v.failed_reason or v.lost_reason or v.over_limit or "",
         ),
         as_json,
     )

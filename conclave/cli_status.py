@@ -133,7 +133,7 @@ def _pools(status: Status, settings: Settings) -> Table:
 
 
 def _counts(what: str, counts: dict[str, int]) -> Text:
-    bad = {"lost", "unresponsive", "circuit_open", "silent"}
+    bad = {"lost", "failed", "unresponsive", "circuit_open", "silent"}
     text = Text.assemble((f"{what}  ", "bold"))
     if not counts:
         text.append("none")

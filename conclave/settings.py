@@ -113,6 +113,9 @@ class Settings:
     host_lease_s: float = 5.0
     """A runtime host silent this long after its last beat is lost: its running attempts
     are stalled and retried elsewhere, its agents get no work until it is back."""
+    host_fail_after_s: float = 30.0
+    """A host judged lost and still silent this long after its lease ran out is failed
+    (``host.failed``): it is not coming back by itself, and its agents show ``failed``."""
     breaker_failures: int = 10
     """Attempts an agent fails in a row before its circuit opens (no work for it for
     ``breaker_cooldown_s``, then one probe task); 0: no circuit breakers."""
@@ -198,6 +201,7 @@ class Settings:
             pool_capacity=_int(env, "CONCLAVE_POOL_CAPACITY", 72),
             heartbeat_interval_s=_float(env, "CONCLAVE_HEARTBEAT_INTERVAL_S", 1.0),
             host_lease_s=_float(env, "CONCLAVE_HOST_LEASE_S", 5.0),
+            host_fail_after_s=_float(env, "CONCLAVE_HOST_FAIL_AFTER_S", 30.0),
             breaker_failures=_int(env, "CONCLAVE_BREAKER_FAILURES", 10),
             breaker_cooldown_s=_float(env, "CONCLAVE_BREAKER_COOLDOWN_S", 30.0),
             agent_restarts=_at_least(

@@ -533,7 +533,7 @@ def _weights(column: list[str] | None) -> dict[str, int]:
     return {key: int(weight) for key, _, weight in pairs}
 
 
-HOST_STATES = ("alive", "over_limit", "leaving", "silent", "lost", "left")
+HOST_STATES = ("alive", "over_limit", "leaving", "silent", "lost", "failed", "left")
 AGENT_STATES = (
     "idle", "busy", "silent", "unresponsive", "lost", "retired", "failed", "circuit_open",
     "probing",
@@ -548,7 +548,8 @@ class HostView:
     pool: str | None
     state: str
     """``alive`` (its lease holds), ``silent`` (it ran out, the scheduler has not judged
-    it yet) or ``lost`` (``host.lost``, and no later beat); ``leaving`` (it said it is
+    it yet) or ``lost`` (``host.lost``, and no later beat), ``failed`` (lost, then silent
+    past the grace period: ``host.failed``); ``leaving`` (it said it is
     stopping, ``host.leaving``: its agents take no new work) and ``left`` (then judged);
     ``over_limit`` (alive, but its newest beat said it is over its memory or CPU limit:
     its agents take no new work until it has room)."""
@@ -562,6 +563,8 @@ class HostView:
     cpu_percent: float | None
     over_limit: str | None
     """Why it takes no new work, while it is ``over_limit``."""
+    failed_reason: str | None = None
+    """Why the scheduler judged it failed, while it is ``failed``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -656,7 +659,10 @@ def _host_state(row: asyncpg.Record, now_us: int) -> str:
     # A beat after the leaving that promised more is a new start (leases only grow).
     left = leaving is not None and lease is not None and lease <= leaving
     if lost is not None and (lease is None or lost >= lease):
-        return "left" if left else "lost"
+        if left:
+            return "left"
+        failed = row["failed_lease"]
+        return "failed" if failed is not None and failed >= lost else "lost"
     if left:
         return "leaving"
     if lease is None or lease <= now_us:
@@ -671,7 +677,7 @@ async def list_hosts(pool: asyncpg.Pool, now_us: int) -> list[HostView]:
         HostView(
             host_id=r["host_id"],
             pool=r["pool"],
-            state=_host_state(r, now_us),
+            state=(state := _host_state(r, now_us)),
             agent_ids=list(r["agent_ids"]),
             last_beat_at=r["last_beat_at"],
             lease_expires_at=r["lease_expires_at"],
@@ -681,6 +687,7 @@ async def list_hosts(pool: asyncpg.Pool, now_us: int) -> list[HostView]:
             rss_bytes=r["rss_bytes"],
             cpu_percent=r["cpu_percent"],
             over_limit=r["over_limit"],
+            failed_reason=r["failed_reason"] if state == "failed" else None,
         )
         for r in rows
     ]
@@ -703,6 +710,7 @@ async def list_agents(
     tenant's."""
     rows = await pool.fetch(
         """SELECT a.*, h.lease_expires_at, h.lost_lease, h.leaving_until, h.over_limit,
+                  h.failed_lease,
                   ($3::text IS NULL OR t.tenant = $3) AS task_shown FROM agents a
            LEFT JOIN hosts h ON h.host_id = a.host_id
            LEFT JOIN tasks t ON $3::text IS NOT NULL AND t.task_id = a.current_task_id
@@ -717,8 +725,9 @@ async def list_agents(
     views = []
     for r in rows:
         beat = r["last_heartbeat_at"]
-        if r["lost_lease"] is not None and (host := _host_state(r, now_us)) in ("lost", "left"):
-            current = "lost" if host == "lost" else "retired"
+        host = _host_state(r, now_us) if r["lost_lease"] is not None else None
+        if host in ("lost", "failed", "left"):
+            current = "retired" if host == "left" else host
         elif r["failed_reason"] is not None:
             current = "failed"
         elif r["retired_reason"] is not None:

@@ -51,6 +51,7 @@ from conclave.domain.events import (
     Halt,
     Heartbeat,
     HostBeat,
+    HostFailed,
     HostLeaving,
     HostLost,
     LockDenied,
@@ -267,6 +268,10 @@ class HostRow:
     """The host process's resident memory, as its newest beat measured it."""
     cpu_percent: float | None = None
     """Its CPU use (% of one core) between its two newest beats."""
+    failed_lease: int | None = None
+    """The lease after which the scheduler judged it failed (``host.failed``): it counts
+    as failed while lost with that lease."""
+    failed_reason: str | None = None
     over_limit: str | None = None
     """Why its newest beat said it takes no new work (over its memory or CPU limit)."""
 
@@ -407,6 +412,8 @@ HOSTS = _table(
         "rss_bytes": "bigint",
         "cpu_percent": "double precision",
         "over_limit": "text",
+        "failed_lease": "bigint",
+        "failed_reason": "text",
     },
     "host_id",
 )
@@ -764,6 +771,7 @@ AgentEvent = (
     | Heartbeat
     | TaskStalled
     | HostLost
+    | HostFailed
     | AgentCircuitOpened
     | AgentCircuitHalfOpened
     | AgentCircuitClosed
@@ -814,7 +822,7 @@ def fold_agent(
         row.retired_reason = event.reason
     elif isinstance(event, AgentReinstated):
         row.suspended_at = row.suspended_reason = None
-    elif isinstance(event, TaskStalled | HostLost):
+    elif isinstance(event, TaskStalled | HostLost | HostFailed):
         row.suspended_at = envelope.occurred_at
         row.suspended_reason = event.reason
     elif isinstance(event, AgentCircuitOpened):
@@ -838,7 +846,7 @@ def fold_agent(
 def fold_host(
     row: HostRow | None,
     envelope: Envelope,
-    event: HostBeat | HostLeaving | HostLost,
+    event: HostBeat | HostLeaving | HostLost | HostFailed,
     _host_id: str,
 ) -> HostRow:
     """The ``hosts`` row after a beat, a host's leaving or a loss. Leases only grow but
@@ -855,6 +863,9 @@ def fold_host(
             row.rss_bytes, row.cpu_percent = event.rss_bytes, event.cpu_percent
             row.over_limit = event.over_limit
         row.lease_expires_at = max(row.lease_expires_at or 0, event.expires_at)
+    elif isinstance(event, HostFailed):
+        if (row.failed_lease or 0) < event.expires_at:
+            row.failed_lease, row.failed_reason = event.expires_at, event.reason
     elif (row.lost_lease or 0) < event.expires_at:
         row.lost_lease, row.lost_at, row.lost_reason = (
             event.expires_at,
@@ -1072,6 +1083,7 @@ KEYED: Mapping[type[Any], tuple[tuple[Table, Callable[[Any], list[str]], Fold], 
     HostBeat: (_HOST, (AGENTS, attrgetter("agent_ids"), fold_agent)),
     HostLeaving: (_HOST,),
     HostLost: (_HOST, (AGENTS, attrgetter("agent_ids"), fold_agent)),
+    HostFailed: (_HOST, (AGENTS, attrgetter("agent_ids"), fold_agent)),
     LockGranted: (_LOCK,),
     LockWaiting: (_LOCK,),
     LockDenied: (_LOCK,),

@@ -58,6 +58,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ev.HostBeat,
     ev.HostLeaving,
     ev.HostLost,
+    ev.HostFailed,
     ev.PoolStarved,
     ev.AgentOutput,
     ev.TaskFailed,

@@ -46,6 +46,7 @@ from conclave.domain.events import (
     Event,
     Halt,
     HostBeat,
+    HostFailed,
     HostLeaving,
     HostLost,
     PoolConfigured,
@@ -124,6 +125,7 @@ class SchedulerShard:
         answer_within_s: float | None = None,
         breaker_failures: int = 0,
         breaker_cooldown_s: float = 30.0,
+        host_fail_after_s: float = 30.0,
     ) -> None:
         self.topics = topics
         self.index = index
@@ -137,6 +139,8 @@ class SchedulerShard:
         self.breaker_failures = breaker_failures
         """Failed attempts in a row that open an agent's circuit; 0: no breakers."""
         self.breaker_cooldown_us = int(breaker_cooldown_s * 1_000_000)
+        self.host_fail_after_us = int(host_fail_after_s * 1_000_000)
+        """How long a lost host may stay silent after its lease ran out before it fails."""
         self.state = scheduling.SchedulerState(capacity=capacity)
         self.origins: dict[str, _Origin] = {}
         self._heard_at: int | None = None
@@ -292,6 +296,9 @@ class SchedulerShard:
                         continue
                     metrics.hosts_lost.labels(lost.pool).inc()
                     log.warning("%s: %s", self.name, lost.reason)
+            failed = scheduling.failed_hosts(self.state, now, self.host_fail_after_us)
+            for host in self._fold(failed, decided):
+                log.error("%s: %s", self.name, host.reason)
         self._fold(scheduling.expire(self.state, now), decided)
         opened = scheduling.tripped(
             self.state, now, threshold=self.breaker_failures, cooldown_us=self.breaker_cooldown_us
@@ -434,7 +441,7 @@ class SchedulerShard:
             return self.emitter.event(
                 self.topics.tasks, self.index, event.agent_id, event, now=now, causation=cause
             )
-        if isinstance(event, HostLost):
+        if isinstance(event, HostLost | HostFailed):
             return self.emitter.event(
                 self.topics.tasks, self.index, event.host_id, event, now=now, causation=cause
             )
@@ -575,6 +582,8 @@ class SchedulerShard:
         for lease in state.hosts.values():
             if lease.judged is not None and lease.judged >= lease.expires_at:
                 host_state = "lost" if lease.leaving_until is None else "left"
+                if (lease.failed or -1) >= lease.expires_at:
+                    host_state = "failed"
             elif lease.leaving_until is not None:
                 host_state = "leaving"
             elif lease.expires_at < now:
@@ -595,7 +604,11 @@ class SchedulerShard:
 
     def next_due(self) -> int | None:
         due = scheduling.next_due(self.state)
-        lease = scheduling.hosts_due(self.state)
+        leases = (
+            scheduling.hosts_due(self.state),
+            scheduling.failures_due(self.state, self.host_fail_after_us),
+        )
+        lease = min((d for d in leases if d is not None), default=None)
         if lease is not None and self._judge_hosts_from is not None:
             lease = max(lease, self._judge_hosts_from)
         return lease if due is None else due if lease is None else min(due, lease)
@@ -609,7 +622,9 @@ def _agent_state(state: scheduling.SchedulerState, slot: AgentSlot) -> str:
     agent = slot.agent_id
     lease = state.hosts.get(slot.host_id)
     if lease is not None and agent in lease.lost_agents:
-        return "lost" if lease.leaving_until is None else "retired"
+        if lease.leaving_until is not None:
+            return "retired"
+        return "failed" if (lease.failed or -1) >= lease.expires_at else "lost"
     if agent in state.failed:
         return "failed"
     if agent in state.retired:

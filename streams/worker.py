@@ -212,6 +212,7 @@ def build_shard(settings: Settings, name: str, partitions: int) -> Shard:
             answer_within_s=settings.task_timeout_s + settings.answer_grace_s,
             breaker_failures=settings.breaker_failures,
             breaker_cooldown_s=settings.breaker_cooldown_s,
+            host_fail_after_s=settings.host_fail_after_s,
         )
     if kind == "witness":
         return WitnessShard(

@@ -348,6 +348,8 @@ class HostOut(_Out):
     cpu_percent: float | None
     over_limit: str | None
     """Why its agents take no new work, while it is over its memory or CPU limit."""
+    failed_reason: str | None = None
+    """Why the scheduler judged it failed (lost, then silent past the grace period)."""
 
 
 class WorkflowStepOut(_Out):

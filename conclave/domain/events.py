@@ -45,6 +45,7 @@ __all__ = [
     "Halt",
     "Heartbeat",
     "HostBeat",
+    "HostFailed",
     "HostLeaving",
     "HostLost",
     "LockDenied",
@@ -511,6 +512,23 @@ class HostLost:
     """Its agents when it was judged lost: each gets no work until reinstated."""
     expires_at: int
     """The lease that ran out (the ``expires_at`` of the host's last beat)."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostFailed:
+    """A runtime host judged lost stayed silent for the grace period after its lease ran
+    out (``CONCLAVE_HOST_FAIL_AFTER_S``): it is not coming back by itself, and its agents
+    are failed. What they ran was retried elsewhere when the host was lost; like a lost
+    host's, its agents work again when it beats or registers them again."""
+
+    TYPE: ClassVar[str] = "host.failed"
+    host_id: str
+    pool: str
+    agent_ids: list[str]
+    """Its agents when it was judged failed."""
+    expires_at: int
+    """The lease that ran out (as in the ``HostLost`` before)."""
     reason: str
 
 
@@ -1144,6 +1162,7 @@ Event = (
     | AgentFailed
     | AgentRetired
     | PoolStarved
+    | HostFailed
     | HostBeat
     | HostLeaving
     | HostLost
@@ -1208,6 +1227,7 @@ TASKS_TOPIC_EVENTS = (
     TaskRetryScheduled,
     AgentReinstated,
     HostLost,
+    HostFailed,
     PoolStarved,
     AgentCircuitOpened,
     AgentCircuitHalfOpened,

@@ -10,8 +10,10 @@ read model, ``conclave agents show ID``)::
     unresponsive -> idle                   it answered that attempt after all
     any -> circuit_open -> probing -> idle too many failures in a row; cool-down; probe answered
     any -> lost                            its host's lease ran out (no beat)
+    lost -> failed                         its host stayed silent past the grace period
     any -> retired                         its host stopped, drained (SIGTERM)
-    idle -> idle (restarted)               it crashed; its host started it afresh
+    idle -> idle (restarted)               it crashed; its host started it afresh (at
+                                           once, in its process: no restarting state)
     idle -> retired                        idle too long as the pool shrank (a busy
                                            agent got a dispatch that crossed that: its
                                            host brings it back, and it stays busy)
@@ -39,6 +41,7 @@ from conclave.domain.events import (
     AgentRestarted,
     AgentRetired,
     Event,
+    HostFailed,
     HostLost,
     TaskCancelled,
     TaskCompleted,
@@ -82,6 +85,7 @@ LIFECYCLE_EVENTS = frozenset(
         AgentCircuitHalfOpened,
         AgentCircuitClosed,
         HostLost,
+        HostFailed,
     }
 )
 """The events :func:`transitions` reads (others move no agent)."""
@@ -178,5 +182,7 @@ def transitions(event: Event) -> list[Transition]:
         case HostLost():
             state = "retired" if event.reason.endswith(LEFT) else "lost"
             return [Transition(agent, state, event.reason) for agent in event.agent_ids]
+        case HostFailed():
+            return [Transition(agent, "failed", event.reason) for agent in event.agent_ids]
         case _:
             return []

@@ -176,6 +176,8 @@ class HostLease:
     its lease ends then. Until it registers agents again (started anew)."""
     over_limit: str | None = None
     """Why its newest beat said it takes no new work (memory or CPU over its limit)."""
+    failed: int | None = None
+    """The lease a ``HostFailed`` judged (lost, then silent past the grace period)."""
 
     @property
     def takes_work(self) -> bool:
@@ -560,6 +562,7 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
                 sorted(h.lost_agents),
                 h.leaving_until,
                 h.over_limit,
+                h.failed,
             ]
             for host_id, h in sorted(state.hosts.items())  # the same whatever the fold order
         ],
@@ -643,7 +646,7 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
                 expires_at,
                 judged,
                 set(lost_agents),
-                *later,  # leaving: none before 7; over its limits: none before 8
+                *later,  # leaving: none before 7; over its limits: none before 8; failed
             )
         state.failures.update(data["failures"])
         state.breakers = RankedSet(((until,), key) for key, until in data["breakers"])

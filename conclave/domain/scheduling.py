@@ -46,7 +46,9 @@ Rules enforced here (each has a test):
   host that says it is leaving (``HostLeaving``) gets no new work at once; its lease
   ends when its drain does, and it is then judged the same way, as having left. A host
   whose newest beat says it is over its memory or CPU limit (``over_limit``) gets no
-  new work until a beat says it has room again; what it runs goes on.
+  new work until a beat says it has room again; what it runs goes on. A lost host still
+  silent ``fail_after_us`` after its lease ran out is failed (:func:`failed_hosts`):
+  its agents are failed, to be reinstated the same way.
 * Circuit breakers: an agent that failed ``threshold`` attempts in a row (failed,
   stalled, lost with its host) gets no work for a cool-down (:func:`tripped`), then one
   probe task (:func:`half_opened`): an answer closes the circuit, a failure opens it
@@ -92,6 +94,7 @@ from conclave.domain.events import (
     Halt,
     Heartbeat,
     HostBeat,
+    HostFailed,
     HostLeaving,
     HostLost,
     PoolConfigured,
@@ -149,6 +152,8 @@ __all__ = [
     "due_timers",
     "evolve",
     "expire",
+    "failed_hosts",
+    "failures_due",
     "fairness_key",
     "from_snapshot",
     "half_opened",
@@ -182,6 +187,7 @@ SchedulerEvent = (
     | TaskExpired
     | TaskDependencyFailed
     | PoolStarved
+    | HostFailed
 )
 Outcome = (
     AgentCircuitClosed
@@ -436,6 +442,50 @@ def revived(state: SchedulerState, beat: HostBeat) -> list[AgentReinstated]:
 def hosts_due(state: SchedulerState) -> int | None:
     """The earliest lease that runs out unless its host beats again (O(hosts))."""
     return min((d for h in state.hosts.values() if (d := h.overdue()) is not None), default=None)
+
+
+def failed_hosts(state: SchedulerState, now: int, after_us: int) -> list[HostFailed]:
+    """Hosts judged lost (not left) whose lease ran out ``after_us`` or more before
+    ``now`` with no beat since: each failed once per lease, its agents with it. What they
+    ran moved on when the host was lost. Pure; O(hosts)."""
+    out = []
+    for host_id, lease in sorted(state.hosts.items()):
+        due = _failure_due(lease, after_us)
+        if due is None or due > now:
+            continue
+        agents = sorted(a.agent_id for a in state.agents.values() if a.host_id == host_id)
+        silent_s = (now - lease.expires_at) / 1_000_000
+        reason = (
+            f"host {host_id!r} silent {silent_s:.0f} s after its lease ran out, past the "
+            f"grace period of {after_us / 1_000_000:g} s: its agents failed"
+        )
+        out.append(
+            HostFailed(
+                host_id=host_id,
+                pool=lease.pool,
+                agent_ids=agents,
+                expires_at=lease.expires_at,
+                reason=reason,
+            )
+        )
+    return out
+
+
+def failures_due(state: SchedulerState, after_us: int) -> int | None:
+    """When the next lost host is failed unless it beats again (O(hosts))."""
+    return min(
+        (d for h in state.hosts.values() if (d := _failure_due(h, after_us)) is not None),
+        default=None,
+    )
+
+
+def _failure_due(lease: HostLease, after_us: int) -> int | None:
+    lost = lease.judged is not None and lease.overdue() is None
+    if not lost or lease.leaving_until is not None:
+        return None  # not lost, beat again since, or left (retired, not failed)
+    if lease.failed is not None and lease.failed >= lease.expires_at:
+        return None  # failed already
+    return lease.expires_at + after_us
 
 
 STARVED_EVERY_US = 1_000_000
@@ -980,7 +1030,7 @@ def evolve(
             _fold_retry_scheduled(state, event)
         case AgentReinstated():
             _fold_reinstated(state, event)
-        case HostLost():
+        case HostLost() | HostFailed():
             _fold_host_lost(state, event)
         case AgentCircuitOpened():
             _fold_circuit_opened(state, event)
@@ -1184,12 +1234,16 @@ def _fold_host_leaving(state: SchedulerState, event: HostLeaving) -> None:
             state.refresh(slot.pool)
 
 
-def _fold_host_lost(state: SchedulerState, event: HostLost) -> None:
+def _fold_host_lost(state: SchedulerState, event: HostLost | HostFailed) -> None:
     """The host's agents leave the idle indexes until they are reinstated; its running
-    attempts move on with the stalls that follow."""
+    attempts move on with the stalls that follow. Failed (after its loss, on the same
+    topic), nothing changes but that it is not judged failed again."""
     host = state.hosts.get(event.host_id)
     if host is None:  # folded before any beat of the host (recovery interleaves)
         host = state.hosts[event.host_id] = HostLease(event.pool, event.expires_at)
+    if isinstance(event, HostFailed):
+        host.failed = max(host.failed or 0, event.expires_at)
+        return
     if host.judged is not None and host.judged >= event.expires_at:
         return  # a duplicate
     host.judged = event.expires_at

@@ -18,6 +18,7 @@ import pytest
 from conclave.bus import ensure_topics, read_history, topics_for
 from conclave.domain.events import (
     Event,
+    HostFailed,
     HostLost,
     TaskCompleted,
     TaskDeadLettered,
@@ -227,8 +228,9 @@ async def test_runtime_host_killed_for_good_loses_its_work_when_its_lease_runs_o
     cluster: Cluster,
 ) -> None:
     """Answer deadlines at their default (330 s): what moves the dead host's attempts to
-    the other one within seconds is its lease (2 s here), not a deadline."""
-    cluster.extra_env.update({"CONCLAVE_HOST_LEASE_S": "2"})
+    the other one within seconds is its lease (2 s here), not a deadline. Still silent
+    3 s later (the grace period here), it is failed, and its agents with it."""
+    cluster.extra_env.update({"CONCLAVE_HOST_LEASE_S": "2", "CONCLAVE_HOST_FAIL_AFTER_S": "3"})
     two_hosts(cluster, "lpool")
     await asyncio.sleep(6.0)  # past the scheduler's start-up grace: both hosts have beaten
     task_ids = await submit(cluster.settings, "lpool", 60, max_attempts=2)
@@ -237,6 +239,10 @@ async def test_runtime_host_killed_for_good_loses_its_work_when_its_lease_runs_o
     killed = time.monotonic()
     await until_all_terminal(cluster.settings, task_ids, within_s=60)
     assert time.monotonic() - killed < 30, "taken over by the lease, not a deadline"
+    for _ in range(300):  # the grace period after the lease: failed within 30 s at most
+        if [e for e in await tasks_topic(cluster) if isinstance(e, HostFailed)]:
+            break
+        await asyncio.sleep(0.1)
     await check_invariants(cluster, task_ids)
     events = await tasks_topic(cluster)
     lost = [e for e in events if isinstance(e, HostLost)]
@@ -251,12 +257,22 @@ async def test_runtime_host_killed_for_good_loses_its_work_when_its_lease_runs_o
     # What an operator sees (the read models equal a rebuild: check_invariants).
     hosts = json.loads(cli(cluster.settings, "hosts", "--json").stdout)
     states = {h["host_id"]: h["state"] for h in hosts}
-    assert states["h1"] == "lost"
-    assert states["h2"] != "lost"  # alive, or silent: check_invariants stopped the projector
+    (failed,) = [e for e in events if isinstance(e, HostFailed)]
+    assert (failed.host_id, failed.agent_ids, failed.expires_at) == (
+        "h1",
+        h1_agents,
+        lost[0].expires_at,
+    )
+    assert states["h1"] == "failed"
+    assert states["h2"] not in ("lost", "failed")  # alive, or silent: the projector stopped
     agents = json.loads(cli(cluster.settings, "agents", "--pool", "lpool", "--json").stdout)
     assert {a["agent_id"]: a["state"] for a in agents if a["host_id"] == "h1"} == dict.fromkeys(
-        h1_agents, "lost"
+        h1_agents, "failed"
     )
+    assert {a["suspended_reason"] for a in agents if a["host_id"] == "h1"} == {failed.reason}
+    # Unresponsive (its host lost: no beat) first, then failed past the grace period.
+    history = json.loads(cli(cluster.settings, "agents", "show", h1_agents[0], "--json").stdout)
+    assert [h["state"] for h in history][-2:] == ["lost", "failed"]
     # Like its host: silent once check_invariants stopped the projector (on a slow run).
     assert {a["state"] for a in agents if a["host_id"] == "h2"} <= {"idle", "busy", "silent"}
 

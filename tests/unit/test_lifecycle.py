@@ -71,6 +71,12 @@ from conclave.domain.scheduling import LEFT, NO_ANSWER
                            reason="crashed 6 times within 60 s"),
             [Transition("a", "failed", "crashed 6 times within 60 s")],
         ),
+        (
+            ev.HostFailed(host_id="h", pool="p", agent_ids=["a", "b"], expires_at=1,
+                          reason="host 'h' silent 30 s"),
+            [Transition("a", "failed", "host 'h' silent 30 s"),
+             Transition("b", "failed", "host 'h' silent 30 s")],
+        ),
         (ev.Heartbeat(agent_id="a", host_id="h", task_id=None, rss_bytes=1), []),
     ],
 )  # fmt: skip

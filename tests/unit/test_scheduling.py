@@ -45,6 +45,7 @@ from conclave.domain.events import (
     Event,
     Halt,
     HostBeat,
+    HostFailed,
     HostLeaving,
     HostLost,
     PoolConfigured,
@@ -81,6 +82,8 @@ from conclave.domain.scheduling import (
     due_timers,
     evolve,
     expire,
+    failed_hosts,
+    failures_due,
     fairness_key,
     from_snapshot,
     half_opened,
@@ -117,9 +120,11 @@ TERMINAL_EVENTS = (
 Folded = Emitted | AgentRegistered | Halt | Resume | PoolConfigured
 T = TypeVar("T")
 ANSWER_US = 20_000
+"""The harness's answer deadline: 20 commands' worth of its clock (1 ms each)."""
 BREAK_US = 30_000
 """The harness's circuit cool-down."""
-"""The harness's answer deadline: 20 commands' worth of its clock (1 ms each)."""
+FAIL_US = 25_000
+"""A lost host silent this long after its lease ran out is failed."""
 
 RETRY_POLICIES = st.builds(
     RetryPolicy,
@@ -314,22 +319,8 @@ class Harness:
         is over are queued again, then the schedule."""
         self.now += elapsed_us
         state = self.state
-        lost_before = self._lost(self.now)
-        snapshot = copy.deepcopy(state)
-        lost = lost_hosts(state, self.now)
-        assert state == snapshot, "lost_hosts() must not change the state"
-        if self.replica is not None:
-            assert lost_hosts(self.replica, self.now) == lost
-        judged = [e for e in lost if isinstance(e, HostLost)]
-        assert {e.host_id for e in judged} == set(lost_before)
-        for e in judged:
-            assert e.agent_ids == sorted(
-                a.agent_id for a in state.agents.values() if a.host_id == e.host_id
-            )
-        stalls = {e.task_id for e in lost if isinstance(e, TaskStalled)}
-        assert stalls == {t for tasks in lost_before.values() for t in tasks}
-        self._fold(lost)
-        assert self._lost(self.now) == {}, "a lost host is judged once per lease"
+        lost = self._judge_leases()
+        failed = self._failed()
         due = set(due_timers(state, self.now))
         running = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.DISPATCHED}
         waiting = {t.task_id for t in state.tasks.values() if t.status is TaskStatus.RETRYING}
@@ -367,7 +358,50 @@ class Harness:
         self._fold(expired)
         assert not set(due_timers(self.state, self.now)) & due, "folding ends the due timers"
         assert all((t.expires_at or self.now + 1) > self.now for t in self.state.tasks.values())
-        return [*lost, *expired, *self.schedule()]
+        return [*lost, *failed, *expired, *self.schedule()]
+
+    def _judge_leases(self) -> list[Any]:
+        """Hosts whose lease ran out are lost, each once per lease, their attempts stalled."""
+        state = self.state
+        lost_before = self._lost(self.now)
+        snapshot = copy.deepcopy(state)
+        lost = lost_hosts(state, self.now)
+        assert state == snapshot, "lost_hosts() must not change the state"
+        if self.replica is not None:
+            assert lost_hosts(self.replica, self.now) == lost
+        judged = [e for e in lost if isinstance(e, HostLost)]
+        assert {e.host_id for e in judged} == set(lost_before)
+        for e in judged:
+            assert e.agent_ids == sorted(
+                a.agent_id for a in state.agents.values() if a.host_id == e.host_id
+            )
+        stalls = {e.task_id for e in lost if isinstance(e, TaskStalled)}
+        assert stalls == {t for tasks in lost_before.values() for t in tasks}
+        self._fold(lost)
+        assert self._lost(self.now) == {}, "a lost host is judged once per lease"
+        return lost
+
+    def _failed(self) -> list[HostFailed]:
+        """Lost hosts silent past the grace period are failed, each once per lease."""
+        state = self.state
+        failing = {  # lost (not left), silent past the grace period, not failed yet
+            host_id
+            for host_id, lease in state.hosts.items()
+            if lease.judged is not None
+            and lease.overdue() is None
+            and lease.leaving_until is None
+            and (lease.failed or -1) < lease.expires_at
+            and lease.expires_at + FAIL_US <= self.now
+        }
+        snapshot = copy.deepcopy(state)
+        failed = failed_hosts(state, self.now, FAIL_US)
+        assert state == snapshot, "failed_hosts() must not change the state"
+        assert {e.host_id for e in failed} == failing
+        self._fold(failed)
+        assert failed_hosts(state, self.now, FAIL_US) == [], "failed once per lease"
+        due = failures_due(state, FAIL_US)
+        assert due is None or due > self.now
+        return failed
 
     def _lost(self, now: int) -> dict[str, set[str]]:
         """Hosts whose lease ran out by ``now`` and not judged yet: their running tasks."""
@@ -2667,3 +2701,46 @@ def test_weights_are_validated() -> None:
 def test_aging_is_validated() -> None:
     bad = PoolConfigured(pool="p0", capacity=1, reason="t", operator="op", aging_turns=0)
     assert invalid_command(bad) == "aging_turns must be 1-1,000,000"
+
+
+def test_a_lost_host_still_silent_past_the_grace_period_fails_once_then_comes_back() -> None:
+    h = Harness()
+    h.register("a0", host_id="h0")
+    h.register("a1", host_id="h0")
+    h.beat("h0", lease_us=5_000)
+    expires_at = h.state.hosts["h0"].expires_at
+    lost = h.tick(5_000)[0]
+    assert isinstance(lost, HostLost)
+    assert failures_due(h.state, FAIL_US) == expires_at + FAIL_US
+    short = expires_at + FAIL_US - 1 - h.now  # 1 µs short
+    assert [e for e in h.tick(short) if isinstance(e, HostFailed)] == []
+    (failed,) = [e for e in h.tick(1) if isinstance(e, HostFailed)]
+    assert failed == HostFailed(
+        host_id="h0",
+        pool="p0",
+        agent_ids=["a0", "a1"],
+        expires_at=expires_at,
+        reason="host 'h0' silent 0 s after its lease ran out, past the grace period of "
+        "0.025 s: its agents failed",
+    )
+    assert failures_due(h.state, FAIL_US) is None
+    assert h.tick(10 * FAIL_US) == []  # failed once
+    restored = from_snapshot(json.loads(json.dumps(to_snapshot(h.state))))
+    assert failed_hosts(restored, h.now, FAIL_US) == []  # the snapshot remembers it
+    # It comes back by itself (it was cut off): its agents work again, as after a loss.
+    h.beat("h0", lease_us=5_000)
+    dispatched = h.command(submit("t0"))[1:]
+    assert [d.agent_id for d in dispatched] == ["a0"]
+    # Lost again later: that lease is judged, and failed, anew.
+    h.tick(5_000)
+    assert [e.host_id for e in h.tick(FAIL_US) if isinstance(e, HostFailed)] == ["h0"]
+
+
+def test_a_host_that_left_is_not_failed() -> None:
+    h = Harness()
+    h.register("a0", host_id="h0")
+    h.beat("h0", lease_us=5_000)
+    h.leave("h0", 0)
+    h.tick(5_000)
+    assert failed_hosts(h.state, h.now + 100 * FAIL_US, FAIL_US) == []
+    assert failures_due(h.state, FAIL_US) is None
