@@ -296,7 +296,7 @@ async def test_runtime_host_stopped_with_sigterm_under_load_drains_and_exits_0(
     assert answered, "h1 answered what it ran before and while it drained"
     # Only what was dispatched to it after it stopped reading (not yet told) stalls.
     stalled = [e for e in events if isinstance(e, TaskStalled)]
-    assert all(e.reason.endswith("host 'h1' left") for e in stalled), stalled
+    assert all("host 'h1' left" in e.reason for e in stalled), stalled
     left = [e for e in events if isinstance(e, HostLost)]
     assert [e.host_id for e in left] == ["h1"]
     after = events[events.index(left[0]) :]

@@ -306,9 +306,11 @@
         return li;
       }),
     );
-    // the busy and the troubled first, then the idle; a fleet of a thousand is counted
-    // above, not listed
-    const rank = (a) => (a.state === "idle" ? 2 : a.state === "busy" ? 1 : 0);
+    // the troubled and the busy first, then the idle, then the retired (gone on purpose:
+    // their hosts stopped, or their pools shrank); a fleet of a thousand is counted above,
+    // not listed
+    const ranks = { busy: 1, idle: 2, retired: 3 };
+    const rank = (a) => ranks[a.state] || 0;
     const sorted = [...agents.values()].sort(
       (a, b) => rank(a) - rank(b) || (a.agent_id < b.agent_id ? -1 : 1),
     );
