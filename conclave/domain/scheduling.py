@@ -453,7 +453,7 @@ def failed_hosts(state: SchedulerState, now: int, after_us: int) -> list[HostFai
         due = _failure_due(lease, after_us)
         if due is None or due > now:
             continue
-        agents = sorted(a.agent_id for a in state.agents.values() if a.host_id == host_id)
+        agents = _agents_of(state, host_id)
         silent_s = (now - lease.expires_at) / 1_000_000
         reason = (
             f"host {host_id!r} silent {silent_s:.0f} s after its lease ran out, past the "
@@ -469,6 +469,12 @@ def failed_hosts(state: SchedulerState, now: int, after_us: int) -> list[HostFai
             )
         )
     return out
+
+
+def _agents_of(state: SchedulerState, host_id: str) -> list[str]:
+    """The agents registered on ``host_id``, by id: named in a judgement of the host, so
+    that a replay needs no registry."""
+    return sorted(a.agent_id for a in state.agents.values() if a.host_id == host_id)
 
 
 def failures_due(state: SchedulerState, after_us: int) -> int | None:
@@ -540,7 +546,7 @@ def lost_hosts(state: SchedulerState, now: int) -> list[Lost | TaskDependencyFai
         overdue = lease.overdue()
         if overdue is None or overdue > now:
             continue
-        agents = sorted(a.agent_id for a in state.agents.values() if a.host_id == host_id)
+        agents = _agents_of(state, host_id)
         out.append(
             HostLost(
                 host_id=host_id,

@@ -472,7 +472,8 @@ class RuntimeHost:
             return
         mine = event.host_id == self.config.host_id
         if mine and event.agent_id not in self.agents and event.agent_id in self.scaling.ids:
-            # The dispatch crossed the agent's retirement: it is back, for this task.
+            # The dispatch crossed the agent's retirement: it is back, for this task (which
+            # it runs even if its registration was lost: idle again later, it retires).
             await self._start([event.agent_id], "a dispatch for it came after it retired")
         if event.host_id != self.config.host_id or event.agent_id not in self.agents:
             await self._dead_letter(record, f"dispatch to unknown agent {event.agent_id!r}")
@@ -506,18 +507,26 @@ class RuntimeHost:
         if refusal is not None:
             log.warning("%s: does not grow the pool: %s", self.name, refusal)
             return
-        await self._start(wanted, f"the pool is short: {event.waiting} task(s) wait")
+        if not await self._start(wanted, f"the pool is short: {event.waiting} task(s) wait"):
+            for agent_id in wanted:  # unregistered, they would get no work: the next word
+                del self.agents[agent_id]  # that the pool is short starts them again
 
-    async def _start(self, agent_ids: Sequence[str], why: str) -> None:
-        """Start ``agent_ids`` (of its spare ids, or retired ones) afresh and register them."""
+    async def _start(self, agent_ids: Sequence[str], why: str) -> bool:
+        """Start ``agent_ids`` (of its spare ids, or retired ones) afresh and register them;
+        whether the broker took the registrations."""
         for agent_id in agent_ids:
             self.agents[agent_id] = RunningAgent(idle_since=now_us())
+        try:
+            await self._register(agent_ids)
+        except BrokerUnavailable as exc:
+            log.warning("%s: could not register %s: %s", self.name, ", ".join(agent_ids), exc)
+            return False
         log.info(
             "%s: started %s (%d agents now): %s",
             self.name, ", ".join(agent_ids), len(self.agents), why,
         )  # fmt: skip
         metrics.agents_scaled.labels(self.config.pool, "started").inc(len(agent_ids))
-        await self._register(agent_ids)
+        return True
 
     def _retire_idle(self) -> list[Outgoing]:
         """Retire the agents idle past the idle timeout, beyond its minimum: the records
