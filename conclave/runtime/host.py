@@ -495,8 +495,12 @@ class RuntimeHost:
         except SchemaError as exc:
             await self._dead_letter(record, str(exc))
             return
-        if not isinstance(event, PoolStarved) or event.pool != self.config.pool:
-            return  # another broadcast of the pool (none is addressed here yet)
+        if not isinstance(event, PoolStarved):
+            await self._dead_letter(record, f"{event.TYPE} carries a pool broadcast header")
+            return
+        if event.pool != self.config.pool:
+            await self._dead_letter(record, f"pool.starved of {event.pool!r} under this pool's")
+            return
         if now_us() - event.at > _STARVED_STALE_US:
             return  # read again after a recovery: the pool has had its say since
         wanted = self.scaling.grow(self.agents.keys(), event)

@@ -12,16 +12,16 @@ from collections.abc import Awaitable
 
 import asyncpg
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from conclave.bus import TransactionalProducer, topics_for
-from conclave.domain.events import HostBeat, now_us
+from conclave.domain.events import HostBeat, PoolStarved, now_us
 from conclave.runtime.agents import AgentContext, SimulatedAgent, TransientFailure
 from conclave.runtime.host import HostConfig, RuntimeHost
 from conclave.runtime.limits import HostLimits
 from conclave.settings import Settings
-from conclave.topics import pool_partition
+from conclave.topics import BROADCAST_HEADER, pool_partition
 from projections import queries
 from tests.integration.conftest import System, eventually, has_status, output_visible
 from tests.integration.test_skeleton import cli
@@ -398,4 +398,58 @@ async def test_a_pool_grows_while_its_tasks_wait_for_agents_and_shrinks_back_onc
         again = {(await queries.get_task(db, t)).agent_id for t in more}
         assert spares[0] in again, again
     finally:
+        await host.stop()
+
+
+async def test_a_pool_broadcast_that_is_not_a_starved_pool_is_dead_lettered_with_its_reason(
+    system: System,
+) -> None:
+    """What carries the pool's broadcast header on the tasks topic must be the scheduler's
+    ``pool.starved`` for that pool: anything else reaches a dead letter, and the host goes
+    on (it grows on the next real word)."""
+    settings, db, pool = system.settings, system.db, system.pool
+    config = HostConfig(
+        pool=pool,
+        agent_ids=[f"{pool}-agent-000"],
+        spare_agent_ids=[f"{pool}-agent-001"],
+        host_id=f"{pool}-h",
+    )
+    host = RuntimeHost(settings, config, SimulatedAgent(latency_ms=0))
+    await host.start()
+    codec = host.producer.codec
+    garbage = b"\x00 not avro " + pool.encode()
+    beat = HostBeat(host_id="x", pool=pool, agent_ids=[], expires_at=now_us())
+    not_starved = codec.encode(host.producer.envelope(beat), beat)
+    other = PoolStarved(pool=f"{pool}-other", waiting=5, hosts=1, at=now_us())
+    wrong_pool = codec.encode(host.producer.envelope(other), other)
+    topics = topics_for(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        partitions = await host.producer.partitions(topics.tasks)
+        for value in (garbage, not_starved, wrong_pool):
+            await producer.send_and_wait(
+                topics.tasks,
+                value,
+                partition=pool_partition(pool, partitions),
+                headers=[(BROADCAST_HEADER, pool.encode())],
+            )
+
+        async def letters() -> list[asyncpg.Record]:
+            rows = await db.fetch(
+                "SELECT * FROM dead_letters WHERE processor = $1 AND original = ANY($2::bytea[])"
+                " ORDER BY source_offset",
+                host.name,
+                [garbage, not_starved, wrong_pool],
+            )
+            return rows if len(rows) == 3 else []
+
+        rows = await eventually(letters)
+        assert "bad magic" in rows[0]["reason"]
+        assert rows[1]["reason"] == "host.beat carries a pool broadcast header"
+        assert rows[2]["reason"] == f"pool.starved of '{pool}-other' under this pool's"
+        assert list(host.agents) == [f"{pool}-agent-000"]  # none of it grew the pool
+        assert await system.submit_visible("still working")
+    finally:
+        await producer.stop()
         await host.stop()
