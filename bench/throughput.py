@@ -242,7 +242,9 @@ async def idle(
     system = _System(settings.with_(topic_prefix=f"{settings.topic_prefix}idle"), agents, 1)
     await system.start()
     try:
-        await asyncio.sleep(5.0)  # start-up work done, fetchers backed off
+        # Start-up work done, fetchers backed off into their cold tier (10 s without a
+        # task's record; see conclave/fetching.py).
+        await asyncio.sleep(12.0)
         processes = _processes(system, embedded)
         before = {name: cpu_seconds(p) for name, p in processes.items()}
         await asyncio.sleep(seconds)

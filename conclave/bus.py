@@ -85,6 +85,9 @@ def new_consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
         settings.fetch_idle_ms / 1000,
         settings.fetch_idle_max_ms / 1000,
         hot_s=settings.fetch_hot_ms / 1000,
+        cold_s=settings.fetch_cold_ms / 1000,
+        cold_max_s=settings.fetch_cold_max_ms / 1000,
+        quiet=topics_for(settings).liveness,
     )
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,

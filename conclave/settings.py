@@ -160,6 +160,11 @@ class Settings:
     fetch_hot_ms: float = 150.0
     """How long after the last record the short idle wait holds: idle cost against the
     first hop's latency (see conclave/fetching.py for figures)."""
+    fetch_cold_ms: float = 10_000.0
+    fetch_cold_max_ms: float = 400.0
+    """...and once no record came for ``fetch_cold_ms``, doubling on up to this: an idle
+    process then fetches ~2.5 times a second, and the first record after a long pause
+    waits up to this (100 turns the cold tier off)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -225,6 +230,8 @@ class Settings:
             fetch_idle_ms=_float(env, "CONCLAVE_FETCH_IDLE_MS", 5.0),
             fetch_idle_max_ms=_float(env, "CONCLAVE_FETCH_IDLE_MAX_MS", 100.0),
             fetch_hot_ms=_float(env, "CONCLAVE_FETCH_HOT_MS", 150.0),
+            fetch_cold_ms=_float(env, "CONCLAVE_FETCH_COLD_MS", 10_000.0),
+            fetch_cold_max_ms=_float(env, "CONCLAVE_FETCH_COLD_MAX_MS", 400.0),
             producer_linger_ms=_int(env, "CONCLAVE_PRODUCER_LINGER_MS", 0),
         )
 

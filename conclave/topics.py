@@ -122,6 +122,13 @@ class Topics:
         return f"{self.prefix}.workers"
 
     @property
+    def liveness(self) -> list[str]:
+        """The topics that beat for ever whether or not there is work (workers' beats,
+        hosts' beats on the agents topic, heartbeats): a fetcher does not stay hot for
+        them (see :mod:`conclave.fetching`)."""
+        return [self.workers, self.agents, self.heartbeats]
+
+    @property
     def coordination_requests(self) -> str:
         """Lock and versioned-state requests from clients (key: lock name or state key;
         partition: :func:`pool_partition` of the key, so one shard owns each)."""

@@ -221,7 +221,9 @@ class ShardRunner:
     snapshot_every_s: float = 60.0
     """...or this long after the last one, if anything changed since."""
     max_records: int = 5_000
-    idle_timeout_ms: int = 200
+    idle_timeout_ms: int = 1_000
+    """The longest wait for records when no timer is due: a wake-up with nothing to do
+    costs CPU, and nothing but records and due timers changes a shard."""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the shard has recovered and is consuming."""
     recovered_events: int = 0
