@@ -594,15 +594,15 @@ async def agent_history(
     rows = await pool.fetch(
         """SELECT * FROM (
                SELECT e.occurred_at, e.state, e.source_topic, e.source_partition,
-                      e.source_offset,
+                      e.source_offset, e.step,
                       ($3::text IS NULL OR e.task_id IS NULL OR t.tenant = $3) AS shown,
                       e.reason, e.task_id, e.event_id
                  FROM agent_events e LEFT JOIN tasks t ON t.task_id = e.task_id
                 WHERE e.agent_id = $1
                 ORDER BY e.occurred_at DESC, e.source_topic DESC, e.source_partition DESC,
-                         e.source_offset DESC
+                         e.source_offset DESC, e.step DESC
                 LIMIT $2) recent
-           ORDER BY occurred_at, source_topic, source_partition, source_offset""",
+           ORDER BY occurred_at, source_topic, source_partition, source_offset, step""",
         agent_id,
         limit,
         tenant,

@@ -660,9 +660,11 @@ AGENT_EVENTS = Table(
         ("source_topic", "text"),
         ("source_partition", "integer"),
         ("source_offset", "bigint"),
+        ("step", "smallint"),
     ),
 )
-"""Every change of an agent's state (:func:`conclave.domain.lifecycle.transitions`)."""
+"""Every change of an agent's state (:func:`conclave.domain.lifecycle.transitions`);
+``step`` orders the changes one event makes to one agent."""
 APPENDS = (
     LOCK_EVENTS,
     MESSAGES,
@@ -1340,8 +1342,9 @@ class Changes:
                     record.topic,
                     record.partition,
                     record.offset,
+                    step,
                 )
-                for t in transitions(event)
+                for step, t in enumerate(transitions(event))
             )
 
     def reject(self, record: Consumed, reason: str, error_type: str) -> None:

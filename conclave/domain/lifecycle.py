@@ -12,8 +12,9 @@ read model, ``conclave agents show ID``)::
     any -> lost                            its host's lease ran out (no beat)
     lost -> failed                         its host stayed silent past the grace period
     any -> retired                         its host stopped, drained (SIGTERM)
-    idle -> idle (restarted)               it crashed; its host started it afresh (at
-                                           once, in its process: no restarting state)
+    idle -> restarting -> idle             it crashed; its host started it afresh (at
+                                           once, in its process: one event, two
+                                           transitions)
     idle -> retired                        idle too long as the pool shrank (a busy
                                            agent got a dispatch that crossed that: its
                                            host brings it back, and it stays busy)
@@ -65,6 +66,7 @@ STATES = (
     "lost",
     "retired",
     "failed",
+    "restarting",
 )
 
 
@@ -167,8 +169,11 @@ def transitions(event: Event) -> list[Transition]:
             said = "answered its stalled attempt after all: work again"
             return [Transition(event.agent_id, "idle", said)]
         case AgentRestarted():
-            said = f"restarted ({event.restarts} within {event.window_s:g} s): {event.reason}"
-            return [Transition(event.agent_id, "idle", said)]
+            said = f"restart {event.restarts} within {event.window_s:g} s: {event.reason}"
+            return [
+                Transition(event.agent_id, "restarting", said),
+                Transition(event.agent_id, "idle", "started afresh: its memory is empty"),
+            ]
         case AgentFailed():
             return [Transition(event.agent_id, "failed", event.reason)]
         case AgentRetired():

@@ -63,8 +63,9 @@ from conclave.domain.scheduling import LEFT, NO_ANSWER
         (
             ev.AgentRestarted(agent_id="a", pool="p", host_id="h", restarts=2, window_s=60.0,
                               reason="crashed: KeyError: 'x' (task t, attempt 1)"),
-            [Transition("a", "idle",
-                        "restarted (2 within 60 s): crashed: KeyError: 'x' (task t, attempt 1)")],
+            [Transition("a", "restarting",
+                        "restart 2 within 60 s: crashed: KeyError: 'x' (task t, attempt 1)"),
+             Transition("a", "idle", "started afresh: its memory is empty")],
         ),
         (
             ev.AgentFailed(agent_id="a", pool="p", host_id="h", restarts=5, window_s=60.0,
