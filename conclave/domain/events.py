@@ -429,6 +429,11 @@ class HostBeat:
     """Schema v3: agent -> the task it runs, for those of its agents that run one (the
     others are idle). A host beats once for all its agents: it writes no per-agent
     ``Heartbeat`` since, so 72 agents cost one record a second, not 73."""
+    spare: int | None = None
+    """Schema v4: how many more agents the host could start now when its pool is short
+    (its maximum less those it runs; 0 while over its limits or the machine's spawn
+    limit). The scheduler says a pool is starved only while one of its hosts has room to
+    grow. ``None``: a host that does not say (an older one), taken as 0."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

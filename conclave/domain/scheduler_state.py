@@ -178,6 +178,11 @@ class HostLease:
     """Why its newest beat said it takes no new work (memory or CPU over its limit)."""
     failed: int | None = None
     """The lease a ``HostFailed`` judged (lost, then silent past the grace period)."""
+    spare: int = 0
+    """How many more agents its newest beat said it could start for a shortage."""
+    left: int | None = None
+    """The lease a ``HostLost`` judged ended by the host's drain: never failed, even
+    once the host registers agents again (which ends its leaving)."""
 
     @property
     def takes_work(self) -> bool:
@@ -563,6 +568,8 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
                 h.leaving_until,
                 h.over_limit,
                 h.failed,
+                h.spare,
+                h.left,
             ]
             for host_id, h in sorted(state.hosts.items())  # the same whatever the fold order
         ],
@@ -646,8 +653,8 @@ def from_snapshot(data: Mapping[str, Any], *, capacity: int | None = None) -> Sc
                 expires_at,
                 judged,
                 set(lost_agents),
-                *later,  # leaving: none before 7; over its limits: none before 8; failed
-            )
+                *later,  # leaving: none before 7; over its limits: none before 8; failed,
+            )  # spare: none before host.beat v4; left: none before it either
         state.failures.update(data["failures"])
         state.breakers = RankedSet(((until,), key) for key, until in data["breakers"])
         state.probing = set(data["probing"])

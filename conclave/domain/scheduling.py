@@ -446,14 +446,17 @@ def hosts_due(state: SchedulerState) -> int | None:
 
 def failed_hosts(state: SchedulerState, now: int, after_us: int) -> list[HostFailed]:
     """Hosts judged lost (not left) whose lease ran out ``after_us`` or more before
-    ``now`` with no beat since: each failed once per lease, its agents with it. What they
+    ``now`` with no beat since: each failed once per lease, with its agents that are
+    still lost (one registered again since, the host started anew, is not). What they
     ran moved on when the host was lost. Pure; O(hosts)."""
     out = []
     for host_id, lease in sorted(state.hosts.items()):
         due = _failure_due(lease, after_us)
         if due is None or due > now:
             continue
-        agents = _agents_of(state, host_id)
+        agents = [a for a in _agents_of(state, host_id) if a in lease.lost_agents]
+        if not agents:
+            continue
         silent_s = (now - lease.expires_at) / 1_000_000
         reason = (
             f"host {host_id!r} silent {silent_s:.0f} s after its lease ran out, past the "
@@ -487,8 +490,10 @@ def failures_due(state: SchedulerState, after_us: int) -> int | None:
 
 def _failure_due(lease: HostLease, after_us: int) -> int | None:
     lost = lease.judged is not None and lease.overdue() is None
-    if not lost or lease.leaving_until is not None:
-        return None  # not lost, beat again since, or left (retired, not failed)
+    if not lost or lease.leaving_until is not None or not lease.lost_agents:
+        return None  # not lost, beat again since, left, or every agent came back
+    if (lease.left or -1) >= lease.expires_at:
+        return None  # that lease ended with a drain: its agents retired, not failed
     if lease.failed is not None and lease.failed >= lease.expires_at:
         return None  # failed already
     return lease.expires_at + after_us
@@ -501,14 +506,16 @@ STARVED_EVERY_US = 1_000_000
 def starved(state: SchedulerState, now: int) -> list[PoolStarved]:
     """Pools where tasks could start now (queued, within the pool's capacity) but no
     agent is idle for them, each said at most once per :data:`STARVED_EVERY_US`, and
-    only while the pool has a live host (one that beats and takes work) to grow it.
-    Judge after :func:`schedule`'s dispatches are folded: what is left waits for agents.
-    O(pools + hosts)."""
+    only while the pool has a live host (one that beats and takes work) with room to
+    grow it (its newest beat's ``spare``): a pool of fixed hosts with a backlog hears
+    nothing. ``hosts`` counts those hosts. Judge after :func:`schedule`'s dispatches are
+    folded: what is left waits for agents. O(pools + hosts)."""
     if state.halted:
         return []
     hosts: dict[str, int] = {}
     for lease in state.hosts.values():
-        if lease.takes_work and lease.expires_at > now and not lease.lost_agents:
+        live = lease.takes_work and lease.expires_at > now and not lease.lost_agents
+        if live and lease.spare > 0:
             hosts[lease.pool] = hosts.get(lease.pool, 0) + 1
     out = []
     for name in sorted(hosts):
@@ -1213,6 +1220,7 @@ def _fold_host_beat(state: SchedulerState, event: HostBeat) -> None:
     else:
         host.pool = event.pool
         host.expires_at = max(host.expires_at, event.expires_at)
+    host.spare = event.spare or 0
     if host.over_limit != event.over_limit:
         host.over_limit = event.over_limit
         for agent_id in event.agent_ids:  # out of the idle indexes, or back in
@@ -1250,6 +1258,8 @@ def _fold_host_lost(state: SchedulerState, event: HostLost | HostFailed) -> None
     if isinstance(event, HostFailed):
         host.failed = max(host.failed or 0, event.expires_at)
         return
+    if event.reason.endswith(LEFT):
+        host.left = max(host.left or 0, event.expires_at)
     if host.judged is not None and host.judged >= event.expires_at:
         return  # a duplicate
     host.judged = event.expires_at

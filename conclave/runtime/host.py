@@ -895,8 +895,17 @@ class RuntimeHost:
                 cpu_percent=round(cpu, 1),
                 over_limit=self._over_limit,
                 running={a: x.task_id for a, x in self.agents.items() if x.task_id is not None},
+                spare=self._spare(),
             ),
         )[1]
+
+    def _spare(self) -> int:
+        """How many more agents it could start now, if its pool were short."""
+        room = len(self.scaling.ids) - len(self.agents)
+        if room <= 0 or self._over_limit is not None or self._leaving_until is not None:
+            return 0
+        memory = psutil.virtual_memory().percent
+        return 0 if spawn_refusal(self.config.limits, memory, 1) is not None else room
 
     async def _heartbeat(self) -> None:
         outage = Outage(log, f"{self.name} heartbeats", f"Kafka at {self.settings.kafka_bootstrap}")

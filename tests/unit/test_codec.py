@@ -406,6 +406,7 @@ WRITTEN_FINGERPRINTS = [
     ("CommandRejected", "5194ac345d06b881"),
     ("ProjectionDigest", "9fc9e73bbba87ce9"),
     pytest.param("HostBeat", "7aa754234a39444f", id="HostBeat-v2"),
+    pytest.param("HostBeat", "7fca52f6977341e2", id="HostBeat-v3"),
 ]
 
 

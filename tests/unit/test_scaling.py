@@ -119,7 +119,7 @@ def test_a_pool_whose_tasks_find_no_idle_agent_is_starved_once_a_second() -> Non
     assert [(e.waiting, e.at) for e in again] == [(3, h.now + STARVED_EVERY_US)]
 
 
-def test_a_pool_is_not_starved_at_its_capacity_while_halted_or_with_no_live_host() -> None:
+def test_a_pool_is_not_starved_at_capacity_halted_or_with_no_live_host_that_can_grow() -> None:
     h = _pool_with_a_busy_agent(capacity=2)
     for n in range(1, 4):
         h.command(submit(f"t{n}"))
@@ -131,8 +131,14 @@ def test_a_pool_is_not_starved_at_its_capacity_while_halted_or_with_no_live_host
     assert starved(h2.state, h2.now + 10 * S) == []  # its only host's lease ran out
     h2.beat("h0", lease_us=10 * S, over_limit="memory over its limit")
     assert starved(h2.state, h2.now) == []  # its only host takes no new work
+    h2.beat("h0", lease_us=10 * S, spare=0)
+    assert starved(h2.state, h2.now) == []  # its only host cannot grow: nobody to tell
+    restored = from_snapshot(json.loads(json.dumps(to_snapshot(h2.state))))
+    assert restored.hosts["h0"].spare == 0
     h2.beat("h0", lease_us=10 * S)
     assert len(starved(h2.state, h2.now)) == 1
+    restored = from_snapshot(json.loads(json.dumps(to_snapshot(h2.state))))
+    assert restored.hosts["h0"].spare == 1
     h2.halt()
     assert starved(h2.state, h2.now) == []
 

@@ -390,13 +390,21 @@ class Harness:
             if lease.judged is not None
             and lease.overdue() is None
             and lease.leaving_until is None
+            and (lease.left or -1) < lease.expires_at
             and (lease.failed or -1) < lease.expires_at
             and lease.expires_at + FAIL_US <= self.now
+            and any(
+                a.host_id == host_id and a.agent_id in lease.lost_agents
+                for a in state.agents.values()
+            )
         }
         snapshot = copy.deepcopy(state)
         failed = failed_hosts(state, self.now, FAIL_US)
         assert state == snapshot, "failed_hosts() must not change the state"
         assert {e.host_id for e in failed} == failing
+        for e in failed:  # its agents still lost, not those registered again since
+            assert e.agent_ids
+            assert set(e.agent_ids) <= state.hosts[e.host_id].lost_agents
         self._fold(failed)
         assert failed_hosts(state, self.now, FAIL_US) == [], "failed once per lease"
         due = failures_due(state, FAIL_US)
@@ -415,7 +423,9 @@ class Harness:
             if lease.expires_at <= now and (lease.judged or 0) < lease.expires_at
         }
 
-    def beat(self, host_id: str, lease_us: int, over_limit: str | None = None) -> list[Emitted]:
+    def beat(
+        self, host_id: str, lease_us: int, over_limit: str | None = None, spare: int = 1
+    ) -> list[Emitted]:
         agents = sorted(a.agent_id for a in self.state.agents.values() if a.host_id == host_id)
         lease = self.state.hosts.get(host_id)
         leaving = lease.leaving_until if lease is not None else None
@@ -427,6 +437,7 @@ class Harness:
                 agent_ids=agents,
                 expires_at=expires_at,
                 over_limit=over_limit,
+                spare=spare,
             )
         )
 
@@ -952,11 +963,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         host_id=st.sampled_from(["h0", "h1"]),
         lease=st.integers(1000, 2 * ANSWER_US),
         over=st.sampled_from([None, None, "memory 900 MB, over its limit of 800 MB"]),
+        spare=st.integers(0, 2),
     )
-    def host_beats(self, host_id: str, lease: int, over: str | None) -> None:
+    def host_beats(self, host_id: str, lease: int, over: str | None, spare: int) -> None:
         """A host's beat: a lost one is back, its agents work again; over its limits,
-        they take no new work until a beat says it has room."""
-        self.h.beat(host_id, lease, over)
+        they take no new work until a beat says it has room. ``spare``: agents it could
+        start for a shortage."""
+        self.h.beat(host_id, lease, over, spare)
 
     @rule(agent_id=st.sampled_from(sorted(POOL_OF)))
     def its_host_gives_up_on_an_agent(self, agent_id: str) -> None:
@@ -988,7 +1001,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule()
     def shortages_are_judged(self) -> None:
         """After a step's dispatches: pools whose tasks could start but find no idle agent
-        are said starved, each at most once a second, only with a live host."""
+        are said starved, each at most once a second, only with a live host that has room
+        to grow."""
         state, now = self.state, self.h.now
         snapshot = copy.deepcopy(state)
         said = starved(state, now)
@@ -996,7 +1010,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         live = {
             lease.pool
             for lease in state.hosts.values()
-            if lease.takes_work and lease.expires_at > now and not lease.lost_agents
+            if lease.takes_work
+            and lease.expires_at > now
+            and not lease.lost_agents
+            and lease.spare > 0
         }
         for name, pool in state.pools.items():
             room = state.capacity_of(name) - pool.in_flight
@@ -2744,3 +2761,37 @@ def test_a_host_that_left_is_not_failed() -> None:
     h.tick(5_000)
     assert failed_hosts(h.state, h.now + 100 * FAIL_US, FAIL_US) == []
     assert failures_due(h.state, FAIL_US) is None
+
+
+def test_a_host_that_left_and_started_again_is_not_failed_for_the_lease_it_left() -> None:
+    """Found by the state machine: its registration ends its leaving, and the lease it
+    left with used to be judged failed, naming the agent it runs again."""
+    h = Harness()
+    h.register("a0", host_id="h0")
+    h.register("a1", host_id="h0")
+    h.beat("h0", lease_us=5_000)
+    h.leave("h0", 0)
+    h.tick(5_000)  # its drain is over: lost, as left
+    h.register("a0", host_id="h0")  # started again, with one agent, before beating
+    assert h.state.hosts["h0"].leaving_until is None
+    assert failed_hosts(h.state, h.now + 100 * FAIL_US, FAIL_US) == []
+    restored = from_snapshot(json.loads(json.dumps(to_snapshot(h.state))))
+    assert failed_hosts(restored, h.now + 100 * FAIL_US, FAIL_US) == []
+
+
+def test_a_lost_host_fails_with_the_agents_that_did_not_come_back() -> None:
+    h = Harness()
+    h.register("a0", host_id="h0")
+    h.register("a1", host_id="h0")
+    h.beat("h0", lease_us=5_000)
+    h.tick(5_000)  # lost
+    h.register("a0", host_id="h0")  # restarted with a0 only, and no beat yet
+    (failed,) = [e for e in h.tick(FAIL_US) if isinstance(e, HostFailed)]
+    assert failed.agent_ids == ["a1"]
+    h.register("a1", host_id="h0")
+    h2 = Harness()
+    h2.register("a0", host_id="h0")
+    h2.beat("h0", lease_us=5_000)
+    h2.tick(5_000)
+    h2.register("a0", host_id="h0")  # every agent came back: nothing failed
+    assert [e for e in h2.tick(FAIL_US) if isinstance(e, HostFailed)] == []
