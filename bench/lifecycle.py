@@ -51,6 +51,7 @@ POOL = "bench"
 PER_HOST = 100
 STEADY_S = 15.0
 IDLE_S = 10.0
+COLD_AFTER_S = 12.0
 KILLED = 10
 
 
@@ -293,6 +294,9 @@ async def measure(agents: int) -> Figures:
             worker = psutil.Process(children.children["worker"].pid)
             projector = psutil.Process(children.children["projector"].pid)
             # What each costs with nothing to do: subtracted, to leave the beats' share.
+            # Measured once the fetchers are in their cold tier (10 s without a task's
+            # record, conclave/fetching.py), as they are while only beats arrive.
+            await asyncio.sleep(COLD_AFTER_S)
             idle_w, idle_p, started = (
                 throughput.cpu_seconds(worker),
                 throughput.cpu_seconds(projector),
