@@ -454,9 +454,9 @@ def failed_hosts(state: SchedulerState, now: int, after_us: int) -> list[HostFai
         due = _failure_due(lease, after_us)
         if due is None or due > now:
             continue
-        agents = [a for a in _agents_of(state, host_id) if a in lease.lost_agents]
-        if not agents:
-            continue
+        # Never empty here (``_failure_due``), so each due failure is judged once: an
+        # agent registered again anywhere was reinstated, which took it off the list.
+        agents = sorted(lease.lost_agents)
         silent_s = (now - lease.expires_at) / 1_000_000
         reason = (
             f"host {host_id!r} silent {silent_s:.0f} s after its lease ran out, past the "
